@@ -1,0 +1,57 @@
+// Package backend defines the flat object store that a vmvault repository
+// lives in, and the errors every implementation reports.
+//
+// A backend moves opaque bytes: it knows nothing of encryption, chunks or
+// manifests. Object names are slash-separated relative paths such as
+// "data/3f/3f2a…" or "manifests/9c1b…"; an implementation maps them onto
+// its own storage.
+package backend
+
+import (
+	"context"
+	"errors"
+)
+
+// Sentinel errors. Implementations wrap them (fmt.Errorf("…: %w", ErrNotExist))
+// and callers test with errors.Is.
+var (
+	// ErrNotExist means the named object does not exist.
+	ErrNotExist = errors.New("object does not exist")
+	// ErrExist means Put found an object of that name already present; the
+	// existing object is left untouched.
+	ErrExist = errors.New("object already exists")
+	// ErrReadOnly means the store refuses the operation by policy, for
+	// example Delete on an append-only account.
+	ErrReadOnly = errors.New("operation not permitted on this repository (append-only or read-only)")
+)
+
+// ObjectInfo describes one stored object.
+type ObjectInfo struct {
+	Name string // full object name, e.g. "data/3f/3f2a…"
+	Size int64
+}
+
+// Backend is a flat object store.
+//
+// Put is atomic and exclusive: after it returns nil the whole object is
+// visible under name; a crash leaves either nothing or the whole object
+// visible; an existing object is never replaced (ErrExist).
+type Backend interface {
+	// Put stores data under name. It returns an error wrapping ErrExist if
+	// name is already present.
+	Put(ctx context.Context, name string, data []byte) error
+	// Get returns length bytes of the object starting at off; length < 0
+	// means up to the end. A missing object is ErrNotExist.
+	Get(ctx context.Context, name string, off, length int64) ([]byte, error)
+	// Stat returns the object's size, or ErrNotExist.
+	Stat(ctx context.Context, name string) (ObjectInfo, error)
+	// List calls fn for every object whose name starts with prefix, in no
+	// particular order. An error from fn stops the listing and is returned.
+	List(ctx context.Context, prefix string, fn func(ObjectInfo) error) error
+	// Delete removes the object; a missing object is ErrNotExist.
+	Delete(ctx context.Context, name string) error
+	// Location names the store for messages (a path or URL, no secrets).
+	Location() string
+	// Close releases connections and other resources.
+	Close() error
+}

@@ -1,0 +1,254 @@
+// Package local stores repository objects as files under a directory.
+//
+// Writes go to a temporary file in the target directory, are fsynced, then
+// hard-linked to the final name (link fails if the name exists, so an
+// object is never replaced), and the directory is fsynced. A crash leaves
+// at most a temporary file, which is invisible to List and Get.
+package local
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"vmvault/backend"
+)
+
+// tmpPrefix marks in-progress uploads; List skips such names.
+const tmpPrefix = ".tmp-"
+
+// Backend is a repository on a local filesystem path.
+type Backend struct {
+	root string
+}
+
+// Open returns a backend rooted at dir. It does not create dir.
+func Open(dir string) (*Backend, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("repository path %q: %w", dir, err)
+	}
+	return &Backend{root: abs}, nil
+}
+
+// Create makes dir (and parents) for a new repository and returns a backend.
+func Create(dir string) (*Backend, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create repository directory: %w", err)
+	}
+	return Open(dir)
+}
+
+// Location returns the repository's absolute path.
+func (b *Backend) Location() string { return b.root }
+
+// Close does nothing; a local backend holds no resources.
+func (b *Backend) Close() error { return nil }
+
+func (b *Backend) filename(name string) (string, error) {
+	clean := path.Clean(name)
+	if name == "" || clean != name || strings.HasPrefix(clean, "/") || strings.HasPrefix(clean, "..") {
+		return "", fmt.Errorf("invalid object name %q", name)
+	}
+	return filepath.Join(b.root, filepath.FromSlash(clean)), nil
+}
+
+// Put writes data atomically under name, never replacing an existing object.
+func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	fn, err := b.filename(name)
+	if err != nil {
+		return err
+	}
+	dir := filepath.Dir(fn)
+	if _, err := os.Lstat(fn); err == nil {
+		return fmt.Errorf("put %s: %w", name, backend.ErrExist)
+	}
+	f, err := os.CreateTemp(dir, tmpPrefix)
+	if errors.Is(err, fs.ErrNotExist) {
+		if err = os.MkdirAll(dir, 0o700); err == nil {
+			f, err = os.CreateTemp(dir, tmpPrefix)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("put %s: %w", name, err)
+	}
+	tmp := f.Name()
+	fail := func(err error) error {
+		f.Close()
+		os.Remove(tmp)
+		return fmt.Errorf("put %s: %w", name, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		return fail(err)
+	}
+	if err := f.Sync(); err != nil {
+		return fail(err)
+	}
+	if err := f.Chmod(0o400); err != nil {
+		return fail(err)
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("put %s: %w", name, err)
+	}
+	// link(2) refuses an existing target: two writers of the same name
+	// cannot replace each other's object.
+	err = os.Link(tmp, fn)
+	os.Remove(tmp)
+	if err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("put %s: %w", name, backend.ErrExist)
+		}
+		return fmt.Errorf("put %s: %w", name, err)
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	return nil
+}
+
+// Get reads part or all of an object.
+func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	fn, err := b.filename(name)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open(fn)
+	if err != nil {
+		return nil, mapErr("get", name, err)
+	}
+	defer f.Close()
+	if length < 0 {
+		st, err := f.Stat()
+		if err != nil {
+			return nil, mapErr("get", name, err)
+		}
+		length = st.Size() - off
+		if length < 0 {
+			return nil, fmt.Errorf("get %s: offset %d beyond size %d", name, off, st.Size())
+		}
+	}
+	buf := make([]byte, length)
+	n, err := f.ReadAt(buf, off)
+	if err != nil && !(errors.Is(err, io.EOF) && int64(n) == length) {
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("get %s: short object (%d of %d bytes at offset %d): %w", name, n, length, off, io.ErrUnexpectedEOF)
+		}
+		return nil, mapErr("get", name, err)
+	}
+	return buf, nil
+}
+
+// Stat returns an object's size.
+func (b *Backend) Stat(ctx context.Context, name string) (backend.ObjectInfo, error) {
+	fn, err := b.filename(name)
+	if err != nil {
+		return backend.ObjectInfo{}, err
+	}
+	st, err := os.Stat(fn)
+	if err != nil {
+		return backend.ObjectInfo{}, mapErr("stat", name, err)
+	}
+	return backend.ObjectInfo{Name: name, Size: st.Size()}, nil
+}
+
+// List walks every object under prefix. prefix is either a directory
+// ("data/") or a directory plus a name prefix ("locks/ab").
+func (b *Backend) List(ctx context.Context, prefix string, fn func(backend.ObjectInfo) error) error {
+	dir, _ := path.Split(prefix)
+	start := filepath.Join(b.root, filepath.FromSlash(dir))
+	err := filepath.WalkDir(start, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) && p == start {
+				return filepath.SkipDir
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if d.IsDir() || strings.HasPrefix(d.Name(), tmpPrefix) {
+			return nil
+		}
+		rel, err := filepath.Rel(b.root, p)
+		if err != nil {
+			return err
+		}
+		name := filepath.ToSlash(rel)
+		if !strings.HasPrefix(name, prefix) {
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil // removed while listing
+			}
+			return err
+		}
+		return fn(backend.ObjectInfo{Name: name, Size: info.Size()})
+	})
+	if err != nil {
+		return fmt.Errorf("list %s: %w", prefix, err)
+	}
+	return nil
+}
+
+// Delete removes an object.
+func (b *Backend) Delete(ctx context.Context, name string) error {
+	fn, err := b.filename(name)
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(fn); err != nil {
+		return mapErr("delete", name, err)
+	}
+	return nil
+}
+
+// RemoveTemporary deletes leftovers of interrupted uploads (temporary files)
+// and returns how many it removed. Prune calls it under an exclusive lock.
+func (b *Backend) RemoveTemporary(ctx context.Context) (int, error) {
+	n := 0
+	err := filepath.WalkDir(b.root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() && strings.HasPrefix(d.Name(), tmpPrefix) {
+			if err := os.Remove(p); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	return n, err
+}
+
+func mapErr(op, name string, err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%s %s: %w", op, name, backend.ErrNotExist)
+	}
+	return fmt.Errorf("%s %s: %w", op, name, err)
+}
