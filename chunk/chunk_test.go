@@ -1,0 +1,141 @@
+package chunk
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"testing"
+)
+
+func testPol(t testing.TB) uint64 {
+	p, err := NewPolynomial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func randomBytes(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, seed))
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+func pieces(t *testing.T, s *Splitter, seg []byte) []Piece {
+	t.Helper()
+	var out []Piece
+	var rebuilt []byte
+	err := s.Split(seg, func(p Piece) error {
+		if p.Zero {
+			if p.Data != nil {
+				t.Fatal("zero piece carries data")
+			}
+			rebuilt = append(rebuilt, make([]byte, p.Length)...)
+		} else {
+			if len(p.Data) != p.Length {
+				t.Fatalf("data length %d != %d", len(p.Data), p.Length)
+			}
+			if p.Length > MaxSize {
+				t.Fatalf("chunk of %d bytes exceeds max", p.Length)
+			}
+			rebuilt = append(rebuilt, p.Data...)
+		}
+		if p.Offset != len(rebuilt)-p.Length {
+			t.Fatalf("piece offset %d, expected %d", p.Offset, len(rebuilt)-p.Length)
+		}
+		p.Data = nil
+		out = append(out, p)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(rebuilt, seg) {
+		t.Fatal("pieces do not reassemble the segment")
+	}
+	return out
+}
+
+func TestSplitCoversAndFindsZeros(t *testing.T) {
+	s, err := NewSplitter(testPol(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seg := randomBytes(1, 16<<20)
+	// A 4 MiB aligned zero hole in the middle, a short unaligned zero run
+	// that must stay inside data, and a zero tail.
+	clear(seg[4<<20 : 8<<20])
+	clear(seg[9<<20+100 : 9<<20+5000])
+	clear(seg[15<<20:])
+	ps := pieces(t, s, seg)
+	var zeroBytes int
+	for _, p := range ps {
+		if p.Zero {
+			zeroBytes += p.Length
+		}
+	}
+	if zeroBytes != 5<<20 {
+		t.Fatalf("zero runs cover %d bytes, want %d", zeroBytes, 5<<20)
+	}
+	// All zero: one zero piece.
+	ps = pieces(t, s, make([]byte, 3<<20+17))
+	if len(ps) != 1 || !ps[0].Zero {
+		t.Fatalf("all-zero segment gave %+v", ps)
+	}
+	// Empty segment: nothing.
+	if ps = pieces(t, s, nil); len(ps) != 0 {
+		t.Fatalf("empty segment gave %d pieces", len(ps))
+	}
+}
+
+// Content-defined: a change in one place leaves chunks elsewhere alone.
+func TestSplitLocality(t *testing.T) {
+	pol := testPol(t)
+	s, _ := NewSplitter(pol)
+	seg := randomBytes(2, 16<<20)
+	before := pieces(t, s, seg)
+	seg2 := bytes.Clone(seg)
+	copy(seg2[8<<20:], []byte("a small edit in the middle"))
+	after := pieces(t, s, seg2)
+	same := 0
+	set := map[[2]int]bool{}
+	for _, p := range before {
+		set[[2]int{p.Offset, p.Length}] = true
+	}
+	for _, p := range after {
+		if set[[2]int{p.Offset, p.Length}] {
+			same++
+		}
+	}
+	if same < len(before)-3 {
+		t.Fatalf("only %d of %d chunk boundaries survived a small edit", same, len(before))
+	}
+	if len(before) < 8 {
+		t.Fatalf("16 MiB gave only %d chunks; average should be ~1 MiB", len(before))
+	}
+}
+
+func TestBadPolynomial(t *testing.T) {
+	if _, err := NewSplitter(4); err == nil {
+		t.Fatal("reducible polynomial accepted")
+	}
+}
+
+func BenchmarkSplit(b *testing.B) {
+	s, _ := NewSplitter(testPol(b))
+	seg := randomBytes(3, 32<<20)
+	b.SetBytes(int64(len(seg)))
+	for b.Loop() {
+		s.Split(seg, func(Piece) error { return nil })
+	}
+}
+
+func BenchmarkIsZero(b *testing.B) {
+	seg := make([]byte, 32<<20)
+	b.SetBytes(int64(len(seg)))
+	for b.Loop() {
+		IsZero(seg)
+	}
+}
