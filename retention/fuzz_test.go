@@ -15,7 +15,7 @@ import (
 // minutes from a base time (about ±45 days), a group and a tag bitmask.
 func fuzzInput(data []byte) (Policy, []Generation, time.Time) {
 	base := time.Date(2024, 10, 27, 1, 30, 0, 0, time.UTC) // near a Berlin DST change
-	count := func(b byte) int { return int(b%8) - 1 }     // -1 (unlimited) .. 6
+	count := func(b byte) int { return int(b%8) - 1 }      // -1 (unlimited) .. 6
 	var p Policy
 	if len(data) >= 8 {
 		p = Policy{
