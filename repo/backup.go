@@ -1,0 +1,419 @@
+package repo
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/semaphore"
+
+	"vmvault/backend"
+	"vmvault/chunk"
+	"vmvault/crypto"
+)
+
+// DiskSource is one disk image to back up.
+type DiskSource struct {
+	Name   string    // disk name within the VM, e.g. "hda"
+	Source string    // description for the manifest (path, LV), no secrets
+	Reader io.Reader // the image, read sequentially once
+	// Size is the expected image size, or -1 if unknown (stdin). A source
+	// that ends early or runs long fails the backup.
+	Size int64
+}
+
+// BackupRequest describes one generation to create.
+type BackupRequest struct {
+	VM    string
+	Time  time.Time // recorded backup time; zero means now
+	Host  string    // empty means os.Hostname
+	Tags  []string
+	Disks []DiskSource
+	// SHA256 also records a plain SHA-256 of each image (serial, slower),
+	// for comparison with sha256sum.
+	SHA256 bool
+	// BeforeCommit runs after every disk is stored and before the manifest
+	// is written; an error aborts the backup with nothing committed. It
+	// returns what the consistency step did, recorded in the manifest.
+	BeforeCommit func(ctx context.Context) (json.RawMessage, error)
+	// Progress, if set, is called from the reader with bytes read so far.
+	Progress func(disk string, read int64)
+}
+
+// uploadWindow bounds the sealed bytes queued for upload. Together with
+// the segment buffers it bounds a backup's memory.
+const uploadWindow = 48 << 20
+
+// maxWorkers bounds segment workers (and so segment buffers) regardless
+// of core count.
+const maxWorkers = 8
+
+// MemoryBound returns the approximate upper bound on the memory a backup
+// or restore holds in segment buffers and queued uploads, for docs and
+// messages.
+func (r *Repository) MemoryBound() int64 {
+	return int64(workers()+2)*r.cfg.SegmentSize + uploadWindow
+}
+
+func workers() int { return min(runtime.GOMAXPROCS(0), maxWorkers) }
+
+// pendingObject is an upload in flight; done closes when it finished.
+type pendingObject struct {
+	done chan struct{}
+}
+
+type backupState struct {
+	r     *Repository
+	iw    *indexWriter
+	sem   *semaphore.Weighted
+	mu    sync.Mutex
+	inFly map[crypto.ID]*pendingObject
+	wg    sync.WaitGroup // uploads and segment-list writers
+	fail  func(error)
+	stats struct {
+		read, zero, bytesNew, stored, chunksNew, segs, segsNew, found atomic.Int64
+	}
+}
+
+// claim returns nil and registers id if the caller must store it, or the
+// pending upload (possibly already done) to wait for.
+func (st *backupState) claim(id crypto.ID) (p *pendingObject, mine bool) {
+	if st.r.idx.Has(id) {
+		return nil, false
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if p, ok := st.inFly[id]; ok {
+		return p, false
+	}
+	p = &pendingObject{done: make(chan struct{})}
+	st.inFly[id] = p
+	return p, true
+}
+
+// upload seals payload and stores it in the background; p.done closes when
+// the object is durable (or the backup has failed).
+func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, payload []byte, p *pendingObject) error {
+	name := dataName(id)
+	sealed := st.r.codec.seal(t, name, payload)
+	if err := st.sem.Acquire(ctx, int64(len(sealed))); err != nil {
+		close(p.done)
+		return err
+	}
+	st.wg.Add(1)
+	go func() {
+		defer st.wg.Done()
+		defer close(p.done)
+		defer st.sem.Release(int64(len(sealed)))
+		err := st.r.be.Put(ctx, name, sealed)
+		switch {
+		case err == nil:
+			st.stats.stored.Add(int64(len(sealed)))
+		case errors.Is(err, backend.ErrExist):
+			// Stored by an interrupted earlier run or a concurrent
+			// backup: content-addressed, so it is the same object.
+			st.stats.found.Add(1)
+		default:
+			st.fail(err)
+			return
+		}
+		if err := st.iw.add(ctx, IndexEntry{ID: id, Type: t, Size: uint32(len(sealed))}); err != nil {
+			st.fail(err)
+		}
+	}()
+	return nil
+}
+
+// Backup stores every disk of req and commits one manifest. The caller
+// holds a (shared) repository lock for the duration.
+func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, error) {
+	started := time.Now()
+	if req.VM == "" || len(req.Disks) == 0 {
+		return nil, errors.New("backup: VM name and at least one disk required")
+	}
+	if _, err := r.LoadIndex(ctx); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	st := &backupState{r: r, iw: &indexWriter{r: r}, sem: semaphore.NewWeighted(uploadWindow),
+		inFly: map[crypto.ID]*pendingObject{}}
+	var failOnce sync.Once
+	var firstErr error
+	st.fail = func(err error) {
+		failOnce.Do(func() { firstErr = err; cancel(err) })
+	}
+	m := &Manifest{Version: FormatVersion, VM: req.VM, Time: req.Time, Host: req.Host, Tags: req.Tags, Started: started.UTC()}
+	if m.Time.IsZero() {
+		m.Time = started
+	}
+	m.Time = m.Time.UTC()
+	if m.Host == "" {
+		m.Host, _ = os.Hostname()
+	}
+	for _, src := range req.Disks {
+		d, err := st.backupDisk(ctx, src, req)
+		if err == nil {
+			err = context.Cause(ctx)
+		}
+		if err != nil {
+			st.wg.Wait()
+			if firstErr != nil {
+				err = firstErr
+			}
+			// Whatever was stored stays indexed for the next run.
+			st.iw.flush(context.WithoutCancel(ctx))
+			return nil, fmt.Errorf("disk %s: %w", src.Name, err)
+		}
+		m.Disks = append(m.Disks, d)
+	}
+	st.wg.Wait()
+	if firstErr != nil {
+		st.iw.flush(context.WithoutCancel(ctx))
+		return nil, firstErr
+	}
+	if req.BeforeCommit != nil {
+		q, err := req.BeforeCommit(ctx)
+		if err != nil {
+			st.iw.flush(context.WithoutCancel(ctx))
+			return nil, err
+		}
+		m.Quiesce = q
+	}
+	if err := st.iw.flush(ctx); err != nil {
+		return nil, err
+	}
+	m.Finished = time.Now().UTC()
+	m.Stats = BackupStats{BytesRead: st.stats.read.Load(), BytesZero: st.stats.zero.Load(),
+		BytesNew: st.stats.bytesNew.Load(), ChunksNew: st.stats.chunksNew.Load(),
+		SegmentsSeen: st.stats.segs.Load(), SegmentsNew: st.stats.segsNew.Load(), ObjectsFound: st.stats.found.Load()}
+	if err := r.commitManifest(ctx, m, st.stats.stored.Load()); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// commitManifest writes the manifest: the commit point of a backup.
+func (r *Repository) commitManifest(ctx context.Context, m *Manifest, storedSoFar int64) error {
+	id := randomID()
+	name := manifestName(id)
+	// The stored size includes the manifest itself; seal once to learn it.
+	m.Stats.BytesStored = storedSoFar
+	raw, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	m.Stats.BytesStored += int64(len(r.codec.seal(TypeManifest, name, raw)))
+	raw, err = json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	if err := r.be.Put(ctx, name, r.codec.seal(TypeManifest, name, raw)); err != nil {
+		return fmt.Errorf("commit manifest: %w", err)
+	}
+	m.ID = hex.EncodeToString(id[:])
+	return nil
+}
+
+type segmentJob struct {
+	i   int
+	buf []byte
+	n   int
+}
+
+func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req BackupRequest) (Disk, error) {
+	r := st.r
+	segSize := r.cfg.SegmentSize
+	nw := workers()
+	free := make(chan []byte, nw+1)
+	for range nw + 1 {
+		free <- nil // allocated on first use
+	}
+	jobs := make(chan segmentJob, nw)
+	var mu sync.Mutex
+	var segIDs [][32]byte
+	setID := func(i int, id crypto.ID) {
+		mu.Lock()
+		for len(segIDs) <= i {
+			segIDs = append(segIDs, [32]byte{})
+		}
+		segIDs[i] = id
+		mu.Unlock()
+	}
+	var workersWG sync.WaitGroup
+	var workerErr error
+	var werrOnce sync.Once
+	for range nw {
+		workersWG.Add(1)
+		go func() {
+			defer workersWG.Done()
+			sp, err := chunk.NewSplitter(r.cfg.ChunkerPolynomial)
+			if err != nil {
+				werrOnce.Do(func() { workerErr = err })
+				st.fail(err)
+				return
+			}
+			for job := range jobs {
+				id, err := st.storeSegment(ctx, sp, job.buf[:job.n])
+				free <- job.buf
+				if err != nil {
+					werrOnce.Do(func() { workerErr = err })
+					st.fail(err)
+					continue
+				}
+				setID(job.i, id)
+			}
+		}()
+	}
+
+	var sum hash.Hash
+	if req.SHA256 {
+		sum = sha256.New()
+	}
+	var total int64
+	readErr := func() error {
+		defer close(jobs)
+		for i := 0; ; i++ {
+			var buf []byte
+			select {
+			case buf = <-free:
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			}
+			if buf == nil {
+				buf = make([]byte, segSize)
+			}
+			n, err := io.ReadFull(src.Reader, buf)
+			if n > 0 {
+				total += int64(n)
+				if sum != nil {
+					sum.Write(buf[:n])
+				}
+				st.stats.read.Add(int64(n))
+				if req.Progress != nil {
+					req.Progress(src.Name, total)
+				}
+				if src.Size >= 0 && total > src.Size {
+					return fmt.Errorf("source %s grew while being read (more than %d bytes)", src.Source, src.Size)
+				}
+				select {
+				case jobs <- segmentJob{i: i, buf: buf, n: n}:
+				case <-ctx.Done():
+					return context.Cause(ctx)
+				}
+			}
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return nil
+			}
+			if err != nil {
+				return fmt.Errorf("read %s at offset %d: %w", src.Source, total, err)
+			}
+		}
+	}()
+	workersWG.Wait()
+	if readErr != nil {
+		st.fail(readErr)
+		return Disk{}, readErr
+	}
+	if workerErr != nil {
+		return Disk{}, workerErr
+	}
+	if src.Size >= 0 && total != src.Size {
+		err := fmt.Errorf("source %s ended early: read %d of %d bytes", src.Source, total, src.Size)
+		st.fail(err)
+		return Disk{}, err
+	}
+	nseg := int((total + segSize - 1) / segSize)
+	if len(segIDs) != nseg {
+		return Disk{}, fmt.Errorf("internal error: %d segment IDs for %d segments", len(segIDs), nseg)
+	}
+	segs := make([]byte, 0, 32*nseg)
+	for _, id := range segIDs {
+		segs = append(segs, id[:]...)
+	}
+	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, Segments: segs}
+	d.Digest = HexID(imageDigest(r.imageH, total, segSize, segs))
+	if sum != nil {
+		d.SHA256 = hex.EncodeToString(sum.Sum(nil))
+	}
+	return d, nil
+}
+
+// storeSegment chunks one segment and queues its new chunks and its
+// segment list for upload. It returns the segment ID (all zeros for an
+// all-zero segment). seg may be reused by the caller once it returns.
+func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte) (crypto.ID, error) {
+	r := st.r
+	st.stats.segs.Add(1)
+	if chunk.IsZero(seg) {
+		st.stats.zero.Add(int64(len(seg)))
+		return crypto.ID{}, nil
+	}
+	segID := r.segH.Sum(seg)
+	segPending, mine := st.claim(segID)
+	if !mine {
+		// Stored before, or being stored by another worker: reuse whole.
+		return segID, nil
+	}
+	st.stats.segsNew.Add(1)
+	var entries []SegmentEntry
+	var waits []*pendingObject
+	err := sp.Split(seg, func(p chunk.Piece) error {
+		if p.Zero {
+			st.stats.zero.Add(int64(p.Length))
+			entries = append(entries, SegmentEntry{Zero: true, Length: uint32(p.Length)})
+			return nil
+		}
+		id := r.chunkH.Sum(p.Data)
+		entries = append(entries, SegmentEntry{Length: uint32(p.Length), ID: id})
+		pend, mine := st.claim(id)
+		if !mine {
+			if pend != nil {
+				waits = append(waits, pend)
+			}
+			return nil
+		}
+		st.stats.bytesNew.Add(int64(p.Length))
+		st.stats.chunksNew.Add(1)
+		waits = append(waits, pend)
+		return st.upload(ctx, TypeChunk, id, p.Data, pend)
+	})
+	if err != nil {
+		close(segPending.done)
+		return segID, err
+	}
+	// The segment list may only become durable (and indexed) after every
+	// chunk it names: a later backup that reuses the segment trusts that
+	// its chunks exist.
+	list := encodeSegmentList(entries)
+	st.wg.Add(1)
+	go func() {
+		defer st.wg.Done()
+		for _, w := range waits {
+			select {
+			case <-w.done:
+			case <-ctx.Done():
+				close(segPending.done)
+				return
+			}
+		}
+		if ctx.Err() != nil {
+			close(segPending.done)
+			return
+		}
+		if err := st.upload(ctx, TypeSegment, segID, list, segPending); err != nil {
+			st.fail(err)
+		}
+	}()
+	return segID, nil
+}

@@ -1,0 +1,197 @@
+package repo
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"runtime"
+
+	"github.com/klauspost/compress/zstd"
+
+	"vmvault/crypto"
+)
+
+// ObjectType is the kind of a stored object; it is authenticated with the
+// object so that an object of one kind cannot be passed off as another.
+type ObjectType byte
+
+// Object types.
+const (
+	TypeChunk    ObjectType = 1 // a piece of disk data
+	TypeSegment  ObjectType = 2 // a segment's list of chunks and zero runs
+	TypeIndex    ObjectType = 3 // a list of data objects a backup added
+	TypeManifest ObjectType = 4 // one generation
+	TypeConfig   ObjectType = 5 // repository parameters
+	TypeLock     ObjectType = 6 // a shared or exclusive lock
+)
+
+func (t ObjectType) String() string {
+	switch t {
+	case TypeChunk:
+		return "chunk"
+	case TypeSegment:
+		return "segment"
+	case TypeIndex:
+		return "index"
+	case TypeManifest:
+		return "manifest"
+	case TypeConfig:
+		return "config"
+	case TypeLock:
+		return "lock"
+	}
+	return fmt.Sprintf("type(%d)", byte(t))
+}
+
+// Header layout of every sealed object: magic, format version, type,
+// compression. The header is authenticated as associated data together
+// with the object's name.
+const (
+	objectMagic   = 'V'
+	objectVersion = 1
+	headerSize    = 4
+
+	compressNone = 0
+	compressZstd = 1
+)
+
+// ErrCorrupt marks an object that is damaged: it fails authentication,
+// decompression or parsing.
+var ErrCorrupt = errors.New("object damaged")
+
+// codec seals and opens objects. It is safe for concurrent use.
+type codec struct {
+	sealer *crypto.Sealer
+	enc    *zstd.Encoder
+	dec    *zstd.Decoder
+}
+
+// maxDecoded bounds decompression: no object (chunks ≤ 8 MiB, segment
+// lists, indexes, manifests) legitimately expands beyond this.
+const maxDecoded = 256 << 20
+
+func newCodec(encKey []byte) (*codec, error) {
+	s, err := crypto.NewSealer(encKey)
+	if err != nil {
+		return nil, err
+	}
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
+		zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)), zstd.WithZeroFrames(true))
+	if err != nil {
+		return nil, err
+	}
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(runtime.GOMAXPROCS(0)),
+		zstd.WithDecoderMaxMemory(maxDecoded), zstd.WithDecoderMaxWindow(64<<20))
+	if err != nil {
+		return nil, err
+	}
+	return &codec{sealer: s, enc: enc, dec: dec}, nil
+}
+
+func associatedData(hdr []byte, name string) []byte {
+	ad := make([]byte, 0, len(hdr)+len(name))
+	ad = append(ad, hdr...)
+	return append(ad, name...)
+}
+
+// seal compresses (when it pays) and encrypts payload as object name.
+func (c *codec) seal(t ObjectType, name string, payload []byte) []byte {
+	comp := byte(compressNone)
+	body := payload
+	if len(payload) > 64 {
+		z := c.enc.EncodeAll(payload, make([]byte, 0, len(payload)/2))
+		// Keep the compressed form only if it saves at least 1/32: the
+		// decode cost of barely-compressible data is not worth it.
+		if len(z) < len(payload)-len(payload)/32 {
+			comp, body = compressZstd, z
+		}
+	}
+	hdr := []byte{objectMagic, objectVersion, byte(t), comp}
+	out := make([]byte, 0, headerSize+len(body)+crypto.Overhead)
+	out = append(out, hdr...)
+	return c.sealer.Seal(out, body, associatedData(hdr, name))
+}
+
+// open authenticates, decrypts and decompresses object name, which must
+// be of type want.
+func (c *codec) open(want ObjectType, name string, data []byte) ([]byte, error) {
+	hdr, err := parseHeader(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", want, name, err)
+	}
+	if hdr.Type != want {
+		return nil, fmt.Errorf("%s %s: is a %s object: %w", want, name, hdr.Type, ErrCorrupt)
+	}
+	body, err := c.sealer.Open(nil, data[headerSize:], associatedData(data[:headerSize], name))
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w: %w", want, name, ErrCorrupt, err)
+	}
+	if hdr.Compression == compressZstd {
+		body, err = c.dec.DecodeAll(body, nil)
+		if err != nil {
+			return nil, fmt.Errorf("%s %s: decompress: %w: %w", want, name, ErrCorrupt, err)
+		}
+	}
+	return body, nil
+}
+
+// objectHeader is the cleartext part of a sealed object.
+type objectHeader struct {
+	Type        ObjectType
+	Compression byte
+}
+
+// parseHeader checks the cleartext header of a sealed object. check uses it
+// to find damaged objects without the key's help.
+func parseHeader(data []byte) (objectHeader, error) {
+	if len(data) < headerSize+crypto.Overhead {
+		return objectHeader{}, fmt.Errorf("too short (%d bytes): %w", len(data), ErrCorrupt)
+	}
+	if data[0] != objectMagic {
+		return objectHeader{}, fmt.Errorf("bad magic %#x: %w", data[0], ErrCorrupt)
+	}
+	if data[1] != objectVersion {
+		return objectHeader{}, fmt.Errorf("unsupported object version %d: %w", data[1], ErrCorrupt)
+	}
+	t := ObjectType(data[2])
+	if t < TypeChunk || t > TypeLock {
+		return objectHeader{}, fmt.Errorf("unknown object type %d: %w", data[2], ErrCorrupt)
+	}
+	if data[3] != compressNone && data[3] != compressZstd {
+		return objectHeader{}, fmt.Errorf("unknown compression %d: %w", data[3], ErrCorrupt)
+	}
+	return objectHeader{Type: t, Compression: data[3]}, nil
+}
+
+// Object names.
+
+func dataName(id crypto.ID) string {
+	h := hex.EncodeToString(id[:])
+	return "data/" + h[:2] + "/" + h
+}
+
+func manifestName(id crypto.ID) string { return "manifests/" + hex.EncodeToString(id[:]) }
+func indexName(id crypto.ID) string    { return "index/" + hex.EncodeToString(id[:]) }
+func lockName(id crypto.ID) string     { return "locks/" + hex.EncodeToString(id[:]) }
+
+const configName = "config"
+
+// parseID parses a full hexadecimal ID.
+func parseID(s string) (crypto.ID, error) {
+	var id crypto.ID
+	if len(s) != 64 {
+		return id, fmt.Errorf("invalid ID %q", s)
+	}
+	_, err := hex.Decode(id[:], []byte(s))
+	return id, err
+}
+
+func randomID() crypto.ID {
+	var id crypto.ID
+	k, err := crypto.NewSalt()
+	if err != nil {
+		panic(err)
+	}
+	copy(id[:], k)
+	return id
+}
