@@ -174,7 +174,7 @@ func Run(ctx context.Context, spec Spec) (*Result, error) {
 		disks = append(disks, Disk{Serial: ResultSerial, SizeBytes: spec.ResultSizeBytes})
 	}
 	args := []string{
-		"--kill-after=10s", strconv.Itoa(int(spec.Timeout.Seconds()+0.999)), qemu,
+		"--kill-after=10s", strconv.Itoa(int(spec.Timeout.Seconds() + 0.999)), qemu,
 		"-accel", "tcg,thread=multi", "-cpu", "max", "-machine", "q35", "-smp", "2",
 		"-m", strconv.Itoa(spec.MemoryMiB), "-nodefaults", "-nographic",
 		"-serial", "stdio", "-monitor", "none", "-no-reboot",
