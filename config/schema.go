@@ -1,0 +1,445 @@
+package config
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"path"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/go-sql-driver/mysql"
+
+	"vmvault/retention"
+)
+
+// config reads the top level of the file.
+func (d *doc) config(root *table) *Config {
+	cfg := &Config{Path: d.file, VMs: make(map[string]*VM), Log: Log{Level: slog.LevelInfo}}
+	if t := root.sub("repository"); t != nil {
+		cfg.Repository = d.repository(t)
+	} else if !root.has("repository") {
+		d.errs = append(d.errs, &Error{File: d.file, Key: "repository", Msg: "missing required table [repository]"})
+	}
+	if t := root.sub("log"); t != nil {
+		cfg.Log = d.log(t)
+	}
+	if t := root.sub("retention"); t != nil {
+		cfg.Retention = d.policy(t)
+	}
+	if t := root.sub("vm"); t != nil {
+		for _, name := range t.keys() {
+			n, _ := t.get(name)
+			if vt := d.table(n); vt != nil {
+				cfg.VMs[name] = d.vm(vt)
+			}
+		}
+	}
+	root.done()
+	return cfg
+}
+
+func (d *doc) repository(t *table) Repository {
+	var r Repository
+	u, un, ok := t.requiredStr("url")
+	sftp := false
+	if ok {
+		sftp = d.repositoryURL(un, u)
+		r.URL = u
+	}
+	if p, n, ok := t.requiredStr("password_file"); ok {
+		r.PasswordFile = d.secretFile(n, p)
+	}
+	if p, n, ok := t.str("ssh_key"); ok {
+		if !sftp && un.key != nil {
+			d.errorf(n, "only used with an sftp:// url")
+		}
+		r.SSHKey = d.secretFile(n, p)
+	} else if sftp && !t.has("ssh_key") {
+		t.missing("ssh_key")
+	}
+	if p, n, ok := t.str("known_hosts"); ok {
+		if !sftp && un.key != nil {
+			d.errorf(n, "only used with an sftp:// url")
+		}
+		r.KnownHosts = d.existingFile(n, p)
+	}
+	if p, n, ok := t.str("cache_dir"); ok {
+		r.CacheDir, _ = d.absPath(n, p)
+	}
+	t.done()
+	return r
+}
+
+// repositoryURL checks an sftp:// URL or a local path and reports whether
+// it is SFTP.
+func (d *doc) repositoryURL(n node, s string) bool {
+	if !strings.Contains(s, "://") {
+		if !filepath.IsAbs(s) {
+			d.errorf(n, "%q is neither an sftp://user@host/path url nor an absolute local path", s)
+		}
+		return false
+	}
+	u, err := url.Parse(s)
+	switch {
+	case err != nil:
+		d.errorf(n, "not a valid url: %v", err)
+	case u.Scheme != "sftp":
+		d.errorf(n, "unsupported scheme %q: want sftp://user@host[:port]/path or a local path", u.Scheme)
+	case u.Hostname() == "":
+		d.errorf(n, "no host in %q", s)
+	case u.Path == "" || u.Path == "/":
+		d.errorf(n, "no repository path in %q", s)
+	case u.RawQuery != "" || u.Fragment != "":
+		d.errorf(n, "unexpected query or fragment in %q", s)
+	default:
+		if _, hasPassword := u.User.Password(); hasPassword {
+			d.errorf(n, "the url contains a password; vmvault authenticates to the server with ssh_key")
+		} else if p := u.Port(); p != "" {
+			if _, err := parsePort(p); err != nil {
+				d.errorf(n, "%v", err)
+			}
+		}
+	}
+	return true
+}
+
+func (d *doc) log(t *table) Log {
+	l := Log{Level: slog.LevelInfo}
+	l.Syslog = t.boolean("syslog")
+	if s, n, ok := t.str("level"); ok {
+		levels := map[string]slog.Level{"debug": slog.LevelDebug, "info": slog.LevelInfo, "warn": slog.LevelWarn, "error": slog.LevelError}
+		if lv, known := levels[s]; known {
+			l.Level = lv
+		} else {
+			d.errorf(n, "unknown level %q: want debug, info, warn or error", s)
+		}
+	}
+	t.done()
+	return l
+}
+
+// policy reads the keep_* keys of a [retention] table.
+func (d *doc) policy(t *table) retention.Policy {
+	var p retention.Policy
+	for _, c := range []struct {
+		key string
+		dst *int
+	}{
+		{"keep_last", &p.Last}, {"keep_hourly", &p.Hourly}, {"keep_daily", &p.Daily},
+		{"keep_weekly", &p.Weekly}, {"keep_monthly", &p.Monthly}, {"keep_yearly", &p.Yearly},
+	} {
+		if v, n, ok := t.integer(c.key); ok {
+			if v < retention.Unlimited {
+				d.errorf(n, "%d: want -1 (unlimited), 0 (off) or a positive count", v)
+			}
+			*c.dst = v
+		}
+	}
+	if s, n, ok := t.str("keep_within"); ok {
+		w, err := retention.ParseDuration(s)
+		if err != nil {
+			d.errorf(n, "%v", err)
+		}
+		p.Within = w
+	}
+	if tags, n, ok := t.strings("keep_tag"); ok {
+		if slices.Contains(tags, "") {
+			d.errorf(n, "empty tag")
+		}
+		p.Tags = tags
+	}
+	t.done()
+	return p
+}
+
+// namePattern is what VM, disk and database names may look like: they
+// become parts of LVM snapshot names and log lines.
+var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.+-]*$`)
+
+// maxLVName is LVM's limit on the length of a logical volume name.
+const maxLVName = 127
+
+func (d *doc) checkName(n node, what string) {
+	if !namePattern.MatchString(n.name()) {
+		d.errorf(n, "invalid %s name %q: use letters, digits and _ . + - (not first)", what, n.name())
+	}
+}
+
+func (d *doc) vm(t *table) *VM {
+	vm := &VM{Name: t.self.name()}
+	d.checkName(t.self, "VM")
+	vm.Sudo = t.boolean("sudo")
+	if rt := t.sub("retention"); rt != nil {
+		p := d.policy(rt)
+		vm.Retention = &p
+	}
+	if gt := t.sub("guest"); gt != nil {
+		vm.Guest = d.guest(gt)
+	}
+	dt := t.sub("disk")
+	if dt != nil {
+		for _, name := range dt.keys() {
+			n, _ := dt.get(name)
+			if diskT := d.table(n); diskT != nil {
+				disk := d.disk(diskT)
+				if len(disk.SnapshotName(vm.Name)) > maxLVName {
+					d.errorf(n, "snapshot name %q is longer than LVM's %d characters: shorten the VM or disk name", disk.SnapshotName(vm.Name), maxLVName)
+				}
+				vm.Disks = append(vm.Disks, disk)
+			}
+		}
+	}
+	if dt != nil && len(dt.fields) == 0 || !t.has("disk") {
+		d.errorf(t.self, "no disks: add at least one disk.NAME = { lv = \"vg/lv\", snapshot_size = \"1G\" } or { path = \"…\" }")
+	}
+	if dbt := t.sub("database"); dbt != nil {
+		for _, name := range dbt.keys() {
+			n, _ := dbt.get(name)
+			if dbT := d.table(n); dbT != nil {
+				vm.Databases = append(vm.Databases, d.database(dbT))
+			}
+		}
+	}
+	t.done()
+	return vm
+}
+
+func (d *doc) guest(t *table) *Guest {
+	g := &Guest{Port: 22, FreezeTimeout: DefaultFreezeTimeout}
+	if s, n, ok := t.requiredStr("ssh"); ok {
+		user, host, port, err := parseSSHTarget(s)
+		if err != nil {
+			d.errorf(n, "%v", err)
+		}
+		g.User, g.Host = user, host
+		if port != 0 {
+			g.Port = port
+		}
+	}
+	if p, n, ok := t.requiredStr("key"); ok {
+		g.Key = d.secretFile(n, p)
+	}
+	if p, n, ok := t.str("known_hosts"); ok {
+		g.KnownHosts = d.existingFile(n, p)
+	}
+	if cmds, n, ok := t.strings("before_snapshot"); ok {
+		for _, c := range cmds {
+			if strings.TrimSpace(c) == "" {
+				d.errorf(n, "empty command")
+				break
+			}
+		}
+		g.BeforeSnapshot = cmds
+	}
+	if mounts, n, ok := t.strings("freeze"); ok {
+		for _, m := range mounts {
+			if !path.IsAbs(m) {
+				d.errorf(n, "%q: want an absolute mount point in the guest", m)
+			}
+		}
+		g.Freeze = mounts
+	}
+	if s, n, ok := t.str("freeze_timeout"); ok {
+		to, err := time.ParseDuration(s)
+		if err != nil || to <= 0 {
+			d.errorf(n, "%q: want a positive duration such as \"30s\"", s)
+		} else {
+			g.FreezeTimeout = to
+		}
+	}
+	t.done()
+	return g
+}
+
+// parseSSHTarget splits "user@host[:port]"; an IPv6 host with a port is
+// written "user@[::1]:2222".
+func parseSSHTarget(s string) (user, host string, port int, err error) {
+	at := strings.LastIndexByte(s, '@')
+	if at <= 0 || at == len(s)-1 {
+		return "", "", 0, fmt.Errorf("%q: want user@host or user@host:port", s)
+	}
+	user, hostport := s[:at], s[at+1:]
+	if strings.ContainsAny(user, " \t:/@") {
+		return "", "", 0, fmt.Errorf("%q: invalid user name %q", s, user)
+	}
+	switch {
+	case strings.HasPrefix(hostport, "[") && strings.HasSuffix(hostport, "]"):
+		host = hostport[1 : len(hostport)-1]
+	case strings.Count(hostport, ":") == 0:
+		host = hostport
+	case strings.Count(hostport, ":") == 1 || strings.HasPrefix(hostport, "["):
+		var p string
+		host, p, err = net.SplitHostPort(hostport)
+		if err != nil {
+			return "", "", 0, fmt.Errorf("%q: %v", s, err)
+		}
+		if port, err = parsePort(p); err != nil {
+			return "", "", 0, fmt.Errorf("%q: %v", s, err)
+		}
+	default:
+		if net.ParseIP(hostport) == nil {
+			return "", "", 0, fmt.Errorf("%q: want user@host:port", s)
+		}
+		host = hostport // a bare IPv6 address
+	}
+	if host == "" || strings.ContainsAny(host, " \t/@[]") {
+		return "", "", 0, fmt.Errorf("%q: invalid host %q", s, host)
+	}
+	return user, host, port, nil
+}
+
+func parsePort(s string) (int, error) {
+	p, err := strconv.Atoi(s)
+	if err != nil || p < 1 || p > 65535 {
+		return 0, fmt.Errorf("invalid port %q", s)
+	}
+	return p, nil
+}
+
+// lvNamePattern is LVM's rule for VG and LV names.
+var lvNamePattern = regexp.MustCompile(`^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$`)
+
+func (d *doc) disk(t *table) Disk {
+	disk := Disk{Name: t.self.name()}
+	d.checkName(t.self, "disk")
+	lvS, lvN, hasLV := t.str("lv")
+	pathS, pathN, hasPath := t.str("path")
+	switch {
+	case hasLV && hasPath:
+		d.errorf(pathN, "a disk has either lv (snapshotted) or path (read as is), not both")
+	case !hasLV && !hasPath && !t.has("lv") && !t.has("path"):
+		d.errorf(t.self, "needs lv = \"vg/lv\" or path = \"/file/or/device\"")
+	case hasLV:
+		lv, err := parseLV(lvS)
+		if err != nil {
+			d.errorf(lvN, "%v", err)
+		}
+		disk.LV = lv
+	case hasPath:
+		disk.Path = d.existingFile(pathN, pathS)
+	}
+	if f, n, ok := t.str("file"); ok {
+		switch {
+		case !hasLV:
+			d.errorf(n, "file needs lv: it names an image file on the filesystem inside the LV")
+		case f == "" || path.IsAbs(f) || path.Clean(f) != f || f == "." || strings.HasPrefix(f, "../"):
+			d.errorf(n, "%q: want a clean path relative to the root of the LV's filesystem, e.g. \"images/vm01.raw\"", f)
+		}
+		disk.File = f
+	}
+	if s, n, ok := t.str("snapshot_size"); ok {
+		size, err := parseSize(s)
+		switch {
+		case err != nil:
+			d.errorf(n, "%v", err)
+		case !hasLV && hasPath:
+			d.errorf(n, "snapshot_size needs lv: a path disk is not snapshotted")
+		}
+		disk.SnapshotSize = size
+	} else if hasLV && !t.has("snapshot_size") {
+		t.get("snapshot_size")
+		t.missing("snapshot_size")
+	}
+	t.done()
+	return disk
+}
+
+func parseLV(s string) (LV, error) {
+	vg, lv, ok := strings.Cut(s, "/")
+	if !ok || !lvNamePattern.MatchString(vg) || !lvNamePattern.MatchString(lv) || vg == "." || vg == ".." || lv == "." || lv == ".." {
+		return LV{}, fmt.Errorf("%q: want vg/lv, e.g. \"vg0/vm01-disk\" (not a /dev path)", s)
+	}
+	return LV{VG: vg, Name: lv}, nil
+}
+
+// parseSize parses an LVM-style size such as "2G", "512M", "1.5g", "1GiB":
+// a number and a binary unit (K, M, G, T; 1024-based).
+func parseSize(s string) (int64, error) {
+	bad := fmt.Errorf("invalid size %q: want a number and a unit, e.g. \"512M\" or \"2G\" (1024-based)", s)
+	u := strings.ToUpper(s)
+	if strings.HasSuffix(u, "IB") {
+		u = u[:len(u)-2]
+	} else if strings.HasSuffix(u, "B") {
+		u = u[:len(u)-1]
+	}
+	if len(u) < 2 {
+		return 0, bad
+	}
+	var mult float64
+	switch u[len(u)-1] {
+	case 'K':
+		mult = 1 << 10
+	case 'M':
+		mult = 1 << 20
+	case 'G':
+		mult = 1 << 30
+	case 'T':
+		mult = 1 << 40
+	default:
+		return 0, bad
+	}
+	num := u[:len(u)-1]
+	if strings.Trim(num, "0123456789.") != "" {
+		return 0, bad
+	}
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || f <= 0 {
+		return 0, bad
+	}
+	v := f * mult
+	if v >= 1<<62 {
+		return 0, fmt.Errorf("size %q is too large", s)
+	}
+	if v < 1<<20 {
+		return 0, fmt.Errorf("size %q is too small: LVM snapshots are at least one extent (usually 4M)", s)
+	}
+	return int64(v), nil
+}
+
+func (d *doc) database(t *table) Database {
+	db := Database{Name: t.self.name()}
+	d.checkName(t.self, "database")
+	if s, n, ok := t.requiredStr("dsn"); ok {
+		mc, err := mysql.ParseDSN(s)
+		switch {
+		case err != nil:
+			// The error could quote the DSN; the DSN might hold a password.
+			d.errorf(n, "not a valid DSN: want e.g. \"backup@tcp(10.0.0.5:3306)/\"")
+		case mc.Passwd != "":
+			d.errorf(n, "the DSN contains a password: move it to password_file")
+		case mc.User == "":
+			d.errorf(n, "the DSN names no user: want e.g. \"backup@tcp(10.0.0.5:3306)/\"")
+		default:
+			db.DSN = s
+		}
+	}
+	if p, n, ok := t.str("password_file"); ok {
+		db.PasswordFile = d.secretFile(n, p)
+	}
+	if p, n, ok := t.str("tls_ca"); ok {
+		db.TLSCA = d.existingFile(n, p)
+	}
+	certS, certN, hasCert := t.str("tls_cert")
+	keyS, keyN, hasKey := t.str("tls_key")
+	if hasCert {
+		db.TLSCert = d.existingFile(certN, certS)
+	}
+	if hasKey {
+		db.TLSKey = d.secretFile(keyN, keyS)
+	}
+	switch {
+	case hasCert && !t.has("tls_key"):
+		t.missing("tls_key")
+	case hasKey && !t.has("tls_cert"):
+		t.missing("tls_cert")
+	}
+	db.Required = t.boolean("required")
+	t.done()
+	return db
+}
