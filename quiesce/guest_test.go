@@ -228,3 +228,53 @@ func TestKeyFileReadableByOthersRefused(t *testing.T) {
 		t.Fatalf("err = %v, want refusal of a group/world-readable key", err)
 	}
 }
+
+// TestThawReconnectsAfterConnectionLoss drops the SSH connection while the
+// guest is frozen (sshd restarts); Release must reconnect and thaw.
+func TestThawReconnectsAfterConnectionLoss(t *testing.T) {
+	s := testsshd.Start(t, testsshd.Options{})
+	dir := t.TempDir()
+	freeze, freezeLog := freezeScript(t, dir, "exit 0")
+	g := guestConfig(s)
+	g.FreezeMounts = []string{"/srv/a"}
+	g.FreezeCommand = freeze
+	var logs bytes.Buffer
+	h, err := New(Config{VM: "vm01", Guest: g, Logger: logTo(&logs)}).Hold(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Restart()
+	rep := h.Release(context.Background())
+	if rep.Err != nil {
+		t.Errorf("release after reconnect: %v", rep.Err)
+	}
+	if got, want := readFile(t, freezeLog), "-f /srv/a\n-u /srv/a\n"; got != want {
+		t.Errorf("freeze log = %q, want %q", got, want)
+	}
+	if !strings.Contains(logs.String(), "reconnecting") {
+		t.Errorf("thaw did not go through the reconnect path; log:\n%s", logs.String())
+	}
+}
+
+func TestCancelDuringBeforeSnapshot(t *testing.T) {
+	s := testsshd.Start(t, testsshd.Options{})
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "after-ran")
+	g := guestConfig(s)
+	g.BeforeSnapshot = []string{"sleep 5"}
+	g.AfterSnapshot = []string{"touch " + marker}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := New(Config{VM: "vm01", Guest: g}).Hold(ctx)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want the context's deadline", err)
+	}
+	if took := time.Since(start); took > 4*time.Second {
+		t.Errorf("Hold took %v after its context expired at 300ms", took)
+	}
+	// Clean-up still runs, with its own context.
+	if _, err := os.Stat(marker); err != nil {
+		t.Errorf("after-snapshot command did not run after cancellation: %v", err)
+	}
+}
