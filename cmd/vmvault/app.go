@@ -1,0 +1,245 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"vmvault/backend"
+	"vmvault/backend/local"
+	"vmvault/backend/retry"
+	"vmvault/backend/sftp"
+	"vmvault/repo"
+)
+
+// app holds what every command shares: streams, global flags, logger.
+type app struct {
+	stdin          io.Reader
+	stdout, stderr io.Writer
+	code           int // exit code of a command that succeeded with warnings
+
+	repoURL          string
+	passwordFile     string
+	cacheDir         string
+	sshKey           string
+	knownHosts       string
+	acceptNewHostKey bool
+	jsonOut          bool
+	verbose          int
+	quiet            bool
+	logFormat        string
+	retryLock        time.Duration
+
+	log *slog.Logger
+}
+
+func (a *app) rootCommand() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "vmvault",
+		Short: "Back up running virtual machines' disks: deduplicated, compressed, encrypted",
+		Long: `vmvault backs up VM disk images (LVM snapshots, image files, block devices)
+into a repository on a local path or an SFTP server. Data is split into
+content-defined chunks, deduplicated, compressed with zstd and encrypted
+(XChaCha20-Poly1305) on this host: the storage server sees only ciphertext.
+
+The repository is given by --repo or VMVAULT_REPOSITORY, its password by
+--password-file or VMVAULT_PASSWORD_FILE (or a prompt on a terminal).
+
+` + exitCodesHelp,
+		Example: `  vmvault init --repo /srv/vmvault --password-file /etc/vmvault/password
+  vmvault backup vm01 --source /var/lib/images/vm01.raw
+  vmvault snapshots vm01
+  vmvault restore vm01 latest > vm01.raw
+  vmvault check --read-data-subset 10%`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			return a.setup()
+		},
+	}
+	f := root.PersistentFlags()
+	f.StringVarP(&a.repoURL, "repo", "r", os.Getenv("VMVAULT_REPOSITORY"), "repository: a local path or sftp://user@host[:port]/path (env VMVAULT_REPOSITORY)")
+	f.StringVarP(&a.passwordFile, "password-file", "p", os.Getenv("VMVAULT_PASSWORD_FILE"), "file holding the repository password, not readable by others (env VMVAULT_PASSWORD_FILE)")
+	f.StringVar(&a.cacheDir, "cache-dir", "", "local cache directory (default $XDG_CACHE_HOME/vmvault)")
+	f.StringVar(&a.sshKey, "ssh-key", "", "SSH private key for sftp:// repositories (default: ssh-agent and ~/.ssh/id_*)")
+	f.StringVar(&a.knownHosts, "known-hosts", "", "known_hosts file for sftp:// repositories (default ~/.ssh/known_hosts)")
+	f.BoolVar(&a.acceptNewHostKey, "accept-new-host-key", false, "trust an SFTP server's key on first contact and add it to known_hosts")
+	f.BoolVar(&a.jsonOut, "json", false, "print results as JSON on stdout")
+	f.CountVarP(&a.verbose, "verbose", "v", "more log output (repeat for debug)")
+	f.BoolVarP(&a.quiet, "quiet", "q", false, "only errors and warnings")
+	f.StringVar(&a.logFormat, "log-format", "text", "log format on stderr: text or json")
+	f.DurationVar(&a.retryLock, "retry-lock", 0, "wait up to this long for a locked repository (e.g. 10m)")
+	root.AddCommand(a.initCommand(), a.backupCommand(), a.snapshotsCommand(), a.restoreCommand(),
+		a.checkCommand(), a.keyCommand(), a.versionCommand())
+	return root
+}
+
+func (a *app) setup() error {
+	level := slog.LevelInfo
+	switch {
+	case a.quiet:
+		level = slog.LevelWarn
+	case a.verbose >= 2:
+		level = slog.LevelDebug - 4
+	case a.verbose == 1:
+		level = slog.LevelDebug
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch a.logFormat {
+	case "text":
+		a.log = slog.New(slog.NewTextHandler(a.stderr, opts))
+	case "json":
+		a.log = slog.New(slog.NewJSONHandler(a.stderr, opts))
+	default:
+		return withCode(exitUsage, fmt.Errorf("--log-format must be text or json, not %q", a.logFormat))
+	}
+	return nil
+}
+
+// openBackend connects to the repository location.
+func (a *app) openBackend(ctx context.Context, create bool) (backend.Backend, error) {
+	if a.repoURL == "" {
+		return nil, withCode(exitUsage, errors.New("no repository: give --repo or set VMVAULT_REPOSITORY"))
+	}
+	if strings.HasPrefix(a.repoURL, "sftp://") {
+		be, err := sftp.Open(ctx, sftp.Config{URL: a.repoURL, KeyFile: a.sshKey, KnownHostsFile: a.knownHosts,
+			AcceptNewHostKey: a.acceptNewHostKey, Create: create, Logger: a.log})
+		if err != nil {
+			return nil, notFound(err)
+		}
+		return retry.New(be, retry.Options{Logger: a.log}), nil
+	}
+	if strings.Contains(a.repoURL, "://") {
+		return nil, withCode(exitUsage, fmt.Errorf("unsupported repository URL %q: use a local path or sftp://", a.repoURL))
+	}
+	if create {
+		return local.Create(a.repoURL)
+	}
+	st, err := os.Stat(a.repoURL)
+	if err != nil {
+		return nil, withCode(exitNoRepo, fmt.Errorf("repository %s: %w", a.repoURL, err))
+	}
+	if !st.IsDir() {
+		return nil, withCode(exitNoRepo, fmt.Errorf("repository %s is not a directory", a.repoURL))
+	}
+	return local.Open(a.repoURL)
+}
+
+// readPasswordFile reads a secret file, refusing one that others can read.
+func readPasswordFile(path string) ([]byte, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("password file: %w", err)
+	}
+	if st.Mode().Perm()&0o007 != 0 {
+		return nil, fmt.Errorf("password file %s is accessible by others (mode %s): chmod 600 it", path, st.Mode().Perm())
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("password file: %w", err)
+	}
+	b = []byte(strings.TrimRight(string(b), "\r\n"))
+	if len(b) == 0 {
+		return nil, fmt.Errorf("password file %s is empty", path)
+	}
+	return b, nil
+}
+
+// password returns the repository password from --password-file or a
+// terminal prompt (twice when confirm is set).
+func (a *app) password(prompt string, confirm bool) ([]byte, error) {
+	if a.passwordFile != "" {
+		return readPasswordFile(a.passwordFile)
+	}
+	return promptPassword(prompt, confirm)
+}
+
+func promptPassword(prompt string, confirm bool) ([]byte, error) {
+	tty, err := os.OpenFile("/dev/tty", os.O_RDWR, 0)
+	if err != nil || !term.IsTerminal(int(tty.Fd())) {
+		return nil, withCode(exitUsage, errors.New("no password: give --password-file or set VMVAULT_PASSWORD_FILE (no terminal to prompt on)"))
+	}
+	defer tty.Close()
+	fmt.Fprint(tty, prompt+": ")
+	pw, err := term.ReadPassword(int(tty.Fd()))
+	fmt.Fprintln(tty)
+	if err != nil {
+		return nil, err
+	}
+	if confirm {
+		fmt.Fprint(tty, "again: ")
+		pw2, err := term.ReadPassword(int(tty.Fd()))
+		fmt.Fprintln(tty)
+		if err != nil {
+			return nil, err
+		}
+		if string(pw) != string(pw2) {
+			return nil, errors.New("passwords do not match")
+		}
+	}
+	if len(pw) == 0 {
+		return nil, errors.New("empty password")
+	}
+	return pw, nil
+}
+
+// openRepo opens and unlocks the repository.
+func (a *app) openRepo(ctx context.Context) (*repo.Repository, error) {
+	be, err := a.openBackend(ctx, false)
+	if err != nil {
+		return nil, err
+	}
+	pw, err := a.password("repository password", false)
+	if err != nil {
+		be.Close()
+		return nil, err
+	}
+	r, err := repo.Open(ctx, be, pw, repo.Options{CacheDir: a.cacheDir, Logger: a.log})
+	if err != nil {
+		be.Close()
+		if errors.Is(err, fs.ErrPermission) {
+			return nil, fmt.Errorf("open repository %s: %w", be.Location(), err)
+		}
+		return nil, err
+	}
+	return r, nil
+}
+
+// withRepo opens the repository, takes a lock, and runs fn.
+func (a *app) withRepo(ctx context.Context, exclusive bool, command string, fn func(*repo.Repository) error) error {
+	r, err := a.openRepo(ctx)
+	if err != nil {
+		return err
+	}
+	defer r.Backend().Close()
+	defer r.Close()
+	l, err := r.Lock(ctx, exclusive, command, a.retryLock)
+	if err != nil {
+		return err
+	}
+	defer l.Unlock()
+	return fn(r)
+}
+
+// humanBytes formats a byte count with binary units.
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,128 @@
+// Command vmvault backs up virtual machine disk images into an encrypted,
+// deduplicating repository on a local path or an SFTP server.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"vmvault/backend"
+	"vmvault/repo"
+)
+
+// Exit codes; stable, documented in docs/exit-codes.md and `vmvault --help`.
+const (
+	exitOK          = 0
+	exitError       = 1
+	exitUsage       = 2
+	exitPartial     = 3
+	exitNoRepo      = 10
+	exitLocked      = 11
+	exitWrongPass   = 12
+	exitInterrupted = 130
+)
+
+const exitCodesHelp = `Exit codes:
+  0    success
+  1    error (the message says what failed)
+  2    bad command line
+  3    partial success: some VMs failed, or warnings (e.g. a database was down)
+  10   repository not found (or not a vmvault repository)
+  11   repository or VM locked by another process
+  12   wrong password
+  130  interrupted (SIGINT/SIGTERM); nothing was committed`
+
+// exitError carries an exit code through cobra.
+type codedError struct {
+	code int
+	err  error
+}
+
+func (e *codedError) Error() string { return e.err.Error() }
+func (e *codedError) Unwrap() error { return e.err }
+
+func withCode(code int, err error) error {
+	if err == nil {
+		return nil
+	}
+	return &codedError{code: code, err: err}
+}
+
+// exitCode maps an error to the documented exit code.
+func exitCode(ctx context.Context, err error) int {
+	var ee *codedError
+	switch {
+	case err == nil:
+		return exitOK
+	case ctx.Err() != nil && errors.Is(err, context.Canceled):
+		return exitInterrupted
+	case errors.As(err, &ee):
+		return ee.code
+	case errors.Is(err, repo.ErrWrongPassword):
+		return exitWrongPass
+	case errors.Is(err, repo.ErrNotRepository):
+		return exitNoRepo
+	case errors.Is(err, repo.ErrLocked):
+		return exitLocked
+	case ctx.Err() != nil:
+		return exitInterrupted
+	}
+	return exitError
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// run executes one command line and returns the exit code.
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	app := &app{stdin: stdin, stdout: stdout, stderr: stderr}
+	root := app.rootCommand()
+	root.SetArgs(args)
+	root.SetIn(stdin)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return app.code
+	}
+	code := exitCode(ctx, err)
+	if errors.Is(err, errUsage) || isUsageError(err) {
+		code = exitUsage
+	}
+	if code == exitInterrupted {
+		fmt.Fprintln(stderr, "vmvault: interrupted; nothing was committed")
+	} else {
+		fmt.Fprintln(stderr, "vmvault: "+oneLine(err))
+	}
+	return code
+}
+
+var errUsage = errors.New("usage")
+
+// oneLine keeps an error on one line: cron mail and syslog read better.
+func oneLine(err error) string {
+	b := []byte(err.Error())
+	for i, c := range b {
+		if c == '\n' {
+			b[i] = ';'
+		}
+	}
+	return string(b)
+}
+
+// notFound wraps a missing-repository error with its exit code.
+func notFound(err error) error {
+	if errors.Is(err, backend.ErrNotExist) {
+		return withCode(exitNoRepo, err)
+	}
+	return err
+}

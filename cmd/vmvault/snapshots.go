@@ -1,0 +1,84 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"vmvault/repo"
+)
+
+// generationJSON is one generation in `snapshots --json`.
+type generationJSON struct {
+	ID          string    `json:"id"`
+	ShortID     string    `json:"short_id"`
+	VM          string    `json:"vm"`
+	Time        time.Time `json:"time"`
+	Host        string    `json:"host"`
+	Tags        []string  `json:"tags"`
+	Disks       []diskRef `json:"disks"`
+	Size        int64     `json:"size"`
+	BytesNew    int64     `json:"bytes_new"`
+	BytesStored int64     `json:"bytes_stored"`
+}
+
+type diskRef struct {
+	Name   string `json:"name"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256,omitempty"`
+}
+
+func (a *app) snapshotsCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:     "snapshots [VM]",
+		Aliases: []string{"generations", "list"},
+		Short:   "List generations (all VMs, or one)",
+		Example: `  vmvault snapshots
+  vmvault snapshots vm01 --json`,
+		Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vm := ""
+			if len(args) == 1 {
+				vm = args[0]
+			}
+			return a.withRepo(cmd.Context(), false, "snapshots", func(r *repo.Repository) error {
+				ms, err := r.Manifests(cmd.Context(), vm)
+				if err != nil {
+					return err
+				}
+				out := make([]generationJSON, 0, len(ms))
+				for _, m := range ms {
+					g := generationJSON{ID: m.ID, ShortID: m.ShortID(), VM: m.VM, Time: m.Time, Host: m.Host, Tags: m.Tags,
+						BytesNew: m.Stats.BytesNew, BytesStored: m.Stats.BytesStored}
+					if g.Tags == nil {
+						g.Tags = []string{}
+					}
+					for _, d := range m.Disks {
+						g.Disks = append(g.Disks, diskRef{Name: d.Name, Size: d.Size, SHA256: d.SHA256})
+						g.Size += d.Size
+					}
+					out = append(out, g)
+				}
+				if a.jsonOut {
+					return printJSON(a.stdout, out)
+				}
+				tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+				fmt.Fprintln(tw, "ID\tVM\tTIME\tDISKS\tSIZE\tNEW\tSTORED\tTAGS")
+				for _, g := range out {
+					names := make([]string, len(g.Disks))
+					for i, d := range g.Disks {
+						names[i] = d.Name
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", g.ShortID, g.VM, g.Time.Local().Format("2006-01-02 15:04:05"),
+						strings.Join(names, ","), humanBytes(g.Size), humanBytes(g.BytesNew), humanBytes(g.BytesStored), strings.Join(g.Tags, ","))
+				}
+				tw.Flush()
+				fmt.Fprintf(a.stderr, "%d generation(s)\n", len(out))
+				return nil
+			})
+		},
+	}
+}
