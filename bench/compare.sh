@@ -180,7 +180,9 @@ run_tool() {
 }
 
 IFS=, read -r -a tool_list <<<"$tools"
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 for t in "${tool_list[@]}"; do run_tool "$t"; done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- Report. ---
 val() { # val TOOL STEP FIELD(wall|cpu|rss|grew)
@@ -222,6 +224,7 @@ has_tool vmvault && echo "  vmvault: $(cd "$repo_root" && git describe --always 
 echo "  image:   $(info size | awk '{ printf "%.2f GiB", $1 / 1073741824 }'), $(info rootfs)," \
 	"non-zero $(awk -v n="$(info nonzero_old)" -v b="$(info block)" 'BEGIN { printf "%.2f GiB", n * b / 1073741824 }')," \
 	"next day changed $(info changed) of $(info blocks) 4 KiB blocks ($(info changed_pct) %)"
+echo "  load average (1/5/15 min): $load_before before the runs, $load_after after; other work skews wall times"
 echo "  page cache: not dropped; each image was read once, untimed, before its backup,"
 echo "              and each restore ran once, untimed, before the timed one: all reads come from memory."
 echo "  restores verified: sha256 of the restored image equals the next-day image's ($sha_next)."
