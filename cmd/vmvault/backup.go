@@ -15,24 +15,25 @@ import (
 
 // backupSummary is the one-line (or one JSON object) result of a backup.
 type backupSummary struct {
-	ID          string   `json:"id"`
-	VM          string   `json:"vm"`
-	Time        string   `json:"time"`
-	Disks       []string `json:"disks"`
-	BytesRead   int64    `json:"bytes_read"`
-	BytesZero   int64    `json:"bytes_zero"`
-	BytesNew    int64    `json:"bytes_new"`
-	BytesStored int64    `json:"bytes_stored"`
-	ChunksNew   int64    `json:"chunks_new"`
-	SegmentsNew int64    `json:"segments_new"`
-	Segments    int64    `json:"segments"`
-	Duration    float64  `json:"duration_seconds"`
+	ID           string   `json:"id"`
+	VM           string   `json:"vm"`
+	Time         string   `json:"time"`
+	Disks        []string `json:"disks"`
+	BytesRead    int64    `json:"bytes_read"`
+	BytesZero    int64    `json:"bytes_zero"`
+	BytesNew     int64    `json:"bytes_new"`
+	BytesStored  int64    `json:"bytes_stored"`
+	ChunksNew    int64    `json:"chunks_new"`
+	SegmentsNew  int64    `json:"segments_new"`
+	Segments     int64    `json:"segments"`
+	ObjectsFound int64    `json:"objects_found"`
+	Duration     float64  `json:"duration_seconds"`
 }
 
 func summarize(m *repo.Manifest) backupSummary {
 	s := backupSummary{ID: m.ID, VM: m.VM, Time: m.Time.Format(time.RFC3339), BytesRead: m.Stats.BytesRead,
 		BytesZero: m.Stats.BytesZero, BytesNew: m.Stats.BytesNew, BytesStored: m.Stats.BytesStored,
-		ChunksNew: m.Stats.ChunksNew, SegmentsNew: m.Stats.SegmentsNew, Segments: m.Stats.SegmentsSeen,
+		ChunksNew: m.Stats.ChunksNew, SegmentsNew: m.Stats.SegmentsNew, Segments: m.Stats.SegmentsSeen, ObjectsFound: m.Stats.ObjectsFound,
 		Duration: m.Finished.Sub(m.Started).Seconds()}
 	for _, d := range m.Disks {
 		s.Disks = append(s.Disks, d.Name)
