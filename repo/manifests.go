@@ -134,4 +134,3 @@ func (r *Repository) FindManifest(ctx context.Context, vm, ref string) (*Manifes
 	}
 	return m, nil
 }
-
