@@ -1,0 +1,17 @@
+#!/bin/bash
+# Installs the Debian packages that vmvault's tests, demo and benchmarks use,
+# if any is missing. Safe to run repeatedly; quiet when all is present.
+set -euo pipefail
+pkgs=(openssh-server mariadb-server qemu-system-x86 linux-image-amd64 busybox-static lvm2
+      restic debootstrap socat cpio e2fsprogs xfsprogs time)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	echo "deps: installing ${missing[*]}" >&2
+	SUDO=""
+	[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+	$SUDO apt-get update -q >/dev/null
+	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,18 @@
+#!/bin/bash
+# The whole test suite: installs what the tests need (Debian packages),
+# checks formatting, vet and staticcheck, then runs every test against real
+# services (each test package starts its own sshd / MariaDB / qemu guest on
+# 127.0.0.1 in a temp dir and stops it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh
+
+echo "== gofmt"
+bad=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+if [ -n "$bad" ]; then echo "gofmt needed: $bad" >&2; exit 1; fi
+echo "== go vet"
+go vet ./...
+echo "== staticcheck"
+go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+echo "== go test"
+go test -count=1 -timeout 40m "$@" ./...
