@@ -273,8 +273,19 @@ func (c *conn) close() {
 
 // dial opens one connection. The whole handshake is bounded by ctx and
 // dialTimeout.
-func (b *Backend) dial(ctx context.Context) (*conn, error) {
-	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
+func (b *Backend) dial(parent context.Context) (*conn, error) {
+	c, err := b.dialTimeout(parent)
+	if err != nil && parent.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+		// Our own timeout, not the caller's: a slow or overloaded
+		// server is worth another try, so report a network timeout
+		// rather than a context error.
+		return nil, fmt.Errorf("ssh %s: no answer within %v: %w", b.target.addr, dialTimeout, os.ErrDeadlineExceeded)
+	}
+	return c, err
+}
+
+func (b *Backend) dialTimeout(parent context.Context) (*conn, error) {
+	ctx, cancel := context.WithTimeout(parent, dialTimeout)
 	defer cancel()
 	cb, algos, err := b.hostKeys.config(b.target.addr)
 	if err != nil {
@@ -290,6 +301,9 @@ func (b *Backend) dial(ctx context.Context) (*conn, error) {
 	var d net.Dialer
 	tcp, err := d.DialContext(ctx, "tcp", b.target.addr)
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("connect to %s: %w", b.target.addr, ctx.Err())
+		}
 		return nil, fmt.Errorf("connect to %s: %w", b.target.addr, err)
 	}
 	// Unblock the handshake when ctx ends; the deadline covers a server

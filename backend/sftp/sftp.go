@@ -174,8 +174,10 @@ func (b *Backend) Reconnect(ctx context.Context) error {
 		return nil
 	}
 	b.log.Info("reconnecting", "dead_connections", dead)
+	// Not marked transient: a refused connection is (the retry wrapper
+	// recognises it), a changed host key or a rejected key is not.
 	if err := b.fill(ctx); err != nil {
-		return markTransient(fmt.Errorf("reconnect to %s: %w", b.target.location(), err))
+		return fmt.Errorf("reconnect to %s: %w", b.target.location(), err)
 	}
 	return nil
 }
@@ -506,7 +508,14 @@ func (b *Backend) List(ctx context.Context, prefix string, fn func(backend.Objec
 			}
 			if e.IsDir() {
 				if strings.HasPrefix(name+"/", prefix) || strings.HasPrefix(prefix, name+"/") {
-					g.Go(func() error { return walk(name, false) })
+					// Inline when all workers are busy: a walker
+					// blocked waiting for a slot held by other
+					// blocked walkers would deadlock.
+					if !g.TryGo(func() error { return walk(name, false) }) {
+						if err := walk(name, false); err != nil {
+							return err
+						}
+					}
 				}
 				continue
 			}
