@@ -11,6 +11,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 
 	"vmvault/backend"
 	"vmvault/crypto"
@@ -83,10 +84,10 @@ func (r *Repository) LoadIndex(ctx context.Context) (*Index, error) {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		if !errors.Is(err, bolt.ErrTimeout) {
+		if !errors.Is(err, bolterrors.ErrTimeout) {
 			r.log.Warn("index cache damaged, rebuilding", "file", path, "err", err)
 			os.Remove(path)
-			if err := r.syncCache(ctx, path, names); err != nil && !errors.Is(err, bolt.ErrTimeout) {
+			if err := r.syncCache(ctx, path, names); err != nil && !errors.Is(err, bolterrors.ErrTimeout) {
 				r.log.Warn("index cache unusable, keeping the index in memory", "file", path, "err", err)
 				return r.finishIndex(ctx, ix, names, nil)
 			}

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"sync"
 
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
@@ -82,7 +81,11 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 	n := d.segmentCount()
 	nw := workers() + 1
 	g, ctx := errgroup.WithContext(ctx)
-	pool := sync.Pool{New: func() any { return make([]byte, d.SegmentSize) }}
+	// Free segment buffers, allocated on first use: at most nw+1 exist.
+	free := make(chan []byte, nw+1)
+	for range nw + 1 {
+		free <- nil
+	}
 	// One result slot per segment in flight; the window bounds memory to
 	// nw+1 segment buffers.
 	results := make([]chan restoredSegment, n)
@@ -110,13 +113,16 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 	for range nw {
 		g.Go(func() error {
 			for i := range next {
-				buf := pool.Get().([]byte)
+				buf := <-free
+				if buf == nil {
+					buf = make([]byte, d.SegmentSize)
+				}
 				seg, err := r.fetchSegment(ctx, d, i, buf)
 				if err != nil {
 					return fmt.Errorf("restore %s at offset %d: %w", d.Name, seg.off, err)
 				}
 				if seg.data == nil {
-					pool.Put(buf)
+					free <- buf
 				}
 				results[i] <- seg
 			}
@@ -133,7 +139,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 			}
 			err := emit(seg)
 			if seg.data != nil {
-				pool.Put(seg.data[:cap(seg.data)])
+				free <- seg.data[:cap(seg.data)]
 			}
 			<-window
 			if err != nil {
