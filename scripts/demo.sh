@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
 done
 
 step_no=0
-step() { step_no=$((step_no + 1)); printf '\n== %d. %s\n' "$step_no" "$*"; }
+step() { step_no=$((step_no + 1)); printf '\n== %d. %s  [%ds]\n' "$step_no" "$*" "$SECONDS"; }
 info() { printf '   %s\n' "$*"; }
 fail() { printf '\nDEMO FAILED: %s\n' "$*" >&2; exit 1; }
 human() { numfmt --to=iec-i --suffix=B --format='%.1f' "$1"; }
@@ -129,8 +129,8 @@ backup() {
 	new=$(json_field bytes_new "$json") || fail "no bytes_new in $json"
 	stored=$(json_field bytes_stored "$json") || fail "no bytes_stored in $json"
 	secs=$(json_field duration_seconds "$json") || fail "no duration_seconds in $json"
-	info "snapshot $id: read $(human "$read"), new data $(human "$new")," \
-		"stored $(human "$stored") (after dedup + zstd + encryption) in ${secs}s"
+	info "snapshot ${id:0:8}: read $(human "$read"), new data $(human "$new")," \
+		"stored $(human "$stored") (after dedup + zstd + encryption) in $(printf '%.2f' "$secs") s"
 	info "repository now $(human "$(du -sb "$VMVAULT_REPOSITORY" | cut -f1)")"
 	eval "id_$n=\$id"
 }
@@ -177,9 +177,9 @@ info "sha256 $got"
 run "$out/logs/fsck-restored.log" e2fsck -fn "$restored" >/dev/null
 info "identical to the day-2 image; e2fsck: clean"
 
-step "Restore the first generation by its ID and verify it"
-restored1="$out/restored-$id_1.raw"
-run "$out/logs/restore-1.log" "$vmvault" restore demo-vm "$id_1" </dev/null >"$restored1"
+step "Restore the first generation by its ID (a unique prefix is enough) and verify it"
+restored1="$out/restored-${id_1:0:8}.raw"
+run "$out/logs/restore-1.log" "$vmvault" restore demo-vm "${id_1:0:8}" </dev/null >"$restored1"
 got=$(sha256sum "$restored1" | cut -d' ' -f1)
 info "sha256 $got"
 [ "$got" = "$sha_day1" ] || fail "restored first generation differs from the day-1 image (want $sha_day1)"
@@ -189,5 +189,5 @@ step "Check the repository, reading and decrypting all data"
 run "$out/logs/check.log" "$vmvault" check --read-data </dev/null >"$out/check.out"
 cat "$out/check.out" "$out/logs/check.log" | sed 's/^/   /'
 
-printf '\nDEMO OK: two generations backed up, both restored byte-identical, repository checked.\n'
+printf '\nDEMO OK in %d s: two generations backed up, both restored byte-identical, repository checked.\n' "$SECONDS"
 printf 'Everything is in %s (repository: repo/, password: password).\n' "$out"
