@@ -381,3 +381,26 @@ func untarDisk(disk, dir string) error {
 		}
 	}
 }
+
+// LineWriter returns a writer that calls fn for each complete line written
+// to it, without the line end; useful to pass the console to t.Log.
+func LineWriter(fn func(line string)) io.Writer {
+	return &lineWriter{fn: fn}
+}
+
+type lineWriter struct {
+	fn  func(string)
+	buf []byte
+}
+
+func (l *lineWriter) Write(p []byte) (int, error) {
+	l.buf = append(l.buf, p...)
+	for {
+		i := bytes.IndexByte(l.buf, '\n')
+		if i < 0 {
+			return len(p), nil
+		}
+		l.fn(strings.TrimRight(string(l.buf[:i]), "\r"))
+		l.buf = l.buf[i+1:]
+	}
+}

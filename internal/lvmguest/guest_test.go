@@ -9,25 +9,6 @@ import (
 	"time"
 )
 
-// lineLogger sends the guest console to t.Log when running with -v, so a
-// hanging guest can be diagnosed.
-type lineLogger struct {
-	t   *testing.T
-	buf []byte
-}
-
-func (l *lineLogger) Write(p []byte) (int, error) {
-	l.buf = append(l.buf, p...)
-	for {
-		i := strings.IndexByte(string(l.buf), '\n')
-		if i < 0 {
-			return len(p), nil
-		}
-		l.t.Log("guest: " + strings.TrimRight(string(l.buf[:i]), "\r"))
-		l.buf = l.buf[i+1:]
-	}
-}
-
 // TestRunBootsGuest boots a real guest and checks the pieces callers rely on:
 // disks by serial, LVM and device-mapper present, environment and files
 // passed in, the exit code and the result directory passed back.
@@ -59,7 +40,7 @@ exit 3
 		ResultSizeBytes: 8 << 20,
 		WorkDir:         work,
 		Timeout:         3 * time.Minute,
-		Console:         &lineLogger{t: t},
+		Console:         LineWriter(func(l string) { t.Log("guest: " + l) }),
 	})
 	if err != nil {
 		t.Fatal(err)
