@@ -116,14 +116,15 @@ func (d *doc) errorf(n node, format string, args ...any) {
 
 // typeName is the TOML type of n for error messages.
 func (d *doc) typeName(n node) string {
-	t := d.md.Type(n.key...)
-	switch t {
-	case "":
-		return "a table"
-	case "Hash", "Inline Table":
+	switch t := d.md.Type(n.key...); t {
+	case "", "Hash", "Inline Table":
 		return "a table"
 	case "Array", "ArrayHash":
 		return "an array"
+	case "Integer":
+		return "an integer"
+	case "Bool":
+		return "a boolean"
 	default:
 		return "a " + strings.ToLower(t)
 	}
@@ -141,6 +142,12 @@ type table struct {
 // table decodes n as a table; nil (after an error) if it is not one.
 func (d *doc) table(n node) *table {
 	var sub map[string]toml.Primitive
+	// Decoding a non-table into a map succeeds with an empty map, so the
+	// type is checked first. Implicit tables ("vm" in [vm.a]) have no type.
+	if typ := d.md.Type(n.key...); typ != "" && typ != "Hash" && typ != "Inline Table" {
+		d.errorf(n, "want a table, got %s", d.typeName(n))
+		return nil
+	}
 	if err := d.md.PrimitiveDecode(n.prim, &sub); err != nil {
 		d.errorf(n, "want a table, got %s", d.typeName(n))
 		return nil

@@ -86,6 +86,7 @@ func (d *doc) repositoryURL(n node, s string) bool {
 		return false
 	}
 	u, err := url.Parse(s)
+	sftp := err == nil && u.Scheme == "sftp"
 	switch {
 	case err != nil:
 		d.errorf(n, "not a valid url: %v", err)
@@ -106,7 +107,7 @@ func (d *doc) repositoryURL(n node, s string) bool {
 			}
 		}
 	}
-	return true
+	return sftp
 }
 
 func (d *doc) log(t *table) Log {
