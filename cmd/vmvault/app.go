@@ -79,7 +79,8 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 	f.StringVar(&a.logFormat, "log-format", "text", "log format on stderr: text or json")
 	f.DurationVar(&a.retryLock, "retry-lock", 0, "wait up to this long for a locked repository (e.g. 10m)")
 	root.AddCommand(a.initCommand(), a.backupCommand(), a.snapshotsCommand(), a.restoreCommand(),
-		a.checkCommand(), a.keyCommand(), a.versionCommand())
+		a.checkCommand(), a.keyCommand(), a.versionCommand(),
+		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand())
 	return root
 }
 

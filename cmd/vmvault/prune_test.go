@@ -1,0 +1,185 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+)
+
+// dayImage is the disk image "as of" day d: a fixed base with one
+// day-specific block, so every generation has data of its own.
+func dayImage(d int) []byte {
+	rng := rand.New(rand.NewPCG(99, 99))
+	img := make([]byte, 3<<20)
+	for i := range img {
+		img[i] = byte(rng.Uint32())
+	}
+	day := rand.New(rand.NewPCG(uint64(d), 7))
+	off := (d % 40) * 64 << 10
+	for i := off; i < off+64<<10; i++ {
+		img[i] = byte(day.Uint32())
+	}
+	return img
+}
+
+func dirBytes(t *testing.T, dir string) int64 {
+	var n int64
+	filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			n += fi.Size()
+		}
+		return nil
+	})
+	return n
+}
+
+func TestPruneEndToEnd(t *testing.T) {
+	e := newEnv(t)
+	start := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	const days = 74 // 2026-01-01 … 2026-03-15 (a Sunday)
+	src := filepath.Join(e.dir, "img")
+	idByDay := map[string]string{}
+	for d := range days {
+		os.WriteFile(src, dayImage(d), 0o600)
+		at := start.AddDate(0, 0, d)
+		r := e.ok("backup", "vm01", "--source", src, "--time", at.Format(time.RFC3339), "--json")
+		var s backupSummary
+		json.Unmarshal([]byte(r.stdout), &s)
+		idByDay[at.Format("01-02")] = s.ID
+	}
+	before := dirBytes(t, filepath.Join(e.repo, "data"))
+
+	// Dry run: prints decisions, removes nothing.
+	r := e.ok("prune", "--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "6", "--dry-run")
+	if !strings.Contains(r.stdout, "keep (daily 1") || !strings.Contains(r.stdout, "remove") || !strings.Contains(r.stderr, "would remove 62 generation") {
+		t.Fatalf("dry run output: %s %s", r.stdout, r.stderr)
+	}
+	if dirBytes(t, filepath.Join(e.repo, "data")) != before {
+		t.Fatal("dry run changed the repository")
+	}
+
+	e.ok("prune", "--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "6")
+	r = e.ok("snapshots", "--json")
+	var gens []generationJSON
+	json.Unmarshal([]byte(r.stdout), &gens)
+	var kept []string
+	for _, g := range gens {
+		kept = append(kept, g.Time.UTC().Format("01-02"))
+	}
+	sort.Strings(kept)
+	// daily 7: 03-09…03-15; weekly 4: weeks ending 03-15, 03-08, 03-01,
+	// 02-22; monthly 6: 03-15, 02-28, 01-31.
+	want := []string{"01-31", "02-22", "02-28", "03-01", "03-08", "03-09", "03-10", "03-11", "03-12", "03-13", "03-14", "03-15"}
+	if strings.Join(kept, " ") != strings.Join(want, " ") {
+		t.Fatalf("kept %v\nwant %v", kept, want)
+	}
+	after := dirBytes(t, filepath.Join(e.repo, "data"))
+	if after >= before*3/4 {
+		t.Fatalf("prune reclaimed too little: %d → %d bytes", before, after)
+	}
+	e.ok("check", "--read-data")
+	for _, g := range gens {
+		d := int(g.Time.Sub(start).Hours() / 24)
+		out := e.ok("restore", "vm01", g.ID[:10]).stdout
+		if sum([]byte(out)) != sum(dayImage(d)) {
+			t.Fatalf("generation of %s restores wrong after prune", g.Time)
+		}
+	}
+	// Reclaim-only prune of a clean repository removes nothing.
+	r = e.ok("prune", "--json")
+	var res forgetResult
+	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.Prune == nil || res.Prune.ObjectsRemoved != 0 {
+		t.Fatalf("second prune: %v %s", err, r.stdout)
+	}
+	// The newest generation is protected.
+	e.ok("forget", "vm01", "--keep-last", "0", "--keep-tag", "none")
+	r = e.ok("snapshots", "--json")
+	json.Unmarshal([]byte(r.stdout), &gens)
+	if len(gens) != 1 || gens[0].ID != idByDay["03-15"] {
+		t.Fatalf("after a keep-nothing forget: %+v", gens)
+	}
+}
+
+func TestPruneLocking(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "img")
+	os.WriteFile(src, dayImage(1), 0o600)
+	e.ok("backup", "vm01", "--source", src)
+	// A backup in progress (a child process reading a stdin we hold open)
+	// makes prune refuse with the "locked" exit code, naming the holder.
+	child := exec.Command(os.Args[0], "-test.run=^TestKilledBackupCommitsNothing$", "--", "--cache-dir", e.cache, "backup", "vm02", "--source", "-")
+	child.Env = append(os.Environ(), "VMVAULT_HELPER_PROCESS=1", "VMVAULT_REPOSITORY="+e.repo, "VMVAULT_PASSWORD_FILE="+e.pw)
+	stdin, _ := child.StdinPipe()
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stdin.Write(dayImage(2)[:1<<20])
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if ents, _ := os.ReadDir(filepath.Join(e.repo, "locks")); len(ents) > 0 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	r := e.fails(exitLocked, "backup vm02", "prune")
+	if !strings.Contains(r.stderr, fmt.Sprintf("PID %d", child.Process.Pid)) {
+		t.Fatalf("lock message does not name the holder: %s", r.stderr)
+	}
+	// Killed holder: its lock is stale (same host, process gone).
+	child.Process.Kill()
+	child.Wait()
+	e.ok("prune")
+	e.ok("check")
+}
+
+// Prune killed at various instants leaves a repository that checks and
+// restores; the next prune finishes.
+func TestPruneKilled(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "img")
+	for d := range 12 {
+		os.WriteFile(src, dayImage(d), 0o600)
+		e.ok("backup", "vm01", "--source", src, "--time", time.Date(2026, 1, 1+d, 12, 0, 0, 0, time.UTC).Format(time.RFC3339))
+	}
+	for _, delay := range []time.Duration{5 * time.Millisecond, 30 * time.Millisecond, 80 * time.Millisecond, 150 * time.Millisecond} {
+		child := exec.Command(os.Args[0], "-test.run=^TestKilledBackupCommitsNothing$", "--", "--cache-dir", e.cache, "prune", "--keep-last", "2")
+		child.Env = append(os.Environ(), "VMVAULT_HELPER_PROCESS=1", "VMVAULT_REPOSITORY="+e.repo, "VMVAULT_PASSWORD_FILE="+e.pw)
+		var errb bytes.Buffer
+		child.Stderr = &errb
+		if err := child.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(delay)
+		child.Process.Kill()
+		child.Wait()
+		e.ok("check")
+		r := e.ok("snapshots", "--json")
+		var gens []generationJSON
+		json.Unmarshal([]byte(r.stdout), &gens)
+		if len(gens) < 2 {
+			t.Fatalf("killed prune left %d generations", len(gens))
+		}
+		for _, g := range gens {
+			d := g.Time.Day() - 1
+			if out := e.ok("restore", "vm01", g.ID).stdout; sum([]byte(out)) != sum(dayImage(d)) {
+				t.Fatalf("after prune killed at %v: generation %s restores wrong", delay, g.ShortID)
+			}
+		}
+	}
+	e.ok("prune", "--keep-last", "2")
+	e.ok("check", "--read-data")
+	r := e.ok("snapshots", "--json")
+	var gens []generationJSON
+	json.Unmarshal([]byte(r.stdout), &gens)
+	if len(gens) != 2 {
+		t.Fatalf("%d generations after the final prune", len(gens))
+	}
+}
