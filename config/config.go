@@ -117,12 +117,6 @@ type Disk struct {
 	SnapshotSize int64
 }
 
-// SnapshotName is the name of the LVM snapshot of disk d of VM vm. It is
-// fixed, so a snapshot left behind by a crashed run is found by the next.
-func (d Disk) SnapshotName(vm string) string {
-	return vm + "-" + d.Name + "-vmvault"
-}
-
 // LV names an LVM logical volume.
 type LV struct {
 	VG   string // volume group

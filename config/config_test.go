@@ -155,9 +155,6 @@ required = true
 	if names := got.VMNames(); !slices.Equal(names, []string{"vm01", "vm02"}) {
 		t.Errorf("VMNames() = %q", names)
 	}
-	if s := got.VMs["vm01"].Disks[0].SnapshotName("vm01"); s != "vm01-hda-vmvault" {
-		t.Errorf("SnapshotName = %q", s)
-	}
 	if dev := got.VMs["vm01"].Disks[0].LV.Device(); dev != "/dev/vg0/vm01-hda" {
 		t.Errorf("Device = %q", dev)
 	}

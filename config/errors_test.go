@@ -70,6 +70,8 @@ func TestErrors(t *testing.T) {
 			want: []wantErr{{5, "vm.a.disk.hda.file", "relative"}}},
 		{name: "snapshot_size on a path disk", text: "[vm.a]\ndisk.hda = { path = \"/dev/sdb\", snapshot_size = \"1G\" }",
 			want: []wantErr{{5, "vm.a.disk.hda.snapshot_size", "needs lv"}}},
+		{name: "snapshot name too long", text: "[vm.a]\ndisk." + strings.Repeat("d", 120) + " = { lv = \"vg/a\", snapshot_size = \"1G\" }",
+			want: []wantErr{{5, "vm.a.disk." + strings.Repeat("d", 120), "longer than LVM's 127"}}},
 		{name: "VM with no disks", text: "\n[vm.a]\nsudo = true",
 			want: []wantErr{{5, "vm.a", "no disks"}}},
 		{name: "VM with an empty disk table", text: "[vm.a]\ndisk = {}",

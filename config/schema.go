@@ -189,8 +189,9 @@ func (d *doc) vm(t *table) *VM {
 			n, _ := dt.get(name)
 			if diskT := d.table(n); diskT != nil {
 				disk := d.disk(diskT)
-				if len(disk.SnapshotName(vm.Name)) > maxLVName {
-					d.errorf(n, "snapshot name %q is longer than LVM's %d characters: shorten the VM or disk name", disk.SnapshotName(vm.Name), maxLVName)
+				// The snapshot package names snapshots "<vm>-<disk>-vmvault".
+				if snap := vm.Name + "-" + disk.Name + "-vmvault"; disk.Path == "" && len(snap) > maxLVName {
+					d.errorf(n, "snapshot name %q is longer than LVM's %d characters: shorten the VM or disk name", snap, maxLVName)
 				}
 				vm.Disks = append(vm.Disks, disk)
 			}
