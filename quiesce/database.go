@@ -94,11 +94,10 @@ func (e *DatabaseError) Unwrap() error { return e.Err }
 
 // MySQL server error numbers that deserve a hint in the error text.
 const (
-	errAccessDenied     = 1045 // wrong user, password or certificate
-	errDBAccessDenied   = 1044
-	errSpecificAccess   = 1227 // missing RELOAD privilege
-	errLockWaitTimeout  = 1205
-	unlockTablesDefault = "UNLOCK TABLES"
+	errAccessDenied    = 1045 // wrong user, password or certificate
+	errDBAccessDenied  = 1044
+	errSpecificAccess  = 1227 // missing RELOAD privilege
+	errLockWaitTimeout = 1205
 )
 
 // dbLock is one held FLUSH TABLES WITH READ LOCK. The lock belongs to the

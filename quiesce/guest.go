@@ -327,6 +327,9 @@ func (g *guest) run(ctx context.Context, cmd string, timeout time.Duration) erro
 		}
 		return cerr(-1, stderr.String(), err)
 	}
+	if s := strings.TrimSpace(stdout.String()); s != "" {
+		g.log.Debug("guest command output", "command", cmd, "stdout", s)
+	}
 	attrs := []any{"command", cmd, "took", time.Since(start).Round(time.Millisecond)}
 	if s := strings.TrimSpace(stderr.String()); s != "" {
 		g.log.Warn("guest command succeeded with messages on stderr", append(attrs, "stderr", s)...)
@@ -416,12 +419,25 @@ func shellQuote(s string) string {
 }
 
 // capped keeps the first maxCapturedOutput bytes written to it, enough to
-// explain a failure without letting a chatty command fill memory.
-type capped struct{ bytes.Buffer }
+// explain a failure without letting a chatty command fill memory. It is
+// safe for concurrent use: after a timeout the session may still write
+// while the error is being built.
+type capped struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
 
 func (c *capped) Write(p []byte) (int, error) {
-	if room := maxCapturedOutput - c.Len(); room > 0 {
-		c.Buffer.Write(p[:min(len(p), room)])
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if room := maxCapturedOutput - c.buf.Len(); room > 0 {
+		c.buf.Write(p[:min(len(p), room)])
 	}
 	return len(p), nil
+}
+
+func (c *capped) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.buf.String()
 }

@@ -48,6 +48,7 @@ const (
 	defaultLockTimeout      = 30 * time.Second
 	defaultMaxHold          = 2 * time.Minute
 	defaultReleaseTimeout   = 30 * time.Second
+	unlockTablesDefault     = "UNLOCK TABLES"
 )
 
 // Quiescer quiesces one VM. It holds no connections between Holds.
@@ -103,7 +104,8 @@ type Report struct {
 	Err error `json:"-"`
 }
 
-// Hold is a quiesced VM. Call Release as soon as the snapshots exist.
+// Hold is a quiesced VM. Call Release as soon as the snapshots exist, and
+// treat the snapshots as not quiesced if the Report says Expired.
 type Hold struct {
 	q        *Quiescer
 	guest    *guest
@@ -173,10 +175,12 @@ func (q *Quiescer) Hold(ctx context.Context) (*Hold, error) {
 	}
 
 	q.log.Info("quiesced", "databases_locked", len(h.locks), "frozen", h.report.Frozen)
+	h.mu.Lock()
 	h.watchdog = time.AfterFunc(q.cfg.MaxHold, func() {
 		q.log.Error("quiesce held longer than MaxHold; releasing now, snapshots taken later are not consistent", "max_hold", q.cfg.MaxHold)
 		h.release(context.Background(), true)
 	})
+	h.mu.Unlock()
 	return h, nil
 }
 
