@@ -16,6 +16,7 @@
 #   --quick         smoke run: 512M image, plain minbase root filesystem,
 #                   48 MiB random data, 16 MiB log
 #   --tools LIST    comma-separated subset of restic,vmvault (default both)
+#   --vmvault BIN   use this vmvault binary instead of building ./cmd/vmvault
 #   --sftp          also run against SFTP repositories (not implemented yet)
 #   --workdir DIR   repositories and logs (default: a new temp dir, removed at the end)
 #   --keep          keep the work dir
@@ -36,18 +37,20 @@ workdir=
 keep=
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/vmvault-bench"
 rebuild=
+vmvault_bin=
 
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--size) size=$2; shift 2 ;;
 	--quick) quick=1; size=512M; shift ;;
 	--tools) tools=$2; shift 2 ;;
+	--vmvault) vmvault_bin=$2; shift 2 ;;
 	--sftp) sftp=1; shift ;;
 	--workdir) workdir=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
 	--cache) cache=$2; shift 2 ;;
 	--rebuild) rebuild=--rebuild; shift ;;
-	-h | --help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
 	*) echo "compare: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 	esac
 done
@@ -110,8 +113,12 @@ sha_next=$(info sha256_next)
 export XDG_CACHE_HOME="$workdir/cache"
 
 if has_tool vmvault; then
-	say "building vmvault"
-	(cd "$repo_root" && go build -o "$workdir/vmvault" ./cmd/vmvault) || die "go build ./cmd/vmvault failed"
+	if [ -n "$vmvault_bin" ]; then
+		cp "$vmvault_bin" "$workdir/vmvault" || die "cannot copy $vmvault_bin"
+	else
+		say "building vmvault"
+		(cd "$repo_root" && go build -o "$workdir/vmvault" ./cmd/vmvault) || die "go build ./cmd/vmvault failed"
+	fi
 fi
 
 # warm FILE: one untimed read so the timed run reads from page cache, for

@@ -54,7 +54,7 @@ while [ $# -gt 0 ]; do
 	--mirror) mirror=$2; shift 2 ;;
 	--cache) cache=$2; shift 2 ;;
 	--rebuild) rebuild=1; shift ;;
-	-h | --help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
 	*) echo "mkimage: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 	esac
 done

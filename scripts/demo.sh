@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
 	case "$1" in
 	--dir) out=$2; shift 2 ;;
 	--size) size=$2; shift 2 ;;
-	-h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
 	*) echo "demo: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 	esac
 done
