@@ -79,7 +79,7 @@ func decodeSegmentList(b []byte) ([]SegmentEntry, error) {
 		return nil, fmt.Errorf("segment list: bad version: %w", ErrCorrupt)
 	}
 	b = b[1:]
-	n, k := binary.Uvarint(b)
+	n, k := uvarint(b)
 	if k <= 0 || n > uint64(len(b)) {
 		return nil, fmt.Errorf("segment list: bad count: %w", ErrCorrupt)
 	}
@@ -91,7 +91,7 @@ func decodeSegmentList(b []byte) ([]SegmentEntry, error) {
 			return nil, fmt.Errorf("segment list: truncated: %w", ErrCorrupt)
 		}
 		kind := b[0]
-		l, k := binary.Uvarint(b[1:])
+		l, k := uvarint(b[1:])
 		if k <= 0 || l == 0 || l > MaxSegmentSize {
 			return nil, fmt.Errorf("segment list: bad length: %w", ErrCorrupt)
 		}
@@ -149,7 +149,7 @@ func decodeIndex(b []byte) ([]IndexEntry, error) {
 		return nil, fmt.Errorf("index: bad version: %w", ErrCorrupt)
 	}
 	b = b[1:]
-	n, k := binary.Uvarint(b)
+	n, k := uvarint(b)
 	if k <= 0 || n > uint64(len(b))/34 {
 		return nil, fmt.Errorf("index: bad count: %w", ErrCorrupt)
 	}
@@ -166,7 +166,7 @@ func decodeIndex(b []byte) ([]IndexEntry, error) {
 		var e IndexEntry
 		e.Type = t
 		copy(e.ID[:], b[1:33])
-		s, k := binary.Uvarint(b[33:])
+		s, k := uvarint(b[33:])
 		if k <= 0 || s > 1<<32-1 {
 			return nil, fmt.Errorf("index: bad size: %w", ErrCorrupt)
 		}
@@ -318,4 +318,14 @@ func imageDigest(h *crypto.Hasher, size, segSize int64, segments []byte) crypto.
 	var id crypto.ID
 	d.Sum(id[:0])
 	return id
+}
+
+// uvarint reads a canonical (shortest-form) unsigned varint; a padded
+// encoding is rejected (k <= 0) so every object has exactly one encoding.
+func uvarint(b []byte) (uint64, int) {
+	v, k := binary.Uvarint(b)
+	if k > 0 && k != len(binary.AppendUvarint(nil, v)) {
+		return 0, -1
+	}
+	return v, k
 }
