@@ -98,7 +98,7 @@ func (b *Backend) do(ctx context.Context, what, name string, op func() error) er
 			return err
 		}
 		b.log.Warn("backend operation failed, retrying",
-			"op", what, "object", name, "attempt", attempt, "of", b.opts.Attempts, "delay", delay, "err", err)
+			"op", what, "object", name, "attempt", attempt, "max_attempts", b.opts.Attempts, "delay", delay, "err", err)
 		t := time.NewTimer(delay)
 		select {
 		case <-ctx.Done():

@@ -13,8 +13,11 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/ssh/knownhosts"
+
 	"vmvault/backend"
 	"vmvault/backend/retry"
+	"vmvault/internal/testsshd"
 )
 
 // syncBuffer is a log sink safe for concurrent handlers.
@@ -153,5 +156,27 @@ func TestInterruptedUploadLeavesNameFree(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(final); !bytes.Equal(got, data) {
 		t.Fatalf("object differs after re-upload")
+	}
+}
+
+func TestReconnectRefusesChangedHostKey(t *testing.T) {
+	b, s, _ := openTestRepo(t)
+	other := testsshd.Start(t, testsshd.Options{})
+	// The server comes back with a different identity: simulate by
+	// making known_hosts expect another key for this address.
+	line := knownhosts.Line([]string{knownhosts.Normalize(s.Addr)}, other.HostKey)
+	if err := os.WriteFile(s.KnownHostsFile, []byte(line+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.Restart()
+	r := retry.New(b, retry.Options{Attempts: 50, InitialDelay: time.Millisecond})
+	start := time.Now()
+	err := r.Put(context.Background(), "keys/k", []byte("k"))
+	var ke *knownhosts.KeyError
+	if !errors.As(err, &ke) || len(ke.Want) == 0 {
+		t.Fatalf("put after the host key changed: %v, want a host key mismatch", err)
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Fatalf("a host key mismatch was retried for %v", time.Since(start))
 	}
 }
