@@ -1,12 +1,15 @@
 package snapshot
 
 import (
+	"context"
 	"errors"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseStatus(t *testing.T) {
@@ -193,5 +196,29 @@ func TestExecCommandError(t *testing.T) {
 	}
 	if out, err := (Exec{Env: []string{"X_TEST=1"}}).Run(t.Context(), "sh", "-c", "echo $X_TEST $LC_ALL"); err != nil || string(out) != "1 C\n" {
 		t.Errorf("env: %q, %v", out, err)
+	}
+}
+
+// TestExecSudo checks that Sudo prefixes "sudo -n" (which never prompts).
+func TestExecSudo(t *testing.T) {
+	_, err := Exec{Sudo: true}.Run(t.Context(), "sh", "-c", "exit 3")
+	var ce *CommandError
+	if !errors.As(err, &ce) || strings.Join(ce.Args[:3], " ") != "sudo -n sh" {
+		t.Fatalf("err = %v, want a CommandError for sudo -n sh", err)
+	}
+	if _, lookErr := exec.LookPath("sudo"); lookErr == nil && ce.ExitCode != 3 {
+		t.Errorf("exit code through sudo = %d, want 3 (%v)", ce.ExitCode, err)
+	}
+}
+
+// TestExecCancel checks that a cancelled command is interrupted and the
+// error says so.
+func TestExecCancel(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := Exec{}.Run(ctx, "sleep", "10")
+	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 5*time.Second {
+		t.Errorf("cancelled sleep: %v after %v", err, time.Since(start))
 	}
 }

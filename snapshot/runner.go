@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"time"
 )
 
 // Runner runs an external command and returns its standard output. A
@@ -54,6 +55,9 @@ func (e *CommandError) Error() string {
 
 func (e *CommandError) Unwrap() error { return e.Err }
 
+// cancelGrace is how long a cancelled command may take to stop on SIGINT.
+const cancelGrace = 30 * time.Second
+
 // maxStderr bounds the stderr kept in an error; LVM can be verbose.
 const maxStderr = 4096
 
@@ -67,6 +71,11 @@ func (e Exec) Run(ctx context.Context, name string, args ...string) ([]byte, err
 	// The C locale keeps lvs output parseable (decimal point, not comma);
 	// LVM_SUPPRESS_FD_WARNINGS silences warnings about inherited descriptors.
 	cmd.Env = append(append(os.Environ(), "LC_ALL=C", "LVM_SUPPRESS_FD_WARNINGS=1"), e.Env...)
+	// Killing lvcreate half-way could leave the origin suspended and the VM's
+	// I/O hanging, so cancellation asks politely (LVM stops at a safe point
+	// on SIGINT; sudo relays it) and kills only after a grace period.
+	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
+	cmd.WaitDelay = cancelGrace
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout = &stdout
 	cmd.Stderr = &stderr
