@@ -59,9 +59,10 @@ type Backend struct {
 	signers  func() ([]ssh.Signer, error)
 	closeAg  func()
 
-	mu    sync.Mutex // guards conns; held while reconnecting
-	conns []*conn
-	next  atomic.Uint32
+	mu          sync.Mutex // guards conns (nil once closed)
+	conns       []*conn
+	next        atomic.Uint32
+	reconnectMu sync.Mutex // serialises Reconnect
 
 	// Learned from the server's answers: on an append-only account the
 	// first denied rename or remove switches to hard links and stops
@@ -115,7 +116,7 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		return nil, err
 	}
 	b.conns[0] = first
-	if err := b.fill(ctx); err != nil {
+	if err := b.Reconnect(ctx); err != nil {
 		b.Close()
 		return nil, err
 	}
@@ -131,53 +132,64 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 	return b, nil
 }
 
-// fill dials every missing or dead connection, in parallel. The caller
-// holds b.mu or owns b exclusively.
-func (b *Backend) fill(ctx context.Context) error {
-	var g errgroup.Group
-	for i, c := range b.conns {
-		if c != nil && c.alive() {
-			continue
-		}
-		if c != nil {
-			c.close()
-			b.conns[i] = nil
-		}
-		g.Go(func() error {
-			nc, err := b.dial(ctx)
-			if err != nil {
-				return err
-			}
-			b.conns[i] = nc
-			return nil
-		})
-	}
-	return g.Wait()
-}
-
-// Reconnect replaces connections that have died, keeping live ones. The
-// retry wrapper calls it after a connection error; concurrent callers
-// share one reconnect.
+// Reconnect replaces connections that have died (or were never made),
+// keeping live ones. The retry wrapper calls it after a connection error;
+// concurrent callers are serialised, so the later ones find nothing left
+// to do. Requests on live connections continue meanwhile.
 func (b *Backend) Reconnect(ctx context.Context) error {
+	b.reconnectMu.Lock()
+	defer b.reconnectMu.Unlock()
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	if b.conns == nil {
+		b.mu.Unlock()
 		return errors.New("sftp backend is closed")
 	}
-	dead := 0
-	for _, c := range b.conns {
+	var dead []int
+	lost := 0
+	for i, c := range b.conns {
 		if c == nil || !c.alive() {
-			dead++
+			dead = append(dead, i)
+		}
+		if c != nil && !c.alive() {
+			lost++
 		}
 	}
-	if dead == 0 {
+	b.mu.Unlock()
+	if len(dead) == 0 {
 		return nil
 	}
-	b.log.Info("reconnecting", "dead_connections", dead)
+	if lost > 0 {
+		b.log.Info("reconnecting", "lost_connections", lost)
+	}
+	fresh := make([]*conn, len(dead))
+	var g errgroup.Group
+	for j := range dead {
+		g.Go(func() error {
+			c, err := b.dial(ctx)
+			fresh[j] = c
+			return err
+		})
+	}
+	err := g.Wait()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for j, i := range dead {
+		if fresh[j] == nil {
+			continue
+		}
+		if b.conns == nil { // closed meanwhile
+			fresh[j].close()
+			continue
+		}
+		if old := b.conns[i]; old != nil {
+			old.close()
+		}
+		b.conns[i] = fresh[j]
+	}
 	// Not marked transient: a refused connection is (the retry wrapper
 	// recognises it), a changed host key or a rejected key is not.
-	if err := b.fill(ctx); err != nil {
-		return fmt.Errorf("reconnect to %s: %w", b.target.location(), err)
+	if err != nil {
+		return fmt.Errorf("connect to %s: %w", b.target.location(), err)
 	}
 	return nil
 }
