@@ -382,6 +382,22 @@ func untarDisk(disk, dir string) error {
 	}
 }
 
+// GuestHostIP is the address at which HostForwardArgs makes host ports
+// reachable from the guest.
+const GuestHostIP = "10.0.2.100"
+
+// HostForwardArgs returns qemu arguments for a restricted user-mode network
+// in which the guest reaches the host's 127.0.0.1:port as
+// GuestHostIP:port, for each port, and nothing else. The guest's init
+// configures eth0. It needs socat on the host.
+func HostForwardArgs(ports ...int) []string {
+	netdev := "user,id=n0,restrict=on"
+	for _, p := range ports {
+		netdev += fmt.Sprintf(",guestfwd=tcp:%s:%d-cmd:socat STDIO TCP:127.0.0.1:%d", GuestHostIP, p, p)
+	}
+	return []string{"-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"}
+}
+
 // LineWriter returns a writer that calls fn for each complete line written
 // to it, without the line end; useful to pass the console to t.Log.
 func LineWriter(fn func(line string)) io.Writer {

@@ -2,7 +2,11 @@ package lvmguest
 
 import (
 	"context"
+	"fmt"
+	"io"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -59,5 +63,56 @@ exit 3
 		if err != nil || string(got) != want {
 			t.Errorf("result %s = %q, %v; want %q", name, got, err, want)
 		}
+	}
+}
+
+// TestRunHostForward checks that the guest reaches a listener on the host's
+// loopback through HostForwardArgs (how an SFTP test reaches sshd).
+func TestRunHostForward(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a qemu guest (≈10 s); skipped with -short")
+	}
+	if _, err := exec.LookPath("socat"); err != nil {
+		t.Fatal("socat not found: install socat")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan string, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		defer c.Close()
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	res, err := Run(ctx, Spec{
+		Script:   fmt.Sprintf("echo hello-from-guest | nc -w 5 %s %d && echo sent", GuestHostIP, port),
+		QemuArgs: HostForwardArgs(port),
+		WorkDir:  t.TempDir(),
+		Timeout:  3 * time.Minute,
+		Console:  LineWriter(func(l string) { t.Log("guest: " + l) }),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ExitCode != 0 || !strings.Contains(res.Output, "sent") {
+		t.Fatalf("guest script failed (%d):\n%s", res.ExitCode, res.Output)
+	}
+	select {
+	case s := <-got:
+		if s != "hello-from-guest\n" {
+			t.Errorf("host received %q", s)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("host received nothing")
 	}
 }
