@@ -119,7 +119,7 @@ var serialRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,20}$`)
 // Run boots the guest, runs spec.Script and powers off. The error is non-nil
 // when the guest could not be prepared or did not report an exit code (timeout,
 // kernel panic); a script that fails is reported through Result.ExitCode.
-func Run(ctx context.Context, spec Spec) (*Result, error) {
+func Run(ctx context.Context, spec Spec) (res *Result, err error) {
 	start := time.Now()
 	if spec.Timeout <= 0 {
 		spec.Timeout = 5 * time.Minute
@@ -151,8 +151,13 @@ func Run(ctx context.Context, spec Spec) (*Result, error) {
 		if work, err = os.MkdirTemp("", "lvmguest-"); err != nil {
 			return nil, err
 		}
+		defer func() {
+			if res == nil {
+				os.RemoveAll(work) // nothing to inspect: the guest never ran
+			}
+		}()
 	}
-	res := &Result{WorkDir: work}
+	res = &Result{WorkDir: work}
 
 	vmlinuz, kver, err := findKernel()
 	if err != nil {
