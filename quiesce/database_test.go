@@ -98,7 +98,7 @@ func insertAsync(t *testing.T, db *sql.DB) <-chan error {
 	return done
 }
 
-// assertWritable fails unless an INSERT completes within two seconds,
+// assertWritable fails unless an INSERT completes within five seconds,
 // which it cannot while any FLUSH TABLES WITH READ LOCK is held.
 func assertWritable(t *testing.T, db *sql.DB) {
 	t.Helper()
@@ -107,9 +107,26 @@ func assertWritable(t *testing.T, db *sql.DB) {
 		if err != nil {
 			t.Fatalf("insert: %v", err)
 		}
-	case <-time.After(2 * time.Second):
+	case <-time.After(5 * time.Second):
 		t.Fatal("insert still blocked: a read lock leaked")
 	}
+}
+
+// waitForQuery waits until a statement matching the LIKE pattern runs.
+func waitForQuery(t *testing.T, db *sql.DB, like string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		var n int
+		if err := db.QueryRow("SELECT COUNT(*) FROM information_schema.processlist WHERE info LIKE ?", like).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n > 0 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("statement %q never started", like)
 }
 
 func backupDB() Database {
@@ -299,10 +316,10 @@ func TestLockTimeoutLeavesUserQueryAlone(t *testing.T) {
 	// leave it running to completion.
 	slow := make(chan error, 1)
 	go func() {
-		_, err := root.Exec("UPDATE app.t SET v = IF(SLEEP(3) = 0, 'slow', 'x') WHERE id = 1")
+		_, err := root.Exec("UPDATE app.t SET v = IF(SLEEP(5) = 0, 'slow', 'x') WHERE id = 1")
 		slow <- err
 	}()
-	time.Sleep(300 * time.Millisecond)
+	waitForQuery(t, root, "UPDATE app.t SET v = IF(SLEEP%")
 	start := time.Now()
 	h, err := New(Config{VM: "vm01", Databases: []Database{backupDB()}, LockTimeout: time.Second}).Hold(context.Background())
 	if err == nil {
@@ -311,7 +328,7 @@ func TestLockTimeoutLeavesUserQueryAlone(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "lock not acquired") {
 		t.Fatalf("err = %v, want a lock timeout", err)
 	}
-	if took := time.Since(start); took > 2500*time.Millisecond {
+	if took := time.Since(start); took > 4*time.Second {
 		t.Errorf("lock attempt took %v with a 1s timeout", took)
 	}
 	if err := <-slow; err != nil {

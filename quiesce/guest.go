@@ -42,7 +42,8 @@ type GuestConfig struct {
 	FreezeMounts []string
 	// FreezeCommand defaults to "fsfreeze".
 	FreezeCommand string
-	// FreezeTimeout bounds each freeze and thaw command; default 30s.
+	// FreezeTimeout bounds each freeze command; default 30s. Thaw
+	// commands get at least the default.
 	FreezeTimeout time.Duration
 	// CommandTimeout bounds each BeforeSnapshot/AfterSnapshot command and
 	// sync; default 10 minutes.
@@ -314,9 +315,11 @@ func (g *guest) run(ctx context.Context, cmd string, timeout time.Duration) erro
 	select {
 	case err = <-done:
 	case <-ctx.Done():
-		// Best effort: OpenSSH delivers the signal; closing the channel
-		// ends our wait either way.
-		_ = sess.Signal(ssh.SIGKILL)
+		// SIGTERM, not SIGKILL: the guest's shell may be in the middle of
+		// its rc files and must get to run its exit traps (a killed
+		// shell can leave lock files behind that stall later logins).
+		// Closing the channel ends our wait either way.
+		_ = sess.Signal(ssh.SIGTERM)
 		sess.Close()
 		return cerr(-1, stderr.String(), fmt.Errorf("after %v: %w", time.Since(start).Round(time.Millisecond), context.Cause(ctx)))
 	}
@@ -371,10 +374,13 @@ func (g *guest) freeze(ctx context.Context) (toThaw []string, err error) {
 // have taken effect, so its thaw error (not frozen) is not reported.
 func (g *guest) thaw(ctx context.Context, mounts []string, lastMayBeThawed bool) error {
 	ctx = context.WithoutCancel(ctx)
+	// A thaw gets at least the default timeout even when freezing is
+	// allowed less: giving up on a thaw leaves the guest frozen.
+	timeout := max(g.cfg.FreezeTimeout, defaultFreezeTimeout)
 	var errs []error
 	for i := len(mounts) - 1; i >= 0; i-- {
 		cmd := g.cfg.FreezeCommand + " -u " + shellQuote(mounts[i])
-		err := g.run(ctx, cmd, g.cfg.FreezeTimeout)
+		err := g.run(ctx, cmd, timeout)
 		var ce *CommandError
 		if errors.As(err, &ce) && ce.ExitStatus < 0 {
 			g.log.Warn("thaw failed without exit status; reconnecting to retry", "mount", mounts[i], "err", err)
@@ -383,7 +389,7 @@ func (g *guest) thaw(ctx context.Context, mounts []string, lastMayBeThawed bool)
 				errs = append(errs, err, derr)
 				continue
 			}
-			err = g.run(ctx, cmd, g.cfg.FreezeTimeout)
+			err = g.run(ctx, cmd, timeout)
 		}
 		if err != nil && !(lastMayBeThawed && i == len(mounts)-1) {
 			errs = append(errs, err)
