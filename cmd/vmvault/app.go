@@ -18,6 +18,7 @@ import (
 	"vmvault/backend/local"
 	"vmvault/backend/retry"
 	"vmvault/backend/sftp"
+	"vmvault/config"
 	"vmvault/repo"
 )
 
@@ -38,6 +39,9 @@ type app struct {
 	quiet            bool
 	logFormat        string
 	retryLock        time.Duration
+	configPath       string
+
+	cfg *config.Config // loaded configuration, if any
 
 	log *slog.Logger
 }
@@ -77,10 +81,11 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 	f.CountVarP(&a.verbose, "verbose", "v", "more log output (repeat for debug)")
 	f.BoolVarP(&a.quiet, "quiet", "q", false, "only errors and warnings")
 	f.StringVar(&a.logFormat, "log-format", "text", "log format on stderr: text or json")
+	f.StringVarP(&a.configPath, "config", "c", os.Getenv("VMVAULT_CONFIG"), "configuration file (env VMVAULT_CONFIG; default "+config.DefaultPath+" if it exists)")
 	f.DurationVar(&a.retryLock, "retry-lock", 0, "wait up to this long for a locked repository (e.g. 10m)")
 	root.AddCommand(a.initCommand(), a.backupCommand(), a.snapshotsCommand(), a.restoreCommand(),
 		a.checkCommand(), a.keyCommand(), a.versionCommand(),
-		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand())
+		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand(), a.configCommand())
 	return root
 }
 
@@ -108,6 +113,11 @@ func (a *app) setup() error {
 
 // openBackend connects to the repository location.
 func (a *app) openBackend(ctx context.Context, create bool) (backend.Backend, error) {
+	if a.repoURL == "" {
+		if _, err := a.loadConfig(false); err != nil {
+			return nil, err
+		}
+	}
 	if a.repoURL == "" {
 		return nil, withCode(exitUsage, errors.New("no repository: give --repo or set VMVAULT_REPOSITORY"))
 	}
@@ -158,6 +168,11 @@ func readPasswordFile(path string) ([]byte, error) {
 // password returns the repository password from --password-file or a
 // terminal prompt (twice when confirm is set).
 func (a *app) password(prompt string, confirm bool) ([]byte, error) {
+	if a.passwordFile == "" {
+		if _, err := a.loadConfig(false); err != nil {
+			return nil, err
+		}
+	}
 	if a.passwordFile != "" {
 		return readPasswordFile(a.passwordFile)
 	}

@@ -50,26 +50,29 @@ func (s backupSummary) line() string {
 func (a *app) backupCommand() *cobra.Command {
 	var sources, tags []string
 	var at string
-	var sha bool
+	var sha, all bool
 	cmd := &cobra.Command{
-		Use:   "backup VM --source [DISK=]PATH...",
+		Use:   "backup VM [--source [DISK=]PATH...] | backup --all",
 		Short: "Back up a VM's disk images as one new generation",
 		Long: `Back up one or more disk images of a VM into the repository as one new,
 complete generation. --source names a file or block device (or - for
 stdin); repeat it for several disks, optionally naming each (hda=/dev/vg0/x).
+Without --source, the VM comes from the configuration file: its guest is
+flushed (and optionally frozen) over SSH, its databases locked, every disk's
+LV snapshotted in that one instant, the guest released at once, and the
+snapshots read, checked for overflow and always removed. --all backs up
+every configured VM in turn; one VM's failure does not stop the others.
 Only chunks new to the repository are stored. The generation is committed
 only when every disk was read completely; an interrupted or failed backup
 commits nothing, and the next run reuses what was already uploaded.`,
-		Example: `  vmvault backup vm01 --source /var/lib/images/vm01.raw
+		Example: `  vmvault backup vm01                      # as configured in /etc/vmvault/vmvault.toml
+  vmvault backup --all
+  vmvault backup vm01 --source /var/lib/images/vm01.raw
   vmvault backup vm01 --source hda=/dev/vg0/vm01-hda --source hdb=/dev/vg0/vm01-hdb --tag nightly
   zcat vm01.raw.gz | vmvault backup vm01 --source -
   vmvault backup vm01 --source vm01.raw --time 2026-01-01T00:00:00Z`,
-		Args: cobra.ExactArgs(1),
+		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			vm := args[0]
-			if len(sources) == 0 {
-				return withCode(exitUsage, fmt.Errorf("backup %s: no --source given", vm))
-			}
 			var when time.Time
 			if at != "" {
 				t, err := time.Parse(time.RFC3339, at)
@@ -78,6 +81,16 @@ commits nothing, and the next run reuses what was already uploaded.`,
 				}
 				when = t
 			}
+			if all != (len(args) == 0) {
+				return withCode(exitUsage, fmt.Errorf("name one VM, or give --all"))
+			}
+			if len(sources) == 0 {
+				return a.backupConfigured(cmd.Context(), args, all, tags, when)
+			}
+			if all {
+				return withCode(exitUsage, fmt.Errorf("--all and --source exclude each other"))
+			}
+			vm := args[0]
 			disks, closeAll, err := a.openSources(sources)
 			if err != nil {
 				return err
@@ -100,6 +113,7 @@ commits nothing, and the next run reuses what was already uploaded.`,
 	cmd.Flags().StringArrayVarP(&sources, "source", "s", nil, "disk image to read: [NAME=]PATH, a file, block device or - for stdin (repeatable)")
 	cmd.Flags().StringArrayVar(&tags, "tag", nil, "tag the generation (repeatable)")
 	cmd.Flags().StringVar(&at, "time", "", "record this time (RFC 3339) instead of now, e.g. for imports")
+	cmd.Flags().BoolVar(&all, "all", false, "back up every VM of the configuration file")
 	cmd.Flags().BoolVar(&sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum)")
 	return cmd
 }

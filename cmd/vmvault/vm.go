@@ -1,0 +1,310 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"vmvault/config"
+	"vmvault/quiesce"
+	"vmvault/repo"
+	"vmvault/snapshot"
+)
+
+// longBackup is when a running backup starts warning: the next night's
+// run is due.
+const longBackup = 24 * time.Hour
+
+// vmLock is a per-VM lock on this host, so overlapping cron runs of the
+// same VM exit at once instead of fighting over the snapshot.
+type vmLock struct{ f *os.File }
+
+func lockVM(dir, vm string) (*vmLock, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	path := filepath.Join(dir, "vm-"+vm+".lock")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		pid, _ := io.ReadAll(f)
+		f.Close()
+		return nil, withCode(exitLocked, fmt.Errorf("a backup of %s is already running (PID %s, lock %s)", vm, strings.TrimSpace(string(pid)), path))
+	}
+	f.Truncate(0)
+	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return &vmLock{f: f}, nil
+}
+
+func (l *vmLock) unlock() { l.f.Close() }
+
+// vmOutcome is what one configured VM's backup did, for the summary.
+type vmOutcome struct {
+	backupSummary
+	Status       string   `json:"status"` // ok, warning, failed
+	Error        string   `json:"error,omitempty"`
+	GuestHeld    float64  `json:"guest_held_seconds"`
+	SnapshotPeak float64  `json:"snapshot_peak_percent"`
+	Warnings     []string `json:"warnings,omitempty"`
+}
+
+func (o vmOutcome) line() string {
+	if o.Status == "failed" {
+		return fmt.Sprintf("%s: FAILED: %s", o.VM, o.Error)
+	}
+	s := fmt.Sprintf("%s: %s, %d disk(s), %s read, %s new (%s stored), %s, guest held %.1fs, snapshot peak %.0f %%, generation %s",
+		o.VM, o.Status, len(o.Disks), humanBytes(o.BytesRead), humanBytes(o.BytesNew), humanBytes(o.BytesStored),
+		time.Duration(o.Duration*float64(time.Second)).Round(10*time.Millisecond), o.GuestHeld, o.SnapshotPeak, o.ID[:8])
+	if len(o.Warnings) > 0 {
+		s += " (warnings: " + strings.Join(o.Warnings, "; ") + ")"
+	}
+	return s
+}
+
+// backupConfigured backs up VMs from the configuration file, each in
+// turn; one VM's failure does not stop the others.
+func (a *app) backupConfigured(ctx context.Context, names []string, all bool, tags []string, when time.Time) error {
+	if a.configPath == "" {
+		if _, err := os.Stat(config.DefaultPath); err != nil {
+			return withCode(exitUsage, fmt.Errorf("no --source given and no configuration file %s: give --source PATH or --config FILE", config.DefaultPath))
+		}
+	}
+	cfg, err := a.loadConfig(true)
+	if err != nil {
+		return err
+	}
+	if all {
+		names = cfg.VMNames()
+		if len(names) == 0 {
+			return fmt.Errorf("configuration %s lists no VMs", cfg.Path)
+		}
+	}
+	for _, n := range names {
+		if cfg.VMs[n] == nil {
+			return withCode(exitUsage, fmt.Errorf("VM %q is not in %s (configured: %s)", n, cfg.Path, strings.Join(cfg.VMNames(), ", ")))
+		}
+	}
+	r, err := a.openRepo(ctx)
+	if err != nil {
+		return err
+	}
+	defer r.Backend().Close()
+	defer r.Close()
+	var failed, warned int
+	var firstErr error
+	for _, n := range names {
+		o, err := a.backupVM(ctx, r, cfg.VMs[n], tags, when)
+		if err != nil {
+			if ctx.Err() != nil {
+				return err
+			}
+			failed++
+			if firstErr == nil {
+				firstErr = err
+			}
+			o = vmOutcome{Status: "failed", Error: oneLine(err)}
+			o.VM = n
+			a.log.Error("backup failed", "vm", n, "err", oneLine(err))
+		} else if len(o.Warnings) > 0 {
+			warned++
+		}
+		if a.jsonOut {
+			printJSON(a.stdout, o)
+		} else {
+			fmt.Fprintln(a.stderr, o.line())
+		}
+	}
+	switch {
+	case failed == len(names):
+		if len(names) == 1 {
+			return firstErr
+		}
+		return fmt.Errorf("all %d VM backups failed", failed)
+	case failed > 0:
+		return withCode(exitPartial, fmt.Errorf("%d of %d VM backups failed", failed, len(names)))
+	case warned > 0:
+		a.code = exitPartial
+	}
+	return nil
+}
+
+// backupVM runs the whole sequence for one VM: leftovers, quiesce,
+// snapshots, release, read, check, commit, cleanup.
+func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, tags []string, when time.Time) (vmOutcome, error) {
+	var out vmOutcome
+	log := a.log.With("vm", vm.Name)
+	cacheDir := a.cacheDir
+	if cacheDir == "" {
+		cacheDir = repo.DefaultCacheDir()
+	}
+	vl, err := lockVM(cacheDir, vm.Name)
+	if err != nil {
+		return out, err
+	}
+	defer vl.unlock()
+	lock, err := r.Lock(ctx, false, "backup "+vm.Name, a.retryLock)
+	if err != nil {
+		return out, err
+	}
+	defer lock.Unlock()
+	slow := time.AfterFunc(longBackup, func() {
+		log.Warn("backup has been running for more than 24 hours")
+	})
+	defer slow.Stop()
+
+	runner := snapshot.Exec{Sudo: vm.Sudo}
+	var snapDisks []snapshot.Disk
+	vgs := map[string]bool{}
+	for _, d := range vm.Disks {
+		if d.LV.IsZero() {
+			continue
+		}
+		snapDisks = append(snapDisks, snapshot.Disk{Name: d.Name, Origin: snapshot.LV{VG: d.LV.VG, Name: d.LV.Name}, Size: d.SnapshotSize})
+		vgs[d.LV.VG] = true
+	}
+	// Leftovers of a crashed run would make lvcreate fail (same name).
+	for vg := range vgs {
+		left, err := snapshot.FindLeftovers(ctx, runner, vg, vm.Name)
+		if err != nil {
+			return out, fmt.Errorf("VM %s: look for leftover snapshots: %w", vm.Name, err)
+		}
+		for _, lv := range left {
+			log.Warn("removing leftover snapshot of an earlier run", "lv", lv.String())
+			if err := snapshot.Remove(ctx, runner, lv); err != nil {
+				return out, fmt.Errorf("VM %s: remove leftover snapshot %s: %w", vm.Name, lv, err)
+			}
+		}
+	}
+
+	qcfg, err := quiesceConfig(vm, log)
+	if err != nil {
+		return out, err
+	}
+	q := quiesce.New(qcfg)
+	var set *snapshot.Set
+	var report quiesce.Report
+	if len(snapDisks) > 0 {
+		hold, err := q.Hold(ctx)
+		if err != nil {
+			return out, err
+		}
+		set, err = snapshot.CreateSet(ctx, runner, vm.Name, snapDisks)
+		report = hold.Release(ctx)
+		if err != nil {
+			return out, fmt.Errorf("VM %s: %w", vm.Name, err)
+		}
+		defer func() {
+			if err := set.RemoveAll(ctx); err != nil {
+				log.Error("removing snapshots failed: remove them by hand (lvremove)", "err", err)
+			}
+		}()
+		if report.Err != nil {
+			out.Warnings = append(out.Warnings, "release: "+oneLine(report.Err))
+		}
+		if report.Expired {
+			return out, fmt.Errorf("VM %s: the quiesce hold expired before the snapshots existed; they are not consistent", vm.Name)
+		}
+		log.Info("guest released", "held", report.Held.Round(time.Millisecond))
+	}
+	for _, d := range report.Databases {
+		if d.Status != quiesce.DBLocked {
+			out.Warnings = append(out.Warnings, fmt.Sprintf("database %s %s", d.Name, d.Status))
+		}
+	}
+
+	var sources []repo.DiskSource
+	for _, d := range vm.Disks {
+		var rd io.ReadCloser
+		var size int64
+		var desc string
+		if d.LV.IsZero() {
+			f, err := os.Open(d.Path)
+			if err != nil {
+				return out, fmt.Errorf("VM %s disk %s: %w", vm.Name, d.Name, err)
+			}
+			size, err = f.Seek(0, io.SeekEnd)
+			if err == nil {
+				_, err = f.Seek(0, io.SeekStart)
+			}
+			if err != nil {
+				f.Close()
+				return out, fmt.Errorf("VM %s disk %s: %w", vm.Name, d.Name, err)
+			}
+			rd, desc = f, d.Path
+		} else {
+			rd, size, err = set.Open(ctx, d.Name, d.File)
+			if err != nil {
+				return out, fmt.Errorf("VM %s disk %s: %w", vm.Name, d.Name, err)
+			}
+			desc = d.LV.String()
+			if d.File != "" {
+				desc += ":" + d.File
+			}
+		}
+		defer rd.Close()
+		sources = append(sources, repo.DiskSource{Name: d.Name, Source: desc, Reader: rd, Size: size})
+	}
+
+	var peak float64
+	m, err := r.Backup(ctx, repo.BackupRequest{VM: vm.Name, Time: when, Tags: tags, Disks: sources,
+		BeforeCommit: func(ctx context.Context) (json.RawMessage, error) {
+			rec := map[string]any{"quiesce": report}
+			if set != nil {
+				rep, err := set.Check(ctx)
+				if err != nil {
+					return nil, fmt.Errorf("VM %s: %w; nothing was committed", vm.Name, err)
+				}
+				peak = rep.Peak
+				if rep.Warn() {
+					log.Warn("snapshot was more than 80% full: raise snapshot_size", "peak_percent", rep.Peak)
+					out.Warnings = append(out.Warnings, fmt.Sprintf("snapshot %.0f%% full", rep.Peak))
+				}
+				rec["snapshots"] = rep
+			}
+			return json.Marshal(rec)
+		}})
+	if err != nil {
+		return out, fmt.Errorf("VM %s: %w", vm.Name, err)
+	}
+	out.backupSummary = summarize(m)
+	out.Status = "ok"
+	if len(out.Warnings) > 0 {
+		out.Status = "warning"
+	}
+	out.GuestHeld = report.Held.Seconds()
+	out.SnapshotPeak = peak
+	return out, nil
+}
+
+// quiesceConfig turns a VM's configuration into quiesce settings, reading
+// database password files.
+func quiesceConfig(vm *config.VM, log *slog.Logger) (quiesce.Config, error) {
+	qc := quiesce.Config{VM: vm.Name, Logger: log}
+	if g := vm.Guest; g != nil {
+		qc.Guest = &quiesce.GuestConfig{Addr: net.JoinHostPort(g.Host, strconv.Itoa(g.Port)), User: g.User, KeyFile: g.Key,
+			KnownHostsFile: g.KnownHosts, BeforeSnapshot: g.BeforeSnapshot, FreezeMounts: g.Freeze, FreezeTimeout: g.FreezeTimeout}
+	}
+	for _, d := range vm.Databases {
+		db := quiesce.Database{Name: d.Name, DSN: d.DSN, TLSCA: d.TLSCA, TLSCert: d.TLSCert, TLSKey: d.TLSKey, Required: d.Required}
+		if d.PasswordFile != "" {
+			pw, err := config.ReadSecretFile(d.PasswordFile)
+			if err != nil {
+				return qc, fmt.Errorf("VM %s database %s: %w", vm.Name, d.Name, err)
+			}
+			db.Password = pw
+		}
+		qc.Databases = append(qc.Databases, db)
+	}
+	return qc, nil
+}
