@@ -8,7 +8,9 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -35,6 +37,19 @@ func freezeScript(t *testing.T, dir, body string) (cmd, logFile string) {
 		t.Fatal(err)
 	}
 	return script, logFile
+}
+
+// killRecorded registers a cleanup that kills the processes whose PIDs a
+// guest command wrote to pidFile: a timed-out command is orphaned in the
+// "guest" (this machine) and would otherwise outlive the test.
+func killRecorded(t *testing.T, pidFile string) {
+	t.Cleanup(func() {
+		for _, f := range strings.Fields(readFile(t, pidFile)) {
+			if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
 }
 
 func readFile(t *testing.T, path string) string {
@@ -146,7 +161,9 @@ func TestFreezeFailureThawsAndUnlocks(t *testing.T) {
 func TestFreezeTimeoutThaws(t *testing.T) {
 	s := testsshd.Start(t, testsshd.Options{})
 	dir := t.TempDir()
-	freeze, freezeLog := freezeScript(t, dir, `[ "$1" = -f ] && sleep 30; exit 0`)
+	pids := filepath.Join(dir, "pids")
+	killRecorded(t, pids)
+	freeze, freezeLog := freezeScript(t, dir, `[ "$1" = -f ] && { echo $$ >> `+pids+`; sleep 30 & echo $! >> `+pids+`; wait; }; exit 0`)
 	g := guestConfig(s)
 	g.FreezeMounts = []string{"/srv/a"}
 	g.FreezeCommand = freeze
@@ -264,7 +281,9 @@ func TestCancelDuringBeforeSnapshot(t *testing.T) {
 	started := filepath.Join(dir, "started")
 	marker := filepath.Join(dir, "after-ran")
 	g := guestConfig(s)
-	g.BeforeSnapshot = []string{"touch " + started + "; sleep 30"}
+	pids := filepath.Join(dir, "pids")
+	killRecorded(t, pids)
+	g.BeforeSnapshot = []string{"echo $$ > " + pids + "; sleep 30 & echo $! >> " + pids + "; touch " + started + "; wait"}
 	g.AfterSnapshot = []string{"touch " + marker}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	defer cancel(nil)
