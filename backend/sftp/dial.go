@@ -266,9 +266,11 @@ func (c *conn) alive() bool {
 	}
 }
 
+// close drops the SSH connection first: sftp.Client.Close waits for its
+// reader, which on a hung link only returns once the transport is gone.
 func (c *conn) close() {
-	c.sftp.Close()
 	c.ssh.Close()
+	c.sftp.Close()
 }
 
 // dial opens one connection. The whole handshake is bounded by ctx and
