@@ -194,21 +194,28 @@ func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, t
 	q := quiesce.New(qcfg)
 	var set *snapshot.Set
 	var report quiesce.Report
-	if len(snapDisks) > 0 {
+	// Quiesce whenever there is something to quiesce or to snapshot; for
+	// plain-path disks the hold still flushes the guest and records the
+	// databases' state.
+	if len(snapDisks) > 0 || vm.Guest != nil || len(vm.Databases) > 0 {
 		hold, err := q.Hold(ctx)
 		if err != nil {
 			return out, err
 		}
-		set, err = snapshot.CreateSet(ctx, runner, vm.Name, snapDisks)
+		if len(snapDisks) > 0 {
+			set, err = snapshot.CreateSet(ctx, runner, vm.Name, snapDisks)
+		}
 		report = hold.Release(ctx)
 		if err != nil {
 			return out, fmt.Errorf("VM %s: %w", vm.Name, err)
 		}
-		defer func() {
-			if err := set.RemoveAll(ctx); err != nil {
-				log.Error("removing snapshots failed: remove them by hand (lvremove)", "err", err)
-			}
-		}()
+		if set != nil {
+			defer func() {
+				if err := set.RemoveAll(ctx); err != nil {
+					log.Error("removing snapshots failed: remove them by hand (lvremove)", "err", err)
+				}
+			}()
+		}
 		if report.Err != nil {
 			out.Warnings = append(out.Warnings, "release: "+oneLine(report.Err))
 		}
