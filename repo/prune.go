@@ -280,6 +280,10 @@ func (r *Repository) Prune(ctx context.Context, dryRun bool, exclude map[string]
 		}
 		st.TempRemoved = n
 	}
+	// Stale locks and the released markers append-only clients leave.
+	if _, err := r.RemoveLocks(ctx, false); err != nil {
+		r.log.Warn("removing stale locks failed", "err", err)
+	}
 	// The local cache is now stale; drop it so the next open rebuilds.
 	if r.idx != nil {
 		r.idx.Close()

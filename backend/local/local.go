@@ -38,10 +38,19 @@ func Open(dir string) (*Backend, error) {
 	return &Backend{root: abs}, nil
 }
 
-// Create makes dir (and parents) for a new repository and returns a backend.
+// Create makes dir (and parents) for a new repository, with its fixed
+// layout of directories (so that an append-only SFTP account, which cannot
+// usefully create directories, can later write into it), and returns a
+// backend.
 func Create(dir string) (*Backend, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("create repository directory: %w", err)
+	dirs := []string{"keys", "index", "manifests", "locks", "data"}
+	for i := range 256 {
+		dirs = append(dirs, fmt.Sprintf("data/%02x", i))
+	}
+	for _, d := range append([]string{""}, dirs...) {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
+			return nil, fmt.Errorf("create repository directory: %w", err)
+		}
 	}
 	return Open(dir)
 }

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"vmvault/internal/testsshd"
+)
+
+// sftpEnv points an env at an SFTP URL served by a real sshd.
+func sftpArgs(srv *testsshd.Server, path string, e *env) []string {
+	return []string{"--repo", fmt.Sprintf("sftp://%s@%s%s", srv.User, srv.Addr, path), "--ssh-key", srv.ClientKeyFile,
+		"--known-hosts", srv.KnownHostsFile, "--password-file", e.pw, "--cache-dir", e.cache}
+}
+
+func runArgs(stdin io.Reader, args ...string) result {
+	var out, errb bytes.Buffer
+	code := run(context.Background(), args, stdin, &out, &errb)
+	return result{code, out.String(), errb.String()}
+}
+
+func TestSFTPRoundTripAndServerKilled(t *testing.T) {
+	e := newEnv(t) // a local repo we ignore; gives dirs and a password file
+	srv := testsshd.Start(t, testsshd.Options{})
+	repoDir := filepath.Join(e.dir, "sftp-repo")
+	base := sftpArgs(srv, repoDir, e)
+	if r := runArgs(nil, append(base, "init", "--kdf-params", "t=1,m=8192,p=1", "--segment-size", "4194304")...); r.code != 0 {
+		t.Fatalf("init over sftp: %d %s", r.code, r.stderr)
+	}
+	img := writeImage(t, filepath.Join(e.dir, "img"), 21, 48<<20)
+
+	// Feed the backup through a pipe; kill sshd once objects arrive.
+	pr, pw := io.Pipe()
+	done := make(chan result, 1)
+	go func() { done <- runArgs(pr, append(base, "backup", "vm01", "--source", "-")...) }()
+	go func() {
+		pw.Write(img[:32<<20])
+		deadline := time.Now().Add(30 * time.Second)
+		for countObjects(repoDir) < 5 && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		srv.Stop()
+		pw.Write(img[32<<20:])
+		pw.Close()
+	}()
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(3 * time.Minute):
+		t.Fatal("backup did not give up after sshd died")
+	}
+	if r.code == 0 {
+		t.Fatalf("backup succeeded although sshd was killed: %s", r.stderr)
+	}
+	arrived := countObjects(repoDir)
+	srv.Restart()
+	r = runArgs(nil, append(base, "snapshots", "--json")...)
+	if r.code != 0 || strings.TrimSpace(r.stdout) != "[]" {
+		t.Fatalf("after the failed backup: %d %q %s", r.code, r.stdout, r.stderr)
+	}
+	r = runArgs(nil, append(base, "backup", "vm01", "--source", filepath.Join(e.dir, "img"), "--json")...)
+	if r.code != 0 {
+		t.Fatalf("rerun: %s", r.stderr)
+	}
+	var s backupSummary
+	json.Unmarshal([]byte(r.stdout), &s)
+	if arrived > 0 && s.ObjectsFound == 0 {
+		t.Fatalf("rerun re-uploaded everything (%d objects had arrived): %+v", arrived, s)
+	}
+	r = runArgs(nil, append(base, "restore", "vm01", "latest")...)
+	if r.code != 0 || sum([]byte(r.stdout)) != sum(img) {
+		t.Fatalf("restore over sftp: %d %s", r.code, r.stderr)
+	}
+	if r = runArgs(nil, append(base, "check", "--read-data")...); r.code != 0 {
+		t.Fatalf("check over sftp: %s", r.stderr)
+	}
+	// Unknown host key: refused, with the fingerprint.
+	empty := filepath.Join(e.dir, "empty_known_hosts")
+	os.WriteFile(empty, nil, 0o600)
+	args := append(append([]string{}, base...), "--known-hosts", empty, "snapshots")
+	if r = runArgs(nil, args...); r.code == 0 || !strings.Contains(r.stderr, srv.HostKeyFingerprint) {
+		t.Fatalf("unknown host key: %d %s", r.code, r.stderr)
+	}
+}
+
+func TestSFTPAppendOnly(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("the append-only test needs root (chroot owned by root, sshd as another user); run the suite as root")
+	}
+	if _, err := user.Lookup("backup"); err != nil {
+		t.Fatal("the append-only test needs the Debian user 'backup'")
+	}
+	e := newEnv(t)
+	// A root-owned chroot under /srv (not /tmp: every path component must
+	// be root-owned and not group/world-writable).
+	chroot, err := os.MkdirTemp("/srv", "vmvault-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(chroot) })
+	os.Chmod(chroot, 0o755)
+	// The admin initialises the repository on the server (local path) and
+	// hands it to the account, as docs/server.md says.
+	repoDir := filepath.Join(chroot, "repo")
+	if r := runArgs(nil, "--repo", repoDir, "--password-file", e.pw, "--cache-dir", e.cache, "init", "--kdf-params", "t=1,m=8192,p=1", "--segment-size", "4194304"); r.code != 0 {
+		t.Fatalf("init: %s", r.stderr)
+	}
+	if out, err := exec.Command("chown", "-R", "backup:backup", repoDir).CombinedOutput(); err != nil {
+		t.Fatalf("chown: %v %s", err, out)
+	}
+	srv := testsshd.Start(t, testsshd.Options{User: "backup", Config: []string{
+		"Match User backup",
+		"  ChrootDirectory " + chroot,
+		"  ForceCommand internal-sftp -P remove,rmdir,rename,posix-rename,setstat,fsetstat,lsetstat,symlink -u 0222",
+	}})
+	base := sftpArgs(srv, "/repo", e)
+	img := writeImage(t, filepath.Join(e.dir, "img"), 22, 9<<20)
+	if r := runArgs(nil, append(base, "backup", "vm01", "--source", filepath.Join(e.dir, "img"))...); r.code != 0 {
+		t.Fatalf("backup on the append-only account: %s", r.stderr)
+	}
+	img2 := append(bytes.Clone(img[:4<<20]), bytes.Repeat([]byte{9}, 5<<20)...)
+	os.WriteFile(filepath.Join(e.dir, "img2"), img2, 0o600)
+	if r := runArgs(nil, append(base, "backup", "vm01", "--source", filepath.Join(e.dir, "img2"))...); r.code != 0 {
+		t.Fatalf("second backup on the append-only account: %s", r.stderr)
+	}
+	r := runArgs(nil, append(base, "snapshots", "--json")...)
+	var gens []generationJSON
+	json.Unmarshal([]byte(r.stdout), &gens)
+	if len(gens) != 2 {
+		t.Fatalf("%d generations: %s", len(gens), r.stderr)
+	}
+	if r = runArgs(nil, append(base, "restore", "vm01", gens[0].ID)...); r.code != 0 || sum([]byte(r.stdout)) != sum(img) {
+		t.Fatalf("restore from the append-only account: %d %s", r.code, r.stderr)
+	}
+	for _, cmd := range [][]string{{"prune", "--keep-last", "1"}, {"forget", "--keep-last", "1"}, {"unlock"}} {
+		r = runArgs(nil, append(base, cmd...)...)
+		if r.code == 0 || !strings.Contains(r.stderr, "append-only") || !strings.Contains(r.stderr, "on the backup server") {
+			t.Fatalf("%v on the append-only account: exit %d %s", cmd, r.code, r.stderr)
+		}
+	}
+	// Nothing was removed by the refused commands.
+	r = runArgs(nil, append(base, "snapshots", "--json")...)
+	json.Unmarshal([]byte(r.stdout), &gens)
+	if len(gens) != 2 {
+		t.Fatalf("refused prune removed generations: %d left", len(gens))
+	}
+	// On the server, against the local path: prune works, then the
+	// account still backs up and restores.
+	local := []string{"--repo", repoDir, "--password-file", e.pw, "--cache-dir", filepath.Join(e.dir, "server-cache")}
+	if r = runArgs(nil, append(local, "prune", "--keep-last", "1")...); r.code != 0 {
+		t.Fatalf("server-side prune: %s", r.stderr)
+	}
+	exec.Command("chown", "-R", "backup:backup", repoDir).Run()
+	if r = runArgs(nil, append(local, "check", "--read-data")...); r.code != 0 {
+		t.Fatalf("server-side check: %s", r.stderr)
+	}
+	if r = runArgs(nil, append(base, "restore", "vm01", "latest")...); r.code != 0 || sum([]byte(r.stdout)) != sum(img2) {
+		t.Fatalf("restore after server-side prune: %d %s", r.code, r.stderr)
+	}
+}
