@@ -49,7 +49,7 @@ while [ $# -gt 0 ]; do
 	--workdir) workdir=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
 	--cache) cache=$2; shift 2 ;;
-	--rebuild) rebuild=--rebuild; shift ;;
+	--rebuild) rebuild=1; shift ;;
 	-h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
 	*) echo "compare: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 	esac
@@ -100,7 +100,10 @@ fi
 mkdir -p "$workdir/logs" "$workdir/time"
 
 # --- Images. ---
-mk=(--size "$size" --cache "$cache" $rebuild)
+mk=(--size "$size" --cache "$cache")
+if [ -n "$rebuild" ]; then
+	mk+=(--rebuild)
+fi
 if [ -n "$quick" ]; then
 	mk+=(--packages "" --random-mib 48 --log-mib 16 --db-mib 8 --tar-usr no)
 fi
@@ -202,7 +205,9 @@ val() { # val TOOL STEP FIELD(wall|cpu|rss|grew)
 	grew) cat "$f.grew" ;;
 	esac
 }
-mib() { [ "$1" = - ] && echo - || awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+mib() {
+	if [ "$1" = - ]; then echo -; else awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; fi
+}
 ratio() { [ "$1" = - ] || [ "$2" = - ] && { echo -; return; }; awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 target() { # target STEP FIELD -> the target ratio, or empty
 	case "$1/$2" in
@@ -210,7 +215,10 @@ target() { # target STEP FIELD -> the target ratio, or empty
 	esac
 }
 verdict() { # verdict RATIO TARGET
-	[ -n "$2" ] && [ "$1" != - ] || { echo ""; return; }
+	if [ -z "$2" ] || [ "$1" = - ]; then
+		echo ""
+		return
+	fi
 	awk -v r="$1" -v t="$2" 'BEGIN { print (r <= t ? "met (<= " t ")" : "missed (<= " t ")") }'
 }
 

@@ -132,11 +132,12 @@ backup() {
 	info "snapshot ${id:0:8}: read $(human "$read"), new data $(human "$new")," \
 		"stored $(human "$stored") (after dedup + zstd + encryption) in $(printf '%.2f' "$secs") s"
 	info "repository now $(human "$(du -sb "$VMVAULT_REPOSITORY" | cut -f1)")"
-	eval "id_$n=\$id"
+	last_id=$id
 }
 
 step "Back up the image (first generation: everything is new)"
 backup 1
+id_1=$last_id
 
 step "Next day: change files inside the image with debugfs -w"
 seq 1 5000 | sed 's/^/Jan  2 00:00:00 demo-vm app[42]: request served, id=/' >"$out/app2.log"
