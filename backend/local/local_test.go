@@ -1,0 +1,189 @@
+package local
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+
+	"vmvault/backend"
+)
+
+func newBackend(t *testing.T) (*Backend, string) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "repo")
+	b, err := Create(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b, dir
+}
+
+func TestPutGetListDelete(t *testing.T) {
+	ctx := context.Background()
+	b, dir := newBackend(t)
+	if _, err := os.Stat(filepath.Join(dir, "data", "ff")); err != nil {
+		t.Fatal("Create did not lay out data/ff:", err)
+	}
+	objs := map[string][]byte{"data/ab/abcd": []byte("chunk"), "data/ab/abce": []byte("other"), "index/1": []byte("idx"), "config": []byte("cfg"), "locks/x": nil}
+	for n, d := range objs {
+		if err := b.Put(ctx, n, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := b.Get(ctx, "data/ab/abcd", 0, -1)
+	if err != nil || string(got) != "chunk" {
+		t.Fatalf("Get = %q %v", got, err)
+	}
+	got, _ = b.Get(ctx, "data/ab/abcd", 1, 3)
+	if string(got) != "hun" {
+		t.Fatalf("range Get = %q", got)
+	}
+	if _, err := b.Get(ctx, "data/ab/abcd", 2, 10); err == nil {
+		t.Fatal("range beyond the end succeeded")
+	}
+	if _, err := b.Get(ctx, "data/00/none", 0, -1); !errors.Is(err, backend.ErrNotExist) {
+		t.Fatalf("missing Get: %v", err)
+	}
+	if st, err := b.Stat(ctx, "index/1"); err != nil || st.Size != 3 {
+		t.Fatalf("Stat = %+v %v", st, err)
+	}
+	var names []string
+	b.List(ctx, "data/", func(o backend.ObjectInfo) error { names = append(names, o.Name); return nil })
+	sort.Strings(names)
+	if strings.Join(names, ",") != "data/ab/abcd,data/ab/abce" {
+		t.Fatalf("List data/ = %v", names)
+	}
+	names = nil
+	b.List(ctx, "locks/", func(o backend.ObjectInfo) error { names = append(names, o.Name); return nil })
+	if len(names) != 1 {
+		t.Fatalf("List locks/ = %v", names)
+	}
+	if err := b.Delete(ctx, "index/1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Delete(ctx, "index/1"); !errors.Is(err, backend.ErrNotExist) {
+		t.Fatalf("second Delete: %v", err)
+	}
+	for _, bad := range []string{"../x", "/etc/passwd", "data/../../x", ""} {
+		if err := b.Put(ctx, bad, nil); err == nil {
+			t.Errorf("Put(%q) accepted", bad)
+		}
+	}
+}
+
+// An object is never replaced, even by concurrent writers of one name.
+func TestNeverOverwrite(t *testing.T) {
+	ctx := context.Background()
+	b, dir := newBackend(t)
+	if err := b.Put(ctx, "data/00/x", []byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Put(ctx, "data/00/x", []byte("second")); !errors.Is(err, backend.ErrExist) {
+		t.Fatalf("overwrite: %v", err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	wins := 0
+	for i := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := b.Put(ctx, "data/00/race", bytes.Repeat([]byte{byte(i)}, 1<<16))
+			if err == nil {
+				mu.Lock()
+				wins++
+				mu.Unlock()
+			} else if !errors.Is(err, backend.ErrExist) {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if wins != 1 {
+		t.Fatalf("%d writers succeeded on one name", wins)
+	}
+	got, _ := b.Get(ctx, "data/00/race", 0, -1)
+	for _, c := range got {
+		if c != got[0] {
+			t.Fatal("object mixes two writers' bytes")
+		}
+	}
+	if tmp, _ := filepath.Glob(filepath.Join(dir, "data", "00", tmpPrefix+"*")); len(tmp) != 0 {
+		t.Fatalf("temporary files left: %v", tmp)
+	}
+}
+
+// A full disk is a clear error and leaves no object visible.
+func TestFullDisk(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test mounts a small tmpfs and needs root")
+	}
+	mnt := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
+	ctx := context.Background()
+	b, err := Create(filepath.Join(mnt, "repo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = b.Put(ctx, "data/00/big", make([]byte, 2<<20))
+	if err == nil || !strings.Contains(err.Error(), "no space left") {
+		t.Fatalf("Put on a full disk: %v", err)
+	}
+	if _, err := b.Stat(ctx, "data/00/big"); !errors.Is(err, backend.ErrNotExist) {
+		t.Fatalf("half-written object visible: %v", err)
+	}
+	if tmp, _ := filepath.Glob(filepath.Join(mnt, "repo", "data", "00", tmpPrefix+"*")); len(tmp) != 0 {
+		t.Fatalf("temporary files left: %v", tmp)
+	}
+	// Space is back: the same name can be written.
+	if err := b.Put(ctx, "data/00/big", make([]byte, 100)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A read-only directory is a clear error (as a non-root user) — as root,
+// a read-only bind of the directory is the same refusal.
+func TestReadOnlyDirectory(t *testing.T) {
+	ctx := context.Background()
+	b, dir := newBackend(t)
+	if os.Geteuid() == 0 {
+		if out, err := exec.Command("mount", "--bind", "-o", "ro", dir, dir).CombinedOutput(); err != nil {
+			t.Fatalf("read-only bind mount: %v %s", err, out)
+		}
+		t.Cleanup(func() { exec.Command("umount", dir).Run() })
+		// Some kernels need a remount for ro to take effect on a bind.
+		exec.Command("mount", "-o", "remount,bind,ro", dir).Run()
+	} else {
+		os.Chmod(filepath.Join(dir, "data", "00"), 0o500)
+	}
+	err := b.Put(ctx, "data/00/x", []byte("x"))
+	if err == nil || !(strings.Contains(err.Error(), "read-only") || strings.Contains(err.Error(), "permission denied")) {
+		t.Fatalf("Put into a read-only directory: %v", err)
+	}
+	if _, err := b.Stat(ctx, "data/00/x"); !errors.Is(err, backend.ErrNotExist) {
+		t.Fatal("object visible after a failed Put")
+	}
+}
+
+func TestRemoveTemporary(t *testing.T) {
+	b, dir := newBackend(t)
+	os.WriteFile(filepath.Join(dir, "data", "00", tmpPrefix+"123"), []byte("partial"), 0o600)
+	b.Put(context.Background(), "data/00/keep", []byte("k"))
+	n, err := b.RemoveTemporary(context.Background())
+	if err != nil || n != 1 {
+		t.Fatalf("RemoveTemporary = %d, %v", n, err)
+	}
+	if _, err := b.Stat(context.Background(), "data/00/keep"); err != nil {
+		t.Fatal("RemoveTemporary removed an object")
+	}
+}
