@@ -129,25 +129,15 @@ func (r *Repository) finishIndex(ctx context.Context, ix *Index, names map[strin
 		}
 	}
 	ix.db = db
-	for n := range names {
-		if known[n] {
-			continue
-		}
-		entries, err := r.loadIndexObject(ctx, n)
-		if err != nil {
-			if ctx.Err() != nil {
-				ix.Close()
-				return nil, ctx.Err()
-			}
-			// A damaged index object only costs deduplication: its
-			// objects are uploaded again (and found present). check
-			// reports it.
-			r.log.Warn("skipping unreadable index object", "name", n, "err", err)
-			continue
-		}
+	err := r.loadMissingIndex(ctx, names, known, func(_ string, entries []IndexEntry) error {
 		for _, e := range entries {
 			ix.mem[e.ID] = e
 		}
+		return nil
+	})
+	if err != nil {
+		ix.Close()
+		return nil, err
 	}
 	r.idx = ix
 	return ix, nil
@@ -206,6 +196,24 @@ func (r *Repository) syncCache(ctx context.Context, path string, names map[strin
 	if err != nil {
 		return err
 	}
+	return r.loadMissingIndex(ctx, names, known, func(n string, entries []IndexEntry) error {
+		return db.Update(func(tx *bolt.Tx) error {
+			objs := tx.Bucket(bucketObjects)
+			for _, e := range entries {
+				if err := objs.Put(e.ID[:], encodeEntryValue(e)); err != nil {
+					return err
+				}
+			}
+			return tx.Bucket(bucketFiles).Put([]byte(n), nil)
+		})
+	})
+}
+
+// loadMissingIndex calls fn with the entries of every index object in
+// names that is not in known. A damaged index object only costs
+// deduplication (its objects are uploaded again and found present), so it
+// is skipped with a warning; check reports it.
+func (r *Repository) loadMissingIndex(ctx context.Context, names, known map[string]bool, fn func(string, []IndexEntry) error) error {
 	for n := range names {
 		if known[n] {
 			continue
@@ -218,16 +226,7 @@ func (r *Repository) syncCache(ctx context.Context, path string, names map[strin
 			r.log.Warn("skipping unreadable index object", "name", n, "err", err)
 			continue
 		}
-		err = db.Update(func(tx *bolt.Tx) error {
-			objs := tx.Bucket(bucketObjects)
-			for _, e := range entries {
-				if err := objs.Put(e.ID[:], encodeEntryValue(e)); err != nil {
-					return err
-				}
-			}
-			return tx.Bucket(bucketFiles).Put([]byte(n), nil)
-		})
-		if err != nil {
+		if err := fn(n, entries); err != nil {
 			return err
 		}
 	}
