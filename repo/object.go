@@ -99,7 +99,9 @@ func (c *codec) seal(t ObjectType, name string, payload []byte) []byte {
 	comp := byte(compressNone)
 	body := payload
 	if len(payload) > 64 {
-		z := c.enc.EncodeAll(payload, make([]byte, 0, len(payload)/2))
+		// Room for the worst case, so incompressible data is not copied
+		// again while the output grows.
+		z := c.enc.EncodeAll(payload, make([]byte, 0, len(payload)+len(payload)/128+64))
 		// Keep the compressed form only if it saves at least 1/32: the
 		// decode cost of barely-compressible data is not worth it.
 		if len(z) < len(payload)-len(payload)/32 {
