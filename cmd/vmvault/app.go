@@ -38,12 +38,17 @@ type app struct {
 	verbose          int
 	quiet            bool
 	logFormat        string
+	syslog           bool
+	syslogSocket     string
 	retryLock        time.Duration
 	configPath       string
+	metricsFile      string
 
 	cfg *config.Config // loaded configuration, if any
 
-	log *slog.Logger
+	log      *slog.Logger // stderr, and syslog when enabled
+	sys      *slog.Logger // syslog only (nil when off): summaries already printed on stderr
+	closeLog func()
 }
 
 func (a *app) rootCommand() *cobra.Command {
@@ -81,34 +86,56 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 	f.CountVarP(&a.verbose, "verbose", "v", "more log output (repeat for debug)")
 	f.BoolVarP(&a.quiet, "quiet", "q", false, "only errors and warnings")
 	f.StringVar(&a.logFormat, "log-format", "text", "log format on stderr: text or json")
+	f.BoolVar(&a.syslog, "syslog", false, "also log to the local syslog (journald, /var/log/syslog); config: [log] syslog = true")
+	f.StringVar(&a.syslogSocket, "syslog-socket", "", "syslog socket instead of /dev/log (for tests)")
+	f.MarkHidden("syslog-socket")
 	f.StringVarP(&a.configPath, "config", "c", os.Getenv("VMVAULT_CONFIG"), "configuration file (env VMVAULT_CONFIG; default "+config.DefaultPath+" if it exists)")
 	f.DurationVar(&a.retryLock, "retry-lock", 0, "wait up to this long for a locked repository (e.g. 10m)")
 	root.AddCommand(a.initCommand(), a.backupCommand(), a.snapshotsCommand(), a.restoreCommand(),
 		a.checkCommand(), a.keyCommand(), a.versionCommand(),
-		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand(), a.configCommand())
+		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand(), a.configCommand(), a.docsCommand())
+	// Before the built-in commands exist: completion captures the writer.
+	root.SetIn(a.stdin)
+	root.SetOut(a.stdout)
+	root.SetErr(a.stderr)
+	addBuiltinCommands(root)
 	return root
 }
 
 func (a *app) setup() error {
-	level := slog.LevelInfo
+	s := logSetup{format: a.logFormat, stderrLevel: slog.LevelInfo, syslog: a.syslog, syslogLevel: slog.LevelInfo, socket: a.syslogSocket}
+	// The configuration's [log] section. A file that does not load is
+	// reported by the command that needs it (or checked by config check).
+	if cfg, err := a.loadConfig(false); err == nil && cfg != nil {
+		s.stderrLevel, s.syslogLevel = cfg.Log.Level, cfg.Log.Level
+		s.syslog = s.syslog || cfg.Log.Syslog
+	}
+	// -q quiets the terminal (and cron mail) only; syslog keeps its level.
 	switch {
 	case a.quiet:
-		level = slog.LevelWarn
+		s.stderrLevel = slog.LevelWarn
 	case a.verbose >= 2:
-		level = slog.LevelDebug - 4
+		s.stderrLevel, s.syslogLevel = slog.LevelDebug-4, slog.LevelDebug-4
 	case a.verbose == 1:
-		level = slog.LevelDebug
+		s.stderrLevel, s.syslogLevel = min(s.stderrLevel, slog.LevelDebug), min(s.syslogLevel, slog.LevelDebug)
 	}
-	opts := &slog.HandlerOptions{Level: level}
-	switch a.logFormat {
-	case "text":
-		a.log = slog.New(slog.NewTextHandler(a.stderr, opts))
-	case "json":
-		a.log = slog.New(slog.NewJSONHandler(a.stderr, opts))
-	default:
-		return withCode(exitUsage, fmt.Errorf("--log-format must be text or json, not %q", a.logFormat))
+	log, sys, closer, err := newLogger(a.stderr, s)
+	if err != nil {
+		return err
 	}
+	a.log, a.sys, a.closeLog = log, sys, closer
 	return nil
+}
+
+// report prints a run's summary line on stderr (unless -q and all went
+// well) and sends it to syslog when that is on.
+func (a *app) report(level slog.Level, line string) {
+	if !a.jsonOut && (!a.quiet || level >= slog.LevelWarn) {
+		fmt.Fprintln(a.stderr, line)
+	}
+	if a.sys != nil {
+		a.sys.Log(context.Background(), level, line)
+	}
 }
 
 // openBackend connects to the repository location.
@@ -227,6 +254,7 @@ func (a *app) openRepo(ctx context.Context) (*repo.Repository, error) {
 		}
 		return nil, err
 	}
+	a.log.Debug("opened repository", "location", be.Location(), "id", r.Config().ID[:8])
 	return r, nil
 }
 

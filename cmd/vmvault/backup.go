@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -39,12 +40,6 @@ func summarize(m *repo.Manifest) backupSummary {
 		s.Disks = append(s.Disks, d.Name)
 	}
 	return s
-}
-
-func (s backupSummary) line() string {
-	return fmt.Sprintf("%s: ok, %d disk(s), %s read, %s new (%s stored), %s, generation %s",
-		s.VM, len(s.Disks), humanBytes(s.BytesRead), humanBytes(s.BytesNew), humanBytes(s.BytesStored),
-		time.Duration(s.Duration*float64(time.Second)).Round(10*time.Millisecond), s.ID[:8])
 }
 
 func (a *app) backupCommand() *cobra.Command {
@@ -91,31 +86,40 @@ commits nothing, and the next run reuses what was already uploaded.`,
 				return withCode(exitUsage, fmt.Errorf("--all and --source exclude each other"))
 			}
 			vm := args[0]
-			disks, closeAll, err := a.openSources(sources)
-			if err != nil {
-				return err
+			start := time.Now()
+			err := a.backupSources(cmd.Context(), vm, sources, tags, when, sha)
+			if err != nil && cmd.Context().Err() == nil {
+				a.recordFailure(vm, err, start)
 			}
-			defer closeAll()
-			return a.withRepo(cmd.Context(), false, "backup "+vm, func(r *repo.Repository) error {
-				m, err := r.Backup(cmd.Context(), repo.BackupRequest{VM: vm, Time: when, Tags: tags, Disks: disks, SHA256: sha})
-				if err != nil {
-					return fmt.Errorf("backup %s: %w", vm, err)
-				}
-				s := summarize(m)
-				if a.jsonOut {
-					return printJSON(a.stdout, s)
-				}
-				fmt.Fprintln(a.stderr, s.line())
-				return nil
-			})
+			return err
 		},
 	}
 	cmd.Flags().StringArrayVarP(&sources, "source", "s", nil, "disk image to read: [NAME=]PATH, a file, block device or - for stdin (repeatable)")
 	cmd.Flags().StringArrayVar(&tags, "tag", nil, "tag the generation (repeatable)")
 	cmd.Flags().StringVar(&at, "time", "", "record this time (RFC 3339) instead of now, e.g. for imports")
 	cmd.Flags().BoolVar(&all, "all", false, "back up every VM of the configuration file")
+	cmd.Flags().StringVar(&a.metricsFile, "metrics-file", os.Getenv("VMVAULT_METRICS_FILE"), "after each VM, update this Prometheus textfile-collector file (env VMVAULT_METRICS_FILE)")
 	cmd.Flags().BoolVar(&sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum)")
 	return cmd
+}
+
+// backupSources backs up --source images as one generation of vm.
+func (a *app) backupSources(ctx context.Context, vm string, sources, tags []string, when time.Time, sha bool) error {
+	disks, closeAll, err := a.openSources(sources)
+	if err != nil {
+		return err
+	}
+	defer closeAll()
+	return a.withRepo(ctx, false, "backup "+vm, func(r *repo.Repository) error {
+		progress, progressDone := a.progress(vm, disks)
+		m, err := r.Backup(ctx, repo.BackupRequest{VM: vm, Time: when, Tags: tags, Disks: disks, SHA256: sha, Progress: progress})
+		progressDone()
+		if err != nil {
+			return fmt.Errorf("backup %s: %w", vm, err)
+		}
+		a.finishVM(vmOutcome{backupSummary: summarize(m), Status: "ok"})
+		return nil
+	})
 }
 
 // openSources opens every --source and returns the disks and a closer.

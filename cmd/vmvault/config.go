@@ -49,8 +49,9 @@ func (a *app) loadConfig(required bool) (*config.Config, error) {
 func (a *app) configCommand() *cobra.Command {
 	var noFiles bool
 	cmd := &cobra.Command{
-		Use:   "config",
-		Short: "Work with the configuration file",
+		Use:     "config",
+		Short:   "Work with the configuration file",
+		Example: "  vmvault config check",
 	}
 	check := &cobra.Command{
 		Use:   "check",

@@ -74,13 +74,27 @@ disk.hda = { path = %q }
 	os.WriteFile(cfgFile, []byte(cfgText), 0o600)
 	os.WriteFile(filepath.Join(e.dir, "vm04.raw"), img2, 0o600)
 
+	// Every run logs at debug level to stderr and syslog and writes the
+	// metrics file; no secret may appear in any of them.
+	sink := newSyslogSink(t)
+	prom := filepath.Join(e.dir, "vmvault.prom")
+	var syslogged []syslogMsg
 	runCfg := func(args ...string) result {
 		var out, errb strings.Builder
-		code := run(ctx, append([]string{"--config", cfgFile}, args...), nil, &out, &errb)
+		full := append([]string{"--config", cfgFile, "-vv", "--syslog", "--syslog-socket", sink.path}, args...)
+		full = append(full, "--metrics-file", prom)
+		code := run(ctx, full, nil, &out, &errb)
 		r := result{code, out.String(), errb.String()}
+		msgs := sink.take()
+		syslogged = append(syslogged, msgs...)
+		metrics, _ := os.ReadFile(prom)
+		all := r.stdout + r.stderr + string(metrics)
+		for _, m := range msgs {
+			all += m.text + "\n"
+		}
 		for _, secret := range []string{dbPassword, "wrong-Pa55-xyz", "correct horse"} {
-			if strings.Contains(r.stdout+r.stderr, secret) {
-				t.Fatalf("a secret leaked into the output of %v", args)
+			if strings.Contains(all, secret) {
+				t.Fatalf("a secret leaked into the output, syslog or metrics of %v", args)
 			}
 		}
 		return r
@@ -97,6 +111,15 @@ disk.hda = { path = %q }
 	}
 	if o.Status != "warning" || len(o.Warnings) != 1 || !strings.Contains(o.Warnings[0], "stats down") || o.BytesRead != int64(len(img1)) {
 		t.Fatalf("vm01 outcome %+v", o)
+	}
+	if m, ok := findMsg(syslogged, "vm01: warning"); !ok || m.pri != priWarning {
+		t.Fatalf("vm01's summary in syslog: %v %+v", ok, m)
+	}
+	if got := parseMetricsFile(t, prom)["vmvault_backup_last_status"]["vm01"]; got != metricWarning {
+		t.Fatalf("vm01 metrics status %v, want %d", got, metricWarning)
+	}
+	if o.GuestHeld <= 0 {
+		t.Fatalf("guest hold not reported: %+v", o)
 	}
 	if _, err := os.Stat(marker); err != nil {
 		t.Fatal("before_snapshot command did not run in the guest:", err)
@@ -117,6 +140,9 @@ disk.hda = { path = %q }
 		t.Fatalf("vm03 (bad db password): exit %d: %s", r.code, r.stderr)
 	}
 
+	if m, ok := findMsg(syslogged, "vm03: FAILED"); !ok || m.pri != priErr {
+		t.Fatalf("vm03's failure in syslog: %v %+v", ok, m)
+	}
 	// Overlapping run of the same VM: exits at once with the lock code.
 	vl, err := lockVM(e.cache, "vm02")
 	if err != nil {

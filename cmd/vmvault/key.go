@@ -31,6 +31,7 @@ func (a *app) keyCommand() *cobra.Command {
 	cmd.PersistentFlags().MarkHidden("kdf-params")
 	list := &cobra.Command{
 		Use: "list", Short: "List key files", Args: cobra.NoArgs,
+		Example: "  vmvault key list\n  vmvault key list --json",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			r, err := a.openRepo(cmd.Context())
 			if err != nil {
@@ -58,6 +59,7 @@ func (a *app) keyCommand() *cobra.Command {
 	}
 	add := &cobra.Command{
 		Use: "add", Short: "Add a key file for another password", Args: cobra.NoArgs,
+		Example: "  vmvault key add                       # prompts for the new password twice\n  vmvault key add --new-password-file /root/second-password",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			params, err := parseKDF(kdf)
 			if err != nil {
@@ -85,6 +87,7 @@ func (a *app) keyCommand() *cobra.Command {
 	}
 	remove := &cobra.Command{
 		Use: "remove ID", Short: "Remove a key file (not the one in use)", Args: cobra.ExactArgs(1),
+		Example: "  vmvault key list\n  vmvault key remove 1a2b3c4d",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			r, err := a.openRepo(cmd.Context())
 			if err != nil {
@@ -100,6 +103,7 @@ func (a *app) keyCommand() *cobra.Command {
 	}
 	passwd := &cobra.Command{
 		Use: "passwd", Short: "Change the password of the key in use", Args: cobra.NoArgs,
+		Example: "  vmvault key passwd --new-password-file /etc/vmvault/password.new\n  mv /etc/vmvault/password.new /etc/vmvault/password",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			params, err := parseKDF(kdf)
 			if err != nil {

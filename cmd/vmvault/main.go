@@ -35,7 +35,7 @@ const exitCodesHelp = `Exit codes:
   10   repository not found (or not a vmvault repository)
   11   repository or VM locked by another process
   12   wrong password
-  130  interrupted (SIGINT/SIGTERM); nothing was committed`
+  130  interrupted (SIGINT/SIGTERM); the backup in progress committed nothing`
 
 // exitError carries an exit code through cobra.
 type codedError struct {
@@ -76,10 +76,15 @@ func exitCode(ctx context.Context, err error) int {
 }
 
 func main() {
+	os.Exit(runMain(os.Args[1:]))
+}
+
+// runMain runs a command line as the process: SIGINT and SIGTERM cancel
+// the context, so cleanup (snapshots, locks) runs and the exit is 130.
+func runMain(args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
-	stop()
-	os.Exit(code)
+	defer stop()
+	return run(ctx, args, os.Stdin, os.Stdout, os.Stderr)
 }
 
 // run executes one command line and returns the exit code.
@@ -91,6 +96,9 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	err := root.ExecuteContext(ctx)
+	if app.closeLog != nil {
+		defer app.closeLog()
+	}
 	if err == nil {
 		return app.code
 	}
@@ -98,10 +106,13 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	if errors.Is(err, errUsage) || isUsageError(err) {
 		code = exitUsage
 	}
+	msg := "vmvault: " + oneLine(err)
 	if code == exitInterrupted {
-		fmt.Fprintln(stderr, "vmvault: interrupted; nothing was committed")
-	} else {
-		fmt.Fprintln(stderr, "vmvault: "+oneLine(err))
+		msg = "vmvault: interrupted; an unfinished backup commits nothing"
+	}
+	fmt.Fprintln(stderr, msg)
+	if app.sys != nil {
+		app.sys.Error(msg, "exit", code)
 	}
 	return code
 }

@@ -16,6 +16,7 @@ var version = "dev"
 func (a *app) versionCommand() *cobra.Command {
 	return &cobra.Command{
 		Use: "version", Short: "Print version, commit and Go version", Args: cobra.NoArgs,
+		Example: "  vmvault version\n  vmvault version --json",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			commit, goVersion := "unknown", "unknown"
 			if bi, ok := debug.ReadBuildInfo(); ok {

@@ -49,7 +49,8 @@ func lockVM(dir, vm string) (*vmLock, error) {
 
 func (l *vmLock) unlock() { l.f.Close() }
 
-// vmOutcome is what one configured VM's backup did, for the summary.
+// vmOutcome is what one VM's backup did: the summary line on stderr, the
+// JSON object on stdout (--json), the metrics file.
 type vmOutcome struct {
 	backupSummary
 	Status       string   `json:"status"` // ok, warning, failed
@@ -57,19 +58,74 @@ type vmOutcome struct {
 	GuestHeld    float64  `json:"guest_held_seconds"`
 	SnapshotPeak float64  `json:"snapshot_peak_percent"`
 	Warnings     []string `json:"warnings,omitempty"`
+
+	quiesced, snapshotted bool // whether GuestHeld and SnapshotPeak mean anything
 }
 
 func (o vmOutcome) line() string {
 	if o.Status == "failed" {
 		return fmt.Sprintf("%s: FAILED: %s", o.VM, o.Error)
 	}
-	s := fmt.Sprintf("%s: %s, %d disk(s), %s read, %s new (%s stored), %s, guest held %.1fs, snapshot peak %.0f %%, generation %s",
-		o.VM, o.Status, len(o.Disks), humanBytes(o.BytesRead), humanBytes(o.BytesNew), humanBytes(o.BytesStored),
-		time.Duration(o.Duration*float64(time.Second)).Round(10*time.Millisecond), o.GuestHeld, o.SnapshotPeak, o.ID[:8])
+	disks := fmt.Sprintf("%d disks", len(o.Disks))
+	if len(o.Disks) == 1 {
+		disks = "1 disk"
+	}
+	s := fmt.Sprintf("%s: %s, %s, %s read, %s new (%s stored), %s", o.VM, o.Status, disks,
+		humanBytes(o.BytesRead), humanBytes(o.BytesNew), humanBytes(o.BytesStored),
+		time.Duration(o.Duration*float64(time.Second)).Round(10*time.Millisecond))
+	if o.quiesced {
+		s += fmt.Sprintf(", guest held %.1fs", o.GuestHeld)
+	}
+	if o.snapshotted {
+		s += fmt.Sprintf(", snapshot peak %.0f %%", o.SnapshotPeak)
+	}
+	s += ", generation " + o.ID[:8]
 	if len(o.Warnings) > 0 {
 		s += " (warnings: " + strings.Join(o.Warnings, "; ") + ")"
 	}
 	return s
+}
+
+// finishVM reports one VM's outcome: the summary line on stderr (or the
+// JSON object on stdout), syslog, and the metrics file.
+func (a *app) finishVM(o vmOutcome) {
+	if o.Disks == nil {
+		o.Disks = []string{}
+	}
+	level := slog.LevelInfo
+	switch o.Status {
+	case "warning":
+		level = slog.LevelWarn
+	case "failed":
+		level = slog.LevelError
+	}
+	if a.jsonOut {
+		if err := printJSON(a.stdout, o); err != nil {
+			a.log.Error("writing the JSON summary failed", "err", err)
+		}
+	}
+	a.report(level, o.line())
+	if a.metricsFile != "" {
+		if err := recordMetrics(a.metricsFile, o, time.Now()); err != nil {
+			a.log.Error("recording metrics failed", "vm", o.VM, "err", err)
+			a.code = max(a.code, exitPartial)
+		}
+	}
+}
+
+// recordFailure records, in the metrics file if there is one, that vm's
+// backup failed before it produced an outcome of its own (bad source,
+// repository not found, wrong password, …). The error itself is printed
+// by run.
+func (a *app) recordFailure(vm string, err error, start time.Time) {
+	if a.metricsFile == "" {
+		return
+	}
+	o := vmOutcome{Status: "failed", Error: oneLine(err)}
+	o.VM, o.Duration = vm, time.Since(start).Seconds()
+	if merr := recordMetrics(a.metricsFile, o, time.Now()); merr != nil {
+		a.log.Error("recording metrics failed", "vm", vm, "err", merr)
+	}
 }
 
 // backupConfigured backs up VMs from the configuration file, each in
@@ -97,6 +153,13 @@ func (a *app) backupConfigured(ctx context.Context, names []string, all bool, ta
 	}
 	r, err := a.openRepo(ctx)
 	if err != nil {
+		// No VM gets backed up: the metrics must say so, not keep the
+		// last run's status.
+		if ctx.Err() == nil {
+			for _, n := range names {
+				a.recordFailure(n, err, time.Now())
+			}
+		}
 		return err
 	}
 	defer r.Backend().Close()
@@ -104,6 +167,7 @@ func (a *app) backupConfigured(ctx context.Context, names []string, all bool, ta
 	var failed, warned int
 	var firstErr error
 	for _, n := range names {
+		start := time.Now()
 		o, err := a.backupVM(ctx, r, cfg.VMs[n], tags, when)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -115,15 +179,11 @@ func (a *app) backupConfigured(ctx context.Context, names []string, all bool, ta
 			}
 			o = vmOutcome{Status: "failed", Error: oneLine(err)}
 			o.VM = n
-			a.log.Error("backup failed", "vm", n, "err", oneLine(err))
+			o.Duration = time.Since(start).Seconds()
 		} else if len(o.Warnings) > 0 {
 			warned++
 		}
-		if a.jsonOut {
-			printJSON(a.stdout, o)
-		} else {
-			fmt.Fprintln(a.stderr, o.line())
-		}
+		a.finishVM(o)
 	}
 	switch {
 	case failed == len(names):
@@ -264,7 +324,8 @@ func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, t
 	}
 
 	var peak float64
-	m, err := r.Backup(ctx, repo.BackupRequest{VM: vm.Name, Time: when, Tags: tags, Disks: sources,
+	progress, progressDone := a.progress(vm.Name, sources)
+	m, err := r.Backup(ctx, repo.BackupRequest{VM: vm.Name, Time: when, Tags: tags, Disks: sources, Progress: progress,
 		BeforeCommit: func(ctx context.Context) (json.RawMessage, error) {
 			rec := map[string]any{"quiesce": report}
 			if set != nil {
@@ -281,6 +342,7 @@ func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, t
 			}
 			return json.Marshal(rec)
 		}})
+	progressDone()
 	if err != nil {
 		return out, fmt.Errorf("VM %s: %w", vm.Name, err)
 	}
@@ -291,6 +353,8 @@ func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, t
 	}
 	out.GuestHeld = report.Held.Seconds()
 	out.SnapshotPeak = peak
+	out.quiesced = len(snapDisks) > 0 || vm.Guest != nil || len(vm.Databases) > 0
+	out.snapshotted = set != nil
 	return out, nil
 }
 
