@@ -16,6 +16,8 @@
 #   --quick         smoke run: 512M image, plain minbase root filesystem,
 #                   48 MiB random data, 16 MiB log
 #   --tools LIST    comma-separated subset of restic,vmvault (default both)
+#   --runs N        repeat everything N times with fresh repositories, tools
+#                   interleaved; report medians (peak RSS: the maximum) (default 1)
 #   --vmvault BIN   use this vmvault binary instead of building ./cmd/vmvault
 #   --sftp          also run against SFTP repositories (not implemented yet)
 #   --workdir DIR   repositories and logs (default: a new temp dir, removed at the end)
@@ -24,8 +26,8 @@
 #   --rebuild       rebuild the images
 #
 # Needs root (debootstrap). Installs debootstrap, e2fsprogs, restic and time
-# from Debian's packages if missing. Writes results.tsv and results.md to the
-# work dir.
+# from Debian's packages if missing. Also writes the results as TSV and as
+# Markdown table rows to the cache's results/ folder.
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,12 +40,14 @@ keep=
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/vmvault-bench"
 rebuild=
 vmvault_bin=
+runs=1
 
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--size) size=$2; shift 2 ;;
 	--quick) quick=1; size=512M; shift ;;
 	--tools) tools=$2; shift 2 ;;
+	--runs) runs=$2; shift 2 ;;
 	--vmvault) vmvault_bin=$2; shift 2 ;;
 	--sftp) sftp=1; shift ;;
 	--workdir) workdir=$2; shift 2 ;;
@@ -71,6 +75,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 #   3. call run_tool for each with a tool name like "restic-sftp" /
 #      "vmvault-sftp" and its repository, and add the pairs to print_table.
 # ---------------------------------------------------------------------------
+[[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "--runs needs a positive number"
 if [ -n "$sftp" ]; then
 	die "--sftp is not implemented yet (see the SFTP HOOK in $0)"
 fi
@@ -131,10 +136,10 @@ warm() { cat "$1" >/dev/null; }
 # measure TOOL STEP IMAGE CMD...: runs CMD under GNU time, with "@IMG@" in
 # its arguments replaced by IMAGE, and stdin from IMAGE if CMD's tool reads
 # the image from stdin (restic --stdin), else from /dev/null. Records wall,
-# user and sys seconds and peak RSS.
+# user and sys seconds and peak RSS of this round.
 measure() {
 	local tool=$1 step=$2 img=$3; shift 3
-	local tf="$workdir/time/$tool-$step" log="$workdir/logs/$tool-$step.log" in=/dev/null
+	local tf="$workdir/time/$tool-$step.t$round" log="$workdir/logs/$tool-$step.$round.log" in=/dev/null
 	local args=("${@//@IMG@/$img}")
 	[[ " $* " == *" --stdin "* ]] && in=$img
 	if ! /usr/bin/time -f '%e %U %S %M' -o "$tf" "${args[@]}" <"$in" 2>"$log"; then
@@ -142,68 +147,79 @@ measure() {
 		die "$tool $step failed: ${args[*]}"
 	fi
 	# After a failure GNU time puts a "Command exited ..." line first: the numbers are the last line.
-	tail -n 1 "$tf" >"$tf.v"
+	tail -n 1 "$tf" >"$workdir/time/$tool-$step.r$round"
 }
 
 # repo_bytes DIR: bytes in a repository.
 repo_bytes() { du -sb "$1" | cut -f1; }
 
-# run_tool TOOL: the three timed steps and the verification, for one tool.
+# run_tool TOOL: one round of the three timed steps for one tool, in a new
+# repository; in the first round also the verification.
 run_tool() {
-	local tool=$1 repo="$workdir/repo-$1" pw="$workdir/password-$1"
+	local tool=$1 repo="$workdir/repo-$1-$round" pw="$workdir/password-$1"
 	(umask 077 && head -c 24 /dev/urandom | base64 >"$pw")
 	local before backup restore
 	case "$tool" in
 	restic)
 		export RESTIC_PASSWORD_FILE="$pw" RESTIC_REPOSITORY="$repo"
-		restic init >"$workdir/logs/restic-init.log" 2>&1 || die "restic init failed"
+		restic init >"$workdir/logs/restic-init.$round.log" 2>&1 || die "restic init failed"
 		backup=(restic backup --quiet --stdin --stdin-filename disk.raw)
 		restore=(restic dump --quiet latest disk.raw)
 		;;
 	vmvault)
 		export VMVAULT_PASSWORD_FILE="$pw" VMVAULT_REPOSITORY="$repo"
-		"$workdir/vmvault" init </dev/null >"$workdir/logs/vmvault-init.log" 2>&1 || die "vmvault init failed"
+		"$workdir/vmvault" init </dev/null >"$workdir/logs/vmvault-init.$round.log" 2>&1 || die "vmvault init failed"
 		backup=("$workdir/vmvault" backup benchvm --source @IMG@)
 		restore=("$workdir/vmvault" restore benchvm latest)
 		;;
 	*) die "unknown tool $tool" ;;
 	esac
-	say "$tool: full backup"
+	say "$tool (run $round of $runs): full backup"
 	warm "$base"
 	before=$(repo_bytes "$repo")
 	measure "$tool" full "$base" "${backup[@]}" >/dev/null
-	echo $(($(repo_bytes "$repo") - before)) >"$workdir/time/$tool-full.grew"
+	echo $(($(repo_bytes "$repo") - before)) >"$workdir/time/$tool-full.g$round"
 	say "$tool: incremental backup"
 	warm "$next"
 	before=$(repo_bytes "$repo")
 	measure "$tool" incr "$next" "${backup[@]}" >/dev/null
-	echo $(($(repo_bytes "$repo") - before)) >"$workdir/time/$tool-incr.grew"
+	echo $(($(repo_bytes "$repo") - before)) >"$workdir/time/$tool-incr.g$round"
 	say "$tool: restore to /dev/null"
 	"${restore[@]}" </dev/null >/dev/null 2>"$workdir/logs/$tool-warmrestore.log" || die "$tool restore failed (warm-up)"
 	measure "$tool" restore "" "${restore[@]}" >/dev/null
-	echo 0 >"$workdir/time/$tool-restore.grew"
+	echo 0 >"$workdir/time/$tool-restore.g$round"
+	if [ "$round" -gt 1 ]; then
+		rm -rf "$repo"
+		return
+	fi
 	say "$tool: verifying the restore (sha256, untimed)"
 	local got
 	got=$("${restore[@]}" </dev/null 2>"$workdir/logs/$tool-verify.log" | sha256sum | cut -d' ' -f1)  || die "$tool restore failed (verification)"
 	[ "$got" = "$sha_next" ] || die "$tool restored an image that differs: sha256 $got, want $sha_next"
-	echo "$got" >"$workdir/time/$tool.verified"
+	# Later rounds need the disk space more than this repository.
+	[ "$runs" -eq 1 ] || rm -rf "$repo"
 }
 
 IFS=, read -r -a tool_list <<<"$tools"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-for t in "${tool_list[@]}"; do run_tool "$t"; done
+for round in $(seq 1 "$runs"); do
+	for t in "${tool_list[@]}"; do run_tool "$t"; done
+done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- Report. ---
-val() { # val TOOL STEP FIELD(wall|cpu|rss|grew)
-	local f="$workdir/time/$1-$2"
-	[ -e "$f.v" ] || { echo -; return; }
+val() { # val TOOL STEP FIELD(wall|cpu|rss|grew): median over the runs (rss: maximum)
+	local rounds=("$workdir/time/$1-$2".r*)
+	[ -e "${rounds[0]}" ] || { echo -; return; }
 	case "$3" in
-	wall) awk '{ printf "%.2f", $1 }' "$f.v" ;;
-	cpu) awk '{ printf "%.2f", $2 + $3 }' "$f.v" ;;
-	rss) awk '{ printf "%.0f", $4 / 1024 }' "$f.v" ;;
-	grew) cat "$f.grew" ;;
+	wall) awk '{ print $1 }' "${rounds[@]}" | median "%.2f" ;;
+	cpu) awk '{ print $2 + $3 }' "${rounds[@]}" | median "%.2f" ;;
+	rss) awk '{ print $4 / 1024 }' "${rounds[@]}" | sort -g | tail -n 1 | xargs printf "%.0f" ;;
+	grew) cat "$workdir/time/$1-$2".g* | median "%d" ;;
 	esac
+}
+median() { # median FORMAT: the median of the numbers on stdin
+	sort -g | awk -v fmt="$1" '{ a[NR] = $1 } END { printf fmt, (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 mib() {
 	if [ "$1" = - ]; then echo -; else awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; fi
@@ -222,8 +238,10 @@ verdict() { # verdict RATIO TARGET
 	awk -v r="$1" -v t="$2" 'BEGIN { print (r <= t ? "met (<= " t ")" : "missed (<= " t ")") }'
 }
 
-tsv="$workdir/results.tsv"
-md="$workdir/results.md"
+mkdir -p "$cache/results"
+stamp="$(date +%Y%m%dT%H%M%S)-$(basename "$imgdir")"
+tsv="$cache/results/$stamp.tsv"
+md="$cache/results/$stamp.md"
 printf 'step\ttool\twall_s\tcpu_s\tpeak_rss_mib\trepo_grew_bytes\n' >"$tsv"
 {
 	echo "| step | restic wall s | vmvault wall s | ratio | restic CPU s | vmvault CPU s | restic RSS MiB | vmvault RSS MiB | restic grew MiB | vmvault grew MiB | growth ratio |"
@@ -240,6 +258,7 @@ echo "  image:   $(info size | awk '{ printf "%.2f GiB", $1 / 1073741824 }'), $(
 	"non-zero $(awk -v n="$(info nonzero_old)" -v b="$(info block)" 'BEGIN { printf "%.2f GiB", n * b / 1073741824 }')," \
 	"next day changed $(info changed) of $(info blocks) 4 KiB blocks ($(info changed_pct) %)"
 echo "  load average (1/5/15 min): $load_before before the runs, $load_after after; other work skews wall times"
+[ "$runs" -eq 1 ] || echo "  runs:    $runs, tools interleaved, fresh repositories each; medians shown (peak RSS: maximum)"
 echo "  page cache: not dropped; each image was read once, untimed, before its backup,"
 echo "              and each restore ran once, untimed, before the timed one: all reads come from memory."
 echo "  restores verified: sha256 of the restored image equals the next-day image's ($sha_next)."
@@ -253,6 +272,16 @@ for step in full incr restore; do
 		printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$step" "$t" "$w" "$c" "$r" "$g" >>"$tsv"
 	done
 done
+for step in full incr restore; do
+	grew_ratio=$(ratio "$(val vmvault "$step" grew)" "$(val restic "$step" grew)")
+	[ "$step" != restore ] || grew_ratio=-
+	printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$step" \
+		"$(val restic "$step" wall)" "$(val vmvault "$step" wall)" \
+		"$(ratio "$(val vmvault "$step" wall)" "$(val restic "$step" wall)")" \
+		"$(val restic "$step" cpu)" "$(val vmvault "$step" cpu)" \
+		"$(val restic "$step" rss)" "$(val vmvault "$step" rss)" \
+		"$(mib "$(val restic "$step" grew)")" "$(mib "$(val vmvault "$step" grew)")" "$grew_ratio" >>"$md"
+done
 if has_tool restic && has_tool vmvault; then
 	echo
 	echo "ratios vmvault/restic (lower is better):"
@@ -265,11 +294,6 @@ if has_tool restic && has_tool vmvault; then
 			cols+=("$r $(verdict "$r" "$(target "$step" "$f")")")
 		done
 		printf '%-12s %-24s %-9s %-24s %-24s\n' "$step" "${cols[@]}"
-		printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$step" \
-			"$(val restic "$step" wall)" "$(val vmvault "$step" wall)" "${cols[0]%% *}" \
-			"$(val restic "$step" cpu)" "$(val vmvault "$step" cpu)" \
-			"$(val restic "$step" rss)" "$(val vmvault "$step" rss)" \
-			"$(mib "$(val restic "$step" grew)")" "$(mib "$(val vmvault "$step" grew)")" "${cols[3]%% *}" >>"$md"
 	done
 	peak=0
 	for step in full incr restore; do
@@ -279,4 +303,4 @@ if has_tool restic && has_tool vmvault; then
 	echo "vmvault peak RSS over all steps: $peak MiB ($( [ "$peak" -le 200 ] && echo met || echo missed ) (<= 200 MiB))"
 fi
 echo
-echo "results: $tsv, $md${keep:+ (work dir kept: $workdir)}"
+echo "results: $tsv, $md (rows for docs/performance.md)${keep:+; work dir kept: $workdir}"
