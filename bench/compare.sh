@@ -72,8 +72,9 @@ export PATH="$PATH:/usr/sbin:/sbin"
 #   2. for restic use the repository "sftp:USER@127.0.0.1:/DIR" with
 #      -o sftp.command="ssh -p PORT -i KEY -o UserKnownHostsFile=... USER@127.0.0.1 -s sftp";
 #      for vmvault the SFTP repository syntax of its backend;
-#   3. call run_tool for each with a tool name like "restic-sftp" /
-#      "vmvault-sftp" and its repository, and add the pairs to print_table.
+#   3. let run_tool take the repository location, call it for tool names
+#      like "restic-sftp" and "vmvault-sftp", and add those names to the
+#      report's loops over tools (and a ratio block for the SFTP pair).
 # ---------------------------------------------------------------------------
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "--runs needs a positive number"
 if [ -n "$sftp" ]; then
