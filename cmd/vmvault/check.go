@@ -1,9 +1,12 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -35,32 +38,94 @@ generations it affects; any damage exits 1.`,
 				opts.Subset = f
 			}
 			return a.withRepo(cmd.Context(), false, "check", func(r *repo.Repository) error {
-				rep, err := r.Check(cmd.Context(), opts)
-				if err != nil {
-					return err
-				}
-				if a.jsonOut {
-					if err := printJSON(a.stdout, rep); err != nil {
-						return err
-					}
-				} else {
-					for _, d := range rep.Damage {
-						fmt.Fprintln(a.stdout, "damaged: "+d.String())
-					}
-				}
-				fmt.Fprintf(a.stderr, "check: %d generations, %d segments, %d chunks (%d read, %s), %d objects, %d unreferenced: %s\n",
-					rep.Manifests, rep.Segments, rep.Chunks, rep.ChunksRead, humanBytes(rep.BytesRead), rep.Objects, rep.Unreferenced,
-					map[bool]string{true: "no errors", false: fmt.Sprintf("%d damaged objects", len(rep.Damage))}[rep.OK()])
-				if !rep.OK() {
-					return fmt.Errorf("%w: %d damaged objects (first: %s)", repo.ErrDamaged, len(rep.Damage), rep.Damage[0].String())
-				}
-				return nil
+				return a.check(cmd.Context(), r, opts)
 			})
 		},
 	}
 	cmd.Flags().BoolVar(&readData, "read-data", false, "decrypt and verify all data")
 	cmd.Flags().StringVar(&subset, "read-data-subset", "", "decrypt and verify a random part of the data, e.g. 10%")
 	return cmd
+}
+
+// checkResult is check's summary: the repository's report, and one entry
+// per VM saying how many of its generations the damage affects.
+type checkResult struct {
+	repo.CheckReport
+	Status   string    `json:"status"` // ok or damaged
+	Duration float64   `json:"duration_seconds"`
+	VMs      []checkVM `json:"vms"`
+}
+
+type checkVM struct {
+	VM          string `json:"vm"`
+	Generations int    `json:"generations"`
+	Damaged     int    `json:"damaged_generations"`
+}
+
+func (a *app) check(ctx context.Context, r *repo.Repository, opts repo.CheckOptions) error {
+	start := time.Now()
+	rep, err := r.Check(ctx, opts)
+	if err != nil {
+		return err
+	}
+	ms, err := r.Manifests(ctx, "")
+	if err != nil {
+		return err
+	}
+	res := checkResult{CheckReport: *rep, Status: "ok", VMs: []checkVM{}}
+	if res.Damage == nil {
+		res.Damage = []repo.Damage{}
+	}
+	if !rep.OK() {
+		res.Status = "damaged"
+	}
+	damaged := map[string]bool{} // "vm/shortid"
+	for _, d := range rep.Damage {
+		for _, g := range d.Generations {
+			damaged[g] = true
+		}
+	}
+	idx := map[string]int{}
+	for _, m := range ms {
+		i, ok := idx[m.VM]
+		if !ok {
+			i = len(res.VMs)
+			idx[m.VM] = i
+			res.VMs = append(res.VMs, checkVM{VM: m.VM})
+		}
+		res.VMs[i].Generations++
+		if damaged[m.VM+"/"+m.ShortID()] {
+			res.VMs[i].Damaged++
+		}
+	}
+	res.Duration = time.Since(start).Seconds()
+	if a.jsonOut {
+		if err := printJSON(a.stdout, res); err != nil {
+			return err
+		}
+	} else {
+		for _, d := range rep.Damage {
+			fmt.Fprintln(a.stdout, "damaged: "+d.String())
+		}
+	}
+	for _, v := range res.VMs {
+		if v.Damaged > 0 {
+			a.report(slog.LevelError, fmt.Sprintf("%s: DAMAGED, %d of %d generation(s) affected", v.VM, v.Damaged, v.Generations))
+		} else {
+			a.report(slog.LevelInfo, fmt.Sprintf("%s: ok, %d generation(s)", v.VM, v.Generations))
+		}
+	}
+	verdict, level := "no errors", slog.LevelInfo
+	if !rep.OK() {
+		verdict, level = fmt.Sprintf("%d damaged objects", len(rep.Damage)), slog.LevelError
+	}
+	a.report(level, fmt.Sprintf("check: %d generations, %d segments, %d chunks (%d read, %s), %d objects, %d unreferenced: %s, %s",
+		rep.Manifests, rep.Segments, rep.Chunks, rep.ChunksRead, humanBytes(rep.BytesRead), rep.Objects, rep.Unreferenced,
+		verdict, time.Since(start).Round(10*time.Millisecond)))
+	if !rep.OK() {
+		return fmt.Errorf("%w: %d damaged objects (first: %s)", repo.ErrDamaged, len(rep.Damage), rep.Damage[0].String())
+	}
+	return nil
 }
 
 func parsePercent(s string) (float64, error) {

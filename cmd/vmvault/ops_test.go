@@ -647,3 +647,60 @@ func TestManPages(t *testing.T) {
 		}
 	}
 }
+
+// prune and check print one JSON object with a per-VM part, and one
+// stderr line per VM.
+func TestPruneCheckSummaries(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "img")
+	for i, day := range []string{"01", "02", "03"} {
+		writeImage(t, src, uint64(30+i), 2<<20)
+		e.ok("backup", "vm01", "--source", src, "--time", "2026-01-"+day+"T00:00:00Z")
+	}
+	e.ok("backup", "vm02", "--source", src)
+
+	r := e.ok("prune", "--keep-last", "1", "--json")
+	var pr forgetResult
+	if err := json.Unmarshal([]byte(r.stdout), &pr); err != nil {
+		t.Fatalf("prune --json: %v: %q", err, r.stdout)
+	}
+	if pr.Status != "ok" || pr.Removed != 2 || pr.Prune == nil || pr.Prune.ObjectsRemoved == 0 || pr.Duration <= 0 ||
+		len(pr.VMs) != 2 || pr.VMs[0] != (retentionVM{"vm01", 1, 2}) || pr.VMs[1] != (retentionVM{"vm02", 1, 0}) {
+		t.Fatalf("prune summary %+v", pr)
+	}
+	r = e.ok("prune", "--keep-last", "1")
+	if !strings.Contains(r.stderr, "vm01: kept 1, removed 0 generation(s)") || !strings.Contains(r.stderr, "vm02: kept 1, removed 0") {
+		t.Fatalf("prune lines: %q", r.stderr)
+	}
+
+	r = e.ok("check", "--json")
+	var cr checkResult
+	if err := json.Unmarshal([]byte(r.stdout), &cr); err != nil {
+		t.Fatalf("check --json: %v: %q", err, r.stdout)
+	}
+	if cr.Status != "ok" || cr.Manifests != 2 || len(cr.Damage) != 0 || len(cr.VMs) != 2 || cr.VMs[0] != (checkVM{"vm01", 1, 0}) {
+		t.Fatalf("check summary %+v", cr)
+	}
+	// Damage the largest object: status damaged, the VM's generation named.
+	var victim string
+	var size int64
+	filepath.WalkDir(filepath.Join(e.repo, "data"), func(p string, d os.DirEntry, err error) error {
+		if fi, err := d.Info(); err == nil && !d.IsDir() && fi.Size() > size {
+			victim, size = p, fi.Size()
+		}
+		return nil
+	})
+	os.Chmod(victim, 0o600)
+	os.WriteFile(victim, []byte("short"), 0o600)
+	r = e.run(nil, "check", "--json")
+	cr = checkResult{}
+	if err := json.Unmarshal([]byte(r.stdout), &cr); err != nil || r.code != exitError {
+		t.Fatalf("check --json of a damaged repository: exit %d, %v: %q", r.code, err, r.stdout)
+	}
+	if cr.Status != "damaged" || len(cr.Damage) == 0 || cr.VMs[0].Damaged+cr.VMs[1].Damaged == 0 {
+		t.Fatalf("damaged check summary %+v", cr)
+	}
+	if r = e.run(nil, "check"); !strings.Contains(r.stderr, "vm01: DAMAGED, 1 of 1 generation(s) affected") {
+		t.Fatalf("no per-VM damage line: %q", r.stderr)
+	}
+}

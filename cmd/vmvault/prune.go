@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -50,11 +51,40 @@ func (p *policyFlags) policy() (retention.Policy, error) {
 
 // forgetResult is the JSON form of forget/prune.
 type forgetResult struct {
+	Status    string           `json:"status"` // ok (or dry-run)
+	VMs       []retentionVM    `json:"vms"`
 	Decisions []decisionJSON   `json:"generations"`
 	Removed   int              `json:"removed"`
 	Prune     *repo.PruneStats `json:"prune,omitempty"`
 	DryRun    bool             `json:"dry_run"`
 	Duration  float64          `json:"duration_seconds"`
+}
+
+// retentionVM is one VM's part of a forget/prune run.
+type retentionVM struct {
+	VM      string `json:"vm"`
+	Kept    int    `json:"kept"`
+	Removed int    `json:"removed"`
+}
+
+// perVM counts the decisions of each VM, in order of appearance.
+func perVM(ds []decisionJSON) []retentionVM {
+	out := []retentionVM{}
+	idx := map[string]int{}
+	for _, d := range ds {
+		i, ok := idx[d.VM]
+		if !ok {
+			i = len(out)
+			idx[d.VM] = i
+			out = append(out, retentionVM{VM: d.VM})
+		}
+		if d.Keep {
+			out[i].Kept++
+		} else {
+			out[i].Removed++
+		}
+	}
+	return out
 }
 
 type decisionJSON struct {
@@ -202,16 +232,29 @@ func (a *app) forgetPrune(ctx context.Context, args []string, pf *policyFlags, p
 			res.Prune = st
 		}
 		res.Duration = time.Since(start).Seconds()
+		res.Status = "ok"
+		if pf.dryRun {
+			res.Status = "dry-run"
+		}
+		res.VMs = perVM(res.Decisions)
+		if res.Decisions == nil {
+			res.Decisions = []decisionJSON{}
+		}
 		if a.jsonOut {
-			return printJSON(a.stdout, res)
+			if err := printJSON(a.stdout, res); err != nil {
+				return err
+			}
 		}
 		verb := map[bool]string{true: "would remove", false: "removed"}[pf.dryRun]
+		for _, v := range res.VMs {
+			a.report(slog.LevelInfo, fmt.Sprintf("%s: kept %d, %s %d generation(s)", v.VM, v.Kept, verb, v.Removed))
+		}
 		line := fmt.Sprintf("%s: %s %d generation(s)", command, verb, res.Removed)
 		if res.Prune != nil {
 			line += fmt.Sprintf(", %s %d object(s) freeing %s, kept %d object(s) (%s)", verb, res.Prune.ObjectsRemoved,
 				humanBytes(res.Prune.BytesRemoved), res.Prune.ObjectsKept, humanBytes(res.Prune.BytesKept))
 		}
-		fmt.Fprintf(a.stderr, "%s, %s\n", line, time.Since(start).Round(10*time.Millisecond))
+		a.report(slog.LevelInfo, fmt.Sprintf("%s, %s", line, time.Since(start).Round(10*time.Millisecond)))
 		return nil
 	})
 }
