@@ -9,6 +9,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"go.yaml.in/yaml/v3"
 )
 
 // unitFile is a systemd unit parsed into section → key → values.
@@ -143,5 +145,67 @@ func TestSchedulingDocs(t *testing.T) {
 	out, err = exec.Command(analyze, "calendar", tmr.one(t, "Timer", "OnCalendar")).CombinedOutput()
 	if err != nil {
 		t.Fatalf("systemd-analyze calendar: %v: %s", err, out)
+	}
+}
+
+// The monitoring and exit-code docs agree with the code: every metric is
+// documented, the alert rules are valid YAML using real metric names, and
+// the exit-code table lists exactly the codes of --help.
+func TestOperationsDocs(t *testing.T) {
+	read := func(name string) string {
+		b, err := os.ReadFile(filepath.Join("..", "..", "docs", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	mon := read("monitoring.md")
+	for _, d := range metricDefs {
+		if !strings.Contains(mon, d.name) {
+			t.Errorf("monitoring.md does not mention %s", d.name)
+		}
+	}
+	m := regexp.MustCompile("(?s)```yaml\n(.*?)```").FindStringSubmatch(mon)
+	if m == nil {
+		t.Fatal("no yaml block in monitoring.md")
+	}
+	var rules struct {
+		Groups []struct {
+			Rules []struct {
+				Alert, Expr string
+			}
+		}
+	}
+	if err := yaml.Unmarshal([]byte(m[1]), &rules); err != nil {
+		t.Fatalf("alert rules: %v", err)
+	}
+	names := map[string]bool{}
+	for _, d := range metricDefs {
+		names[d.name] = true
+	}
+	found := false
+	for _, r := range rules.Groups[0].Rules {
+		for _, metric := range regexp.MustCompile(`vmvault_[a-z_]+`).FindAllString(r.Expr, -1) {
+			if !names[metric] {
+				t.Errorf("rule %s uses unknown metric %s", r.Alert, metric)
+			}
+		}
+		if r.Expr == "time() - vmvault_backup_last_success_timestamp_seconds > 26 * 3600" {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("no 26 h alert rule")
+	}
+
+	codes := regexp.MustCompile(`(?m)^\| (\d+) \|`).FindAllStringSubmatch(read("exit-codes.md"), -1)
+	help := regexp.MustCompile(`(?m)^  (\d+) `).FindAllStringSubmatch(exitCodesHelp, -1)
+	if len(codes) != len(help) || len(codes) != 8 {
+		t.Fatalf("exit-codes.md lists %d codes, --help %d", len(codes), len(help))
+	}
+	for i := range codes {
+		if codes[i][1] != help[i][1] {
+			t.Errorf("exit code %d: docs %s, --help %s", i, codes[i][1], help[i][1])
+		}
 	}
 }
