@@ -128,9 +128,6 @@ func TestBackupEndToEnd(t *testing.T) {
 	if res.ExitCode != 0 && !t.Failed() {
 		t.Errorf("guest script exited %d", res.ExitCode)
 	}
-	if t.Failed() {
-		t.Logf("guest output:\n%s", res.Output)
-	}
 }
 
 // requireTools fails with an install hint when the guest cannot be built.
