@@ -209,3 +209,28 @@ func TestOperationsDocs(t *testing.T) {
 		}
 	}
 }
+
+// Every relative link in the README and the operations docs names a file
+// that exists.
+func TestDocLinks(t *testing.T) {
+	root := filepath.Join("..", "..")
+	files := []string{"README.md"}
+	for _, f := range []string{"install", "quickstart", "scheduling", "monitoring", "exit-codes", "disaster-recovery", "security"} {
+		files = append(files, filepath.Join("docs", f+".md"))
+	}
+	link := regexp.MustCompile(`\]\(([^)#]+)(#[^)]*)?\)`)
+	for _, f := range files {
+		b, err := os.ReadFile(filepath.Join(root, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range link.FindAllStringSubmatch(string(b), -1) {
+			if strings.Contains(m[1], "://") {
+				continue
+			}
+			if _, err := os.Stat(filepath.Join(root, filepath.Dir(f), m[1])); err != nil {
+				t.Errorf("%s: broken link %s", f, m[1])
+			}
+		}
+	}
+}
