@@ -14,6 +14,10 @@ import (
 	"vmvault/chunk"
 )
 
+// chunkFetchers bounds concurrent chunk downloads per segment being
+// restored (each holds at most one decoded chunk, ≤ 8 MiB).
+const chunkFetchers = 4
+
 // restoredSegment is one segment, authenticated, ready to write. data is
 // nil for an all-zero segment.
 type restoredSegment struct {
@@ -47,6 +51,10 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 		return seg, fmt.Errorf("segment %s: lists %d bytes, expected %d: %w", dataName(id), total, seg.size, ErrCorrupt)
 	}
 	buf = buf[:seg.size]
+	// Chunks of one segment are fetched concurrently: over SFTP each is a
+	// round trip.
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(chunkFetchers)
 	var off int64
 	for _, e := range entries {
 		part := buf[off : off+int64(e.Length)]
@@ -55,14 +63,20 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 			clear(part)
 			continue
 		}
-		data, err := r.getData(ctx, TypeChunk, e.ID)
-		if err != nil {
-			return seg, err
-		}
-		if len(data) != len(part) {
-			return seg, fmt.Errorf("chunk %s: %d bytes, segment list says %d: %w", dataName(e.ID), len(data), len(part), ErrCorrupt)
-		}
-		copy(part, data)
+		g.Go(func() error {
+			data, err := r.getData(gctx, TypeChunk, e.ID)
+			if err != nil {
+				return err
+			}
+			if len(data) != len(part) {
+				return fmt.Errorf("chunk %s: %d bytes, segment list says %d: %w", dataName(e.ID), len(data), len(part), ErrCorrupt)
+			}
+			copy(part, data)
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return seg, err
 	}
 	if got := r.segH.Sum(buf); got != id {
 		return seg, fmt.Errorf("segment %s: content does not match its ID: %w", dataName(id), ErrCorrupt)
