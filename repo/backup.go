@@ -52,7 +52,7 @@ type BackupRequest struct {
 
 // uploadWindow bounds the sealed bytes queued for upload. Together with
 // the segment buffers it bounds a backup's memory.
-const uploadWindow = 48 << 20
+const uploadWindow = 32 << 20
 
 // maxWorkers bounds segment workers (and so segment buffers) regardless
 // of core count.

@@ -2,6 +2,7 @@ package repo
 
 import (
 	"bytes"
+	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
 	"flag"
@@ -184,4 +185,27 @@ func FuzzKeyFile(f *testing.F) {
 			t.Fatal("parsed key file with invalid params")
 		}
 	})
+}
+
+func TestCompressionProbe(t *testing.T) {
+	c, _ := newCodec(vectorKeys().Encrypt[:])
+	text := bytes.Repeat([]byte("log line 42: all good\n"), 1<<16)
+	if sealed := c.seal(TypeChunk, "n", text); sealed[3] != compressZstd {
+		t.Fatal("text stored uncompressed")
+	}
+	rnd := make([]byte, 1<<20)
+	rand.Read(rnd)
+	if c.compressible(rnd) {
+		t.Fatal("random data judged compressible")
+	}
+	if sealed := c.seal(TypeChunk, "n", rnd); sealed[3] != compressNone || len(sealed) != len(rnd)+headerSize+crypto.Overhead {
+		t.Fatal("random data stored compressed or with overhead")
+	}
+	// Text with a random middle: judged by the probe, stored raw; that
+	// is the price of the probe, and it is small.
+	mixed := bytes.Clone(text)
+	copy(mixed[len(mixed)/2-probeSize:], rnd[:2*probeSize])
+	if c.compressible(mixed) {
+		t.Fatal("probe did not look at the middle")
+	}
 }

@@ -98,7 +98,7 @@ func associatedData(hdr []byte, name string) []byte {
 func (c *codec) seal(t ObjectType, name string, payload []byte) []byte {
 	comp := byte(compressNone)
 	body := payload
-	if len(payload) > 64 {
+	if len(payload) > 64 && c.compressible(payload) {
 		// Room for the worst case, so incompressible data is not copied
 		// again while the output grows.
 		z := c.enc.EncodeAll(payload, make([]byte, 0, len(payload)+len(payload)/128+64))
@@ -112,6 +112,25 @@ func (c *codec) seal(t ObjectType, name string, payload []byte) []byte {
 	out := make([]byte, 0, headerSize+len(body)+crypto.Overhead)
 	out = append(out, hdr...)
 	return c.sealer.Seal(out, body, associatedData(hdr, name))
+}
+
+// probeSize is how much of a large payload is test-compressed before the
+// whole is: disk images hold much incompressible data (compressed files,
+// encrypted volumes, media), and zstd spends nearly as long failing on
+// such data as succeeding on text.
+const probeSize = 64 << 10
+
+// compressible reports whether a probe from the middle of payload
+// compresses by at least 1/32; small payloads are always tried.
+func (c *codec) compressible(payload []byte) bool {
+	if len(payload) < 4*probeSize {
+		return true
+	}
+	mid := len(payload)/2 - probeSize/2
+	probe := payload[mid : mid+probeSize]
+	var buf [probeSize + probeSize/128 + 64]byte
+	z := c.enc.EncodeAll(probe, buf[:0])
+	return len(z) < len(probe)-len(probe)/32
 }
 
 // open authenticates, decrypts and decompresses object name, which must

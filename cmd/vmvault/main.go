@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"vmvault/backend"
@@ -81,7 +82,16 @@ func main() {
 
 // runMain runs a command line as the process: SIGINT and SIGTERM cancel
 // the context, so cleanup (snapshots, locks) runs and the exit is 130.
+// memoryLimit is the soft limit for the Go heap. A backup's working set
+// is bounded (segment buffers plus the upload window, see
+// repo.Repository.MemoryBound); without a limit the garbage collector
+// lets the heap grow to twice the live set. GOMEMLIMIT overrides it.
+const memoryLimit = 144 << 20
+
 func runMain(args []string) int {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(memoryLimit)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return run(ctx, args, os.Stdin, os.Stdout, os.Stderr)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -247,7 +248,7 @@ func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, t
 		}
 	}
 
-	qcfg, err := quiesceConfig(vm, log)
+	qcfg, err := quiesceConfig(vm, a.log) // quiesce adds the vm field itself
 	if err != nil {
 		return out, err
 	}
@@ -331,7 +332,7 @@ func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, t
 			if set != nil {
 				rep, err := set.Check(ctx)
 				if err != nil {
-					return nil, fmt.Errorf("VM %s: %w; nothing was committed", vm.Name, err)
+					return nil, fmt.Errorf("%w; nothing was committed", err)
 				}
 				peak = rep.Peak
 				if rep.Warn() {
@@ -343,6 +344,16 @@ func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, t
 			return json.Marshal(rec)
 		}})
 	progressDone()
+	if err != nil && set != nil && ctx.Err() == nil {
+		// A snapshot that overflows while it is read makes reads fail
+		// with EIO before the pre-commit check runs: say what happened.
+		if _, cerr := set.Check(context.WithoutCancel(ctx)); cerr != nil {
+			var oe *snapshot.OverflowError
+			if errors.As(cerr, &oe) {
+				return out, fmt.Errorf("VM %s: %w; nothing was committed (%v)", vm.Name, oe, err)
+			}
+		}
+	}
 	if err != nil {
 		return out, fmt.Errorf("VM %s: %w", vm.Name, err)
 	}
