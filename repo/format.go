@@ -27,7 +27,7 @@ type Config struct {
 const (
 	MinSegmentSize     = 1 << 20
 	MaxSegmentSize     = 64 << 20
-	DefaultSegmentSize = 16 << 20
+	DefaultSegmentSize = 8 << 20
 )
 
 func (c *Config) validate() error {

@@ -120,17 +120,23 @@ func (c *codec) seal(t ObjectType, name string, payload []byte) []byte {
 // such data as succeeding on text.
 const probeSize = 64 << 10
 
-// compressible reports whether a probe from the middle of payload
-// compresses by at least 1/32; small payloads are always tried.
+// compressible reports whether any of three probes (at a quarter, half
+// and three quarters of payload) compresses by at least 1/32; small
+// payloads are always tried. Chunks of disk images are often mixed (a
+// file boundary inside), so one incompressible probe is not enough to
+// give up.
 func (c *codec) compressible(payload []byte) bool {
-	if len(payload) < 4*probeSize {
+	if len(payload) < 8*probeSize {
 		return true
 	}
-	mid := len(payload)/2 - probeSize/2
-	probe := payload[mid : mid+probeSize]
 	var buf [probeSize + probeSize/128 + 64]byte
-	z := c.enc.EncodeAll(probe, buf[:0])
-	return len(z) < len(probe)-len(probe)/32
+	for _, at := range []int{len(payload) / 4, len(payload) / 2, len(payload) * 3 / 4} {
+		probe := payload[at-probeSize/2 : at+probeSize/2]
+		if z := c.enc.EncodeAll(probe, buf[:0]); len(z) < len(probe)-len(probe)/32 {
+			return true
+		}
+	}
+	return false
 }
 
 // open authenticates, decrypts and decompresses object name, which must

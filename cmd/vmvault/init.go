@@ -51,7 +51,7 @@ with argon2id (about 0.5 s); keep it safe: without it nothing can be restored.`,
 		},
 	}
 	cmd.Flags().StringVar(&kdf, "kdf-params", "", "argon2id parameters t=PASSES,m=KIB,p=THREADS (default: calibrated to ~0.5 s)")
-	cmd.Flags().Int64Var(&segSize, "segment-size", 0, "segment size in bytes (default 16 MiB)")
+	cmd.Flags().Int64Var(&segSize, "segment-size", 0, "segment size in bytes (default 8 MiB)")
 	cmd.Flags().MarkHidden("kdf-params")
 	cmd.Flags().MarkHidden("segment-size")
 	return cmd
