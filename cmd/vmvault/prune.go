@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sort"
 	"strings"
 	"time"
 
@@ -96,30 +97,62 @@ type decisionJSON struct {
 }
 
 // applyPolicy decides which generations go; it prints the decisions.
-func (a *app) applyPolicy(ctx context.Context, r *repo.Repository, vm string, pol retention.Policy) ([]decisionJSON, []string, error) {
+func (a *app) applyPolicy(ctx context.Context, r *repo.Repository, vm string, policyFor func(vm string) retention.Policy) ([]decisionJSON, []string, error) {
 	ms, err := r.Manifests(ctx, vm)
 	if err != nil {
 		return nil, nil, err
 	}
 	byID := map[string]*repo.Manifest{}
-	gens := make([]retention.Generation, len(ms))
-	for i, m := range ms {
-		gens[i] = retention.Generation{ID: m.ID, Time: m.Time, Tags: m.Tags, Group: repo.GroupKey(m)}
+	byVM := map[string][]retention.Generation{}
+	var vms []string
+	for _, m := range ms {
+		if byVM[m.VM] == nil {
+			vms = append(vms, m.VM)
+		}
+		byVM[m.VM] = append(byVM[m.VM], retention.Generation{ID: m.ID, Time: m.Time, Tags: m.Tags, Group: repo.GroupKey(m)})
 		byID[m.ID] = m
 	}
+	sort.Strings(vms)
 	var out []decisionJSON
 	var remove []string
-	for _, d := range retention.Apply(gens, pol, time.Now(), time.Local) {
-		m := byID[d.ID]
-		out = append(out, decisionJSON{ID: d.ID, VM: m.VM, Time: m.Time, Keep: d.Keep, Reasons: d.Reasons})
-		if !d.Keep {
-			remove = append(remove, d.ID)
-		}
-		if d.Future {
-			a.log.Warn("generation dated in the future (clock skew or forged time): kept, never counted as newest", "vm", m.VM, "generation", m.ShortID(), "time", m.Time)
+	now := time.Now()
+	for _, v := range vms {
+		for _, d := range retention.Apply(byVM[v], policyFor(v), now, time.Local) {
+			m := byID[d.ID]
+			out = append(out, decisionJSON{ID: d.ID, VM: m.VM, Time: m.Time, Keep: d.Keep, Reasons: d.Reasons})
+			if !d.Keep {
+				remove = append(remove, d.ID)
+			}
+			if d.Future {
+				a.log.Warn("generation dated in the future (clock skew or forged time): kept, never counted as newest", "vm", m.VM, "generation", m.ShortID(), "time", m.Time)
+			}
 		}
 	}
 	return out, remove, nil
+}
+
+// configPolicies returns the retention policy of each VM from the
+// configuration file ([vm.X] retention, else [retention]), and whether any
+// VM has one. Flags' --allow-empty carries over.
+func (a *app) configPolicies(allowEmpty bool) (func(string) retention.Policy, bool, error) {
+	cfg, err := a.loadConfig(false)
+	if err != nil || cfg == nil {
+		return nil, false, err
+	}
+	found := !cfg.Retention.Empty()
+	for _, v := range cfg.VMs {
+		if v.Retention != nil && !v.Retention.Empty() {
+			found = true
+		}
+	}
+	return func(vm string) retention.Policy {
+		p := cfg.Retention
+		if v := cfg.VMs[vm]; v != nil && v.Retention != nil {
+			p = *v.Retention
+		}
+		p.AllowEmpty = allowEmpty
+		return p
+	}, found, nil
 }
 
 func (a *app) printDecisions(ds []decisionJSON) {
@@ -187,8 +220,20 @@ func (a *app) forgetPrune(ctx context.Context, args []string, pf *policyFlags, p
 	if err != nil {
 		return withCode(exitUsage, err)
 	}
-	if pol.Empty() && !prune {
-		return withCode(exitUsage, errors.New("forget: no policy given (--keep-daily, --keep-last, …)"))
+	policyFor := func(string) retention.Policy { return pol }
+	havePolicy := !pol.Empty()
+	if !havePolicy {
+		// No --keep-* flags: the configuration's policies, if any.
+		pf, ok, err := a.configPolicies(pol.AllowEmpty)
+		if err != nil {
+			return err
+		}
+		if ok {
+			policyFor, havePolicy = pf, true
+		}
+	}
+	if !havePolicy && !prune {
+		return withCode(exitUsage, errors.New("forget: no policy given (--keep-daily, --keep-last, … or [retention] in the configuration)"))
 	}
 	command := "forget"
 	if prune {
@@ -202,8 +247,8 @@ func (a *app) forgetPrune(ctx context.Context, args []string, pf *policyFlags, p
 		}
 		res := forgetResult{DryRun: pf.dryRun}
 		var remove []string
-		if !pol.Empty() {
-			ds, rm, err := a.applyPolicy(ctx, r, vm, pol)
+		if havePolicy {
+			ds, rm, err := a.applyPolicy(ctx, r, vm, policyFor)
 			if err != nil {
 				return err
 			}

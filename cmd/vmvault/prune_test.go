@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -182,4 +183,48 @@ func TestPruneKilled(t *testing.T) {
 	if len(gens) != 2 {
 		t.Fatalf("%d generations after the final prune", len(gens))
 	}
+}
+
+// Without --keep-* flags, prune applies the configuration's policies:
+// [vm.X] retention where set, else [retention].
+func TestPrunePolicyFromConfig(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "img")
+	cfg := filepath.Join(e.dir, "vmvault.toml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`
+[repository]
+url = %q
+password_file = %q
+cache_dir = %q
+
+[retention]
+keep_last = 2
+
+[vm.a]
+retention = { keep_last = 1 }
+disk.hda = { path = %q }
+
+[vm.b]
+disk.hda = { path = %q }
+`, e.repo, e.pw, e.cache, src, src)), 0o600)
+	for d := range 3 {
+		os.WriteFile(src, dayImage(d), 0o600)
+		for _, vm := range []string{"a", "b"} {
+			e.ok("backup", vm, "--source", src, "--time", time.Date(2026, 2, 1+d, 12, 0, 0, 0, time.UTC).Format(time.RFC3339))
+		}
+	}
+	var out, errb bytes.Buffer
+	if code := run(context.Background(), []string{"--config", cfg, "prune"}, nil, &out, &errb); code != 0 {
+		t.Fatalf("prune with the configured policy: exit %d %s", code, errb.String())
+	}
+	for vm, want := range map[string]int{"a": 1, "b": 2} {
+		r := e.ok("snapshots", vm, "--json")
+		var gens []generationJSON
+		json.Unmarshal([]byte(r.stdout), &gens)
+		if len(gens) != want {
+			t.Fatalf("VM %s keeps %d generations, want %d", vm, len(gens), want)
+		}
+	}
+	// forget without flags and without a configured policy is a usage error.
+	e.fails(exitUsage, "no policy", "forget")
 }
