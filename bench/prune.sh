@@ -47,7 +47,7 @@ blocks=$(($(stat -c %s "$work/disk.raw") / 1048576))
 start=$SECONDS
 for i in $(seq 1 "$gens"); do
 	for _ in $(seq 1 "$change"); do
-		dd if=/dev/urandom of="$work/disk.raw" bs=1M count=1 seek=$((RANDOM * 32768 % blocks + RANDOM % blocks)) conv=notrunc status=none 2>/dev/null || true
+		dd if=/dev/urandom of="$work/disk.raw" bs=1M count=1 seek=$(((RANDOM * 32768 + RANDOM) % (blocks - 1))) conv=notrunc status=none
 	done
 	at=$(date -u -d "2026-01-01 + $i hours" +%Y-%m-%dT%H:%M:%SZ)
 	"${vmv[@]}" backup benchvm --source "$work/disk.raw" --time "$at" >/dev/null
