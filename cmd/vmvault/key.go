@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
+	"vmvault/crypto"
 	"vmvault/repo"
 )
 
@@ -57,10 +59,10 @@ func (a *app) keyCommand() *cobra.Command {
 			return tw.Flush()
 		},
 	}
-	add := &cobra.Command{
-		Use: "add", Short: "Add a key file for another password", Args: cobra.NoArgs,
-		Example: "  vmvault key add                       # prompts for the new password twice\n  vmvault key add --new-password-file /root/second-password",
-		RunE: func(cmd *cobra.Command, _ []string) error {
+	// withNewKey opens the repository, reads the new password and runs
+	// store (add or replace a key file), reporting the new key's ID.
+	withNewKey := func(done string, store func(*repo.Repository, context.Context, []byte, crypto.KDFParams) (string, error)) func(*cobra.Command, []string) error {
+		return func(cmd *cobra.Command, _ []string) error {
 			params, err := parseKDF(kdf)
 			if err != nil {
 				return withCode(exitUsage, err)
@@ -77,13 +79,18 @@ func (a *app) keyCommand() *cobra.Command {
 			if params.Time == 0 {
 				params = calibrated()
 			}
-			id, err := r.AddKey(cmd.Context(), pw, params)
+			id, err := store(r, cmd.Context(), pw, params)
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stderr, "added key %s\n", id[:8])
+			fmt.Fprintf(a.stderr, done+"\n", id[:8])
 			return nil
-		},
+		}
+	}
+	add := &cobra.Command{
+		Use: "add", Short: "Add a key file for another password", Args: cobra.NoArgs,
+		Example: "  vmvault key add                       # prompts for the new password twice\n  vmvault key add --new-password-file /root/second-password",
+		RunE:    withNewKey("added key %s", (*repo.Repository).AddKey),
 	}
 	remove := &cobra.Command{
 		Use: "remove ID", Short: "Remove a key file (not the one in use)", Args: cobra.ExactArgs(1),
@@ -104,33 +111,13 @@ func (a *app) keyCommand() *cobra.Command {
 	passwd := &cobra.Command{
 		Use: "passwd", Short: "Change the password of the key in use", Args: cobra.NoArgs,
 		Example: "  vmvault key passwd --new-password-file /etc/vmvault/password.new\n  mv /etc/vmvault/password.new /etc/vmvault/password",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			params, err := parseKDF(kdf)
-			if err != nil {
-				return withCode(exitUsage, err)
+		RunE: withNewKey("password changed (new key %s)", func(r *repo.Repository, ctx context.Context, pw []byte, p crypto.KDFParams) (string, error) {
+			id, err := r.ChangePassword(ctx, pw, p)
+			if err != nil && !errors.Is(err, repo.ErrWrongPassword) {
+				err = fmt.Errorf("change password: %w", err)
 			}
-			r, err := a.openRepo(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer r.Backend().Close()
-			pw, err := newPassword()
-			if err != nil {
-				return err
-			}
-			if params.Time == 0 {
-				params = calibrated()
-			}
-			id, err := r.ChangePassword(cmd.Context(), pw, params)
-			if err != nil {
-				if errors.Is(err, repo.ErrWrongPassword) {
-					return err
-				}
-				return fmt.Errorf("change password: %w", err)
-			}
-			fmt.Fprintf(a.stderr, "password changed (new key %s)\n", id[:8])
-			return nil
-		},
+			return id, err
+		}),
 	}
 	cmd.AddCommand(list, add, remove, passwd)
 	return cmd

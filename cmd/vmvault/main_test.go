@@ -262,3 +262,41 @@ func countObjects(repo string) int {
 	})
 	return n
 }
+
+func TestKeyCommands(t *testing.T) {
+	e := newEnv(t)
+	second := filepath.Join(e.dir, "second")
+	os.WriteFile(second, []byte("second password\n"), 0o600)
+	r := e.ok("key", "add", "--new-password-file", second, "--kdf-params", "t=1,m=8192,p=1")
+	if !strings.Contains(r.stderr, "added key") {
+		t.Fatalf("key add: %s", r.stderr)
+	}
+	r = e.ok("key", "list", "--json")
+	var keys []struct {
+		ID      string `json:"id"`
+		Current bool   `json:"current"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &keys); err != nil || len(keys) != 2 {
+		t.Fatalf("key list: %v %s", err, r.stdout)
+	}
+	// The second password opens the repository.
+	e.ok("--password-file", second, "snapshots")
+	// The key in use cannot be removed; the other one can.
+	var cur, other string
+	for _, k := range keys {
+		if k.Current {
+			cur = k.ID
+		} else {
+			other = k.ID
+		}
+	}
+	e.fails(exitError, "in use", "key", "remove", cur[:8])
+	e.ok("key", "remove", other[:8])
+	e.fails(exitWrongPass, "wrong password", "--password-file", second, "snapshots")
+	// passwd: the new password works, the old one no longer does.
+	newpw := filepath.Join(e.dir, "new")
+	os.WriteFile(newpw, []byte("new password\n"), 0o600)
+	e.ok("key", "passwd", "--new-password-file", newpw, "--kdf-params", "t=1,m=8192,p=1")
+	e.ok("--password-file", newpw, "snapshots")
+	e.fails(exitWrongPass, "wrong password", "snapshots")
+}
