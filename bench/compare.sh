@@ -19,7 +19,8 @@
 #   --runs N        repeat everything N times with fresh repositories, tools
 #                   interleaved; report medians (peak RSS: the maximum) (default 1)
 #   --vmvault BIN   use this vmvault binary instead of building ./cmd/vmvault
-#   --sftp          also run against SFTP repositories (not implemented yet)
+#   --sftp          also run both tools against SFTP repositories on a private
+#                   sshd on 127.0.0.1 (tools restic-sftp, vmvault-sftp)
 #   --workdir DIR   repositories and logs (default: a new temp dir, removed at the end)
 #   --keep          keep the work dir
 #   --cache DIR     image cache (default ${XDG_CACHE_HOME:-~/.cache}/vmvault-bench)
@@ -64,21 +65,9 @@ die() { printf 'compare: error: %s\n' "$*" >&2; exit 1; }
 has_tool() { [[ ",$tools," == *",$1,"* ]]; }
 export PATH="$PATH:/usr/sbin:/sbin"
 
-# ---------------------------------------------------------------------------
-# SFTP HOOK (not implemented yet). To add SFTP runs:
-#   1. start a private sshd on 127.0.0.1 with a free high port and its own
-#      config, host key and authorized_keys in the work dir (recipe in
-#      shared/TEST-ENVIRONMENT.md, "OpenSSH sshd for SFTP tests");
-#   2. for restic use the repository "sftp:USER@127.0.0.1:/DIR" with
-#      -o sftp.command="ssh -p PORT -i KEY -o UserKnownHostsFile=... USER@127.0.0.1 -s sftp";
-#      for vmvault the SFTP repository syntax of its backend;
-#   3. let run_tool take the repository location, call it for tool names
-#      like "restic-sftp" and "vmvault-sftp", and add those names to the
-#      report's loops over tools (and a ratio block for the SFTP pair).
-# ---------------------------------------------------------------------------
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "--runs needs a positive number"
 if [ -n "$sftp" ]; then
-	die "--sftp is not implemented yet (see the SFTP HOOK in $0)"
+	tools="$tools,$(sed 's/\([a-z]*\)/\1-sftp/g' <<<"$tools")"
 fi
 
 [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap for the reference image)"
@@ -101,9 +90,48 @@ else
 	workdir=$(cd "$workdir" && pwd)
 fi
 if [ -z "$keep" ]; then
-	trap 'rm -rf "$workdir"' EXIT
+	trap 'stop_sshd; rm -rf "$workdir"' EXIT
+else
+	trap 'stop_sshd' EXIT
 fi
 mkdir -p "$workdir/logs" "$workdir/time"
+
+# --- A private sshd on 127.0.0.1 for the SFTP runs (root login by key). ---
+sshd_pid=
+stop_sshd() { [ -z "$sshd_pid" ] || kill "$sshd_pid" 2>/dev/null || true; }
+if [ -n "$sftp" ]; then
+	need /usr/sbin/sshd openssh-server
+	ssh_dir="$workdir/ssh"
+	mkdir -p "$ssh_dir" /run/sshd
+	chmod 711 "$workdir" "$ssh_dir"
+	ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host_key"
+	ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/client_key"
+	cp "$ssh_dir/client_key.pub" "$ssh_dir/authorized_keys"
+	listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+	sshd_port=$((20000 + RANDOM % 40000))
+	while listening "$sshd_port"; do sshd_port=$((20000 + RANDOM % 40000)); done
+	cat >"$ssh_dir/sshd_config" <<CONF
+ListenAddress 127.0.0.1
+Port $sshd_port
+HostKey $ssh_dir/host_key
+PidFile $ssh_dir/sshd.pid
+AuthorizedKeysFile $ssh_dir/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+Subsystem sftp internal-sftp
+CONF
+	echo "[127.0.0.1]:$sshd_port $(cat "$ssh_dir/host_key.pub")" >"$ssh_dir/known_hosts"
+	/usr/sbin/sshd -D -e -f "$ssh_dir/sshd_config" >"$workdir/logs/sshd.log" 2>&1 &
+	sshd_pid=$!
+	for _ in $(seq 50); do
+		listening "$sshd_port" && break
+		sleep 0.1
+	done
+	ssh_cmd="ssh -p $sshd_port -i $ssh_dir/client_key -o UserKnownHostsFile=$ssh_dir/known_hosts -o StrictHostKeyChecking=yes -o BatchMode=yes root@127.0.0.1 -s sftp"
+fi
 
 # --- Images. ---
 mk=(--size "$size" --cache "$cache")
@@ -121,7 +149,7 @@ sha_next=$(info sha256_next)
 
 export XDG_CACHE_HOME="$workdir/cache"
 
-if has_tool vmvault; then
+if has_tool vmvault || has_tool vmvault-sftp; then
 	if [ -n "$vmvault_bin" ]; then
 		cp "$vmvault_bin" "$workdir/vmvault" || die "cannot copy $vmvault_bin"
 	else
@@ -161,17 +189,27 @@ run_tool() {
 	(umask 077 && head -c 24 /dev/urandom | base64 >"$pw")
 	local before backup restore
 	case "$tool" in
-	restic)
+	restic | restic-sftp)
+		local ropt=()
 		export RESTIC_PASSWORD_FILE="$pw" RESTIC_REPOSITORY="$repo"
-		restic init >"$workdir/logs/restic-init.$round.log" 2>&1 || die "restic init failed"
-		backup=(restic backup --quiet --stdin --stdin-filename disk.raw)
-		restore=(restic dump --quiet latest disk.raw)
+		if [ "$tool" = restic-sftp ]; then
+			RESTIC_REPOSITORY="sftp:root@127.0.0.1:$repo"
+			ropt=(-o "sftp.command=$ssh_cmd")
+		fi
+		restic "${ropt[@]}" init >"$workdir/logs/$tool-init.$round.log" 2>&1 || die "$tool init failed"
+		backup=(restic "${ropt[@]}" backup --quiet --stdin --stdin-filename disk.raw)
+		restore=(restic "${ropt[@]}" dump --quiet latest disk.raw)
 		;;
-	vmvault)
+	vmvault | vmvault-sftp)
+		local vopt=()
 		export VMVAULT_PASSWORD_FILE="$pw" VMVAULT_REPOSITORY="$repo"
-		"$workdir/vmvault" init </dev/null >"$workdir/logs/vmvault-init.$round.log" 2>&1 || die "vmvault init failed"
-		backup=("$workdir/vmvault" backup benchvm --source @IMG@)
-		restore=("$workdir/vmvault" restore benchvm latest)
+		if [ "$tool" = vmvault-sftp ]; then
+			VMVAULT_REPOSITORY="sftp://root@127.0.0.1:$sshd_port$repo"
+			vopt=(--ssh-key "$ssh_dir/client_key" --known-hosts "$ssh_dir/known_hosts")
+		fi
+		"$workdir/vmvault" init "${vopt[@]}" </dev/null >"$workdir/logs/$tool-init.$round.log" 2>&1 || die "$tool init failed"
+		backup=("$workdir/vmvault" backup benchvm --source @IMG@ "${vopt[@]}")
+		restore=("$workdir/vmvault" restore benchvm latest "${vopt[@]}")
 		;;
 	*) die "unknown tool $tool" ;;
 	esac
@@ -266,7 +304,7 @@ echo "  restores verified: sha256 of the restored image equals the next-day imag
 echo
 printf '%-12s %-8s %9s %9s %9s %13s\n' step tool "wall s" "CPU s" "RSS MiB" "repo grew MiB"
 for step in full incr restore; do
-	for t in restic vmvault; do
+	for t in restic vmvault restic-sftp vmvault-sftp; do
 		has_tool "$t" || continue
 		w=$(val "$t" "$step" wall) c=$(val "$t" "$step" cpu) r=$(val "$t" "$step" rss) g=$(val "$t" "$step" grew)
 		printf '%-12s %-8s %9s %9s %9s %13s\n' "$step" "$t" "$w" "$c" "$r" "$(mib "$g")"
@@ -302,6 +340,18 @@ if has_tool restic && has_tool vmvault; then
 		[ "$r" != - ] && [ "$r" -gt "$peak" ] && peak=$r
 	done
 	echo "vmvault peak RSS over all steps: $peak MiB ($( [ "$peak" -le 200 ] && echo met || echo missed ) (<= 200 MiB))"
+fi
+if has_tool vmvault-sftp; then
+	echo
+	echo "SFTP (loopback sshd): wall-time ratios"
+	printf '%-12s %-34s %-34s\n' step "vmvault-sftp / vmvault (local)" "vmvault-sftp / restic-sftp"
+	for step in full incr restore; do
+		a=$(ratio "$(val vmvault-sftp "$step" wall)" "$(val vmvault "$step" wall)")
+		b=$(ratio "$(val vmvault-sftp "$step" wall)" "$(val restic-sftp "$step" wall)")
+		ta=; tb=
+		[ "$step" = full ] && ta=1.30 && tb=0.50
+		printf '%-12s %-34s %-34s\n' "$step" "$a $(verdict "$a" "$ta")" "$b $(verdict "$b" "$tb")"
+	done
 fi
 echo
 echo "results: $tsv, $md (rows for docs/performance.md)${keep:+; work dir kept: $workdir}"
