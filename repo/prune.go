@@ -68,12 +68,16 @@ type PruneStats struct {
 // repository: a batch of IDs is buffered in memory and flushed per
 // transaction.
 type markSet struct {
-	db    *bolt.DB
-	path  string
-	batch map[crypto.ID]ObjectType
+	db      *bolt.DB
+	path    string
+	batch   map[crypto.ID]ObjectType
+	garbage []string
 }
 
-var bucketMarks = []byte("marks")
+var (
+	bucketMarks   = []byte("marks")
+	bucketGarbage = []byte("garbage")
+)
 
 const markBatch = 1 << 16
 
@@ -93,7 +97,10 @@ func newMarkSet(dir string) (*markSet, error) {
 		return nil, err
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
-		_, err := tx.CreateBucket(bucketMarks)
+		if _, err := tx.CreateBucket(bucketMarks); err != nil {
+			return err
+		}
+		_, err := tx.CreateBucket(bucketGarbage)
 		return err
 	}); err != nil {
 		db.Close()
@@ -111,7 +118,7 @@ func (m *markSet) add(id crypto.ID, t ObjectType) error {
 }
 
 func (m *markSet) flush() error {
-	if len(m.batch) == 0 {
+	if len(m.batch) == 0 && len(m.garbage) == 0 {
 		return nil
 	}
 	err := m.db.Update(func(tx *bolt.Tx) error {
@@ -121,10 +128,58 @@ func (m *markSet) flush() error {
 				return err
 			}
 		}
+		g := tx.Bucket(bucketGarbage)
+		for _, name := range m.garbage {
+			if err := g.Put([]byte(name), nil); err != nil {
+				return err
+			}
+		}
 		return nil
 	})
 	clear(m.batch)
+	m.garbage = m.garbage[:0]
 	return err
+}
+
+// addGarbage records an object to delete once the new index is durable.
+func (m *markSet) addGarbage(name string) error {
+	m.garbage = append(m.garbage, name)
+	if len(m.garbage) >= markBatch {
+		return m.flush()
+	}
+	return nil
+}
+
+// eachGarbage calls fn for every recorded garbage object, in batches read
+// from disk (fn runs outside any transaction: it may take long).
+func (m *markSet) eachGarbage(fn func(string) error) error {
+	var after []byte
+	for {
+		var names []string
+		m.db.View(func(tx *bolt.Tx) error {
+			c := tx.Bucket(bucketGarbage).Cursor()
+			k, _ := c.First()
+			if after != nil {
+				k, _ = c.Seek(after)
+				if k != nil && string(k) == string(after) {
+					k, _ = c.Next()
+				}
+			}
+			for ; k != nil && len(names) < 4096; k, _ = c.Next() {
+				names = append(names, string(k))
+			}
+			return nil
+		})
+		if len(names) == 0 {
+			return nil
+		}
+		for _, n := range names {
+			if err := fn(n); err != nil {
+				return err
+			}
+		}
+		after = []byte(names[len(names)-1])
+	}
 }
 
 // get returns the marked type of id (0 if unmarked).
@@ -215,61 +270,78 @@ func (r *Repository) Prune(ctx context.Context, dryRun bool, exclude map[string]
 		return nil, err
 	}
 
-	// Sweep list: live objects go to the new index, the rest is garbage.
-	var live []IndexEntry
-	var garbage []string
-	err = r.be.List(ctx, "data/", func(o backend.ObjectInfo) error {
-		id, err := parseID(shortName(o.Name))
-		if err != nil {
-			garbage = append(garbage, o.Name) // not ours
-			return nil
-		}
-		if t := marks.get(id); t != 0 {
-			live = append(live, IndexEntry{ID: id, Type: t, Size: uint32(o.Size)})
-			st.ObjectsKept++
-			st.BytesKept += o.Size
-		} else {
-			garbage = append(garbage, o.Name)
-			st.ObjectsRemoved++
-			st.BytesRemoved += o.Size
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
+	// The index objects to replace: listed before any new one is written.
 	oldIndex, err := r.listIndexNames(ctx)
 	if err != nil {
 		return nil, err
 	}
 	st.IndexRemoved = len(oldIndex)
-	st.IndexWritten = (len(live) + indexObjectEntries - 1) / indexObjectEntries
+
+	// Sweep list: live objects go to new index objects, written as each
+	// fills up; garbage names go to the on-disk set. Memory stays bounded
+	// by one index object's entries, whatever the repository's size.
+	live := make([]IndexEntry, 0, indexObjectEntries)
+	flushLive := func() error {
+		if len(live) == 0 {
+			return nil
+		}
+		st.IndexWritten++
+		if !dryRun {
+			name := indexName(randomID())
+			if err := r.be.Put(ctx, name, r.codec.seal(TypeIndex, name, encodeIndex(live))); err != nil {
+				return fmt.Errorf("write index: %w", err)
+			}
+		}
+		live = live[:0]
+		return nil
+	}
+	err = r.be.List(ctx, "data/", func(o backend.ObjectInfo) error {
+		id, err := parseID(shortName(o.Name))
+		if err == nil {
+			if t := marks.get(id); t != 0 {
+				live = append(live, IndexEntry{ID: id, Type: t, Size: uint32(o.Size)})
+				st.ObjectsKept++
+				st.BytesKept += o.Size
+				if len(live) == indexObjectEntries {
+					return flushLive()
+				}
+				return nil
+			}
+		}
+		st.ObjectsRemoved++
+		st.BytesRemoved += o.Size
+		if dryRun {
+			return nil
+		}
+		return marks.addGarbage(o.Name)
+	})
+	if err == nil {
+		err = flushLive()
+	}
+	if err == nil {
+		err = marks.flush()
+	}
+	if err != nil {
+		return nil, err
+	}
 	if dryRun {
 		return st, nil
 	}
-
-	// 1. New index.
-	sort.Slice(live, func(i, j int) bool { return string(live[i].ID[:]) < string(live[j].ID[:]) })
-	for len(live) > 0 {
-		n := min(len(live), indexObjectEntries)
-		name := indexName(randomID())
-		if err := r.be.Put(ctx, name, r.codec.seal(TypeIndex, name, encodeIndex(live[:n]))); err != nil {
-			return nil, fmt.Errorf("write index: %w", err)
-		}
-		delete(oldIndex, name)
-		live = live[n:]
-	}
-	// 2. Old index.
+	// Old index objects go only now that the new ones are durable.
 	for name := range oldIndex {
 		if err := r.be.Delete(ctx, name); err != nil && !errors.Is(err, backend.ErrNotExist) {
 			return nil, fmt.Errorf("remove old index: %w", err)
 		}
 	}
-	// 3. Garbage.
-	for _, name := range garbage {
+	// Then the garbage, which no index lists any more.
+	err = marks.eachGarbage(func(name string) error {
 		if err := r.be.Delete(ctx, name); err != nil && !errors.Is(err, backend.ErrNotExist) {
-			return nil, fmt.Errorf("remove %s: %w", name, err)
+			return fmt.Errorf("remove %s: %w", name, err)
 		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	if tr, ok := r.be.(interface {
 		RemoveTemporary(context.Context) (int, error)
