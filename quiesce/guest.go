@@ -15,6 +15,8 @@ import (
 
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/knownhosts"
+
+	"vmvault/internal/sshkey"
 )
 
 // GuestConfig says how to reach a VM's guest over SSH and what to run there
@@ -157,7 +159,7 @@ func dialGuest(ctx context.Context, vm string, cfg GuestConfig, log *slog.Logger
 	if _, _, err := net.SplitHostPort(addr); err != nil {
 		addr = net.JoinHostPort(addr, "22")
 	}
-	signer, err := loadKey(cfg.KeyFile)
+	signer, err := sshkey.ReadPrivateKey(cfg.KeyFile)
 	if err != nil {
 		return nil, fmt.Errorf("vm %s: %w", vm, err)
 	}
@@ -170,7 +172,7 @@ func dialGuest(ctx context.Context, vm string, cfg GuestConfig, log *slog.Logger
 		User:              cfg.User,
 		Auth:              []ssh.AuthMethod{ssh.PublicKeys(signer)},
 		HostKeyCallback:   g.verifyHostKey(known),
-		HostKeyAlgorithms: knownAlgorithms(known, addr),
+		HostKeyAlgorithms: sshkey.KnownAlgorithms(known, addr),
 		Timeout:           cfg.ConnectTimeout,
 	}
 	if err := g.dial(ctx); err != nil {
@@ -226,64 +228,6 @@ func (g *guest) verifyHostKey(known ssh.HostKeyCallback) ssh.HostKeyCallback {
 		}
 		return fmt.Errorf("vm %s: guest %s host key %s: %w", g.vm, hostname, ssh.FingerprintSHA256(key), err)
 	}
-}
-
-// knownAlgorithms lists the host key algorithms of the keys known_hosts has
-// for addr, so the server is asked for a key we can verify rather than its
-// preferred type (which known_hosts may not list). Nil means no
-// preference: the handshake then fails with an "unknown key" error.
-func knownAlgorithms(known ssh.HostKeyCallback, addr string) []string {
-	var probe probeKey
-	err := known(addr, &net.TCPAddr{}, probe)
-	var ke *knownhosts.KeyError
-	if !errors.As(err, &ke) {
-		return nil
-	}
-	var algos []string
-	for _, k := range ke.Want {
-		switch t := k.Key.Type(); t {
-		case ssh.KeyAlgoRSA:
-			algos = append(algos, ssh.KeyAlgoRSASHA512, ssh.KeyAlgoRSASHA256, ssh.KeyAlgoRSA)
-		default:
-			algos = append(algos, t)
-		}
-	}
-	return algos
-}
-
-// probeKey is a public key of a type no known_hosts file contains, used to
-// make knownhosts list the keys it knows for a host.
-type probeKey struct{}
-
-func (probeKey) Type() string                        { return "vmvault-probe" }
-func (probeKey) Marshal() []byte                     { return []byte("vmvault-probe") }
-func (probeKey) Verify([]byte, *ssh.Signature) error { return errors.New("probe key") }
-
-// loadKey reads an unencrypted private key that only its owner can read.
-func loadKey(path string) (ssh.Signer, error) {
-	if path == "" {
-		return nil, errors.New("no SSH key file configured")
-	}
-	fi, err := os.Stat(path)
-	if err != nil {
-		return nil, fmt.Errorf("SSH key: %w", err)
-	}
-	if fi.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("SSH key %s has mode %v: it must not be accessible by group or others (chmod 600)", path, fi.Mode().Perm())
-	}
-	pem, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("SSH key: %w", err)
-	}
-	signer, err := ssh.ParsePrivateKey(pem)
-	if err != nil {
-		var pm *ssh.PassphraseMissingError
-		if errors.As(err, &pm) {
-			return nil, fmt.Errorf("SSH key %s is encrypted; unattended backups need an unencrypted key", path)
-		}
-		return nil, fmt.Errorf("SSH key %s: %w", path, err)
-	}
-	return signer, nil
 }
 
 // run executes one command through the guest's shell, bounded by timeout.

@@ -2,7 +2,6 @@ package sftp
 
 import (
 	"context"
-	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -17,6 +16,8 @@ import (
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/agent"
 	"golang.org/x/crypto/ssh/knownhosts"
+
+	"vmvault/internal/sshkey"
 )
 
 const (
@@ -102,15 +103,7 @@ func (h *hostKeys) config(addr string) (ssh.HostKeyCallback, []string, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	var algos []string
-	probe, _, _ := ed25519.GenerateKey(nil)
-	probeKey, _ := ssh.NewPublicKey(probe)
-	var ke *knownhosts.KeyError
-	if err := known(addr, fakeAddr(addr), probeKey); errors.As(err, &ke) {
-		for _, k := range ke.Want {
-			algos = append(algos, algorithmsFor(k.Key.Type())...)
-		}
-	}
+	algos := sshkey.KnownAlgorithms(known, addr)
 	cb := func(hostname string, remote net.Addr, key ssh.PublicKey) error {
 		err := known(hostname, remote, key)
 		var ke *knownhosts.KeyError
@@ -159,26 +152,13 @@ func (h *hostKeys) appendLine(line string) error {
 	return nil
 }
 
-// algorithmsFor lists the signature algorithms that prove a key of type t.
-func algorithmsFor(t string) []string {
-	if t == ssh.KeyAlgoRSA {
-		return []string{ssh.KeyAlgoRSASHA512, ssh.KeyAlgoRSASHA256, ssh.KeyAlgoRSA}
-	}
-	return []string{t}
-}
-
-type fakeAddr string
-
-func (a fakeAddr) Network() string { return "tcp" }
-func (a fakeAddr) String() string  { return string(a) }
-
 // signers loads the client's keys: the key file if given, otherwise the
 // usual default files that exist, then ssh-agent's keys. The returned
 // closer releases the agent connection.
 func signers(keyFile string) (func() ([]ssh.Signer, error), func(), error) {
 	var fileSigners []ssh.Signer
 	if keyFile != "" {
-		s, err := readKeyFile(keyFile)
+		s, err := sshkey.ReadPrivateKey(keyFile)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -189,7 +169,7 @@ func signers(keyFile string) (func() ([]ssh.Signer, error), func(), error) {
 			if _, err := os.Stat(f); err != nil {
 				continue
 			}
-			s, err := readKeyFile(f)
+			s, err := sshkey.ReadPrivateKey(f)
 			if err != nil {
 				return nil, nil, err
 			}
@@ -220,31 +200,6 @@ func signers(keyFile string) (func() ([]ssh.Signer, error), func(), error) {
 		}
 		return out, nil
 	}, closer, nil
-}
-
-// readKeyFile parses an unencrypted private key, refusing one that other
-// users can read: a leaked backup key gives access to every backup.
-func readKeyFile(file string) (ssh.Signer, error) {
-	st, err := os.Stat(file)
-	if err != nil {
-		return nil, fmt.Errorf("SSH key file: %w", err)
-	}
-	if perm := st.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("SSH key file %s is accessible by group or others (mode %04o); restrict it with: chmod 600 %s", file, perm, file)
-	}
-	pem, err := os.ReadFile(file)
-	if err != nil {
-		return nil, fmt.Errorf("SSH key file: %w", err)
-	}
-	s, err := ssh.ParsePrivateKey(pem)
-	var pm *ssh.PassphraseMissingError
-	if errors.As(err, &pm) {
-		return nil, fmt.Errorf("SSH key file %s is protected by a passphrase; load it into ssh-agent (ssh-add) and leave the key file unset", file)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("SSH key file %s: %w", file, err)
-	}
-	return s, nil
 }
 
 // conn is one SSH connection with an SFTP session on it.
