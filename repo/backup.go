@@ -341,7 +341,11 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	for _, id := range segIDs {
 		segs = append(segs, id[:]...)
 	}
-	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, Segments: segs}
+	tables, err := st.storeTables(ctx, segs)
+	if err != nil {
+		return Disk{}, err
+	}
+	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, Segments: segs, Tables: tables}
 	d.Digest = HexID(imageDigest(r.imageH, total, segSize, segs))
 	if sum != nil {
 		d.SHA256 = hex.EncodeToString(sum.Sum(nil))

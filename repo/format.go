@@ -160,7 +160,7 @@ func decodeIndex(b []byte) ([]IndexEntry, error) {
 			return nil, fmt.Errorf("index: truncated: %w", ErrCorrupt)
 		}
 		t := ObjectType(b[0])
-		if t != TypeChunk && t != TypeSegment {
+		if t != TypeChunk && t != TypeSegment && t != TypeTable {
 			return nil, fmt.Errorf("index: bad type %d: %w", b[0], ErrCorrupt)
 		}
 		var e IndexEntry
@@ -178,6 +178,24 @@ func decodeIndex(b []byte) ([]IndexEntry, error) {
 		return nil, fmt.Errorf("index: %d trailing bytes: %w", len(b), ErrCorrupt)
 	}
 	return entries, nil
+}
+
+// TableSegments is the most segment IDs one segment table holds (64 KiB);
+// writers fill every table but the last.
+const TableSegments = 2048
+
+const tableVersion = 1
+
+// encodeTable: version byte, then the 32-byte segment IDs.
+func encodeTable(segs []byte) []byte {
+	return append([]byte{tableVersion}, segs...)
+}
+
+func decodeTable(b []byte) ([]byte, error) {
+	if len(b) < 1 || b[0] != tableVersion || (len(b)-1)%32 != 0 || len(b)-1 > 32*TableSegments || len(b) == 1 {
+		return nil, fmt.Errorf("segment table: malformed: %w", ErrCorrupt)
+	}
+	return b[1:], nil
 }
 
 // HexID is a crypto.ID that marshals as hexadecimal text.
@@ -215,9 +233,16 @@ type Disk struct {
 	Source      string `json:"source,omitempty"`
 	Size        int64  `json:"size"`
 	SegmentSize int64  `json:"segment_size"`
+	// Tables names the segment tables that hold the disk's segment IDs in
+	// order, TableSegments per table (the last may hold fewer). Tables
+	// are deduplicated like data, so an incremental generation stores
+	// only the tables whose segments changed, and a manifest stays small
+	// (a 1 TiB disk with 8 MiB segments: 64 table IDs).
+	Tables []HexID `json:"segment_tables"`
 	// Segments holds one 32-byte segment ID per segment, concatenated; an
-	// all-zero ID marks an all-zero segment (nothing stored).
-	Segments []byte `json:"segments"`
+	// all-zero ID marks an all-zero segment (nothing stored). It is not
+	// stored in the manifest: resolveSegments fills it from Tables.
+	Segments []byte `json:"-"`
 	// Digest is the keyed image digest: see imageDigest.
 	Digest HexID `json:"digest"`
 	// SHA256 is a plain SHA-256 of the image, recorded on request.
@@ -255,8 +280,8 @@ func (m *Manifest) validate() error {
 		if d.Size < 0 || d.SegmentSize < MinSegmentSize || d.SegmentSize > MaxSegmentSize {
 			return fmt.Errorf("manifest disk %q: bad sizes: %w", d.Name, ErrCorrupt)
 		}
-		if len(d.Segments) != 32*d.segmentCount() {
-			return fmt.Errorf("manifest disk %q: %d segment IDs for %d segments: %w", d.Name, len(d.Segments)/32, d.segmentCount(), ErrCorrupt)
+		if n := d.segmentCount(); len(d.Tables) > n || (n > 0) != (len(d.Tables) > 0) || len(d.Tables)*TableSegments < n {
+			return fmt.Errorf("manifest disk %q: %d segment tables for %d segments: %w", d.Name, len(d.Tables), n, ErrCorrupt)
 		}
 	}
 	return nil

@@ -63,6 +63,7 @@ func TestVectors(t *testing.T) {
 		add("segment list: one chunk, one 64 KiB zero run", TypeSegment, dataName(crypto.ID{1}), seg)
 		add("index with one entry", TypeIndex, indexName(crypto.ID{2}), idx)
 		add("short object, stored uncompressed", TypeLock, lockName(crypto.ID{3}), []byte("{}"))
+		add("segment table: a chunked segment, then an all-zero one", TypeTable, dataName(crypto.ID{4}), encodeTable(append(bytes.Repeat([]byte{1}, 32), make([]byte, 32)...)))
 		out, _ := json.MarshalIndent(vs, "", "  ")
 		os.MkdirAll("testdata", 0o755)
 		if err := os.WriteFile(path, append(out, '\n'), 0o644); err != nil {
@@ -207,4 +208,18 @@ func TestCompressionProbe(t *testing.T) {
 	if !c.compressible(mixed) {
 		t.Fatal("probes missed a compressible quarter")
 	}
+}
+
+func FuzzDecodeTable(f *testing.F) {
+	f.Add(encodeTable(make([]byte, 64)))
+	f.Add([]byte{1})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		segs, err := decodeTable(b)
+		if err != nil {
+			return
+		}
+		if len(segs) == 0 || len(segs)%32 != 0 || !bytes.Equal(encodeTable(segs), b) {
+			t.Fatalf("bad table accepted: %x", b)
+		}
+	})
 }

@@ -23,6 +23,7 @@ const (
 	TypeManifest ObjectType = 4 // one generation
 	TypeConfig   ObjectType = 5 // repository parameters
 	TypeLock     ObjectType = 6 // a shared or exclusive lock
+	TypeTable    ObjectType = 7 // a run of a disk's segment IDs
 )
 
 func (t ObjectType) String() string {
@@ -39,6 +40,8 @@ func (t ObjectType) String() string {
 		return "config"
 	case TypeLock:
 		return "lock"
+	case TypeTable:
+		return "segment table"
 	}
 	return fmt.Sprintf("type(%d)", byte(t))
 }
@@ -181,7 +184,7 @@ func parseHeader(data []byte) (objectHeader, error) {
 		return objectHeader{}, fmt.Errorf("unsupported object version %d: %w", data[1], ErrCorrupt)
 	}
 	t := ObjectType(data[2])
-	if t < TypeChunk || t > TypeLock {
+	if t < TypeChunk || t > TypeTable {
 		return objectHeader{}, fmt.Errorf("unknown object type %d: %w", data[2], ErrCorrupt)
 	}
 	if data[3] != compressNone && data[3] != compressZstd {

@@ -238,8 +238,16 @@ func (r *Repository) Prune(ctx context.Context, dryRun bool, exclude map[string]
 			return nil, fmt.Errorf("prune stopped, nothing deleted: %w (run check)", err)
 		}
 		st.Generations++
+		if err := r.resolveManifest(ctx, m); err != nil {
+			return nil, fmt.Errorf("prune stopped, nothing deleted: %w (run check)", err)
+		}
 		for di := range m.Disks {
 			d := &m.Disks[di]
+			for _, tid := range d.Tables {
+				if err := marks.add(crypto.ID(tid), TypeTable); err != nil {
+					return nil, err
+				}
+			}
 			for i := range d.segmentCount() {
 				sid, zero := d.SegmentID(i)
 				if zero || marks.get(sid) != 0 {
@@ -407,6 +415,9 @@ func (r *Repository) Stats(ctx context.Context, vm string) ([]Stats, error) {
 		}
 		for _, a := range []*acc{g, total} {
 			a.s.Generations++
+		}
+		if err := r.resolveManifest(ctx, m); err != nil {
+			return nil, err
 		}
 		for di := range m.Disks {
 			d := &m.Disks[di]

@@ -35,10 +35,14 @@ type Repository struct {
 	chunkH  *crypto.Hasher
 	segH    *crypto.Hasher
 	imageH  *crypto.Hasher
+	tableH  *crypto.Hasher
 	log     *slog.Logger
 
 	cacheDir string
 	idx      *Index
+	// tableSegments is how many segment IDs a backup puts in one
+	// segment table: TableSegments, smaller only in tests.
+	tableSegments int
 }
 
 // Options configure Open and Init.
@@ -174,8 +178,8 @@ func newRepository(be backend.Backend, mk *crypto.MasterKey, cfg Config, opts Op
 	}
 	return &Repository{be: be, cfg: cfg, master: mk, codec: c,
 		chunkH: crypto.NewHasher(mk.ID, "chunk"), segH: crypto.NewHasher(mk.ID, "segment"),
-		imageH: crypto.NewHasher(mk.ID, "image"), log: log,
-		cacheDir: filepath.Join(cacheDir, cfg.ID)}, nil
+		imageH: crypto.NewHasher(mk.ID, "image"), tableH: crypto.NewHasher(mk.ID, "table"), log: log,
+		cacheDir: filepath.Join(cacheDir, cfg.ID), tableSegments: TableSegments}, nil
 }
 
 // Config returns the repository's parameters.

@@ -88,6 +88,9 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 // restoreSegments fetches d's segments with several workers and hands them
 // to emit strictly in order. emit must not keep seg.data.
 func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(restoredSegment) error) error {
+	if err := r.resolveSegments(ctx, d); err != nil {
+		return err
+	}
 	id := imageDigest(r.imageH, d.Size, d.SegmentSize, d.Segments)
 	if HexID(id) != d.Digest {
 		return fmt.Errorf("disk %s: segment list does not match the image digest: %w", d.Name, ErrCorrupt)
