@@ -66,6 +66,9 @@ type Repository struct {
 type Log struct {
 	Syslog bool       // also log to the local syslog
 	Level  slog.Level // minimum level: debug, info, warn or error
+	// MetricsFile is a Prometheus textfile-collector file that backup
+	// updates after each VM (empty: none).
+	MetricsFile string
 }
 
 // VM is one virtual machine to back up.

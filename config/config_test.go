@@ -239,3 +239,15 @@ func TestLoadMissingFile(t *testing.T) {
 		t.Fatalf("Load of a missing file: %v", err)
 	}
 }
+
+func TestMetricsFile(t *testing.T) {
+	base := "[repository]\nurl = \"/srv/vmvault\"\npassword_file = \"/etc/vmvault/password\"\n[log]\n"
+	cfg, err := Parse("m.toml", []byte(base+"metrics_file = \"/var/lib/node_exporter/vmvault.prom\"\n"), Options{SkipFileChecks: true})
+	if err != nil || cfg.Log.MetricsFile != "/var/lib/node_exporter/vmvault.prom" {
+		t.Fatalf("metrics_file: %v %+v", err, cfg)
+	}
+	_, err = Parse("m.toml", []byte(base+"metrics_file = \"vmvault.prom\"\n"), Options{SkipFileChecks: true})
+	if err == nil || !strings.Contains(err.Error(), "m.toml:5") || !strings.Contains(err.Error(), "absolute") {
+		t.Fatalf("relative metrics_file: %v", err)
+	}
+}

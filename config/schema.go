@@ -113,6 +113,11 @@ func (d *doc) repositoryURL(n node, s string) bool {
 func (d *doc) log(t *table) Log {
 	l := Log{Level: slog.LevelInfo}
 	l.Syslog = t.boolean("syslog")
+	if s, n, ok := t.str("metrics_file"); ok {
+		if p, abs := d.absPath(n, s); abs {
+			l.MetricsFile = p
+		}
+	}
 	if s, n, ok := t.str("level"); ok {
 		levels := map[string]slog.Level{"debug": slog.LevelDebug, "info": slog.LevelInfo, "warn": slog.LevelWarn, "error": slog.LevelError}
 		if lv, known := levels[s]; known {

@@ -43,6 +43,7 @@ func (a *app) loadConfig(required bool) (*config.Config, error) {
 	fill(&a.sshKey, r.SSHKey)
 	fill(&a.knownHosts, r.KnownHosts)
 	fill(&a.cacheDir, r.CacheDir)
+	fill(&a.metricsFile, cfg.Log.MetricsFile)
 	return cfg, nil
 }
 

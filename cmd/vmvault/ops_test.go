@@ -704,3 +704,22 @@ func TestPruneCheckSummaries(t *testing.T) {
 		t.Fatalf("no per-VM damage line: %q", r.stderr)
 	}
 }
+
+// [log] metrics_file in the configuration works like --metrics-file.
+func TestMetricsFileFromConfig(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "vm01.raw")
+	writeImage(t, src, 23, 3<<20)
+	prom := filepath.Join(e.dir, "vmvault.prom")
+	cfg := filepath.Join(e.dir, "vmvault.toml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf("[repository]\nurl = %q\npassword_file = %q\ncache_dir = %q\n[log]\nmetrics_file = %q\n[vm.vm01]\ndisk.hda = { path = %q }\n",
+		e.repo, e.pw, e.cache, prom, src)), 0o600)
+	var out, errb bytes.Buffer
+	if code := run(context.Background(), []string{"--config", cfg, "backup", "vm01"}, nil, &out, &errb); code != 0 {
+		t.Fatalf("configured backup: exit %d %s", code, errb.String())
+	}
+	m := parseMetricsFile(t, prom)
+	if m["vmvault_backup_last_status"]["vm01"] != metricOK {
+		t.Fatalf("metrics from the configured file: %v", m)
+	}
+}
