@@ -320,6 +320,34 @@ kill -TERM "$WPID"
 wait "$WPID"
 say "writer: $(cat /tmp/writer.out)"
 
+# ---- 6. restore in place onto a block device: byte-identical, then only
+# what differs is written; a target too small is refused
+begin restore-target
+if lvcreate -q -y -L 48m -n restored "$VG" && lvcreate -q -y -L 8m -n small "$VG"; then
+	vmvault -c "$CFG" restore vm01 latest >/tmp/latest.raw 2>/tmp/rt0.err || fail "restore to a file: $(lastline /tmp/rt0.err)"
+	size=$(stat -c %s /tmp/latest.raw)
+	want=$(sha256sum </tmp/latest.raw | cut -d' ' -f1)
+	ondev() { head -c "$size" "/dev/$VG/restored" | sha256sum | cut -d' ' -f1; }
+	vmvault -c "$CFG" restore vm01 latest --target "/dev/$VG/restored" >/dev/null 2>/tmp/rt1.err || fail "restore --target: $(lastline /tmp/rt1.err)"
+	[ "$(ondev)" = "$want" ] || fail "the LV does not hold the restored image"
+	vmvault -c "$CFG" restore vm01 latest --target "/dev/$VG/restored" >/dev/null 2>/tmp/rt2.err || fail "second restore --target: $(lastline /tmp/rt2.err)"
+	grep -q "written=0 " /tmp/rt2.err || fail "an identical target was written again: $(lastline /tmp/rt2.err)"
+	dd if=/dev/urandom of="/dev/$VG/restored" bs=4096 count=1 seek=300 conv=notrunc,fsync 2>/dev/null
+	vmvault -c "$CFG" restore vm01 latest --target "/dev/$VG/restored" >/dev/null 2>/tmp/rt3.err || fail "third restore --target: $(lastline /tmp/rt3.err)"
+	grep -q "written=65536 " /tmp/rt3.err || fail "a 4 KiB difference did not rewrite exactly one 64 KiB block: $(lastline /tmp/rt3.err)"
+	[ "$(ondev)" = "$want" ] || fail "the LV differs after the in-place repair"
+	if vmvault -c "$CFG" restore vm01 latest --target "/dev/$VG/small" >/dev/null 2>/tmp/rt4.err; then
+		fail "restore onto a too small device succeeded"
+	else
+		grep -q "needs" /tmp/rt4.err || fail "too small device: unclear error: $(lastline /tmp/rt4.err)"
+	fi
+	lvremove -q -y "$VG/restored" "$VG/small" >/dev/null
+	rm -f /tmp/latest.raw
+else
+	fail "could not create the target LVs"
+fi
+finish "image=$size bytes"
+
 # ---- the repository survived all of it
 begin repo-check
 t=$(now)

@@ -45,7 +45,7 @@ disk.hda = { lv = "vg0/vm03-hda", snapshot_size = "4M" }
 `
 
 // scenarios are the names the script reports; each must PASS.
-var scenarios = []string{"lv-disk", "image-file", "overflow", "sigterm", "leftover", "repo-check"}
+var scenarios = []string{"lv-disk", "image-file", "overflow", "sigterm", "leftover", "restore-target", "repo-check"}
 
 var (
 	scenarioRE = regexp.MustCompile(`(?m)^SCENARIO (\S+) (PASS|FAIL) ([0-9.]+)s ?(.*)$`)
