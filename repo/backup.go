@@ -141,12 +141,16 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	if req.VM == "" || len(req.Disks) == 0 {
 		return nil, errors.New("backup: VM name and at least one disk required")
 	}
-	if _, err := r.LoadIndex(ctx); err != nil {
+	ix, err := r.LoadIndex(ctx)
+	if err != nil {
 		return nil, err
+	}
+	if _, err := r.recoverJournals(ctx, ix); err != nil {
+		r.log.Warn("could not recover an interrupted backup's uploads; they will be sent again", "err", err)
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	st := &backupState{r: r, iw: &indexWriter{r: r}, sem: semaphore.NewWeighted(uploadWindow),
+	st := &backupState{r: r, iw: &indexWriter{r: r, j: r.openJournal()}, sem: semaphore.NewWeighted(uploadWindow),
 		inFly: map[crypto.ID]*pendingObject{}}
 	var failOnce sync.Once
 	var firstErr error
@@ -172,25 +176,25 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 				err = firstErr
 			}
 			// Whatever was stored stays indexed for the next run.
-			st.iw.flush(context.WithoutCancel(ctx))
+			st.iw.finish(context.WithoutCancel(ctx))
 			return nil, fmt.Errorf("disk %s: %w", src.Name, err)
 		}
 		m.Disks = append(m.Disks, d)
 	}
 	st.wg.Wait()
 	if firstErr != nil {
-		st.iw.flush(context.WithoutCancel(ctx))
+		st.iw.finish(context.WithoutCancel(ctx))
 		return nil, firstErr
 	}
 	if req.BeforeCommit != nil {
 		q, err := req.BeforeCommit(ctx)
 		if err != nil {
-			st.iw.flush(context.WithoutCancel(ctx))
+			st.iw.finish(context.WithoutCancel(ctx))
 			return nil, err
 		}
 		m.Quiesce = q
 	}
-	if err := st.iw.flush(ctx); err != nil {
+	if err := st.iw.finish(ctx); err != nil {
 		return nil, err
 	}
 	m.Finished = time.Now().UTC()

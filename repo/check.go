@@ -276,7 +276,10 @@ func (c *checker) segment(ctx context.Context, sid crypto.ID, gens []string) ([]
 
 // header fetches an object's cleartext header and checks it.
 func (c *checker) header(ctx context.Context, name string, want ObjectType, gens []string) {
-	size := c.objects[name]
+	if size := c.objects[name]; size < headerSize+crypto.Overhead {
+		c.report(name, fmt.Sprintf("truncated (%d bytes)", size), gens...)
+		return
+	}
 	hdr, err := c.r.be.Get(ctx, name, 0, headerSize)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -284,12 +287,9 @@ func (c *checker) header(ctx context.Context, name string, want ObjectType, gens
 		}
 		return
 	}
-	h, err := parseHeader(append(hdr, make([]byte, max(0, int(min(size, 64))-len(hdr)))...))
-	switch {
+	switch h, err := parseHeaderBytes(hdr); {
 	case err != nil:
 		c.report(name, err.Error(), gens...)
-	case size < headerSize+crypto.Overhead:
-		c.report(name, fmt.Sprintf("truncated (%d bytes)", size), gens...)
 	case h.Type != want:
 		c.report(name, fmt.Sprintf("is a %s, expected a %s", h.Type, want), gens...)
 	}

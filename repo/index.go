@@ -317,16 +317,19 @@ func (ix *Index) Close() error {
 // next run.
 type indexWriter struct {
 	r       *Repository
+	j       *journal // local record of every stored object; may be nil
 	mu      sync.Mutex
 	pending []IndexEntry
 	written []string
+	lost    bool // a flush failed: its entries live only in the journal
 }
 
 // flushEvery bounds how many stored objects an interruption can leave
-// unindexed (they are found again by Put, just not skipped before upload).
+// out of index objects (the journal lets the next run index them).
 const flushEvery = 2048
 
 func (w *indexWriter) add(ctx context.Context, e IndexEntry) error {
+	w.j.record(e)
 	w.r.idx.add(e)
 	w.mu.Lock()
 	w.pending = append(w.pending, e)
@@ -348,12 +351,26 @@ func (w *indexWriter) flush(ctx context.Context) error {
 	}
 	name := indexName(randomID())
 	if err := w.r.be.Put(ctx, name, w.r.codec.seal(TypeIndex, name, encodeIndex(entries))); err != nil {
+		w.mu.Lock()
+		w.lost = true
+		w.mu.Unlock()
 		return fmt.Errorf("write index: %w", err)
 	}
 	w.mu.Lock()
 	w.written = append(w.written, name)
 	w.mu.Unlock()
 	return nil
+}
+
+// finish flushes what is pending and closes the journal, removing it only
+// if every object it lists is now in an index object.
+func (w *indexWriter) finish(ctx context.Context) error {
+	err := w.flush(ctx)
+	w.mu.Lock()
+	done := err == nil && !w.lost
+	w.mu.Unlock()
+	w.j.close(done)
+	return err
 }
 
 func shortName(name string) string {

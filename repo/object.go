@@ -177,20 +177,28 @@ func parseHeader(data []byte) (objectHeader, error) {
 	if len(data) < headerSize+crypto.Overhead {
 		return objectHeader{}, fmt.Errorf("too short (%d bytes): %w", len(data), ErrCorrupt)
 	}
-	if data[0] != objectMagic {
-		return objectHeader{}, fmt.Errorf("bad magic %#x: %w", data[0], ErrCorrupt)
+	return parseHeaderBytes(data[:headerSize])
+}
+
+// parseHeaderBytes checks the first headerSize bytes of a sealed object.
+func parseHeaderBytes(h []byte) (objectHeader, error) {
+	if len(h) != headerSize {
+		return objectHeader{}, fmt.Errorf("short header: %w", ErrCorrupt)
 	}
-	if data[1] != objectVersion {
-		return objectHeader{}, fmt.Errorf("unsupported object version %d: %w", data[1], ErrCorrupt)
+	if h[0] != objectMagic {
+		return objectHeader{}, fmt.Errorf("bad magic %#x: %w", h[0], ErrCorrupt)
 	}
-	t := ObjectType(data[2])
+	if h[1] != objectVersion {
+		return objectHeader{}, fmt.Errorf("unsupported object version %d: %w", h[1], ErrCorrupt)
+	}
+	t := ObjectType(h[2])
 	if t < TypeChunk || t > TypeTable {
-		return objectHeader{}, fmt.Errorf("unknown object type %d: %w", data[2], ErrCorrupt)
+		return objectHeader{}, fmt.Errorf("unknown object type %d: %w", h[2], ErrCorrupt)
 	}
-	if data[3] != compressNone && data[3] != compressZstd {
-		return objectHeader{}, fmt.Errorf("unknown compression %d: %w", data[3], ErrCorrupt)
+	if h[3] != compressNone && h[3] != compressZstd {
+		return objectHeader{}, fmt.Errorf("unknown compression %d: %w", h[3], ErrCorrupt)
 	}
-	return objectHeader{Type: t, Compression: data[3]}, nil
+	return objectHeader{Type: t, Compression: h[3]}, nil
 }
 
 // Object names.
