@@ -237,6 +237,13 @@ type segmentJob struct {
 
 func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req BackupRequest) (Disk, error) {
 	r := st.r
+	// A source blocked in Read (a pipe whose writer stalls) would never
+	// see a cancellation; a read deadline wakes it, where the reader
+	// supports one (pollable files: pipes, sockets).
+	if d, ok := src.Reader.(interface{ SetReadDeadline(time.Time) error }); ok {
+		stop := context.AfterFunc(ctx, func() { d.SetReadDeadline(time.Now()) })
+		defer stop()
+	}
 	segSize := r.cfg.SegmentSize
 	nw := workers()
 	free := make(chan []byte, nw+1)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -147,7 +148,7 @@ func (a *app) openSources(specs []string) ([]repo.DiskSource, func(), error) {
 		}
 		seen[name] = true
 		if path == "-" {
-			disks = append(disks, repo.DiskSource{Name: name, Source: "stdin", Reader: a.stdin, Size: -1})
+			disks = append(disks, repo.DiskSource{Name: name, Source: "stdin", Reader: pollable(a.stdin), Size: -1})
 			continue
 		}
 		f, err := os.Open(path)
@@ -168,4 +169,24 @@ func (a *app) openSources(specs []string) ([]repo.DiskSource, func(), error) {
 		disks = append(disks, repo.DiskSource{Name: name, Source: abs, Reader: f, Size: size})
 	}
 	return disks, closeAll, nil
+}
+
+// pollable returns stdin in a form whose reads a cancellation can
+// interrupt: a pipe is switched to non-blocking mode and reopened through
+// the runtime's poller, so SIGINT/SIGTERM wake a backup waiting on a
+// stalled writer. Anything else is returned as it is.
+func pollable(r io.Reader) io.Reader {
+	f, ok := r.(*os.File)
+	if !ok {
+		return r
+	}
+	st, err := f.Stat()
+	if err != nil || st.Mode()&os.ModeNamedPipe == 0 {
+		return r
+	}
+	fd := f.Fd()
+	if err := syscall.SetNonblock(int(fd), true); err != nil {
+		return r
+	}
+	return os.NewFile(fd, f.Name())
 }

@@ -460,12 +460,14 @@ func TestExitCodes(t *testing.T) {
 			t.Fatal(err)
 		}
 		// Feed part of the image and keep the pipe open: the child is
-		// mid-backup, blocked on input, when SIGINT comes.
-		go stdin.Write(img[:32<<20])
+		// mid-backup, blocked reading its input, when SIGINT comes (the
+		// write returns once the child has taken all but a pipe buffer).
+		stdin.Write(img[:32<<20])
 		deadline := time.Now().Add(30 * time.Second)
 		for countObjects(e.repo) < before+5 && time.Now().Before(deadline) {
 			time.Sleep(20 * time.Millisecond)
 		}
+		time.Sleep(300 * time.Millisecond)
 		child.Process.Signal(syscall.SIGINT)
 		done := make(chan error, 1)
 		go func() { done <- child.Wait() }()
