@@ -58,13 +58,6 @@ const uploadWindow = 32 << 20
 // of core count.
 const maxWorkers = 8
 
-// MemoryBound returns the approximate upper bound on the memory a backup
-// or restore holds in segment buffers and queued uploads, for docs and
-// messages.
-func (r *Repository) MemoryBound() int64 {
-	return int64(workers()+2)*r.cfg.SegmentSize + uploadWindow
-}
-
 func workers() int { return min(runtime.GOMAXPROCS(0), maxWorkers) }
 
 // pendingObject is an upload in flight; done closes when it finished.

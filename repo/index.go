@@ -273,37 +273,6 @@ func (ix *Index) add(e IndexEntry) {
 	ix.mu.Unlock()
 }
 
-// Each calls fn for every indexed object (an object may be visited twice
-// if it appears both in the cache and in memory).
-func (ix *Index) Each(fn func(IndexEntry) error) error {
-	if ix.db != nil {
-		err := ix.db.View(func(tx *bolt.Tx) error {
-			return tx.Bucket(bucketObjects).ForEach(func(k, v []byte) error {
-				e, ok := decodeEntryValue(k, v)
-				if !ok {
-					return fmt.Errorf("index cache entry malformed")
-				}
-				return fn(e)
-			})
-		})
-		if err != nil {
-			return err
-		}
-	}
-	ix.mu.RLock()
-	entries := make([]IndexEntry, 0, len(ix.mem))
-	for _, e := range ix.mem {
-		entries = append(entries, e)
-	}
-	ix.mu.RUnlock()
-	for _, e := range entries {
-		if err := fn(e); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // Close releases the cache file.
 func (ix *Index) Close() error {
 	if ix.db != nil {
@@ -320,7 +289,6 @@ type indexWriter struct {
 	j       *journal // local record of every stored object; may be nil
 	mu      sync.Mutex
 	pending []IndexEntry
-	written []string
 	lost    bool // a flush failed: its entries live only in the journal
 }
 
@@ -356,9 +324,6 @@ func (w *indexWriter) flush(ctx context.Context) error {
 		w.mu.Unlock()
 		return fmt.Errorf("write index: %w", err)
 	}
-	w.mu.Lock()
-	w.written = append(w.written, name)
-	w.mu.Unlock()
 	return nil
 }
 

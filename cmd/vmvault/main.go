@@ -80,14 +80,14 @@ func main() {
 	os.Exit(runMain(os.Args[1:]))
 }
 
-// runMain runs a command line as the process: SIGINT and SIGTERM cancel
-// the context, so cleanup (snapshots, locks) runs and the exit is 130.
 // memoryLimit is the soft limit for the Go heap. A backup's working set
-// is bounded (segment buffers plus the upload window, see
-// repo.Repository.MemoryBound); without a limit the garbage collector
-// lets the heap grow to twice the live set. GOMEMLIMIT overrides it.
+// is bounded (segment buffers plus the upload window, see "Memory bound"
+// in docs/performance.md); without a limit the garbage collector lets the
+// heap grow to twice the live set. GOMEMLIMIT overrides it.
 const memoryLimit = 144 << 20
 
+// runMain runs a command line as the process: SIGINT and SIGTERM cancel
+// the context, so cleanup (snapshots, locks) runs and the exit is 130.
 func runMain(args []string) int {
 	if os.Getenv("GOMEMLIMIT") == "" {
 		debug.SetMemoryLimit(memoryLimit)
@@ -113,7 +113,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return app.code
 	}
 	code := exitCode(ctx, err)
-	if errors.Is(err, errUsage) || isUsageError(err) {
+	if isUsageError(err) {
 		code = exitUsage
 	}
 	msg := "vmvault: " + oneLine(err)
@@ -126,8 +126,6 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	return code
 }
-
-var errUsage = errors.New("usage")
 
 // oneLine keeps an error on one line: cron mail and syslog read better.
 func oneLine(err error) string {
