@@ -10,6 +10,7 @@ package backend
 import (
 	"context"
 	"errors"
+	"time"
 )
 
 // Sentinel errors. Implementations wrap them (fmt.Errorf("…: %w", ErrNotExist))
@@ -29,6 +30,12 @@ var (
 type ObjectInfo struct {
 	Name string // full object name, e.g. "data/3f/3f2a…"
 	Size int64
+	// ModTime is when the store last wrote the object, by the store's own
+	// clock (file mtime on local and SFTP, LastModified on object stores).
+	// A client cannot choose it after the fact: retention and lock leases
+	// judge arrival and age by it rather than by times a client wrote into
+	// the object. Zero means the store cannot tell.
+	ModTime time.Time
 }
 
 // Backend is a flat object store.

@@ -180,7 +180,7 @@ func (b *Backend) Stat(ctx context.Context, name string) (backend.ObjectInfo, er
 	if err != nil {
 		return backend.ObjectInfo{}, mapErr("stat", name, err)
 	}
-	return backend.ObjectInfo{Name: name, Size: st.Size()}, nil
+	return backend.ObjectInfo{Name: name, Size: st.Size(), ModTime: st.ModTime()}, nil
 }
 
 // List walks every object under prefix. prefix is either a directory
@@ -216,7 +216,7 @@ func (b *Backend) List(ctx context.Context, prefix string, fn func(backend.Objec
 			}
 			return err
 		}
-		return fn(backend.ObjectInfo{Name: name, Size: info.Size()})
+		return fn(backend.ObjectInfo{Name: name, Size: info.Size(), ModTime: info.ModTime()})
 	})
 	if err != nil {
 		return fmt.Errorf("list %s: %w", prefix, err)

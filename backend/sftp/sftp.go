@@ -480,7 +480,7 @@ func (b *Backend) Stat(ctx context.Context, name string) (backend.ObjectInfo, er
 	if st.IsDir() {
 		return backend.ObjectInfo{}, fmt.Errorf("stat %s: is a directory", name)
 	}
-	return backend.ObjectInfo{Name: name, Size: st.Size()}, nil
+	return backend.ObjectInfo{Name: name, Size: st.Size(), ModTime: st.ModTime()}, nil
 }
 
 // List calls fn for every object under prefix ("data/" or "locks/ab").
@@ -535,7 +535,7 @@ func (b *Backend) List(ctx context.Context, prefix string, fn func(backend.Objec
 				continue
 			}
 			fnMu.Lock()
-			err := fn(backend.ObjectInfo{Name: name, Size: e.Size()})
+			err := fn(backend.ObjectInfo{Name: name, Size: e.Size(), ModTime: e.ModTime()})
 			fnMu.Unlock()
 			if err != nil {
 				return err
