@@ -30,7 +30,7 @@ type restoredSegment struct {
 // fetchSegment assembles segment i of d and verifies it against its keyed
 // segment ID before returning it: nothing unauthenticated leaves here.
 func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byte) (restoredSegment, error) {
-	seg := restoredSegment{index: i, off: int64(i) * d.SegmentSize, size: d.segmentLen(i)}
+	seg := restoredSegment{index: i, off: d.segmentStart(i), size: d.segmentLen(i)}
 	id, zero := d.SegmentID(i)
 	if zero {
 		return seg, nil
