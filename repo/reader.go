@@ -185,6 +185,9 @@ func (dr *DiskReader) ReadAtContext(ctx context.Context, p []byte, off int64) (i
 	if off >= dr.d.Size {
 		return 0, io.EOF
 	}
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
 	want := p
 	if rest := dr.d.Size - off; int64(len(want)) > rest {
 		want = want[:rest]
@@ -377,8 +380,7 @@ func (dr *DiskReader) damaged(id crypto.ID, err error) error {
 // cached returns the value for id from c, fetching it once however many
 // callers ask at the same time. fetch returns the value and, for chunks,
 // the bytes that count against the cache's size (nil counts 1). The fetch
-// runs under the reader's lifetime, so a caller that gives up (ctx) does
-// not fail the others waiting for it.
+// runs under the reader's lifetime, not a caller's ctx.
 func (dr *DiskReader) cached(ctx context.Context, c *lru, id crypto.ID, fetch func() ([]byte, any, error)) (any, error) {
 	dr.mu.Lock()
 	if v, ok := c.get(id); ok {
@@ -401,16 +403,25 @@ func (dr *DiskReader) cached(ctx context.Context, c *lru, id crypto.ID, fetch fu
 	call = &fetchCall{done: make(chan struct{})}
 	c.inflight[id] = call
 	dr.mu.Unlock()
-	b, v, err := fetch()
-	call.value, call.err = v, err
-	dr.mu.Lock()
-	delete(c.inflight, id)
-	if err == nil {
-		c.put(id, v, int64(max(len(b), 1)))
+	// The fetch runs on its own, so a caller that gives up returns at
+	// once while the fetch completes for the cache and other waiters.
+	go func() {
+		b, v, err := fetch()
+		call.value, call.err = v, err
+		dr.mu.Lock()
+		delete(c.inflight, id)
+		if err == nil {
+			c.put(id, v, int64(max(len(b), 1)))
+		}
+		dr.mu.Unlock()
+		close(call.done)
+	}()
+	select {
+	case <-call.done:
+		return call.value, call.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
-	dr.mu.Unlock()
-	close(call.done)
-	return v, err
 }
 
 // noteRead records a read of [off, end) and, when reads are sequential,

@@ -11,6 +11,9 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"vmvault/backend"
+	"vmvault/backend/local"
 )
 
 // readerImage is testImage with an all-zero segment and a zero run inside
@@ -268,5 +271,61 @@ func TestDiskReaderCacheBound(t *testing.T) {
 	}
 	if dr.Stats().ChunksFetched == n {
 		t.Fatal("the first chunk was still cached after reading 21 MiB through a 2 MiB cache")
+	}
+}
+
+// stallBackend holds Get of one object until the caller's context is
+// cancelled, and completes every Get whatever its context: a backend
+// whose reads in flight finish after an interrupt, as a local disk does.
+type stallBackend struct {
+	backend.Backend
+	name    string
+	stalled chan struct{}
+}
+
+func (b *stallBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	if name == b.name {
+		close(b.stalled)
+		<-ctx.Done()
+	}
+	return b.Backend.Get(context.Background(), name, off, length)
+}
+
+// Issue 9 item 1: a restore cancelled (SIGINT/SIGTERM) while its fetches
+// still succeed reported success over a partial image. It must fail with
+// context.Canceled, and RestoreTo must say the target is incomplete.
+func TestRestoreCancelledFails(t *testing.T) {
+	tr := newTestRepo(t)
+	img := readerImage()
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	dr := openTestReader(t, tr.Repository, m, ReaderOptions{ReadAhead: -1})
+	pieces, err := dr.segmentPieces(context.Background(), 4)
+	if err != nil || len(pieces) == 0 || pieces[0].zero {
+		t.Fatalf("segment 4 does not start with a chunk: %v %+v", err, pieces)
+	}
+	for _, toTarget := range []bool{false, true} {
+		be, err := local.Open(tr.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sb := &stallBackend{Backend: be, name: dataName(pieces[0].id), stalled: make(chan struct{})}
+		r, err := Open(context.Background(), sb, []byte("secret"), Options{CacheDir: tr.cache})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() { <-sb.stalled; cancel() }()
+		if toTarget {
+			_, err = r.RestoreTo(ctx, m, "", filepath.Join(t.TempDir(), "t.raw"))
+			if !errors.Is(err, ErrTargetIncomplete) {
+				t.Fatalf("cancelled RestoreTo: %v, want ErrTargetIncomplete", err)
+			}
+		} else {
+			_, err = r.Restore(ctx, m, "", io.Discard)
+		}
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled restore (target %v) returned %v, want context.Canceled", toTarget, err)
+		}
+		r.Close()
 	}
 }
