@@ -49,8 +49,8 @@ type DiskReader struct {
 	// Sequential detection and read-ahead state: seqEnd is where the
 	// last read ended, raDone how far read-ahead has been issued, raWant
 	// how far it should go.
-	seqEnd, raDone, raWant int64
-	raRunning              bool
+	seqEnd, raDone, raWant, raWindow int64
+	raRunning                        bool
 
 	stats readerCounters
 }
@@ -434,15 +434,19 @@ func (dr *DiskReader) noteRead(off, end int64) {
 	defer dr.mu.Unlock()
 	// Concurrent readers (the kernel's own read-ahead, several NBD
 	// requests) arrive slightly out of order: near the last end counts as
-	// sequential.
-	const slack = 1 << 20
+	// sequential. The window starts small and doubles with each
+	// sequential read, as the kernel's does, so scattered small reads (a
+	// file system walking its metadata) fetch little beyond what they
+	// touch.
+	const slack = 256 << 10
 	if off < dr.seqEnd-slack || off > dr.seqEnd+slack {
-		dr.seqEnd, dr.raDone, dr.raWant = end, end, end
+		dr.seqEnd, dr.raDone, dr.raWant, dr.raWindow = end, end, end, 0
 		return
 	}
 	dr.seqEnd = max(dr.seqEnd, end)
+	dr.raWindow = min(max(2*dr.raWindow, end-off, 256<<10), dr.opts.ReadAhead)
 	dr.raDone = max(dr.raDone, dr.seqEnd)
-	dr.raWant = max(dr.raWant, min(dr.seqEnd+dr.opts.ReadAhead, dr.d.Size))
+	dr.raWant = max(dr.raWant, min(dr.seqEnd+dr.raWindow, dr.d.Size))
 	if dr.raRunning || dr.raDone >= dr.raWant || dr.ctx.Err() != nil {
 		return
 	}
