@@ -62,24 +62,35 @@ var ErrMountPoint = errors.New("unusable mount point")
 
 // CheckMountPoint reports why dir cannot take a mount, or nil.
 func CheckMountPoint(dir string) error {
+	stale := func(err error) bool { return errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECONNABORTED) }
+	staleErr := fmt.Errorf("%s is a stale FUSE mount (its server died): run 'umount %s' first: %w", dir, dir, ErrMountPoint)
 	fi, err := os.Stat(dir)
 	switch {
-	case errors.Is(err, syscall.ENOTCONN):
-		return fmt.Errorf("%s is a stale FUSE mount (its server died): run 'umount %s' first: %w", dir, dir, ErrMountPoint)
+	case stale(err):
+		return staleErr
 	case err != nil:
 		return fmt.Errorf("mount point: %w: %w", err, ErrMountPoint)
 	case !fi.IsDir():
 		return fmt.Errorf("mount point %s is not a directory: %w", dir, ErrMountPoint)
 	}
-	if mounted, err := isMountPoint(dir); err == nil && mounted {
-		return fmt.Errorf("%s is already a mount point (busy): unmount it or choose another directory: %w", dir, ErrMountPoint)
-	}
+	// The kernel may still answer stat from its cache after a FUSE
+	// server died; opening and listing reach the dead connection.
 	f, err := os.Open(dir)
+	if stale(err) {
+		return staleErr
+	}
 	if err != nil {
 		return fmt.Errorf("mount point: %w: %w", err, ErrMountPoint)
 	}
 	defer f.Close()
-	if names, _ := f.Readdirnames(1); len(names) > 0 {
+	names, err := f.Readdirnames(1)
+	if stale(err) {
+		return staleErr
+	}
+	if mounted, err := isMountPoint(dir); err == nil && mounted {
+		return fmt.Errorf("%s is already a mount point (busy): unmount it or choose another directory: %w", dir, ErrMountPoint)
+	}
+	if len(names) > 0 {
 		return fmt.Errorf("mount point %s is not empty: %w", dir, ErrMountPoint)
 	}
 	return nil
