@@ -165,15 +165,27 @@ func (d *doc) policy(t *table) retention.Policy {
 }
 
 // namePattern is what VM, disk and database names may look like: they
-// become parts of LVM snapshot names and log lines.
+// become parts of LVM snapshot names, file names and log lines.
 var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.+-]*$`)
 
 // maxLVName is LVM's limit on the length of a logical volume name.
 const maxLVName = 127
 
+// CheckName applies the one rule for VM, disk and database names, in the
+// configuration file and on the command line alike: letters, digits and
+// _ . + -, starting with a letter or digit, at most 127 characters (LVM's
+// limit, since names become parts of snapshot names). what names the kind
+// of name in the error ("VM").
+func CheckName(what, name string) error {
+	if !namePattern.MatchString(name) || len(name) > maxLVName {
+		return fmt.Errorf("invalid %s name %q: use letters, digits and _ . + - (not first), at most %d characters", what, name, maxLVName)
+	}
+	return nil
+}
+
 func (d *doc) checkName(n node, what string) {
-	if !namePattern.MatchString(n.name()) {
-		d.errorf(n, "invalid %s name %q: use letters, digits and _ . + - (not first)", what, n.name())
+	if err := CheckName(what, n.name()); err != nil {
+		d.errorf(n, "%v", err)
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 
 	"vmvault/backend"
 	"vmvault/repo"
+	"vmvault/vmbackup"
 )
 
 // Exit codes; stable, documented in docs/exit-codes.md and `vmvault --help`.
@@ -38,7 +39,8 @@ const exitCodesHelp = `Exit codes:
   12   wrong password
   130  interrupted (SIGINT/SIGTERM); the backup in progress committed nothing`
 
-// exitError carries an exit code through cobra.
+// codedError carries an exit code through cobra, for errors that no
+// sentinel names (bad usage, a missing repository path).
 type codedError struct {
 	code int
 	err  error
@@ -68,7 +70,7 @@ func exitCode(ctx context.Context, err error) int {
 		return exitWrongPass
 	case errors.Is(err, repo.ErrNotRepository):
 		return exitNoRepo
-	case errors.Is(err, repo.ErrLocked):
+	case errors.Is(err, repo.ErrLocked), errors.Is(err, vmbackup.ErrVMLocked):
 		return exitLocked
 	case ctx.Err() != nil:
 		return exitInterrupted

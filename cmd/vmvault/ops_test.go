@@ -261,8 +261,8 @@ func TestMetricsFile(t *testing.T) {
 
 	var s1, s2 vmOutcome
 	json.Unmarshal([]byte(e.ok("backup", "vm01", "--source", src, "--metrics-file", prom, "--json").stdout), &s1)
-	// A VM name that needs escaping in a label value.
-	odd := `vm "02"\x`
+	// A second VM, with every kind of character a VM name may have.
+	odd := "vm_02.b+c-d"
 	json.Unmarshal([]byte(e.ok("backup", odd, "--source", src, "--metrics-file", prom, "--json").stdout), &s2)
 	m := parseMetricsFile(t, prom)
 	if len(m) != len(metricDefs) {
