@@ -172,24 +172,15 @@ func (a *app) openBackend(ctx context.Context, create bool) (backend.Backend, er
 	return local.Open(a.repoURL)
 }
 
-// readPasswordFile reads a secret file, refusing one that others can read.
+// readPasswordFile reads a password file by the one rule for secret
+// files (config.ReadSecretFile): private mode, size cap, line breaks
+// trimmed.
 func readPasswordFile(path string) ([]byte, error) {
-	st, err := os.Stat(path)
+	s, err := config.ReadSecretFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("password file: %w", err)
 	}
-	if st.Mode().Perm()&0o007 != 0 {
-		return nil, fmt.Errorf("password file %s is accessible by others (mode %s): chmod 600 it", path, st.Mode().Perm())
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("password file: %w", err)
-	}
-	b = []byte(strings.TrimRight(string(b), "\r\n"))
-	if len(b) == 0 {
-		return nil, fmt.Errorf("password file %s is empty", path)
-	}
-	return b, nil
+	return []byte(s), nil
 }
 
 // password returns the repository password from --password-file or a

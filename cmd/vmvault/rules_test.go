@@ -1,0 +1,97 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Two --source backups of one VM at once: the second exits 11 at once
+// (the docs' promise), the first completes. Two real processes, so the
+// lock is the kernel's flock, not something in this process.
+func TestSourceBackupsOfOneVMDoNotOverlap(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "vm01.raw")
+	img := writeImage(t, src, 31, 2<<20)
+
+	first := helper(e, "backup", "vm01", "--source", "-")
+	stdin, err := first.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var errFirst bytes.Buffer
+	first.Stderr = &errFirst
+	if err := first.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer first.Process.Kill()
+	// The first run holds its locks once it reads: wait for the host lock.
+	lockFile := filepath.Join(e.cache, "vm-vm01.lock")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if b, _ := os.ReadFile(lockFile); len(b) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the first backup took no VM lock: %s", errFirst.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	stdin.Write(img[:1<<20])
+
+	second := helper(e, "backup", "vm01", "--source", src)
+	out, err := second.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != exitLocked || !strings.Contains(string(out), "already running") {
+		t.Fatalf("second backup of vm01: %v: %s", err, out)
+	}
+
+	stdin.Write(img[1<<20:])
+	stdin.Close()
+	if err := first.Wait(); err != nil {
+		t.Fatalf("first backup: %v: %s", err, errFirst.String())
+	}
+	if got := sum([]byte(e.ok("restore", "vm01", "latest").stdout)); got != sum(img) {
+		t.Fatal("the first backup restores wrong")
+	}
+}
+
+// One rule for VM names: what the configuration rejects, the command
+// line rejects too, before anything is read or written.
+func TestCLIRejectsVMNamesTheConfigRejects(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "vm01.raw")
+	writeImage(t, src, 32, 1<<20)
+	for _, name := range []string{"bad/name", "a b", ".hidden", "../vm", "vm\x1b[2J"} {
+		e.fails(exitUsage, "invalid VM name", "backup", name, "--source", src)
+	}
+	if r := e.ok("snapshots", "--json"); strings.TrimSpace(r.stdout) != "[]" {
+		t.Fatalf("a rejected name was backed up: %s", r.stdout)
+	}
+}
+
+// --password-file follows the rule of [repository] password_file: a file
+// that group or others can read is refused.
+func TestPasswordFileModeRule(t *testing.T) {
+	e := newEnv(t)
+	for _, mode := range []os.FileMode{0o640, 0o604, 0o644} {
+		if err := os.Chmod(e.pw, mode); err != nil {
+			t.Fatal(err)
+		}
+		r := e.fails(exitError, "chmod 600", "snapshots")
+		if !strings.Contains(r.stderr, e.pw) {
+			t.Fatalf("mode %o: the error does not name the file: %s", mode, r.stderr)
+		}
+	}
+	os.Chmod(e.pw, 0o600)
+	e.ok("snapshots")
+	// A huge file is not a password file.
+	big := filepath.Join(e.dir, "big")
+	os.WriteFile(big, bytes.Repeat([]byte("x"), 1<<20), 0o600)
+	e.fails(exitError, "not a password file", "--password-file", big, "snapshots")
+}
