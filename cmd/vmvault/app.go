@@ -19,6 +19,7 @@ import (
 	"vmvault/backend/retry"
 	"vmvault/backend/sftp"
 	"vmvault/config"
+	"vmvault/internal/bytesize"
 	"vmvault/repo"
 )
 
@@ -265,16 +266,5 @@ func (a *app) withRepo(ctx context.Context, exclusive bool, command string, fn f
 	return fn(r)
 }
 
-// humanBytes formats a byte count with binary units.
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
+// humanBytes formats a byte count with binary units (bytesize.Format).
+func humanBytes(n int64) string { return bytesize.Format(n) }
