@@ -193,8 +193,11 @@ func TestSyslog(t *testing.T) {
 		}
 	}
 
-	// No socket: a clear error, not a silent loss.
-	e.fails(exitError, "syslog", "--syslog", "--syslog-socket", filepath.Join(e.dir, "nosock"), "snapshots")
+	// No socket: a warning, not a silent loss, and not a dead command
+	// (TestSyslogUnavailableFallsBackToStderr runs the binary).
+	if r := e.ok("--syslog", "--syslog-socket", filepath.Join(e.dir, "nosock"), "snapshots"); !strings.Contains(r.stderr, "syslog is unavailable") {
+		t.Fatalf("no syslog socket: no warning: %q", r.stderr)
+	}
 }
 
 func TestLogFormatJSON(t *testing.T) {

@@ -95,3 +95,30 @@ func TestPasswordFileModeRule(t *testing.T) {
 	os.WriteFile(big, bytes.Repeat([]byte("x"), 1<<20), 0o600)
 	e.fails(exitError, "not a password file", "--password-file", big, "snapshots")
 }
+
+// --syslog without a syslog socket (a container, journald stopped) does
+// not stop commands: one warning on stderr, then everything as usual,
+// including the error path's messages.
+func TestSyslogUnavailableFallsBackToStderr(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "vm01.raw")
+	writeImage(t, src, 33, 1<<20)
+	gone := filepath.Join(e.dir, "no-such-dir", "log")
+	cmd := helper(e, "--syslog", "--syslog-socket", gone, "backup", "vm01", "--source", src)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("backup with --syslog and no syslog: %v: %s", err, out)
+	}
+	if n := strings.Count(string(out), "syslog is unavailable"); n != 1 || !strings.Contains(string(out), "vm01: ok") {
+		t.Fatalf("want one warning and the summary, got %d warnings: %s", n, out)
+	}
+	cmd = helper(e, "--syslog", "--syslog-socket", gone, "-q", "snapshots", "vm01")
+	if out, err := cmd.CombinedOutput(); err != nil || strings.Count(string(out), "syslog is unavailable") != 1 {
+		t.Fatalf("snapshots -q with --syslog and no syslog: %v: %s", err, out)
+	}
+	cmd = helper(e, "--syslog", "--syslog-socket", gone, "restore", "vm09", "latest")
+	out, _ = cmd.CombinedOutput()
+	if cmd.ProcessState.ExitCode() == 0 || !strings.Contains(string(out), "vm09") {
+		t.Fatalf("a failing command still says why: exit %d: %s", cmd.ProcessState.ExitCode(), out)
+	}
+}
