@@ -131,6 +131,7 @@ func (a *app) setup() error {
 // report prints a run's summary line on stderr (unless -q and all went
 // well) and sends it to syslog when that is on.
 func (a *app) report(level slog.Level, line string) {
+	line = termSafe(line)
 	if !a.jsonOut && (!a.quiet || level >= slog.LevelWarn) {
 		fmt.Fprintln(a.stderr, line)
 	}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"syscall"
 
 	"vmvault/backend"
@@ -129,15 +130,10 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	return code
 }
 
-// oneLine keeps an error on one line: cron mail and syslog read better.
+// oneLine keeps an error on one line (cron mail and syslog read better)
+// and safe for a terminal: errors quote names read from the repository.
 func oneLine(err error) string {
-	b := []byte(err.Error())
-	for i, c := range b {
-		if c == '\n' {
-			b[i] = ';'
-		}
-	}
-	return string(b)
+	return termSafe(strings.ReplaceAll(err.Error(), "\n", ";"))
 }
 
 // notFound wraps a missing-repository error with its exit code.

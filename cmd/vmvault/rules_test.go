@@ -2,13 +2,18 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"vmvault/repo"
 )
 
 // Two --source backups of one VM at once: the second exits 11 at once
@@ -120,5 +125,71 @@ func TestSyslogUnavailableFallsBackToStderr(t *testing.T) {
 	out, _ = cmd.CombinedOutput()
 	if cmd.ProcessState.ExitCode() == 0 || !strings.Contains(string(out), "vm09") {
 		t.Fatalf("a failing command still says why: exit %d: %s", cmd.ProcessState.ExitCode(), out)
+	}
+}
+
+// Names and tags read from a repository reach the terminal escaped: a
+// hostile writer (anyone with the append-only account) cannot drive the
+// admin's terminal. JSON keeps the exact strings, JSON-escaped.
+func TestTerminalEscapesAreNeutralised(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "vm01.raw")
+	writeImage(t, src, 34, 1<<20)
+	const title = "\x1b]0;owned\x07"
+	e.ok("backup", "vm01", "--source", src, "--tag", title, "--tag", "bidi\u202eevil")
+	// A VM name the CLI refuses, written as an older or hostile client would.
+	a := &app{stdout: os.Stdout, stderr: os.Stderr, repoURL: e.repo, passwordFile: e.pw, cacheDir: e.cache}
+	a.setup()
+	r, err := a.openRepo(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	const clear = "vm\x1b[2J\u009b"
+	_, err = r.Backup(context.Background(), repo.BackupRequest{VM: clear, Disks: []repo.DiskSource{{Name: "d\x1b[1m", Reader: strings.NewReader("x"), Size: 1}}})
+	r.Close()
+	r.Backend().Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	out := e.ok("snapshots").stdout
+	if strings.ContainsAny(out, "\x1b\x07\u202e\u009b") {
+		t.Fatalf("raw control characters in the listing: %q", out)
+	}
+	for _, want := range []string{`\x1b]0;owned\a`, `vm\x1b[2J\u009b`, `bidi\u202eevil`} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("listing lacks %q: %q", want, out)
+		}
+	}
+	var gens []generationJSON
+	if err := json.Unmarshal([]byte(e.ok("snapshots", "--json").stdout), &gens); err != nil {
+		t.Fatal(err)
+	}
+	if len(gens) != 2 || !slices.Contains(gens[0].Tags, title) || gens[1].VM != clear {
+		t.Fatalf("JSON does not keep the exact strings: %+v", gens)
+	}
+	// Errors that quote such a name are escaped too.
+	r2 := e.run(nil, "restore", clear, "nosuchgeneration")
+	if r2.code == 0 || strings.ContainsRune(r2.stderr, 0x1b) {
+		t.Fatalf("restore error: exit %d: %q", r2.code, r2.stderr)
+	}
+}
+
+func TestTermSafe(t *testing.T) {
+	for in, want := range map[string]string{
+		"vm01":        "vm01",
+		"a\tb\nc":     "a\tb\nc",
+		"\x1b[31mred": `\x1b[31mred`,
+		"bell\a":      `bell\a`,
+		"del\x7f":     `del\x7f`,
+		"c1\u009b2J":  `c1\u009b2J`,
+		"raw\x9b":     `raw\x9b`,
+		"ünïcödé ok":  "ünïcödé ok",
+		"rtl\u202e":   `rtl\u202e`,
+		"nul\x00":     `nul\x00`,
+	} {
+		if got := termSafe(in); got != want {
+			t.Errorf("termSafe(%q) = %q, want %q", in, got, want)
+		}
 	}
 }

@@ -65,7 +65,7 @@ func (a *app) snapshotsCommand() *cobra.Command {
 				if a.jsonOut {
 					return printJSON(a.stdout, out)
 				}
-				tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+				tw := tabwriter.NewWriter(a.textOut(), 0, 0, 2, ' ', 0)
 				fmt.Fprintln(tw, "ID\tVM\tTIME\tDISKS\tSIZE\tNEW\tSTORED\tTAGS")
 				for _, g := range out {
 					names := make([]string, len(g.Disks))
