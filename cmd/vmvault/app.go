@@ -107,7 +107,7 @@ func (a *app) setup() error {
 	s := logSetup{format: a.logFormat, stderrLevel: slog.LevelInfo, syslog: a.syslog, syslogLevel: slog.LevelInfo, socket: a.syslogSocket}
 	// The configuration's [log] section. A file that does not load is
 	// reported by the command that needs it (or checked by config check).
-	if cfg, err := a.loadConfig(false); err == nil && cfg != nil {
+	if cfg, err := a.loadConfig(configOptional); err == nil && cfg != nil {
 		s.stderrLevel, s.syslogLevel = cfg.Log.Level, cfg.Log.Level
 		s.syslog = s.syslog || cfg.Log.Syslog
 	}
@@ -140,10 +140,20 @@ func (a *app) report(level slog.Level, line string) {
 	}
 }
 
-// openBackend connects to the repository location.
-func (a *app) openBackend(ctx context.Context, create bool) (backend.Backend, error) {
+// backendMode says whether openBackend opens a repository or makes one.
+type backendMode bool
+
+const (
+	existingRepository backendMode = false
+	newRepository      backendMode = true
+)
+
+// openBackend connects to the repository location: the one place that
+// turns --repo into a backend.
+func (a *app) openBackend(ctx context.Context, mode backendMode) (backend.Backend, error) {
+	create := mode == newRepository
 	if a.repoURL == "" {
-		if _, err := a.loadConfig(false); err != nil {
+		if _, err := a.loadConfig(configOptional); err != nil {
 			return nil, err
 		}
 	}
@@ -185,21 +195,30 @@ func readPasswordFile(path string) ([]byte, error) {
 	return []byte(s), nil
 }
 
+// promptMode says whether a password prompt asks once or twice (for a
+// new password).
+type promptMode bool
+
+const (
+	promptOnce  promptMode = false
+	promptTwice promptMode = true
+)
+
 // password returns the repository password from --password-file or a
-// terminal prompt (twice when confirm is set).
-func (a *app) password(prompt string, confirm bool) ([]byte, error) {
+// terminal prompt.
+func (a *app) password(prompt string, mode promptMode) ([]byte, error) {
 	if a.passwordFile == "" {
-		if _, err := a.loadConfig(false); err != nil {
+		if _, err := a.loadConfig(configOptional); err != nil {
 			return nil, err
 		}
 	}
 	if a.passwordFile != "" {
 		return readPasswordFile(a.passwordFile)
 	}
-	return promptPassword(prompt, confirm)
+	return promptPassword(prompt, mode)
 }
 
-func promptPassword(prompt string, confirm bool) ([]byte, error) {
+func promptPassword(prompt string, mode promptMode) ([]byte, error) {
 	tty, err := os.OpenFile("/dev/tty", os.O_RDWR, 0)
 	if err != nil || !term.IsTerminal(int(tty.Fd())) {
 		return nil, withCode(exitUsage, errors.New("no password: give --password-file or set VMVAULT_PASSWORD_FILE (no terminal to prompt on)"))
@@ -211,7 +230,7 @@ func promptPassword(prompt string, confirm bool) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if confirm {
+	if mode == promptTwice {
 		fmt.Fprint(tty, "again: ")
 		pw2, err := term.ReadPassword(int(tty.Fd()))
 		fmt.Fprintln(tty)
@@ -230,11 +249,11 @@ func promptPassword(prompt string, confirm bool) ([]byte, error) {
 
 // openRepo opens and unlocks the repository.
 func (a *app) openRepo(ctx context.Context) (*repo.Repository, error) {
-	be, err := a.openBackend(ctx, false)
+	be, err := a.openBackend(ctx, existingRepository)
 	if err != nil {
 		return nil, err
 	}
-	pw, err := a.password("repository password", false)
+	pw, err := a.password("repository password", promptOnce)
 	if err != nil {
 		be.Close()
 		return nil, err

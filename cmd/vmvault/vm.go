@@ -100,7 +100,7 @@ func (a *app) backupConfigured(ctx context.Context, names []string, all bool, ta
 			return withCode(exitUsage, fmt.Errorf("no --source given and no configuration file %s: give --source PATH or --config FILE", config.DefaultPath))
 		}
 	}
-	cfg, err := a.loadConfig(true)
+	cfg, err := a.loadConfig(configRequired)
 	if err != nil {
 		return err
 	}
