@@ -67,7 +67,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 ` + exitCodesHelp,
 		Example: `  vmvault init --repo /srv/vmvault --password-file /etc/vmvault/password
   vmvault backup vm01 --source /var/lib/images/vm01.raw
-  vmvault snapshots vm01
+  vmvault generations vm01
   vmvault restore vm01 latest > vm01.raw
   vmvault check --read-data-subset 10%`,
 		SilenceUsage:  true,

@@ -33,11 +33,11 @@ type diskRef struct {
 
 func (a *app) snapshotsCommand() *cobra.Command {
 	return &cobra.Command{
-		Use:     "snapshots [VM]",
-		Aliases: []string{"generations", "list"},
+		Use:     "generations [VM]",
+		Aliases: []string{"snapshots", "list"}, // snapshots: restic users' habit
 		Short:   "List generations (all VMs, or one)",
-		Example: `  vmvault snapshots
-  vmvault snapshots vm01 --json`,
+		Example: `  vmvault generations
+  vmvault generations vm01 --json`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vm := ""
