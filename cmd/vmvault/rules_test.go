@@ -35,15 +35,16 @@ func TestSourceBackupsOfOneVMDoNotOverlap(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer first.Process.Kill()
-	// The first run holds its locks once it reads: wait for the host lock.
-	lockFile := filepath.Join(e.cache, "vm-vm01.lock")
+	// Wait until the first run holds its repository lock: by then it is
+	// committed to backing up vm01 (and, with the fix, holds the VM lock,
+	// which is taken first).
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if b, _ := os.ReadFile(lockFile); len(b) > 0 {
+		if locks, _ := filepath.Glob(filepath.Join(e.repo, "locks", "*")); len(locks) > 0 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the first backup took no VM lock: %s", errFirst.String())
+			t.Fatalf("the first backup took no repository lock: %s", errFirst.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
