@@ -111,7 +111,7 @@ func (a *app) backupSources(ctx context.Context, vm string, sources, tags []stri
 		return err
 	}
 	defer closeAll()
-	return a.withRepo(ctx, false, "backup "+vm, func(r *repo.Repository) error {
+	return a.withLease(ctx, repo.SharedLock, "backup "+vm, func(ctx context.Context, r *repo.Repository) error {
 		progress, progressDone := a.progress(vm, disks)
 		m, err := r.Backup(ctx, repo.BackupRequest{VM: vm, Time: when, Tags: tags, Disks: disks, SHA256: sha, Progress: progress})
 		progressDone()

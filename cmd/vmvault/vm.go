@@ -214,11 +214,12 @@ func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, t
 		return out, err
 	}
 	defer vl.unlock()
-	lock, err := r.Lock(ctx, false, "backup "+vm.Name, a.retryLock)
+	lock, err := r.Lock(ctx, repo.SharedLock, "backup "+vm.Name, a.retryLock)
 	if err != nil {
 		return out, err
 	}
 	defer lock.Unlock()
+	ctx = lock.Context() // cancelled when the lease is lost
 	slow := time.AfterFunc(longBackup, func() {
 		log.Warn("backup has been running for more than 24 hours")
 	})
