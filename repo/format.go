@@ -215,6 +215,7 @@ func (h *HexID) UnmarshalText(b []byte) error {
 // Its presence in the repository is the commit of that backup.
 type Manifest struct {
 	ID       string          `json:"-"` // object name's hex ID, set on load
+	Arrived  time.Time       `json:"-"` // the store's ModTime of the manifest, set by Manifests
 	Version  int             `json:"version"`
 	VM       string          `json:"vm"`
 	Time     time.Time       `json:"time"`

@@ -271,19 +271,25 @@ func (a *app) openRepo(ctx context.Context) (*repo.Repository, error) {
 }
 
 // withRepo opens the repository, takes a lock, and runs fn.
-func (a *app) withRepo(ctx context.Context, exclusive bool, command string, fn func(*repo.Repository) error) error {
+func (a *app) withRepo(ctx context.Context, mode repo.LockMode, command string, fn func(*repo.Repository) error) error {
+	return a.withLease(ctx, mode, command, func(_ context.Context, r *repo.Repository) error { return fn(r) })
+}
+
+// withLease is withRepo for work that must stop when the lock's lease is
+// lost (a backup): fn's context is cancelled then.
+func (a *app) withLease(ctx context.Context, mode repo.LockMode, command string, fn func(context.Context, *repo.Repository) error) error {
 	r, err := a.openRepo(ctx)
 	if err != nil {
 		return err
 	}
 	defer r.Backend().Close()
 	defer r.Close()
-	l, err := r.Lock(ctx, exclusive, command, a.retryLock)
+	l, err := r.Lock(ctx, mode, command, a.retryLock)
 	if err != nil {
 		return err
 	}
 	defer l.Unlock()
-	return fn(r)
+	return fn(l.Context(), r)
 }
 
 // humanBytes formats a byte count with binary units (bytesize.Format).
