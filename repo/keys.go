@@ -130,7 +130,7 @@ func unlock(ctx context.Context, be backend.Backend, password []byte) (*crypto.M
 	sort.Strings(names)
 	var errs []error
 	for _, n := range names {
-		data, err := be.Get(ctx, n, 0, -1)
+		data, err := getBounded(ctx, be, n, maxSmallObject)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -172,7 +172,7 @@ func (r *Repository) AddKey(ctx context.Context, password []byte, params crypto.
 func (r *Repository) Keys(ctx context.Context) ([]KeyInfo, error) {
 	var out []KeyInfo
 	err := r.be.List(ctx, "keys/", func(o backend.ObjectInfo) error {
-		data, err := r.be.Get(ctx, o.Name, 0, -1)
+		data, err := getBounded(ctx, r.be, o.Name, maxSmallObject)
 		if err != nil {
 			return err
 		}

@@ -90,9 +90,12 @@ func (r *Repository) Locks(ctx context.Context) ([]LockInfo, error) {
 		if released[n] {
 			continue
 		}
-		sealed, err := r.be.Get(ctx, n, 0, -1)
+		sealed, err := getBounded(ctx, r.be, n, maxSmallObject)
 		if errors.Is(err, backend.ErrNotExist) {
 			continue // released meanwhile
+		}
+		if errors.Is(err, ErrTooLarge) {
+			sealed, err = nil, nil // unreadable, below
 		}
 		if err != nil {
 			return nil, err

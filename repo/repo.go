@@ -129,7 +129,7 @@ func Init(ctx context.Context, be backend.Backend, password []byte, opts Options
 
 // Open unlocks an existing repository with password.
 func Open(ctx context.Context, be backend.Backend, password []byte, opts Options) (*Repository, error) {
-	sealed, err := be.Get(ctx, configName, 0, -1)
+	sealed, err := getBounded(ctx, be, configName, maxSmallObject)
 	if errors.Is(err, backend.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", be.Location(), ErrNotRepository)
 	}
@@ -198,10 +198,11 @@ func (r *Repository) Close() error {
 	return nil
 }
 
-// getObject fetches and opens a data object.
+// getData fetches, authenticates and opens the data object id (a chunk,
+// segment list or segment table), which must be of type t.
 func (r *Repository) getData(ctx context.Context, t ObjectType, id crypto.ID) ([]byte, error) {
 	name := dataName(id)
-	sealed, err := r.be.Get(ctx, name, 0, -1)
+	sealed, err := getBounded(ctx, r.be, name, maxDataObject)
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w", t, name, err)
 	}
