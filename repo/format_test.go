@@ -2,6 +2,7 @@ package repo
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -300,7 +301,7 @@ func FuzzKeyFile(f *testing.F) {
 		}
 		// With "pw", a key file opens to the master key it was made
 		// with, or not at all.
-		mk, err := openKeyFile(kf, []byte("pw"))
+		mk, err := openKeyFile(context.Background(), kf, []byte("pw"))
 		if err == nil && *mk != *want {
 			t.Fatal("a mutated key file opened to another master key")
 		}

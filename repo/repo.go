@@ -31,12 +31,15 @@ type Repository struct {
 	cfg     Config
 	master  *crypto.MasterKey
 	keyName string
-	codec   *codec
-	chunkH  *crypto.Hasher
-	segH    *crypto.Hasher
-	imageH  *crypto.Hasher
-	tableH  *crypto.Hasher
-	log     *slog.Logger
+	// password opened the repository; key management (key passwd) needs
+	// it to find every key file it opens.
+	password []byte
+	codec    *codec
+	chunkH   *crypto.Hasher
+	segH     *crypto.Hasher
+	imageH   *crypto.Hasher
+	tableH   *crypto.Hasher
+	log      *slog.Logger
 
 	cacheDir string
 	idx      *Index
@@ -110,6 +113,7 @@ func Init(ctx context.Context, be backend.Backend, password []byte, opts Options
 	if err != nil {
 		return nil, err
 	}
+	r.password = password
 	keyID, err := r.AddKey(ctx, password, opts.kdf())
 	if err != nil {
 		return nil, fmt.Errorf("write key: %w", err)
@@ -136,7 +140,8 @@ func Open(ctx context.Context, be backend.Backend, password []byte, opts Options
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
-	mk, keyName, err := unlock(ctx, be, password)
+	hint := keyHintPath(opts.CacheDir, be)
+	mk, keyName, err := unlock(ctx, be, password, hint)
 	if err != nil {
 		return nil, err
 	}
@@ -159,7 +164,8 @@ func Open(ctx context.Context, be backend.Backend, password []byte, opts Options
 	if err != nil {
 		return nil, err
 	}
-	r.keyName = keyName
+	r.keyName, r.password = keyName, password
+	rememberKey(hint, keyName)
 	return r, nil
 }
 
