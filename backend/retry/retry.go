@@ -192,8 +192,10 @@ func (b *Backend) Location() string { return b.inner.Location() }
 // Close closes the wrapped backend.
 func (b *Backend) Close() error { return b.inner.Close() }
 
-// Unwrap returns the wrapped backend, for optional interfaces such as the
-// local backend's RemoveTemporary.
+// Unwrap returns the wrapped backend, so that a caller can reach an
+// optional interface of the store beneath: the wrapper itself implements
+// only backend.Backend. (The local backend, whose RemoveTemporary prune
+// looks for, is never wrapped: it has no transient failures.)
 func (b *Backend) Unwrap() backend.Backend { return b.inner }
 
 var _ backend.Backend = (*Backend)(nil)
