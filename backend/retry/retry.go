@@ -71,7 +71,8 @@ func Transient(err error) bool {
 	if err == nil ||
 		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) ||
 		errors.Is(err, backend.ErrNotExist) || errors.Is(err, backend.ErrExist) ||
-		errors.Is(err, backend.ErrReadOnly) || errors.Is(err, os.ErrPermission) {
+		errors.Is(err, backend.ErrReadOnly) || errors.Is(err, backend.ErrRetained) ||
+		errors.Is(err, os.ErrPermission) {
 		return false
 	}
 	var t interface{ Transient() bool }
