@@ -478,6 +478,15 @@ func (b *Backend) Delete(ctx context.Context, name string) error {
 		return err
 	}
 	oi, err := b.stat(ctx, name)
+	if errors.Is(err, backend.ErrNotExist) {
+		// S3 deletes of missing keys succeed; sending one anyway tells
+		// whether this credential may delete at all (403 if not), which
+		// is how repo.CheckDeletable finds an append-only account.
+		if derr := b.client.RemoveObject(ctx, b.bucket, key, minio.RemoveObjectOptions{}); derr != nil {
+			return b.mapErr("delete", name, derr)
+		}
+		return err
+	}
 	if err != nil {
 		return err
 	}
