@@ -239,3 +239,73 @@ func TestMissingRepository(t *testing.T) {
 		t.Fatalf("snapshots on a missing bucket: exit %d, %q", r.code, r.stderr)
 	}
 }
+
+// appendOnlyPolicy is the bucket policy docs/server.md gives for a host's
+// credential: read, write and list, no delete. (Kept identical to the
+// documentation by TestDocumentedPolicy.)
+const appendOnlyPolicy = `{
+  "Version": "2012-10-17",
+  "Statement": [
+    {
+      "Effect": "Allow",
+      "Action": ["s3:GetBucketLocation", "s3:ListBucket"],
+      "Resource": ["arn:aws:s3:::vmvault"]
+    },
+    {
+      "Effect": "Allow",
+      "Action": ["s3:GetObject", "s3:PutObject", "s3:GetObjectRetention", "s3:PutObjectRetention"],
+      "Resource": ["arn:aws:s3:::vmvault/*"]
+    }
+  ]
+}`
+
+// appendOnlyUser creates a MinIO user with appendOnlyPolicy, with the mc
+// commands docs/server.md shows.
+func (e *env) appendOnlyUser(name string) cred {
+	e.t.Helper()
+	pol := filepath.Join(e.dir, "vmvault-append.json")
+	if err := os.WriteFile(pol, []byte(appendOnlyPolicy), 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+	c := cred{name, "secret-" + name + "-0123456789"}
+	e.srv.MC(e.t, "admin", "user", "add", "t", c.id, c.secret)
+	if out, err := e.srv.TryMC(e.t, "admin", "policy", "create", "t", "vmvault-append", pol); err != nil && !strings.Contains(out, "already") {
+		e.t.Fatalf("mc admin policy create: %v\n%s", err, out)
+	}
+	e.srv.MC(e.t, "admin", "policy", "attach", "t", "vmvault-append", "--user", c.id)
+	return c
+}
+
+// A host credential that may get, put and list but not delete backs up
+// and restores; forget and prune refuse with one clear line and delete
+// nothing; the administrator's credential prunes afterwards.
+func TestNoDeleteCredential(t *testing.T) {
+	e := newEnv(t)
+	admin := e.host("", e.root)
+	e.ok(admin, initArgs...)
+	h := e.host("", e.appendOnlyUser("host01"))
+	img := image(t, filepath.Join(e.dir, "vm01.raw"), 2, 12<<20)
+	for range 2 {
+		e.ok(h, "backup", "vm01", "--source", filepath.Join(e.dir, "vm01.raw"))
+	}
+	if out := e.ok(h, "restore", "vm01", "latest").stdout; sum([]byte(out)) != sum(img) {
+		t.Fatal("restore with the no-delete credential differs")
+	}
+	e.ok(h, "check", "--read-data")
+	before, _ := e.stored("")
+	for _, args := range [][]string{{"forget", "--keep-last", "1"}, {"prune"}} {
+		r := e.run(h, nil, args...)
+		t.Logf("vmvault %v: exit %d: %s", args, r.code, r.stderr)
+		if r.code == 0 || !strings.Contains(r.stderr, "append-only") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+			t.Fatalf("vmvault %v with a no-delete credential: exit %d, stderr %q; want one line saying append-only", args, r.code, r.stderr)
+		}
+	}
+	after, _ := e.stored("")
+	if out := e.ok(h, "snapshots", "vm01").stdout; strings.Count(out, "vm01") != 2 || after < before {
+		t.Fatalf("refused forget/prune changed the repository: %d → %d objects\n%s", before, after, out)
+	}
+	// The server side (administrator) prunes.
+	e.ok(admin, "forget", "--keep-last", "1")
+	e.ok(admin, "prune")
+	e.ok(h, "check", "--read-data")
+}
