@@ -14,13 +14,20 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"vmvault/backend"
 	"vmvault/backend/s3"
@@ -307,5 +314,133 @@ func TestNoDeleteCredential(t *testing.T) {
 	// The server side (administrator) prunes.
 	e.ok(admin, "forget", "--keep-last", "1")
 	e.ok(admin, "prune")
+	e.ok(h, "check", "--read-data")
+}
+
+// A backup killed with SIGKILL in the middle of its uploads leaves a
+// repository that the rerun completes: the rerun succeeds, the restore is
+// byte-identical and check --read-data passes.
+func TestKilledMidUpload(t *testing.T) {
+	e := newEnv(t)
+	h := e.host("", e.root)
+	e.ok(h, initArgs...)
+	src := filepath.Join(e.dir, "vm01.raw")
+	img := image(t, src, 3, 96<<20)
+	cmd := e.command(h, "backup", "vm01", "--source", src)
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		if n, _ := e.stored("data/"); n >= 20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("backup uploaded nothing in 2 minutes: %s", errb.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cmd.Process.Kill()
+	err := cmd.Wait()
+	if err == nil {
+		t.Fatal("backup finished before it could be killed: make the image larger")
+	}
+	if n, _ := e.stored("manifests/"); n != 0 {
+		t.Fatalf("a killed backup committed %d manifests", n)
+	}
+	e.ok(h, "backup", "vm01", "--source", src)
+	if out := e.ok(h, "restore", "vm01", "latest").stdout; sum([]byte(out)) != sum(img) {
+		t.Fatal("restore after a killed and rerun backup differs")
+	}
+	e.ok(h, "check", "--read-data")
+}
+
+// flakyProxy stands in front of MinIO and answers 503 SlowDown to every
+// request while failing is set, the way a busy object store sheds load.
+type flakyProxy struct {
+	addr     string
+	failing  atomic.Bool
+	requests atomic.Int64
+	refused  atomic.Int64
+}
+
+func startFlakyProxy(t *testing.T, target string) *flakyProxy {
+	t.Helper()
+	p := &flakyProxy{}
+	u, _ := url.Parse("http://" + target)
+	rp := &httputil.ReverseProxy{Rewrite: func(r *httputil.ProxyRequest) {
+		r.SetURL(u)
+		r.Out.Host = r.In.Host // the request is signed for the proxy's address
+	}}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.addr = l.Addr().String()
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p.requests.Add(1)
+		if p.failing.Load() {
+			p.refused.Add(1)
+			w.Header().Set("Content-Type", "application/xml")
+			w.Header().Set("Retry-After", "1")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, `<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>`)
+			return
+		}
+		rp.ServeHTTP(w, r)
+	})}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return p
+}
+
+// A store that answers 503 SlowDown to everything for a while: the
+// backup and the restore retry with backoff, say so in the log, and
+// succeed once the store recovers.
+func TestServerBusy(t *testing.T) {
+	e := newEnv(t)
+	p := startFlakyProxy(t, e.srv.Endpoint)
+	e.repo = "s3:http://" + p.addr + "/vmvault/fleet"
+	h := e.host("", e.root)
+	e.ok(h, initArgs...)
+	src := filepath.Join(e.dir, "vm01.raw")
+	img := image(t, src, 4, 32<<20)
+	run := func(args ...string) result {
+		cmd := e.command(h, args...)
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// Fail for two seconds once the command is under way.
+		start := p.requests.Load()
+		for p.requests.Load() < start+10 {
+			time.Sleep(5 * time.Millisecond)
+		}
+		p.failing.Store(true)
+		time.Sleep(2 * time.Second)
+		p.failing.Store(false)
+		err := cmd.Wait()
+		if err != nil {
+			t.Fatalf("vmvault %v through a store that answered 503 for 2 s: %v\n%s", args, err, errb.String())
+		}
+		return result{0, out.String(), errb.String()}
+	}
+	r := run("backup", "vm01", "--source", src)
+	if !strings.Contains(r.stderr, "retrying") || !strings.Contains(r.stderr, "SlowDown") {
+		t.Fatalf("backup did not log its retries:\n%s", r.stderr)
+	}
+	r = run("restore", "vm01", "latest")
+	if sum([]byte(r.stdout)) != sum(img) {
+		t.Fatal("restore through the busy store differs")
+	}
+	if p.refused.Load() == 0 {
+		t.Fatal("the proxy refused nothing: the test tested nothing")
+	}
+	t.Logf("%d requests, %d answered 503", p.requests.Load(), p.refused.Load())
 	e.ok(h, "check", "--read-data")
 }
