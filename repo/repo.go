@@ -15,6 +15,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"time"
 
 	"vmvault/backend"
@@ -43,6 +45,20 @@ type Repository struct {
 	// tableSegments is how many segment IDs a backup puts in one
 	// segment table: TableSegments, smaller only in tests.
 	tableSegments int
+
+	clock   storeClock // the store's clock, learnt from lock objects
+	locksMu sync.Mutex
+	held    []*Lock  // locks taken through this Repository
+	junk    sync.Map // names of unparsable objects already warned about
+}
+
+// warnJunk warns once per Repository about an object that does not
+// parse and is otherwise ignored (anyone with add-only access can
+// create one; it must not stop the admin's tools).
+func (r *Repository) warnJunk(name string, err error) {
+	if _, dup := r.junk.LoadOrStore(name, true); !dup {
+		r.log.Warn("ignoring an object that is not a valid "+strings.SplitN(name, "/", 2)[0]+" entry", "object", name, "err", err)
+	}
 }
 
 // Options configure Open and Init.
@@ -198,7 +214,7 @@ func (r *Repository) Close() error {
 	return nil
 }
 
-// getObject fetches and opens a data object.
+// getData fetches and opens a data object.
 func (r *Repository) getData(ctx context.Context, t ObjectType, id crypto.ID) ([]byte, error) {
 	name := dataName(id)
 	sealed, err := r.be.Get(ctx, name, 0, -1)
