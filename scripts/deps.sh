@@ -15,3 +15,6 @@ if ((${#missing[@]})); then
 	$SUDO apt-get update -q >/dev/null
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# MinIO and mc (Go programs, not packages): scripts/test.sh builds them in
+# the background itself and sets VMVAULT_SKIP_TOOLS.
+[ -n "${VMVAULT_SKIP_TOOLS:-}" ] || bash "$(dirname "$0")/tools.sh"
