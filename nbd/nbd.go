@@ -34,8 +34,8 @@ type Export interface {
 	// error, including a short read, fails the client's request with EIO.
 	ReadAt(p []byte, off int64) (int, error)
 	// Extents describes [off, off+length) as consecutive extents in order,
-	// starting at off and covering the range (the last may extend past
-	// it). A Hole extent reads as zeros without stored data, so clients
+	// covering the range without gaps (the first may start before off,
+	// the last may end after it). A Hole extent reads as zeros without stored data, so clients
 	// can skip it.
 	Extents(off, length int64) ([]Extent, error)
 }

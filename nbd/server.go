@@ -552,8 +552,9 @@ func (cs *conn) blockStatus(e Export, req request) {
 // errBadExtents reports extents from an Export that break its contract.
 var errBadExtents = errors.New("export returned extents that do not cover the range")
 
-// clipExtents checks that ext covers [off, off+length) contiguously from
-// off, clips it to that range and merges neighbours of the same state.
+// clipExtents checks that ext covers [off, off+length) without gaps,
+// clips it to that range and merges neighbours of the same state.
+// Extents wholly before the range are skipped.
 func clipExtents(ext []Extent, off, length int64) ([]Extent, error) {
 	end := off + length
 	out := make([]Extent, 0, len(ext))
@@ -562,10 +563,14 @@ func clipExtents(ext []Extent, off, length int64) ([]Extent, error) {
 		if pos >= end {
 			break
 		}
-		if x.Offset != pos || x.Length <= 0 {
+		xend := x.Offset + x.Length
+		if x.Length > 0 && xend <= off {
+			continue
+		}
+		if x.Offset > pos || xend <= pos {
 			return nil, fmt.Errorf("extent at %d+%d, expected one at %d: %w", x.Offset, x.Length, pos, errBadExtents)
 		}
-		n := min(x.Length, end-pos)
+		n := min(xend, end) - pos
 		if k := len(out); k > 0 && out[k-1].Hole == x.Hole {
 			out[k-1].Length += n
 		} else {
