@@ -91,8 +91,10 @@ no_snapshots_left() {
 }
 # gens VM: how many generations the repository holds for VM.
 gens() {
-	if out=$(vmvault -c "$CFG" snapshots "$1" --json 2>/tmp/gens.err); then
+	if out=$(vmvault -c "$CFG" generations "$1" --json 2>/tmp/gens.err); then
 		echo "$out" | grep -o '"id":' | wc -l
+	elif grep -q "has no generations" /tmp/gens.err; then
+		echo 0 # exit 1 by design: a VM without generations is named as such
 	else
 		echo "error($(lastline /tmp/gens.err))"
 	fi
