@@ -137,7 +137,7 @@ func (a *app) backupSources(ctx context.Context, vm string, sources, tags []stri
 // They are opened before any lock is taken, so a typo fails at once.
 func (a *app) openSources(specs []string) ([]vmbackup.Disk, func(), error) {
 	var disks []vmbackup.Disk
-	var files []*os.File
+	var files []io.Closer
 	closeAll := func() {
 		for _, f := range files {
 			f.Close()
@@ -156,22 +156,14 @@ func (a *app) openSources(specs []string) ([]vmbackup.Disk, func(), error) {
 			disks = append(disks, vmbackup.Disk{Name: name, Source: vmbackup.Opened(img)})
 			continue
 		}
-		f, err := os.Open(path)
+		img, err := vmbackup.File(path).Open(context.Background())
 		if err != nil {
 			closeAll()
 			return nil, nil, fmt.Errorf("source: %w", err)
 		}
-		files = append(files, f)
-		size, err := f.Seek(0, io.SeekEnd)
-		if err == nil {
-			_, err = f.Seek(0, io.SeekStart)
-		}
-		if err != nil {
-			closeAll()
-			return nil, nil, fmt.Errorf("source %s: %w", path, err)
-		}
-		abs, _ := filepath.Abs(path)
-		disks = append(disks, vmbackup.Disk{Name: name, Source: vmbackup.Opened{Reader: f, Size: size, Desc: abs}})
+		files = append(files, img.Reader)
+		img.Desc, _ = filepath.Abs(path)
+		disks = append(disks, vmbackup.Disk{Name: name, Source: vmbackup.Opened(img)})
 	}
 	return disks, closeAll, nil
 }
