@@ -45,10 +45,16 @@ func summarize(m *repo.Manifest) backupSummary {
 	return s
 }
 
+// backupFlags are backup's flags.
+type backupFlags struct {
+	sources, tags []string
+	at            string
+	when          time.Time // --time parsed; zero means now
+	sha, all      bool
+}
+
 func (a *app) backupCommand() *cobra.Command {
-	var sources, tags []string
-	var at string
-	var sha, all bool
+	var f backupFlags
 	cmd := &cobra.Command{
 		Use:   "backup VM [--source [DISK=]PATH...] | backup --all",
 		Short: "Back up a VM's disk images as one new generation",
@@ -71,47 +77,46 @@ commits nothing, and the next run reuses what was already uploaded.`,
   vmvault backup vm01 --source vm01.raw --time 2026-01-01T00:00:00Z`,
 		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var when time.Time
-			if at != "" {
-				t, err := time.Parse(time.RFC3339, at)
+			if f.at != "" {
+				t, err := time.Parse(time.RFC3339, f.at)
 				if err != nil {
 					return withCode(exitUsage, fmt.Errorf("--time: %w", err))
 				}
-				when = t
+				f.when = t
 			}
-			if all != (len(args) == 0) {
+			if f.all != (len(args) == 0) {
 				return withCode(exitUsage, fmt.Errorf("name one VM, or give --all"))
 			}
-			if len(sources) == 0 {
-				return a.backupConfigured(cmd.Context(), args, all, tags, when)
+			if len(f.sources) == 0 {
+				return a.backupConfigured(cmd.Context(), args, f)
 			}
-			if all {
+			if f.all {
 				return withCode(exitUsage, fmt.Errorf("--all and --source exclude each other"))
 			}
 			vm := args[0]
 			start := time.Now()
-			err := a.backupSources(cmd.Context(), vm, sources, tags, when, sha)
+			err := a.backupSources(cmd.Context(), vm, f)
 			if err != nil && cmd.Context().Err() == nil {
 				a.recordFailure(vm, err, start)
 			}
 			return err
 		},
 	}
-	cmd.Flags().StringArrayVarP(&sources, "source", "s", nil, "disk image to read: [NAME=]PATH, a file, block device or - for stdin (repeatable)")
-	cmd.Flags().StringArrayVar(&tags, "tag", nil, "tag the generation (repeatable)")
-	cmd.Flags().StringVar(&at, "time", "", "record this time (RFC 3339) instead of now, e.g. for imports")
-	cmd.Flags().BoolVar(&all, "all", false, "back up every VM of the configuration file")
+	cmd.Flags().StringArrayVarP(&f.sources, "source", "s", nil, "disk image to read: [NAME=]PATH, a file, block device or - for stdin (repeatable)")
+	cmd.Flags().StringArrayVar(&f.tags, "tag", nil, "tag the generation (repeatable)")
+	cmd.Flags().StringVar(&f.at, "time", "", "record this time (RFC 3339) instead of now, e.g. for imports")
+	cmd.Flags().BoolVar(&f.all, "all", false, "back up every VM of the configuration file")
 	cmd.Flags().StringVar(&a.metricsFile, "metrics-file", os.Getenv("VMVAULT_METRICS_FILE"), "after each VM, update this Prometheus textfile-collector file (env VMVAULT_METRICS_FILE)")
-	cmd.Flags().BoolVar(&sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum)")
+	cmd.Flags().BoolVar(&f.sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum)")
 	return cmd
 }
 
 // backupSources backs up --source images as one generation of vm.
-func (a *app) backupSources(ctx context.Context, vm string, sources, tags []string, when time.Time, sha bool) error {
+func (a *app) backupSources(ctx context.Context, vm string, f backupFlags) error {
 	if err := config.CheckName("VM", vm); err != nil {
 		return withCode(exitUsage, err)
 	}
-	disks, closeAll, err := a.openSources(sources)
+	disks, closeAll, err := a.openSources(f.sources)
 	if err != nil {
 		return err
 	}
@@ -123,9 +128,7 @@ func (a *app) backupSources(ctx context.Context, vm string, sources, tags []stri
 	defer r.Backend().Close()
 	defer r.Close()
 	plan := vmbackup.VM{Name: vm, Disks: disks}
-	opts := a.runOptions(vm, tags, when)
-	opts.SHA256 = sha
-	o, err := vmbackup.Run(ctx, vmbackup.Repo(r, a.retryLock), plan, opts)
+	o, err := vmbackup.Run(ctx, vmbackup.Repo(r, a.retryLock), plan, a.runOptions(vm, f))
 	if err != nil {
 		return err
 	}
