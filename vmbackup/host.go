@@ -182,7 +182,7 @@ type repoAdapter struct {
 }
 
 func (a repoAdapter) Lock(ctx context.Context, command string) (Lease, error) {
-	l, err := a.r.Lock(ctx, false, command, a.wait)
+	l, err := a.r.Lock(ctx, repo.SharedLock, command, a.wait)
 	if err != nil {
 		return nil, err
 	}

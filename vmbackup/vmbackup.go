@@ -71,6 +71,9 @@ type Lease interface {
 	// Check returns an error wrapping ErrLockLost when the lock is no
 	// longer held, and other errors when that cannot be told.
 	Check(ctx context.Context) error
+	// Context is cancelled when the lease is lost (a failed refresh), so
+	// the backup stops instead of committing after its lock lapsed.
+	Context() context.Context
 	// Unlock releases the lock.
 	Unlock() error
 }
@@ -213,6 +216,7 @@ func Run(ctx context.Context, r Repository, vm VM, opts Options) (Outcome, error
 		return Outcome{}, err
 	}
 	defer lease.Unlock()
+	ctx = lease.Context()
 	slow := time.AfterFunc(LongRun, func() {
 		b.log.Warn("backup has been running for more than 24 hours")
 	})

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -44,10 +46,13 @@ func (a *app) snapshotsCommand() *cobra.Command {
 			if len(args) == 1 {
 				vm = args[0]
 			}
-			return a.withRepo(cmd.Context(), false, "snapshots", func(r *repo.Repository) error {
+			return a.withRepo(cmd.Context(), repo.SharedLock, "snapshots", func(r *repo.Repository) error {
 				ms, err := r.Manifests(cmd.Context(), vm)
 				if err != nil {
 					return err
+				}
+				if vm != "" && len(ms) == 0 {
+					return noGenerations(cmd.Context(), r, vm)
 				}
 				out := make([]generationJSON, 0, len(ms))
 				for _, m := range ms {
@@ -81,4 +86,27 @@ func (a *app) snapshotsCommand() *cobra.Command {
 			})
 		},
 	}
+}
+
+// noGenerations is the error for a VM without generations (exit 1): a
+// typo must not look like an empty list. It names the VMs that have some.
+func noGenerations(ctx context.Context, r *repo.Repository, vm string) error {
+	ms, err := r.Manifests(ctx, "")
+	if err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	var vms []string
+	for _, m := range ms {
+		if !seen[m.VM] {
+			seen[m.VM] = true
+			vms = append(vms, m.VM)
+		}
+	}
+	sort.Strings(vms)
+	known := "none"
+	if len(vms) > 0 {
+		known = strings.Join(vms, ", ")
+	}
+	return fmt.Errorf("VM %q has no generations (VMs with generations: %s): %w", vm, known, repo.ErrNoSnapshot)
 }
