@@ -49,9 +49,10 @@ import (
 // ErrVMLocked reports that another backup of the same VM runs on this host.
 var ErrVMLocked = errors.New("VM locked on this host")
 
-// ErrLockLost reports that the repository lock a backup held went away
-// (removed by unlock or judged stale by a prune) before the commit.
-var ErrLockLost = errors.New("repository lock lost")
+// ErrLockLost is repo.ErrLockLost: the repository lock a backup held went
+// away (removed by unlock, lapsed) before the commit. One sentinel for one
+// thing; it is re-exported for the Lease implementations of this package.
+var ErrLockLost = repo.ErrLockLost
 
 // LongRun is how long a backup runs before it warns: the next night's
 // run is due.
@@ -411,7 +412,7 @@ func (b *run) beforeCommit(ctx context.Context, lease Lease) (json.RawMessage, e
 		rec["snapshots"] = rep
 	}
 	if err := lease.Check(ctx); err != nil {
-		return nil, fmt.Errorf("%w; nothing was committed", err)
+		return nil, err // repo.ErrLockLost says nothing was committed
 	}
 	if len(rec) == 0 {
 		return nil, nil
