@@ -194,3 +194,22 @@ func TestTermSafe(t *testing.T) {
 		}
 	}
 }
+
+// One name for one thing: the command is generations; snapshots (restic
+// users' habit) and list are aliases that print the same.
+func TestGenerationsCommand(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "vm01.raw")
+	writeImage(t, src, 35, 1<<20)
+	e.ok("backup", "vm01", "--source", src)
+	want := e.ok("generations", "vm01", "--json").stdout
+	for _, alias := range []string{"snapshots", "list"} {
+		if got := e.ok(alias, "vm01", "--json").stdout; got != want {
+			t.Fatalf("%s prints %q, generations %q", alias, got, want)
+		}
+	}
+	help := e.ok("--help").stdout
+	if !strings.Contains(help, "\n  generations ") || strings.Contains(help, "\n  snapshots ") {
+		t.Fatalf("root help does not list generations as the command: %s", help)
+	}
+}
