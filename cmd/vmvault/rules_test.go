@@ -169,6 +169,13 @@ func TestTerminalEscapesAreNeutralised(t *testing.T) {
 	if len(gens) != 2 || !slices.Contains(gens[0].Tags, title) || gens[1].VM != clear {
 		t.Fatalf("JSON does not keep the exact strings: %+v", gens)
 	}
+	// forget's decisions and stats print the name escaped too.
+	for _, args := range [][]string{{"forget", "--keep-last", "1", "--dry-run"}, {"stats"}} {
+		out := e.ok(args...).stdout
+		if strings.ContainsAny(out, "\x1b\u009b") || !strings.Contains(out, `vm\x1b[2J\u009b`) {
+			t.Fatalf("%v: raw or missing name: %q", args, out)
+		}
+	}
 	// Errors that quote such a name are escaped too.
 	r2 := e.run(nil, "restore", clear, "nosuchgeneration")
 	if r2.code == 0 || strings.ContainsRune(r2.stderr, 0x1b) {
