@@ -224,19 +224,29 @@ func Run(ctx context.Context, r Repository, vm VM, opts Options) (Outcome, error
 	defer slow.Stop()
 	defer b.cleanup(ctx)
 
-	if err := b.freeze(ctx); err != nil {
-		return b.out, err
-	}
-	disks, err := b.open(ctx)
+	m, err := b.run(ctx, r, lease)
 	if err != nil {
-		return b.out, err
-	}
-	m, err := b.commit(ctx, r, lease, disks)
-	if err != nil {
+		// A lease lost mid-run cancels ctx: say so rather than "context
+		// canceled".
+		if cause := context.Cause(ctx); errors.Is(cause, ErrLockLost) && !errors.Is(err, ErrLockLost) {
+			err = fmt.Errorf("VM %s: %w", vm.Name, cause)
+		}
 		return b.out, err
 	}
 	b.out.Manifest = m
 	return b.out, nil
+}
+
+// run holds, snapshots, releases, opens and commits.
+func (b *run) run(ctx context.Context, r Repository, lease Lease) (*repo.Manifest, error) {
+	if err := b.freeze(ctx); err != nil {
+		return nil, err
+	}
+	disks, err := b.open(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return b.commit(ctx, r, lease, disks)
 }
 
 // run is the state of one Run: what must be undone, and the outcome.

@@ -446,3 +446,43 @@ func TestRunRejectsBadVMName(t *testing.T) {
 		t.Fatalf("steps ran for invalid names: %v", ev)
 	}
 }
+
+// leaseLosing is a repository whose lease is lost (its context cancelled
+// with ErrLockLost, as repo does on a failed refresh) once lose is called.
+type leaseLosing struct {
+	Repository
+	lose func()
+}
+
+type losingLease struct {
+	Lease
+	ctx context.Context
+}
+
+func (l losingLease) Context() context.Context { return l.ctx }
+
+func (r *leaseLosing) Lock(ctx context.Context, command string) (Lease, error) {
+	l, err := r.Repository.Lock(ctx, command)
+	if err != nil {
+		return nil, err
+	}
+	lctx, cancel := context.WithCancelCause(l.Context())
+	r.lose = func() { cancel(fmt.Errorf("%w: refresh failed", ErrLockLost)) }
+	return losingLease{Lease: l, ctx: lctx}, nil
+}
+
+// A lease lost while the disks are read stops the run at once; the error
+// names the lost lock, not a bare "context canceled".
+func TestRunLeaseLostMidway(t *testing.T) {
+	f := newFixture(t)
+	r := &leaseLosing{Repository: Repo(f.r, 0)}
+	f.snaps.read = func(string) error {
+		r.lose()
+		return nil
+	}
+	_, err := Run(context.Background(), r, f.vm, f.opts)
+	f.mustNotCommit(err, "refresh failed")
+	if !errors.Is(err, ErrLockLost) {
+		t.Fatalf("error %v, want ErrLockLost", err)
+	}
+}
