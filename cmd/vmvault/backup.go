@@ -185,19 +185,22 @@ func sourceName(spec string, n int) (name, path string) {
 	return "disk", spec
 }
 
-// keepOpen makes stdin a ReadCloser whose Close leaves it open, keeping
-// an *os.File's SetReadDeadline visible: the backup uses it to stop a
-// read blocked on a stalled pipe when it is cancelled.
+// keepOpen makes stdin a ReadCloser whose Close leaves it open. An
+// *os.File keeps its SetReadDeadline visible (the backup uses it to stop a
+// read blocked on a stalled pipe when it is cancelled) and nothing else:
+// no ReadAt or Seek that would make stdin look like a file.
 func keepOpen(r io.Reader) io.ReadCloser {
 	if f, ok := r.(*os.File); ok {
-		return openFile{f}
+		return stdinFile{f}
 	}
 	return io.NopCloser(r)
 }
 
-type openFile struct{ *os.File }
+type stdinFile struct{ f *os.File }
 
-func (openFile) Close() error { return nil }
+func (s stdinFile) Read(p []byte) (int, error)        { return s.f.Read(p) }
+func (s stdinFile) SetReadDeadline(t time.Time) error { return s.f.SetReadDeadline(t) }
+func (stdinFile) Close() error                        { return nil }
 
 // pollable returns stdin in a form whose reads a cancellation can
 // interrupt: a pipe is switched to non-blocking mode and reopened through
