@@ -106,6 +106,12 @@ type Snapshotter interface {
 }
 
 // Snapshots are the snapshots of one run.
+//
+// A thin-LVM implementation with change tracking fits here: Open returns a
+// reader that also knows which ranges changed since the base snapshot (the
+// one kept by the previous run), and on success the new snapshot becomes
+// the next base instead of being removed. That needs a hook after the
+// commit, before cleanup, to be added here together with its first user.
 type Snapshots interface {
 	// Open opens the snapshot of disk (the image file inside it when
 	// file is not empty) and returns it and its size.
