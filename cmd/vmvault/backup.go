@@ -94,6 +94,9 @@ commits nothing, and the next run reuses what was already uploaded.`,
 				return withCode(exitUsage, fmt.Errorf("--all and --source exclude each other"))
 			}
 			vm := args[0]
+			if err := config.CheckName("VM", vm); err != nil {
+				return withCode(exitUsage, err) // and no metrics for a name that is not one
+			}
 			start := time.Now()
 			err := a.backupSources(cmd.Context(), vm, f)
 			if err != nil && cmd.Context().Err() == nil {
@@ -113,9 +116,6 @@ commits nothing, and the next run reuses what was already uploaded.`,
 
 // backupSources backs up --source images as one generation of vm.
 func (a *app) backupSources(ctx context.Context, vm string, f backupFlags) error {
-	if err := config.CheckName("VM", vm); err != nil {
-		return withCode(exitUsage, err)
-	}
 	disks, closeAll, err := a.openSources(f.sources)
 	if err != nil {
 		return err

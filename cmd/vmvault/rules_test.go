@@ -73,8 +73,12 @@ func TestCLIRejectsVMNamesTheConfigRejects(t *testing.T) {
 	e := newEnv(t)
 	src := filepath.Join(e.dir, "vm01.raw")
 	writeImage(t, src, 32, 1<<20)
+	prom := filepath.Join(e.dir, "vmvault.prom")
 	for _, name := range []string{"bad/name", "a b", ".hidden", "../vm", "vm\x1b[2J"} {
-		e.fails(exitUsage, "invalid VM name", "backup", name, "--source", src)
+		e.fails(exitUsage, "invalid VM name", "backup", name, "--source", src, "--metrics-file", prom)
+	}
+	if _, err := os.Stat(prom); err == nil {
+		t.Fatal("metrics recorded for a VM name that is refused")
 	}
 	if r := e.ok("snapshots", "--json"); strings.TrimSpace(r.stdout) != "[]" {
 		t.Fatalf("a rejected name was backed up: %s", r.stdout)
