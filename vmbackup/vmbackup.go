@@ -286,28 +286,33 @@ func (b *run) freeze(ctx context.Context) error {
 	if err := b.removeLeftovers(ctx, vols); err != nil {
 		return err
 	}
-	var hold Hold
-	if b.vm.Quiescer != nil {
-		h, err := b.vm.Quiescer.Hold(ctx)
-		if err != nil {
-			return err
-		}
-		hold = h
+	if err := b.snapshotHeld(ctx, vols); err != nil {
+		return err
 	}
-	var err error
-	if len(vols) > 0 {
-		b.snaps, err = b.vm.Snapshotter.Create(ctx, b.vm.Name, vols)
-	}
-	if hold != nil {
-		b.release(ctx, hold)
-	}
-	if err != nil {
-		return fmt.Errorf("VM %s: %w", b.vm.Name, err)
-	}
-	b.out.Snapshotted = b.snaps != nil
 	if b.out.Quiesce.Expired {
 		return fmt.Errorf("VM %s: the quiesce hold expired before the snapshots existed; they are not consistent", b.vm.Name)
 	}
+	return nil
+}
+
+// snapshotHeld creates the snapshots while the guest is held. The release
+// is deferred, so it also happens when creating them fails or panics.
+func (b *run) snapshotHeld(ctx context.Context, vols []snapshot.Disk) error {
+	if b.vm.Quiescer != nil {
+		hold, err := b.vm.Quiescer.Hold(ctx)
+		if err != nil {
+			return err // quiesce names the VM
+		}
+		defer b.release(ctx, hold)
+	}
+	if len(vols) == 0 {
+		return nil
+	}
+	snaps, err := b.vm.Snapshotter.Create(ctx, b.vm.Name, vols)
+	if err != nil {
+		return fmt.Errorf("VM %s: %w", b.vm.Name, err)
+	}
+	b.snaps, b.out.Snapshotted = snaps, true
 	return nil
 }
 
