@@ -233,7 +233,7 @@ func (h *Hold) release(ctx context.Context, cause releaseCause) Report {
 		err := h.locks[i].release(rctx, h.q.unlockSQL)
 		cancel()
 		if err != nil {
-			errs = append(errs, fmt.Errorf("vm %s: %w", h.q.cfg.VM, err))
+			errs = append(errs, fmt.Errorf("VM %s: %w", h.q.cfg.VM, err))
 		}
 	}
 	if !h.locked.IsZero() {
