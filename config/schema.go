@@ -132,7 +132,7 @@ func (d *doc) repositoryURL(n node, s string) bool {
 	case err != nil:
 		d.errorf(n, "not a valid url: %v", err)
 	case u.Scheme != "sftp":
-		d.errorf(n, "unsupported scheme %q: want sftp://user@host[:port]/path or a local path", u.Scheme)
+		d.errorf(n, "unsupported scheme %q: want sftp://user@host[:port]/path, s3:https://HOST/BUCKET or a local path", u.Scheme)
 	case u.Hostname() == "":
 		d.errorf(n, "no host in %q", s)
 	case u.Path == "" || u.Path == "/":

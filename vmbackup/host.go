@@ -215,5 +215,5 @@ func (l *lease) Check(ctx context.Context) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: the lock of %q is gone (removed by unlock, or judged stale)", ErrLockLost, l.command)
+	return fmt.Errorf("%w: the lock of %q is gone from the repository", ErrLockLost, l.command)
 }
