@@ -15,7 +15,9 @@ import (
 
 	"github.com/go-sql-driver/mysql"
 
+	"vmvault/internal/bytesize"
 	"vmvault/retention"
+	"vmvault/snapshot"
 )
 
 // config reads the top level of the file.
@@ -165,15 +167,27 @@ func (d *doc) policy(t *table) retention.Policy {
 }
 
 // namePattern is what VM, disk and database names may look like: they
-// become parts of LVM snapshot names and log lines.
+// become parts of LVM snapshot names, file names and log lines.
 var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.+-]*$`)
 
 // maxLVName is LVM's limit on the length of a logical volume name.
 const maxLVName = 127
 
+// CheckName applies the one rule for VM, disk and database names, in the
+// configuration file and on the command line alike: letters, digits and
+// _ . + -, starting with a letter or digit, at most 127 characters (LVM's
+// limit, since names become parts of snapshot names). what names the kind
+// of name in the error ("VM").
+func CheckName(what, name string) error {
+	if !namePattern.MatchString(name) || len(name) > maxLVName {
+		return fmt.Errorf("invalid %s name %q: use letters, digits and _ . + - (not first), at most %d characters", what, name, maxLVName)
+	}
+	return nil
+}
+
 func (d *doc) checkName(n node, what string) {
-	if !namePattern.MatchString(n.name()) {
-		d.errorf(n, "invalid %s name %q: use letters, digits and _ . + - (not first)", what, n.name())
+	if err := CheckName(what, n.name()); err != nil {
+		d.errorf(n, "%v", err)
 	}
 }
 
@@ -194,8 +208,7 @@ func (d *doc) vm(t *table) *VM {
 			n, _ := dt.get(name)
 			if diskT := d.table(n); diskT != nil {
 				disk := d.disk(diskT)
-				// The snapshot package names snapshots "<vm>-<disk>-vmvault".
-				if snap := vm.Name + "-" + disk.Name + "-vmvault"; disk.Path == "" && len(snap) > maxLVName {
+				if snap := snapshot.SnapshotName(vm.Name, disk.Name); disk.Path == "" && len(snap) > maxLVName {
 					d.errorf(n, "snapshot name %q is longer than LVM's %d characters: shorten the VM or disk name", snap, maxLVName)
 				}
 				vm.Disks = append(vm.Disks, disk)
@@ -309,9 +322,6 @@ func parsePort(s string) (int, error) {
 	return p, nil
 }
 
-// lvNamePattern is LVM's rule for VG and LV names.
-var lvNamePattern = regexp.MustCompile(`^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$`)
-
 func (d *doc) disk(t *table) Disk {
 	disk := Disk{Name: t.self.name()}
 	d.checkName(t.self, "disk")
@@ -357,56 +367,27 @@ func (d *doc) disk(t *table) Disk {
 	return disk
 }
 
+// parseLV checks "vg/lv" by LVM's rule (package snapshot's, which will
+// use the name).
 func parseLV(s string) (LV, error) {
-	vg, lv, ok := strings.Cut(s, "/")
-	if !ok || !lvNamePattern.MatchString(vg) || !lvNamePattern.MatchString(lv) || vg == "." || vg == ".." || lv == "." || lv == ".." {
-		return LV{}, fmt.Errorf("%q: want vg/lv, e.g. \"vg0/vm01-disk\" (not a /dev path)", s)
+	lv, err := snapshot.ParseLV(s)
+	if err != nil {
+		return LV{}, err
 	}
-	return LV{VG: vg, Name: lv}, nil
+	return LV{VG: lv.VG, Name: lv.Name}, nil
 }
 
-// parseSize parses an LVM-style size such as "2G", "512M", "1.5g", "1GiB":
-// a number and a binary unit (K, M, G, T; 1024-based).
+// parseSize parses a snapshot size such as "2G", "512M", "1.5g", "1GiB"
+// (bytesize.Parse) and refuses one smaller than an LVM extent.
 func parseSize(s string) (int64, error) {
-	bad := fmt.Errorf("invalid size %q: want a number and a unit, e.g. \"512M\" or \"2G\" (1024-based)", s)
-	u := strings.ToUpper(s)
-	if strings.HasSuffix(u, "IB") {
-		u = u[:len(u)-2]
-	} else if strings.HasSuffix(u, "B") {
-		u = u[:len(u)-1]
-	}
-	if len(u) < 2 {
-		return 0, bad
-	}
-	var mult float64
-	switch u[len(u)-1] {
-	case 'K':
-		mult = 1 << 10
-	case 'M':
-		mult = 1 << 20
-	case 'G':
-		mult = 1 << 30
-	case 'T':
-		mult = 1 << 40
-	default:
-		return 0, bad
-	}
-	num := u[:len(u)-1]
-	if strings.Trim(num, "0123456789.") != "" {
-		return 0, bad
-	}
-	f, err := strconv.ParseFloat(num, 64)
-	if err != nil || f <= 0 {
-		return 0, bad
-	}
-	v := f * mult
-	if v >= 1<<62 {
-		return 0, fmt.Errorf("size %q is too large", s)
+	v, err := bytesize.Parse(s)
+	if err != nil {
+		return 0, err
 	}
 	if v < 1<<20 {
 		return 0, fmt.Errorf("size %q is too small: LVM snapshots are at least one extent (usually 4M)", s)
 	}
-	return int64(v), nil
+	return v, nil
 }
 
 func (d *doc) database(t *table) Database {

@@ -35,11 +35,11 @@ type diskRef struct {
 
 func (a *app) snapshotsCommand() *cobra.Command {
 	return &cobra.Command{
-		Use:     "snapshots [VM]",
-		Aliases: []string{"generations", "list"},
+		Use:     "generations [VM]",
+		Aliases: []string{"snapshots", "list"}, // snapshots: restic users' habit
 		Short:   "List generations (all VMs, or one)",
-		Example: `  vmvault snapshots
-  vmvault snapshots vm01 --json`,
+		Example: `  vmvault generations
+  vmvault generations vm01 --json`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vm := ""
@@ -70,7 +70,7 @@ func (a *app) snapshotsCommand() *cobra.Command {
 				if a.jsonOut {
 					return printJSON(a.stdout, out)
 				}
-				tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+				tw := tabwriter.NewWriter(a.textOut(), 0, 0, 2, ' ', 0)
 				fmt.Fprintln(tw, "ID\tVM\tTIME\tDISKS\tSIZE\tNEW\tSTORED\tTAGS")
 				for _, g := range out {
 					names := make([]string, len(g.Disks))
