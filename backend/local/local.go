@@ -106,6 +106,9 @@ func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
 	if err := f.Chmod(0o400); err != nil {
 		return fail(err)
 	}
+	if err := inheritOwner(f, dir); err != nil {
+		return fail(err)
+	}
 	if err := f.Close(); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("put %s: %w", name, err)
@@ -121,6 +124,26 @@ func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
 		return fmt.Errorf("put %s: %w", name, err)
 	}
 	return syncDir(dir)
+}
+
+// inheritOwner gives a new object the owner and group of its directory
+// when root writes it: server-side tools (init, prune, key add) run as
+// root against a repository that belongs to an append-only SFTP account,
+// which must be able to read what they write. The object stays 0400, so
+// its owner can read but not change it (and the account may not chmod).
+func inheritOwner(f *os.File, dir string) error {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	ds, ok := st.Sys().(*syscall.Stat_t)
+	if !ok || ds.Uid == 0 && ds.Gid == 0 {
+		return nil
+	}
+	return f.Chown(int(ds.Uid), int(ds.Gid))
 }
 
 func syncDir(dir string) error {
