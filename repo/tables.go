@@ -71,13 +71,3 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 	d.Segments = segs
 	return nil
 }
-
-// resolveManifest fills every disk's segment IDs.
-func (r *Repository) resolveManifest(ctx context.Context, m *Manifest) error {
-	for i := range m.Disks {
-		if err := r.resolveSegments(ctx, &m.Disks[i]); err != nil {
-			return fmt.Errorf("generation %s/%s: %w", m.VM, m.ShortID(), err)
-		}
-	}
-	return nil
-}
