@@ -213,6 +213,17 @@ func TestRetentionAttackByRecordedTime(t *testing.T) {
 	if !strings.Contains(r.stderr, "recorded time disagrees with when it arrived") {
 		t.Fatalf("no warning: %s", r.stderr)
 	}
+	var listed []generationJSON
+	json.Unmarshal([]byte(e.ok("generations", "vm01", "--json").stdout), &listed)
+	unverified := 0
+	for _, g := range listed {
+		if g.Unverified {
+			unverified++
+		}
+	}
+	if unverified != len(times)+1 { // the future-dated one too
+		t.Fatalf("generations --json marks %d unverified, want %d", unverified, len(times)+1)
+	}
 }
 
 // Issue 9 item 7: junk in manifests/ and locks/ stops none of the admin's
