@@ -74,13 +74,52 @@ func (d *doc) repository(t *table) Repository {
 	if p, n, ok := t.str("cache_dir"); ok {
 		r.CacheDir, _ = d.absPath(n, p)
 	}
+	d.s3Keys(t, &r, strings.HasPrefix(u, "s3:"))
 	t.done()
 	return r
+}
+
+// s3Keys reads the [repository] keys of an s3: repository.
+func (d *doc) s3Keys(t *table, r *Repository, s3 bool) {
+	for _, k := range []string{"s3_access_key_id", "s3_secret_access_key_file", "s3_profile", "s3_region", "s3_ca_file", "s3_path_style", "s3_object_lock_days"} {
+		if n, ok := t.get(k); ok && !s3 {
+			d.errorf(n, "only used with an s3: url")
+		}
+	}
+	r.S3AccessKeyID, _, _ = t.str("s3_access_key_id")
+	if p, n, ok := t.str("s3_secret_access_key_file"); ok {
+		r.S3SecretAccessKeyFile = d.secretFile(n, p)
+	}
+	if (r.S3AccessKeyID == "") != (r.S3SecretAccessKeyFile == "") {
+		n, _ := t.get("s3_access_key_id")
+		if r.S3AccessKeyID == "" {
+			n, _ = t.get("s3_secret_access_key_file")
+		}
+		d.errorf(n, "s3_access_key_id and s3_secret_access_key_file go together")
+	}
+	r.S3Profile, _, _ = t.str("s3_profile")
+	r.S3Region, _, _ = t.str("s3_region")
+	if p, n, ok := t.str("s3_ca_file"); ok {
+		r.S3CAFile = d.existingFile(n, p)
+	}
+	r.S3PathStyle = t.boolean("s3_path_style")
+	if days, n, ok := t.integer("s3_object_lock_days"); ok {
+		if days < 1 || days > 36500 {
+			d.errorf(n, "want a number of days from 1 to 36500")
+		}
+		r.S3ObjectLockDays = days
+	}
 }
 
 // repositoryURL checks an sftp:// URL or a local path and reports whether
 // it is SFTP.
 func (d *doc) repositoryURL(n node, s string) bool {
+	if rest, ok := strings.CutPrefix(s, "s3:"); ok {
+		if u, err := url.Parse(rest); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.Trim(u.Path, "/") == "" {
+			d.errorf(n, "%q: want s3:https://HOST[:PORT]/BUCKET[/PREFIX] or s3:http://…", s)
+		}
+		return false
+	}
 	if !strings.Contains(s, "://") {
 		if !filepath.IsAbs(s) {
 			d.errorf(n, "%q is neither an sftp://user@host/path url nor an absolute local path", s)

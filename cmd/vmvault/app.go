@@ -17,6 +17,7 @@ import (
 	"vmvault/backend"
 	"vmvault/backend/local"
 	"vmvault/backend/retry"
+	"vmvault/backend/s3"
 	"vmvault/backend/sftp"
 	"vmvault/config"
 	"vmvault/internal/bytesize"
@@ -77,7 +78,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 		},
 	}
 	f := root.PersistentFlags()
-	f.StringVarP(&a.repoURL, "repo", "r", os.Getenv("VMVAULT_REPOSITORY"), "repository: a local path or sftp://user@host[:port]/path (env VMVAULT_REPOSITORY)")
+	f.StringVarP(&a.repoURL, "repo", "r", os.Getenv("VMVAULT_REPOSITORY"), "repository: a local path, sftp://user@host[:port]/path or s3:https://host[:port]/bucket[/prefix] (env VMVAULT_REPOSITORY)")
 	f.StringVarP(&a.passwordFile, "password-file", "p", os.Getenv("VMVAULT_PASSWORD_FILE"), "file holding the repository password, not readable by others (env VMVAULT_PASSWORD_FILE)")
 	f.StringVar(&a.cacheDir, "cache-dir", "", "local cache directory (default $XDG_CACHE_HOME/vmvault)")
 	f.StringVar(&a.sshKey, "ssh-key", "", "SSH private key for sftp:// repositories (default: ssh-agent and ~/.ssh/id_*)")
@@ -93,7 +94,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 	f.StringVarP(&a.configPath, "config", "c", os.Getenv("VMVAULT_CONFIG"), "configuration file (env VMVAULT_CONFIG; default "+config.DefaultPath+" if it exists)")
 	f.DurationVar(&a.retryLock, "retry-lock", 0, "wait up to this long for a locked repository (e.g. 10m)")
 	root.AddCommand(a.initCommand(), a.backupCommand(), a.snapshotsCommand(), a.restoreCommand(),
-		a.checkCommand(), a.keyCommand(), a.versionCommand(), a.dumpCommand(), a.mountCommand(),
+		a.checkCommand(), a.repairCommand(), a.keyCommand(), a.versionCommand(), a.dumpCommand(), a.mountCommand(),
 		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand(), a.configCommand(), a.docsCommand())
 	// Before the built-in commands exist: completion captures the writer.
 	root.SetIn(a.stdin)
@@ -168,8 +169,15 @@ func (a *app) openBackend(ctx context.Context, mode backendMode) (backend.Backen
 		}
 		return retry.New(be, retry.Options{Logger: a.log}), nil
 	}
+	if s3.IsURL(a.repoURL) {
+		be, err := a.openS3(ctx, create)
+		if err != nil {
+			return nil, notFound(err)
+		}
+		return retry.New(be, retry.Options{Logger: a.log}), nil
+	}
 	if strings.Contains(a.repoURL, "://") {
-		return nil, withCode(exitUsage, fmt.Errorf("unsupported repository URL %q: use a local path or sftp://", a.repoURL))
+		return nil, withCode(exitUsage, fmt.Errorf("unsupported repository URL %q: use a local path, sftp:// or s3:https://", a.repoURL))
 	}
 	if create {
 		return local.Create(a.repoURL)
@@ -182,6 +190,24 @@ func (a *app) openBackend(ctx context.Context, mode backendMode) (backend.Backen
 		return nil, withCode(exitNoRepo, fmt.Errorf("repository %s is not a directory", a.repoURL))
 	}
 	return local.Open(a.repoURL)
+}
+
+// openS3 opens an s3: repository with the configuration's s3_* keys.
+func (a *app) openS3(ctx context.Context, create bool) (*s3.Backend, error) {
+	cfg := s3.Config{URL: a.repoURL, Create: create, Logger: a.log}
+	if c, err := a.loadConfig(false); err != nil {
+		return nil, err
+	} else if c != nil && c.Repository.URL == a.repoURL {
+		r := c.Repository
+		cfg.AccessKeyID, cfg.Profile, cfg.Region, cfg.CAFile = r.S3AccessKeyID, r.S3Profile, r.S3Region, r.S3CAFile
+		cfg.PathStyle, cfg.ObjectLockDays = r.S3PathStyle, r.S3ObjectLockDays
+		if r.S3SecretAccessKeyFile != "" {
+			if cfg.SecretAccessKey, err = config.ReadSecretFile(r.S3SecretAccessKeyFile); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return s3.Open(ctx, cfg)
 }
 
 // readPasswordFile reads a password file by the one rule for secret
