@@ -265,6 +265,7 @@ func TestNoGenerationsAndSubset(t *testing.T) {
 		e.fails(exitError, `VM "vm9" has no generations (VMs with generations: vm01)`, args...)
 	}
 	e.fails(exitUsage, "want a percentage", "check", "--read-data-subset", "0.5")
+	e.fails(exitUsage, "must not be negative", "prune", "--safety-margin", "-1h")
 	r := e.ok("check", "--read-data-subset", "0.0001%", "--json")
 	var res checkResult
 	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.ChunksRead < 1 {
