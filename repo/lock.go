@@ -414,12 +414,9 @@ func (l *Lock) release(ctx context.Context, name string) error {
 	return err
 }
 
-// refreshInterval is LockRefresh; tests shorten it.
-var refreshInterval = LockRefresh
-
 func (l *Lock) refreshLoop() {
 	defer close(l.done)
-	t := time.NewTicker(refreshInterval)
+	t := time.NewTicker(l.r.lockRefresh)
 	defer t.Stop()
 	for {
 		select {

@@ -76,7 +76,8 @@ func TestLockLeaseRules(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			name := plantLock(t, tr, c.info, c.mod)
 			defer tr.be.Delete(ctx, name)
-			_, err := tr.Lock(ctx, ExclusiveLock, "prune", 0)
+			l, err := tr.Lock(ctx, ExclusiveLock, "prune", 0)
+			l.Unlock()
 			if c.stale && err != nil {
 				t.Fatalf("stale lock blocks: %v", err)
 			}
@@ -145,8 +146,7 @@ func TestLostLeaseCommitsNothing(t *testing.T) {
 	}
 	l.Unlock()
 
-	refreshInterval = 20 * time.Millisecond
-	defer func() { refreshInterval = LockRefresh }()
+	tr.lockRefresh = 20 * time.Millisecond
 	l, err = tr.Lock(ctx, SharedLock, "backup", 0)
 	if err != nil {
 		t.Fatal(err)
