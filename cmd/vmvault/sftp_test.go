@@ -97,22 +97,39 @@ func TestSFTPRoundTripAndServerKilled(t *testing.T) {
 	}
 }
 
-func TestSFTPAppendOnly(t *testing.T) {
+// appendOnlyChroot returns a root-owned chroot under /srv (not /tmp:
+// every path component must be root-owned and not group/world-writable)
+// for the Debian user "backup", which it also returns.
+func appendOnlyChroot(t *testing.T) (string, *user.User) {
+	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Fatal("the append-only test needs root (chroot owned by root, sshd as another user); run the suite as root")
+		t.Fatal("the append-only tests need root (chroot owned by root, sshd as another user); run the suite as root")
 	}
-	if _, err := user.Lookup("backup"); err != nil {
-		t.Fatal("the append-only test needs the Debian user 'backup'")
+	acct, err := user.Lookup("backup")
+	if err != nil {
+		t.Fatal("the append-only tests need the Debian user 'backup'")
 	}
-	e := newEnv(t)
-	// A root-owned chroot under /srv (not /tmp: every path component must
-	// be root-owned and not group/world-writable).
 	chroot, err := os.MkdirTemp("/srv", "vmvault-test-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(chroot) })
 	os.Chmod(chroot, 0o755)
+	return chroot, acct
+}
+
+// appendOnlyServer runs sshd with the account docs/server.md sets up.
+func appendOnlyServer(t *testing.T, chroot string) *testsshd.Server {
+	return testsshd.Start(t, testsshd.Options{User: "backup", Config: []string{
+		"Match User backup",
+		"  ChrootDirectory " + chroot,
+		"  ForceCommand internal-sftp -P remove,rmdir,rename,posix-rename,setstat,fsetstat,lsetstat,symlink -u 0222",
+	}})
+}
+
+func TestSFTPAppendOnly(t *testing.T) {
+	chroot, _ := appendOnlyChroot(t)
+	e := newEnv(t)
 	// The admin initialises the repository on the server (local path) and
 	// hands it to the account, as docs/server.md says.
 	repoDir := filepath.Join(chroot, "repo")
@@ -122,11 +139,7 @@ func TestSFTPAppendOnly(t *testing.T) {
 	if out, err := exec.Command("chown", "-R", "backup:backup", repoDir).CombinedOutput(); err != nil {
 		t.Fatalf("chown: %v %s", err, out)
 	}
-	srv := testsshd.Start(t, testsshd.Options{User: "backup", Config: []string{
-		"Match User backup",
-		"  ChrootDirectory " + chroot,
-		"  ForceCommand internal-sftp -P remove,rmdir,rename,posix-rename,setstat,fsetstat,lsetstat,symlink -u 0222",
-	}})
+	srv := appendOnlyServer(t, chroot)
 	base := sftpArgs(srv, "/repo", e)
 	img := writeImage(t, filepath.Join(e.dir, "img"), 22, 9<<20)
 	if r := runArgs(nil, append(base, "backup", "vm01", "--source", filepath.Join(e.dir, "img"))...); r.code != 0 {
@@ -164,7 +177,6 @@ func TestSFTPAppendOnly(t *testing.T) {
 	if r = runArgs(nil, append(local, "prune", "--keep-last", "1")...); r.code != 0 {
 		t.Fatalf("server-side prune: %s", r.stderr)
 	}
-	exec.Command("chown", "-R", "backup:backup", repoDir).Run()
 	if r = runArgs(nil, append(local, "check", "--read-data")...); r.code != 0 {
 		t.Fatalf("server-side check: %s", r.stderr)
 	}
@@ -183,20 +195,8 @@ func TestSFTPAppendOnly(t *testing.T) {
 // takes the owner of its directory; the account reads it and still
 // cannot change or remove it.
 func TestServerSidePruneKeepsAccountWorking(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("needs root (chroot owned by root, sshd as another user); run the suite as root")
-	}
-	acct, err := user.Lookup("backup")
-	if err != nil {
-		t.Fatal("needs the Debian user 'backup'")
-	}
+	chroot, acct := appendOnlyChroot(t)
 	e := newEnv(t)
-	chroot, err := os.MkdirTemp("/srv", "vmvault-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(chroot) })
-	os.Chmod(chroot, 0o755)
 	repoDir := filepath.Join(chroot, "repo")
 	// docs/server.md §2, verbatim but for the paths.
 	layout := fmt.Sprintf(`install -d -o backup -g backup -m 0700 %[1]s
@@ -210,11 +210,7 @@ for i in $(seq 0 255); do install -d -o backup -g backup -m 0700 "data/$(printf 
 	if r := runArgs(nil, append(local, "init", "--kdf-params", "t=1,m=8192,p=1", "--segment-size", "4194304")...); r.code != 0 {
 		t.Fatalf("init on the server: %s", r.stderr)
 	}
-	srv := testsshd.Start(t, testsshd.Options{User: "backup", Config: []string{
-		"Match User backup",
-		"  ChrootDirectory " + chroot,
-		"  ForceCommand internal-sftp -P remove,rmdir,rename,posix-rename,setstat,fsetstat,lsetstat,symlink -u 0222",
-	}})
+	srv := appendOnlyServer(t, chroot)
 	base := sftpArgs(srv, "/repo", e)
 	src := filepath.Join(e.dir, "img")
 	for i := range 3 {
