@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"vmvault/backend"
 )
@@ -289,19 +290,25 @@ func (b *Backend) Delete(ctx context.Context, name string) error {
 }
 
 // RemoveTemporary deletes leftovers of interrupted uploads (temporary files)
-// and returns how many it removed. Prune calls it under an exclusive lock.
-func (b *Backend) RemoveTemporary(ctx context.Context) (int, error) {
+// last written before before, and returns how many it removed. Prune calls
+// it under an exclusive lock, with its safety margin: a younger temporary
+// file may be an upload in progress.
+func (b *Backend) RemoveTemporary(ctx context.Context, before time.Time) (int, error) {
 	n := 0
 	err := filepath.WalkDir(b.root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
-		if !d.IsDir() && strings.HasPrefix(d.Name(), tmpPrefix) {
-			if err := os.Remove(p); err != nil {
-				return err
-			}
-			n++
+		if d.IsDir() || !strings.HasPrefix(d.Name(), tmpPrefix) {
+			return nil
 		}
+		if fi, err := d.Info(); err != nil || !fi.ModTime().Before(before) {
+			return nil
+		}
+		if err := os.Remove(p); err != nil {
+			return err
+		}
+		n++
 		return nil
 	})
 	return n, err
