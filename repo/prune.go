@@ -258,6 +258,8 @@ type PrunePlan struct {
 	// StoreNow is the store's clock when the plan was made: the margin
 	// is measured from it against each object's ModTime.
 	StoreNow time.Time
+	// Margin is the safety margin the plan keeps young objects by.
+	Margin time.Duration
 	// OldIndex lists the index objects the new index replaces.
 	OldIndex []string
 	// Locks lists stale lock objects and released markers to remove.
@@ -304,7 +306,7 @@ func (r *Repository) PlanPrune(ctx context.Context, opts PruneOptions) (*PrunePl
 	if err != nil {
 		return nil, fmt.Errorf("prune: mark set: %w", err)
 	}
-	p := &PrunePlan{r: r, marks: marks, StoreNow: now, Forget: opts.Forget}
+	p := &PrunePlan{r: r, marks: marks, StoreNow: now, Margin: opts.Margin, Forget: opts.Forget}
 	p.Stats.Forgotten = len(opts.Forget)
 	p.Stats.MarginSeconds = int64(opts.Margin / time.Second)
 	ok := false
@@ -445,9 +447,10 @@ func (p *PrunePlan) Execute(ctx context.Context) (*PruneStats, error) {
 		return nil, err
 	}
 	if tr, ok := r.be.(interface {
-		RemoveTemporary(context.Context) (int, error)
+		RemoveTemporary(context.Context, time.Time) (int, error)
 	}); ok {
-		n, err := tr.RemoveTemporary(ctx)
+		// Temporary files younger than the margin may be uploads in progress.
+		n, err := tr.RemoveTemporary(ctx, p.StoreNow.Add(-p.Margin))
 		if err != nil {
 			return nil, fmt.Errorf("remove temporary files: %w", err)
 		}
