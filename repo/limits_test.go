@@ -83,6 +83,14 @@ func TestManifestRepeatedTableRefused(t *testing.T) {
 	if n > 4<<20 {
 		t.Fatalf("loading the manifest allocated %d bytes", n)
 	}
+	// The prune dry run of the report: refuses the damaged manifest.
+	n = allocatedBy(func() { _, err = tr.Prune(ctx, true, nil) })
+	if !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("prune dry run over the manifest: %v", err)
+	}
+	if n > 16<<20 {
+		t.Fatalf("prune dry run allocated %d MiB", n>>20)
+	}
 	// The same table repeated within the limits is legitimate (an empty
 	// disk's tables are all alike) and is fetched once.
 	if err := (&Disk{Name: "d", Size: MaxDiskSegments * seg, SegmentSize: seg, Tables: make([]HexID, MaxDiskTables)}).validateLimits(); err != nil {
