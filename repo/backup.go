@@ -225,6 +225,11 @@ func (r *Repository) commitManifest(ctx context.Context, m *Manifest, storedSoFa
 	if err != nil {
 		return err
 	}
+	// The lease must still hold: a backup whose lock lapsed (stalled,
+	// refresh failed, removed) may have lost objects to a prune.
+	if err := r.checkLeases(ctx); err != nil {
+		return err
+	}
 	if err := r.be.Put(ctx, name, r.codec.seal(TypeManifest, name, raw)); err != nil {
 		return fmt.Errorf("commit manifest: %w", err)
 	}

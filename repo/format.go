@@ -242,6 +242,7 @@ func (h *HexID) UnmarshalText(b []byte) error {
 // Its presence in the repository is the commit of that backup.
 type Manifest struct {
 	ID       string          `json:"-"` // object name's hex ID, set on load
+	Arrived  time.Time       `json:"-"` // the store's ModTime of the manifest, set by Manifests
 	Version  int             `json:"version"`
 	VM       string          `json:"vm"`
 	Time     time.Time       `json:"time"`
@@ -297,6 +298,14 @@ func (d *Disk) SegmentID(i int) (id crypto.ID, zero bool) {
 	return id, id == crypto.ID{}
 }
 
+// segmentStart returns the image offset at which segment i begins.
+// segmentStart, segmentLen and segmentAt are the only places that know
+// how segments are laid out: everything else locates segments through
+// them.
+func (d *Disk) segmentStart(i int) int64 {
+	return int64(i) * d.SegmentSize
+}
+
 // unresolvedSegment is what SegmentID returns for a segment whose ID is
 // not known: all ones, which no keyed hash is expected to produce.
 var unresolvedSegment = func() (id crypto.ID) {
@@ -308,7 +317,14 @@ var unresolvedSegment = func() (id crypto.ID) {
 
 // segmentLen returns the length of segment i (the last may be short).
 func (d *Disk) segmentLen(i int) int64 {
-	return min(d.SegmentSize, d.Size-int64(i)*d.SegmentSize)
+	return min(d.SegmentSize, d.Size-d.segmentStart(i))
+}
+
+// segmentAt returns the segment holding image offset off (0 <= off <
+// d.Size) and the offset at which that segment begins.
+func (d *Disk) segmentAt(off int64) (i int, start int64) {
+	i = int(off / d.SegmentSize)
+	return i, d.segmentStart(i)
 }
 
 func (m *Manifest) validate() error {

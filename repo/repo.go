@@ -15,6 +15,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"time"
 
 	"vmvault/backend"
@@ -46,6 +48,20 @@ type Repository struct {
 	// tableSegments is how many segment IDs a backup puts in one
 	// segment table: TableSegments, smaller only in tests.
 	tableSegments int
+
+	clock   storeClock // the store's clock, learnt from lock objects
+	locksMu sync.Mutex
+	held    []*Lock  // locks taken through this Repository
+	junk    sync.Map // names of unparsable objects already warned about
+}
+
+// warnJunk warns once per Repository about an object that does not
+// parse and is otherwise ignored (anyone with add-only access can
+// create one; it must not stop the admin's tools).
+func (r *Repository) warnJunk(name string, err error) {
+	if _, dup := r.junk.LoadOrStore(name, true); !dup {
+		r.log.Warn("ignoring an object that is not a valid "+strings.SplitN(name, "/", 2)[0]+" entry", "object", name, "err", err)
+	}
 }
 
 // Options configure Open and Init.

@@ -35,7 +35,7 @@ generations stay damaged.`,
   vmvault repair --read-data --dry-run`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			opts.Objects = args
-			return a.withRepo(cmd.Context(), true, "repair", func(r *repo.Repository) error {
+			return a.withRepo(cmd.Context(), repo.ExclusiveLock, "repair", func(r *repo.Repository) error {
 				rep, err := r.Repair(cmd.Context(), opts)
 				if err != nil {
 					return err
