@@ -270,9 +270,6 @@ func getBounded(ctx context.Context, be backend.Backend, name string, limit int6
 	if err := checkObjectSize(name, oi.Size, limit); err != nil {
 		return nil, err
 	}
-	if oi.Size == 0 {
-		return []byte{}, nil
-	}
 	return be.Get(ctx, name, 0, oi.Size)
 }
 
