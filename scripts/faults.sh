@@ -39,8 +39,14 @@ mkdir -p "$work/images"
 REPO=$work/repo
 EXTRA=()
 V() { "$work/vmvault" --repo "$REPO" --password-file "$work/pw" --cache-dir "$work/cache" "${EXTRA[@]}" "$@"; }
+# VB runs vmvault in the background with its own PID in $! (a function
+# run with & is a subshell: killing $! would leave vmvault running).
+VB() {
+	"$work/vmvault" --repo "$REPO" --password-file "$work/pw" --cache-dir "$work/cache" "${EXTRA[@]}" "$@" &
+}
 
 runs=0 restored=0 wrong_bytes=0 lost=0 check_failed=0
+killed=0 finished_first=0 prune_killed=0 sftp_cut=0
 declare -A committed # generation ID -> tag, for backups that reported success
 declare -A forgotten # generation IDs removed on purpose
 declare -A broken    # generation IDs that failed to restore (counted lost once)
@@ -122,16 +128,22 @@ verify() {
 backup_run() {
 	local tag=$1 after=${2:-} pid id
 	new_image "$tag"
-	V backup vm01 --source "$work/images/$tag" --tag "$tag" --json >"$work/backup.out" 2>"$work/backup.err" &
+	VB backup vm01 --source "$work/images/$tag" --tag "$tag" --json >"$work/backup.out" 2>"$work/backup.err"
 	pid=$!
 	if [ -n "$after" ]; then
 		sleep "$after"
 		kill -9 "$pid" 2>/dev/null
 	fi
-	if wait "$pid" 2>/dev/null; then
+	wait "$pid" 2>/dev/null
+	case $? in
+	0)
 		id=$(grep -o '"id":"[0-9a-f]*"' "$work/backup.out" | head -1 | cut -d'"' -f4)
 		[ -n "$id" ] && committed[$id]=$tag
-	fi
+		[ -n "$after" ] && finished_first=$((finished_first + 1))
+		;;
+	137) killed=$((killed + 1)) ;;
+	*) log "note: backup $tag failed: $(tail -1 "$work/backup.err")" ;;
+	esac
 	runs=$((runs + 1))
 }
 
@@ -171,11 +183,12 @@ for i in $(seq 1 "$PRUNE_KILLS"); do
 	V unlock >/dev/null 2>&1
 	backup_run "p$i"
 	forget_to 3
-	V prune >/dev/null 2>&1 &
+	VB prune >/dev/null 2>&1
 	pid=$!
 	sleep "$(rand_delay 400)"
 	kill -9 "$pid" 2>/dev/null
 	wait "$pid" 2>/dev/null
+	[ $? -eq 137 ] && prune_killed=$((prune_killed + 1))
 	runs=$((runs + 1))
 	V unlock >/dev/null 2>&1
 	verify "prune killed ($i)"
@@ -222,7 +235,7 @@ if [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null; then
 		prev="" # a new image: a dozen objects to upload
 		new_image "s$i"
 		before=$(find "$work/srepo/data" -type f | wc -l)
-		V backup vm01 --source "$work/images/s$i" --tag "s$i" >/dev/null 2>&1 &
+		VB backup vm01 --source "$work/images/s$i" --tag "s$i" >/dev/null 2>&1
 		pid=$!
 		# Mid-upload: once the first new objects have arrived.
 		for _ in $(seq 200); do
@@ -236,6 +249,8 @@ if [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null; then
 		wait "$sshd_pid" 2>/dev/null
 		if wait "$pid" 2>/dev/null; then
 			log "note: SFTP backup s$i finished before the server died"
+		else
+			sftp_cut=$((sftp_cut + 1))
 		fi
 		runs=$((runs + 1))
 		start_sshd
@@ -307,7 +322,7 @@ else
 	log "SKIPPED: PID namespace (unshare -p not permitted)"
 fi
 
-echo "runs: $runs"
+echo "runs: $runs (backups SIGKILLed: $killed, finished before their kill: $finished_first; prunes SIGKILLed: $prune_killed; SFTP backups cut off: $sftp_cut)"
 echo "generations restored byte-identical: $restored"
 echo "wrong bytes: $wrong_bytes"
 echo "committed generations lost: $lost"
