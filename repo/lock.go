@@ -275,7 +275,11 @@ func (r *Repository) readLock(ctx context.Context, o backend.ObjectInfo) (LockIn
 		r.warnJunk(o.Name, err)
 		return junk, nil
 	}
-	sealed, err := r.be.Get(ctx, o.Name, 0, -1)
+	sealed, err := getBounded(ctx, r.be, o.Name, maxSmallObject)
+	if errors.Is(err, ErrTooLarge) {
+		r.warnJunk(o.Name, err) // unreadable: ages out by its file time
+		return junk, nil
+	}
 	if err != nil {
 		return LockInfo{}, err
 	}

@@ -26,7 +26,7 @@ func (r *Repository) LoadManifest(ctx context.Context, hexID string) (*Manifest,
 		return nil, err
 	}
 	name := manifestName(id)
-	sealed, err := r.be.Get(ctx, name, 0, -1)
+	sealed, err := getBounded(ctx, r.be, name, maxManifestObject)
 	if err != nil {
 		return nil, fmt.Errorf("manifest %s: %w", hexID[:8], err)
 	}

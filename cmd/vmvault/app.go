@@ -94,7 +94,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 	f.StringVarP(&a.configPath, "config", "c", os.Getenv("VMVAULT_CONFIG"), "configuration file (env VMVAULT_CONFIG; default "+config.DefaultPath+" if it exists)")
 	f.DurationVar(&a.retryLock, "retry-lock", 0, "wait up to this long for a locked repository (e.g. 10m)")
 	root.AddCommand(a.initCommand(), a.backupCommand(), a.snapshotsCommand(), a.restoreCommand(),
-		a.checkCommand(), a.keyCommand(), a.versionCommand(), a.dumpCommand(), a.mountCommand(),
+		a.checkCommand(), a.repairCommand(), a.keyCommand(), a.versionCommand(), a.dumpCommand(), a.mountCommand(),
 		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand(), a.configCommand(), a.docsCommand())
 	// Before the built-in commands exist: completion captures the writer.
 	root.SetIn(a.stdin)
