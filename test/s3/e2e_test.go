@@ -620,3 +620,22 @@ func TestObjectLock(t *testing.T) {
 	}
 	e.ok(h, "check", "--read-data")
 }
+
+// docs/server.md shows exactly the policy and the mc commands these tests
+// use.
+func TestDocumentedPolicy(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/server.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(doc)
+	if !strings.Contains(text, "```json\n"+appendOnlyPolicy+"\n```") {
+		t.Fatal("docs/server.md does not show the tested append-only policy (appendOnlyPolicy)")
+	}
+	for _, cmd := range []string{"mc mb --with-lock t/vmvault", "mc admin user add t vmhost1", "mc admin policy create t vmvault-append vmvault-append.json",
+		"mc admin policy attach t vmvault-append --user vmhost1", "mc retention set --default compliance"} {
+		if !strings.Contains(text, cmd) {
+			t.Errorf("docs/server.md lacks the tested command %q", cmd)
+		}
+	}
+}
