@@ -401,6 +401,9 @@ func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]by
 	w := bytes.NewBuffer(buf)
 	if _, err := io.Copy(w, obj); err != nil {
 		if r := minio.ToErrorResponse(err); r.StatusCode == http.StatusRequestedRangeNotSatisfiable {
+			if length > 0 {
+				return nil, fmt.Errorf("get %s: %d bytes at offset %d lie beyond the object's end: %w", name, length, off, io.ErrUnexpectedEOF)
+			}
 			return b.emptyTail(ctx, name, off)
 		}
 		return nil, b.mapErr("get", name, err)
