@@ -394,17 +394,10 @@ func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]by
 	if err != nil {
 		return nil, fmt.Errorf("get %s: %w", name, err)
 	}
-	obj, err := b.client.GetObject(ctx, b.bucket, key, opts)
+	// Core.GetObject answers with the body and its length in one request,
+	// so the buffer is allocated once at its size.
+	body, info, _, err := minio.Core{Client: b.client}.GetObject(ctx, b.bucket, key, opts)
 	if err != nil {
-		return nil, b.mapErr("get", name, err)
-	}
-	defer obj.Close()
-	var buf []byte
-	if length > 0 {
-		buf = make([]byte, 0, length)
-	}
-	w := bytes.NewBuffer(buf)
-	if _, err := io.Copy(w, obj); err != nil {
 		if r := minio.ToErrorResponse(err); r.StatusCode == http.StatusRequestedRangeNotSatisfiable {
 			if length > 0 {
 				return nil, fmt.Errorf("get %s: %d bytes at offset %d lie beyond the object's end: %w", name, length, off, io.ErrUnexpectedEOF)
@@ -413,10 +406,18 @@ func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]by
 		}
 		return nil, b.mapErr("get", name, err)
 	}
-	if length > 0 && int64(w.Len()) != length {
-		return nil, fmt.Errorf("get %s: short object (%d of %d bytes at offset %d): %w", name, w.Len(), length, off, io.ErrUnexpectedEOF)
+	defer body.Close()
+	if length > 0 && info.Size != length {
+		return nil, fmt.Errorf("get %s: short object (%d of %d bytes at offset %d): %w", name, info.Size, length, off, io.ErrUnexpectedEOF)
 	}
-	return w.Bytes(), nil
+	if info.Size < 0 || info.Size > 1<<31 {
+		return nil, fmt.Errorf("get %s: the store announces %d bytes", name, info.Size)
+	}
+	buf := make([]byte, info.Size)
+	if _, err := io.ReadFull(body, buf); err != nil {
+		return nil, b.mapErr("get", name, fmt.Errorf("read body: %w", err))
+	}
+	return buf, nil
 }
 
 // emptyTail answers a read from off to the end that the store refused
@@ -553,6 +554,10 @@ func (b *Backend) mapErr(op, name string, err error) error {
 		return fmt.Errorf("%s %s: %s (check the s3 access key and secret): %w", op, name, r.Code, os.ErrPermission)
 	case throttled[r.Code] || r.StatusCode >= 500 || r.StatusCode == http.StatusTooManyRequests:
 		return &transientError{fmt.Errorf("%s %s: %s (http %d): %w", op, name, r.Code, r.StatusCode, err)}
+	}
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		// A body cut short: the connection dropped mid-answer.
+		return &transientError{fmt.Errorf("%s %s: %w", op, name, err)}
 	}
 	// Dropped connections and timeouts: retry.Transient finds them in
 	// the chain.
