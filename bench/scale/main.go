@@ -58,6 +58,11 @@ func (c *counting) Get(ctx context.Context, name string, off, length int64) ([]b
 	return c.Backend.Get(ctx, name, off, length)
 }
 
+func (c *counting) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
+	c.gets.Add(1)
+	return c.Backend.GetAll(ctx, name, limit)
+}
+
 func (c *counting) Stat(ctx context.Context, name string) (backend.ObjectInfo, error) {
 	c.stats.Add(1)
 	return c.Backend.Stat(ctx, name)
