@@ -385,8 +385,15 @@ func (b *bench) loadFresh(cache string, entries int64) error {
 	}
 	d := time.Since(start)
 	req := b.count.snap().minus(before)
-	fmt.Printf("index: %d entries loaded into a fresh cache in %.2f s (%.1f µs per entry), %d GETs, peak RSS %.0f MiB\n",
-		entries, d.Seconds(), d.Seconds()*1e6/float64(entries), req.get, peakRSS())
+	var cacheBytes int64
+	filepath.Walk(filepath.Join(b.dir, cache), func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			cacheBytes += fi.Size()
+		}
+		return nil
+	})
+	fmt.Printf("index: %d entries loaded into a fresh cache in %.2f s (%.1f µs per entry), %d GETs, peak RSS %.0f MiB, cache %.1f MiB (%.0f bytes per entry)\n",
+		entries, d.Seconds(), d.Seconds()*1e6/float64(entries), req.get, peakRSS(), float64(cacheBytes)/(1<<20), float64(cacheBytes)/float64(entries))
 	return nil
 }
 
