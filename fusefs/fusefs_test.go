@@ -25,10 +25,10 @@ import (
 func needFUSE(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("FUSE tests mount directly and need root")
+		t.Fatal("the FUSE tests mount directly: run the suite as root")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
+		t.Fatal("the FUSE tests need /dev/fuse")
 	}
 }
 
