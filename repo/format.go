@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	"vmvault/chunk"
 	"vmvault/crypto"
 )
 
@@ -80,7 +81,7 @@ func decodeSegmentList(b []byte) ([]SegmentEntry, error) {
 	}
 	b = b[1:]
 	n, k := uvarint(b)
-	if k <= 0 || n > uint64(len(b)) {
+	if k <= 0 || !segmentCountPlausible(n, len(b)-k) {
 		return nil, fmt.Errorf("segment list: bad count: %w", ErrCorrupt)
 	}
 	b = b[k:]
@@ -119,6 +120,23 @@ func decodeSegmentList(b []byte) ([]SegmentEntry, error) {
 		return nil, fmt.Errorf("segment list: %d trailing bytes: %w", len(b), ErrCorrupt)
 	}
 	return entries, nil
+}
+
+// minSegmentEntry is the smallest encoding of a segment list entry: a
+// kind byte and a one-byte length (a zero run; a chunk adds 32 bytes).
+const minSegmentEntry = 2
+
+// maxSegmentEntries bounds the entries of one segment list. A segment is
+// cut into pieces only at chunk.ZeroBlock boundaries and by the chunker
+// (chunks of at least chunk.MinSize > ZeroBlock), so it has at most one
+// piece per ZeroBlock; twice that leaves room without trusting more.
+const maxSegmentEntries = 2 * MaxSegmentSize / chunk.ZeroBlock
+
+// segmentCountPlausible reports whether a segment list of rest bytes can
+// hold n entries: the count read from the list sizes an allocation, so it
+// is bounded by the bytes actually present and by the format limit.
+func segmentCountPlausible(n uint64, rest int) bool {
+	return rest >= 0 && n <= uint64(rest)/minSegmentEntry && n <= maxSegmentEntries
 }
 
 // IndexEntry records one data object: its ID, type and stored size.
@@ -184,6 +202,15 @@ func decodeIndex(b []byte) ([]IndexEntry, error) {
 // writers fill every table but the last.
 const TableSegments = 2048
 
+// Format limits on a disk of a manifest. A disk's segment IDs are held in
+// memory (32 bytes per segment) while it is restored, checked or pruned,
+// so the count is bounded: 2^21 segments (64 MiB of IDs) is a 16 TiB disk
+// at the default 8 MiB segments.
+const (
+	MaxDiskSegments = 1 << 21
+	MaxDiskTables   = MaxDiskSegments / TableSegments
+)
+
 const tableVersion = 1
 
 // encodeTable: version byte, then the 32-byte segment IDs.
@@ -215,6 +242,7 @@ func (h *HexID) UnmarshalText(b []byte) error {
 // Its presence in the repository is the commit of that backup.
 type Manifest struct {
 	ID       string          `json:"-"` // object name's hex ID, set on load
+	Arrived  time.Time       `json:"-"` // the store's ModTime of the manifest, set by Manifests
 	Version  int             `json:"version"`
 	VM       string          `json:"vm"`
 	Time     time.Time       `json:"time"`
@@ -258,7 +286,14 @@ func (d *Disk) segmentCount() int {
 }
 
 // SegmentID returns segment i's ID and whether it is an all-zero segment.
+// The disk's segment tables must have been resolved; for a disk that is
+// not (or an i out of range) it returns unresolvedSegment, an ID no object
+// has, so a caller that forgot to resolve fails on a missing object
+// instead of panicking or taking the segment for zeros.
 func (d *Disk) SegmentID(i int) (id crypto.ID, zero bool) {
+	if i < 0 || (i+1)*32 > len(d.Segments) {
+		return unresolvedSegment, false
+	}
 	copy(id[:], d.Segments[i*32:(i+1)*32])
 	return id, id == crypto.ID{}
 }
@@ -270,6 +305,15 @@ func (d *Disk) SegmentID(i int) (id crypto.ID, zero bool) {
 func (d *Disk) segmentStart(i int) int64 {
 	return int64(i) * d.SegmentSize
 }
+
+// unresolvedSegment is what SegmentID returns for a segment whose ID is
+// not known: all ones, which no keyed hash is expected to produce.
+var unresolvedSegment = func() (id crypto.ID) {
+	for i := range id {
+		id[i] = 0xff
+	}
+	return id
+}()
 
 // segmentLen returns the length of segment i (the last may be short).
 func (d *Disk) segmentLen(i int) int64 {
@@ -292,12 +336,27 @@ func (m *Manifest) validate() error {
 	}
 	for i := range m.Disks {
 		d := &m.Disks[i]
-		if d.Size < 0 || d.SegmentSize < MinSegmentSize || d.SegmentSize > MaxSegmentSize {
-			return fmt.Errorf("manifest disk %q: bad sizes: %w", d.Name, ErrCorrupt)
+		if err := d.validateLimits(); err != nil {
+			return err
 		}
-		if n := d.segmentCount(); len(d.Tables) > n || (n > 0) != (len(d.Tables) > 0) || len(d.Tables)*TableSegments < n {
-			return fmt.Errorf("manifest disk %q: %d segment tables for %d segments: %w", d.Name, len(d.Tables), n, ErrCorrupt)
-		}
+	}
+	return nil
+}
+
+// validateLimits checks a disk's sizes and counts against the format
+// limits before anything is allocated by them.
+func (d *Disk) validateLimits() error {
+	if d.Size < 0 || d.SegmentSize < MinSegmentSize || d.SegmentSize > MaxSegmentSize {
+		return fmt.Errorf("manifest disk %q: bad sizes: %w", d.Name, ErrCorrupt)
+	}
+	// Divide rather than multiply: d.Size is untrusted and may be near
+	// the int64 limit.
+	if (d.Size-1)/d.SegmentSize >= MaxDiskSegments {
+		return fmt.Errorf("manifest disk %q: %d bytes is more than %d segments: %w", d.Name, d.Size, MaxDiskSegments, ErrCorrupt)
+	}
+	n := d.segmentCount()
+	if len(d.Tables) > min(n, MaxDiskTables) || (n > 0) != (len(d.Tables) > 0) || len(d.Tables)*TableSegments < n {
+		return fmt.Errorf("manifest disk %q: %d segment tables for %d segments: %w", d.Name, len(d.Tables), n, ErrCorrupt)
 	}
 	return nil
 }

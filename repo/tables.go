@@ -3,6 +3,7 @@ package repo
 import (
 	"context"
 	"fmt"
+	"sync"
 
 	"golang.org/x/sync/errgroup"
 
@@ -35,10 +36,16 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 	if d.Segments != nil || d.segmentCount() == 0 {
 		return nil
 	}
-	parts := make([][]byte, len(d.Tables))
+	// A table repeated in a disk (long runs of identical segments, such
+	// as an empty disk's) is fetched once.
+	distinct := map[HexID][]byte{}
+	for _, tid := range d.Tables {
+		distinct[tid] = nil
+	}
+	var mu sync.Mutex
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
-	for i, tid := range d.Tables {
+	for tid := range distinct {
 		g.Go(func() error {
 			raw, err := r.getData(gctx, TypeTable, crypto.ID(tid))
 			if err != nil {
@@ -51,19 +58,28 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 			if err != nil {
 				return fmt.Errorf("%s: %w", dataName(crypto.ID(tid)), err)
 			}
-			parts[i] = segs
+			mu.Lock()
+			distinct[tid] = segs
+			mu.Unlock()
 			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
 		return fmt.Errorf("disk %s: %w", d.Name, err)
 	}
-	var segs []byte
-	for _, p := range parts {
-		segs = append(segs, p...)
+	// The tables must hold exactly the disk's segment count; the sum is
+	// checked before the list (bounded by MaxDiskSegments) is allocated.
+	want := 32 * d.segmentCount()
+	total := 0
+	for _, tid := range d.Tables {
+		total += len(distinct[tid])
 	}
-	if len(segs) != 32*d.segmentCount() {
-		return fmt.Errorf("disk %s: tables hold %d segment IDs for %d segments: %w", d.Name, len(segs)/32, d.segmentCount(), ErrCorrupt)
+	if total != want {
+		return fmt.Errorf("disk %s: tables hold %d segment IDs for %d segments: %w", d.Name, total/32, d.segmentCount(), ErrCorrupt)
+	}
+	segs := make([]byte, 0, want)
+	for _, tid := range d.Tables {
+		segs = append(segs, distinct[tid]...)
 	}
 	if HexID(imageDigest(r.imageH, d.Size, d.SegmentSize, segs)) != d.Digest {
 		return fmt.Errorf("disk %s: segment tables do not match the image digest: %w", d.Name, ErrCorrupt)

@@ -38,7 +38,7 @@ Without --length the range runs to the end of the disk.`,
 			if f, ok := a.stdout.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
 				return withCode(exitUsage, errors.New("refusing to write disk data to a terminal: redirect stdout"))
 			}
-			return a.withRepo(ctx, false, "dump "+args[0], func(r *repo.Repository) error {
+			return a.withRepo(ctx, repo.SharedLock, "dump "+args[0], func(r *repo.Repository) error {
 				m, err := r.FindManifest(ctx, args[0], args[1])
 				if err != nil {
 					return err

@@ -44,7 +44,7 @@ retries every second. Root mounts directly; other users need fusermount3.`,
 			if readAheadMiB == 0 {
 				opts.Reader.ReadAhead = -1
 			}
-			return a.withRepo(ctx, false, "mount "+dir, func(r *repo.Repository) error {
+			return a.withRepo(ctx, repo.SharedLock, "mount "+dir, func(r *repo.Repository) error {
 				m, err := fusefs.Mount(ctx, dir, r, opts)
 				if err != nil {
 					return err

@@ -48,7 +48,7 @@ ID may be any unique prefix of a generation ID; latest is the VM's newest.`,
 					return withCode(exitUsage, errors.New("refusing to write a disk image to a terminal: redirect stdout or use --target"))
 				}
 			}
-			return a.withRepo(ctx, false, "restore "+args[0], func(r *repo.Repository) error {
+			return a.withRepo(ctx, repo.SharedLock, "restore "+args[0], func(r *repo.Repository) error {
 				m, err := r.FindManifest(ctx, args[0], args[1])
 				if err != nil {
 					return err
