@@ -71,7 +71,7 @@ func ext4Image(t *testing.T, dir string, seed uint64) (img string, tree string) 
 	return img, tree
 }
 
-func newRepo(t *testing.T) (*repo.Repository, string) {
+func newRepo(t testing.TB) (*repo.Repository, string) {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "repo")
 	be, err := local.Create(dir)
@@ -86,7 +86,7 @@ func newRepo(t *testing.T) (*repo.Repository, string) {
 	return r, dir
 }
 
-func backupFile(t *testing.T, r *repo.Repository, vm, path string, at time.Time) *repo.Manifest {
+func backupFile(t testing.TB, r *repo.Repository, vm, path string, at time.Time) *repo.Manifest {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
