@@ -22,11 +22,7 @@ func TestServeBootGuest(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots a qemu guest; skipped with -short")
 	}
-	needQemuUtils(t)
-	e := newEnv(t)
-	src := filepath.Join(e.dir, "vm01.raw")
-	img := sparseImage(t, src)
-	e.ok("backup", "vm01", "--source", src)
+	e, _, img := backedUp(t)
 	before := treeHash(t, e.repo)
 	first := sha256.Sum256(img[:1<<20])
 

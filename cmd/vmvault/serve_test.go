@@ -39,26 +39,8 @@ type serveChild struct {
 	t      *testing.T
 	cmd    *exec.Cmd
 	sock   string
-	stderr *syncBuffer
+	stderr *lockedWriter
 	done   chan error
-}
-
-// syncBuffer is a bytes.Buffer safe to read while a child writes it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // startServe runs vmvault with args (which must include the repository
@@ -67,7 +49,7 @@ func startServe(t *testing.T, sock string, args ...string) *serveChild {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], append([]string{"--"}, args...)...)
 	cmd.Env = append(os.Environ(), "VMVAULT_HELPER_MAIN=1")
-	s := &serveChild{t: t, cmd: cmd, sock: sock, stderr: &syncBuffer{}, done: make(chan error, 1)}
+	s := &serveChild{t: t, cmd: cmd, sock: sock, stderr: &lockedWriter{}, done: make(chan error, 1)}
 	cmd.Stderr = s.stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -169,6 +151,18 @@ func sparseImage(t *testing.T, path string) []byte {
 	return writeImage(t, path, 11, 24<<20)
 }
 
+// backedUp returns an env whose repository holds one generation of vm01
+// backed up from sparseImage at src.
+func backedUp(t *testing.T) (*env, string, []byte) {
+	t.Helper()
+	needQemuUtils(t)
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "vm01.raw")
+	img := sparseImage(t, src)
+	e.ok("backup", "vm01", "--source", src)
+	return e, src, img
+}
+
 // diskName returns the name of the only disk of vm's latest generation.
 func diskName(t *testing.T, e *env, vm string) string {
 	t.Helper()
@@ -184,11 +178,7 @@ func diskName(t *testing.T, e *env, vm string) string {
 // sees its zero runs as holes, writes are refused, SIGTERM stops it
 // cleanly, and the repository is unchanged.
 func TestServeNBD(t *testing.T) {
-	needQemuUtils(t)
-	e := newEnv(t)
-	src := filepath.Join(e.dir, "vm01.raw")
-	img := sparseImage(t, src)
-	e.ok("backup", "vm01", "--source", src)
+	e, src, img := backedUp(t)
 	disk := diskName(t, e, "vm01")
 	before := treeHash(t, e.repo)
 
@@ -251,11 +241,7 @@ func TestServeNBD(t *testing.T) {
 // and read back, the rest still reads from the backup, the overlay file
 // is removed on stop, and the repository is unchanged.
 func TestServeWritable(t *testing.T) {
-	needQemuUtils(t)
-	e := newEnv(t)
-	src := filepath.Join(e.dir, "vm01.raw")
-	sparseImage(t, src)
-	e.ok("backup", "vm01", "--source", src)
+	e, src, _ := backedUp(t)
 	before := treeHash(t, e.repo)
 	ovDir := filepath.Join(e.dir, "overlays")
 	os.Mkdir(ovDir, 0o700)
@@ -288,11 +274,7 @@ func TestServeWritable(t *testing.T) {
 // its range fail with an I/O error, never return other bytes, and the
 // log names the object.
 func TestServeDamagedChunk(t *testing.T) {
-	needQemuUtils(t)
-	e := newEnv(t)
-	src := filepath.Join(e.dir, "vm01.raw")
-	sparseImage(t, src)
-	e.ok("backup", "vm01", "--source", src)
+	e, src, _ := backedUp(t)
 	var victim string
 	var size int64
 	filepath.WalkDir(filepath.Join(e.repo, "data"), func(p string, d fs.DirEntry, err error) error {
