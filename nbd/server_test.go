@@ -2,8 +2,12 @@ package nbd
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -253,4 +257,29 @@ func TestListAndUnknownExport(t *testing.T) {
 	if out, err := exec.Command("qemu-img", "info", nbdURL(sock, "nope")).CombinedOutput(); err == nil {
 		t.Fatalf("unknown export opened: %s", out)
 	}
+}
+
+// TestTCPLoopback: a TCP address without a host listens on 127.0.0.1
+// only, and qemu reads the export by name over it.
+func TestTCPLoopback(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	img := testImage(t, dir)
+	srv, err := NewServer(slog.New(slog.DiscardHandler), "hda", map[string]Export{"hda": openFileExport(t, img)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := Listen(":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().(*net.TCPAddr)
+	if !addr.IP.Equal(net.IPv4(127, 0, 0, 1)) {
+		t.Fatalf("listening on %s, want 127.0.0.1", addr)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, l) }()
+	defer func() { cancel(); <-done }()
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, fmt.Sprintf("nbd://127.0.0.1:%d/hda", addr.Port))
 }
