@@ -112,9 +112,15 @@ func openExports(ctx context.Context, log *slog.Logger, r *repo.Repository, m *r
 			closers[i]()
 		}
 	}
-	def, err := m.Disk(disk)
-	if err != nil {
-		return nil, "", closeAll, err
+	if len(m.Disks) == 0 {
+		return nil, "", closeAll, fmt.Errorf("generation %s of %s has no disks", m.ShortID(), m.VM)
+	}
+	def := &m.Disks[0]
+	if disk != "" {
+		var err error
+		if def, err = m.Disk(disk); err != nil {
+			return nil, "", closeAll, err
+		}
 	}
 	exports := make(map[string]nbd.Export, len(m.Disks))
 	for _, d := range m.Disks {

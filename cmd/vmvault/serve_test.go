@@ -407,3 +407,33 @@ func TestServeDocs(t *testing.T) {
 		}
 	}
 }
+
+// TestServeDisks: every disk of a generation is exported by name; the
+// default export is the first disk, or --disk; with --writable each disk
+// has its own overlay.
+func TestServeDisks(t *testing.T) {
+	needQemuUtils(t)
+	e := newEnv(t)
+	a, b := filepath.Join(e.dir, "a.raw"), filepath.Join(e.dir, "b.raw")
+	writeImage(t, a, 31, 4<<20)
+	writeImage(t, b, 32, 6<<20)
+	e.ok("backup", "vm01", "--source", "hda="+a, "--source", "hdb="+b)
+	ovDir := filepath.Join(e.dir, "ov")
+	os.Mkdir(ovDir, 0o700)
+	sock := filepath.Join(e.dir, "nbd.sock")
+	base := []string{"--repo", e.repo, "--password-file", e.pw, "--cache-dir", e.cache, "serve", "vm01", "latest", "--listen", "unix:" + sock}
+
+	s := startServe(t, sock, append(base, "--writable", "--overlay", ovDir)...)
+	for export, img := range map[string]string{"": a, "hda": a, "hdb": b} {
+		qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, s.url(export))
+	}
+	if ents, _ := os.ReadDir(ovDir); len(ents) != 2 {
+		t.Fatalf("%d overlay files for 2 disks", len(ents))
+	}
+	s.stop()
+
+	s = startServe(t, sock, append(base, "--disk", "hdb")...)
+	qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", b, s.url(""))
+	qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", a, s.url("hda"))
+	s.stop()
+}
