@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -18,6 +19,7 @@ import (
 func (a *app) serveCommand() *cobra.Command {
 	var listen, disk, overlayDir string
 	var writable bool
+	var cacheMiB, readAheadMiB int64
 	cmd := &cobra.Command{
 		Use:   "serve VM latest|ID --listen unix:PATH|HOST:PORT",
 		Short: "Serve a generation's disks over NBD (instant recovery)",
@@ -63,17 +65,24 @@ serve runs until SIGINT or SIGTERM, then closes the connections and exits 0.`,
 			if writable && overlayDir == "" {
 				overlayDir = os.TempDir()
 			}
+			if cacheMiB <= 0 || readAheadMiB < 0 {
+				return withCode(exitUsage, errors.New("--cache-mib must be positive and --read-ahead-mib not negative"))
+			}
+			ropts := repo.ReaderOptions{CacheSize: cacheMiB << 20, ReadAhead: readAheadMiB << 20}
+			if readAheadMiB == 0 {
+				ropts.ReadAhead = -1
+			}
 			return a.withRepo(ctx, repo.SharedLock, "serve "+args[0], func(r *repo.Repository) error {
 				m, err := r.FindManifest(ctx, args[0], args[1])
 				if err != nil {
 					return err
 				}
-				exports, def, closeAll, err := openExports(ctx, a.log, r, m, disk, overlayDir)
-				defer closeAll()
+				sd, err := openExports(ctx, a.log, r, m, disk, overlayDir, ropts)
+				defer sd.close()
 				if err != nil {
 					return err
 				}
-				srv, err := nbd.NewServer(a.log, def, exports)
+				srv, err := nbd.NewServer(a.log, sd.def, sd.exports)
 				if err != nil {
 					return err
 				}
@@ -81,16 +90,18 @@ serve runs until SIGINT or SIGTERM, then closes the connections and exits 0.`,
 				if err != nil {
 					return err
 				}
-				names := make([]string, 0, len(exports))
-				for n := range exports {
-					names = append(names, n)
-				}
 				a.log.Info("serving", "vm", m.VM, "generation", m.ShortID(), "listen", l.Addr().String(),
-					"default", def, "exports", strings.Join(names, ","), "writable", writable)
+					"default", sd.def, "exports", strings.Join(sd.names, ","), "writable", writable)
 				if err := srv.Serve(ctx, l); err != nil {
 					return err
 				}
-				a.log.Info("stopped serving", "vm", m.VM, "generation", m.ShortID())
+				var read, fetched int64
+				for _, dr := range sd.readers {
+					st := dr.Stats()
+					read += st.BytesRead
+					fetched += st.FetchedBytes
+				}
+				a.log.Info("stopped serving", "vm", m.VM, "generation", m.ShortID(), "read", read, "fetched", fetched)
 				return nil
 			})
 		},
@@ -99,54 +110,70 @@ serve runs until SIGINT or SIGTERM, then closes the connections and exits 0.`,
 	cmd.Flags().StringVar(&disk, "disk", "", "the disk served as the default export (default: the first)")
 	cmd.Flags().BoolVar(&writable, "writable", false, "accept writes into a local copy-on-write overlay (the repository is never written)")
 	cmd.Flags().StringVar(&overlayDir, "overlay", "", "directory for the overlay files of --writable (default: the temporary directory)")
+	cmd.Flags().Int64Var(&cacheMiB, "cache-mib", repo.DefaultReaderCache>>20, "decoded chunk cache per disk, in MiB")
+	cmd.Flags().Int64Var(&readAheadMiB, "read-ahead-mib", repo.DefaultReaderReadAhead>>20, "fetch this many MiB ahead of sequential reads (0: off)")
 	return cmd
+}
+
+// servedDisks are the exports of one generation and what backs them.
+type servedDisks struct {
+	exports map[string]nbd.Export
+	names   []string // sorted
+	def     string   // the default export's name
+	readers []*repo.DiskReader
+	closers []func()
+}
+
+// close releases whatever was opened, in reverse order.
+func (sd *servedDisks) close() {
+	for i := len(sd.closers) - 1; i >= 0; i-- {
+		sd.closers[i]()
+	}
 }
 
 // openExports opens every disk of m as an export, with an overlay each
 // when overlayDir is set. The default export is disk, or the first. The
-// returned close function releases whatever was opened, also on error.
-func openExports(ctx context.Context, log *slog.Logger, r *repo.Repository, m *repo.Manifest, disk, overlayDir string) (map[string]nbd.Export, string, func(), error) {
-	var closers []func()
-	closeAll := func() {
-		for i := len(closers) - 1; i >= 0; i-- {
-			closers[i]()
-		}
-	}
+// result must be closed, also on error.
+func openExports(ctx context.Context, log *slog.Logger, r *repo.Repository, m *repo.Manifest, disk, overlayDir string, opts repo.ReaderOptions) (*servedDisks, error) {
+	sd := &servedDisks{exports: make(map[string]nbd.Export, len(m.Disks))}
 	if len(m.Disks) == 0 {
-		return nil, "", closeAll, fmt.Errorf("generation %s of %s has no disks", m.ShortID(), m.VM)
+		return sd, fmt.Errorf("generation %s of %s has no disks", m.ShortID(), m.VM)
 	}
-	def := &m.Disks[0]
+	sd.def = m.Disks[0].Name
 	if disk != "" {
-		var err error
-		if def, err = m.Disk(disk); err != nil {
-			return nil, "", closeAll, err
-		}
-	}
-	exports := make(map[string]nbd.Export, len(m.Disks))
-	for _, d := range m.Disks {
-		dr, err := r.OpenDisk(ctx, m, d.Name, repo.ReaderOptions{})
+		d, err := m.Disk(disk)
 		if err != nil {
-			return nil, "", closeAll, err
+			return sd, err
 		}
-		closers = append(closers, func() { dr.Close() })
+		sd.def = d.Name
+	}
+	for _, d := range m.Disks {
+		dr, err := r.OpenDisk(ctx, m, d.Name, opts)
+		if err != nil {
+			return sd, err
+		}
+		sd.readers = append(sd.readers, dr)
+		sd.closers = append(sd.closers, func() { dr.Close() })
 		var e nbd.Export = diskExport{ctx: ctx, dr: dr}
 		if overlayDir != "" {
 			path := filepath.Join(overlayDir, fmt.Sprintf("vmvault-%s-%s-%s-%d.overlay",
 				safeName(m.VM), m.ShortID(), safeName(d.Name), os.Getpid()))
 			ov, err := nbd.CreateOverlay(e, path)
 			if err != nil {
-				return nil, "", closeAll, err
+				return sd, err
 			}
-			closers = append(closers, func() {
+			sd.closers = append(sd.closers, func() {
 				if err := ov.Close(); err != nil {
 					log.Warn("overlay not removed", "err", err)
 				}
 			})
 			e = ov
 		}
-		exports[d.Name] = e
+		sd.exports[d.Name] = e
+		sd.names = append(sd.names, d.Name)
 	}
-	return exports, def.Name, closeAll, nil
+	slices.Sort(sd.names)
+	return sd, nil
 }
 
 // safeName keeps a VM or disk name usable in a file name.

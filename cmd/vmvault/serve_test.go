@@ -364,6 +364,7 @@ func TestServeBadInput(t *testing.T) {
 	e.fails(exitUsage, "serve needs --listen", "serve", "vm01", "latest")
 	e.fails(exitUsage, "bad listen address", "serve", "vm01", "latest", "--listen", "10809")
 	e.fails(exitUsage, "--overlay needs --writable", "serve", "vm01", "latest", "--listen", sock, "--overlay", e.dir)
+	e.fails(exitUsage, "--cache-mib must be positive", "serve", "vm01", "latest", "--listen", sock, "--cache-mib", "0")
 	e.fails(exitError, "has no generations", "serve", "vm99", "latest", "--listen", sock)
 	e.fails(exitError, `no disk "nope"`, "serve", "vm01", "latest", "--listen", sock, "--disk", "nope")
 	file := filepath.Join(e.dir, "file")
