@@ -10,6 +10,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -450,6 +451,9 @@ func (cs *conn) write(w WritableExport, req request, payload []byte) uint32 {
 	}
 	if err != nil {
 		cs.srv.log.Error("nbd write failed", "offset", off, "length", req.length, "err", err)
+		if errors.Is(err, syscall.ENOSPC) {
+			return errNoSpc
+		}
 		return errIO
 	}
 	return 0

@@ -283,3 +283,38 @@ func TestTCPLoopback(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, fmt.Sprintf("nbd://127.0.0.1:%d/hda", addr.Port))
 }
+
+// TestOverlayFull: when the overlay's filesystem is full, a write fails
+// with ENOSPC, and what was written before still reads back.
+func TestOverlayFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounts a small tmpfs: needs root")
+	}
+	dir := t.TempDir()
+	img := testImage(t, dir)
+	small := filepath.Join(dir, "small")
+	os.Mkdir(small, 0o700)
+	run(t, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small)
+	defer exec.Command("umount", small).Run()
+	ov, err := CreateOverlay(openFileExport(t, img), filepath.Join(small, "ov"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ov.Close()
+	sock := serve(t, dir, "hda", map[string]Export{"hda": ov})
+	c, _, _ := dial(t, sock, "", true)
+	first := bytes.Repeat([]byte{0xab}, 512<<10)
+	c.request(cmdWrite, 0, 1, 0, uint32(len(first)), first)
+	if r := c.next(); r.errno != 0 {
+		t.Fatalf("first write: errno %d", r.errno)
+	}
+	big := make([]byte, 2*mib)
+	c.request(cmdWrite, 0, 2, 4*mib, uint32(len(big)), big)
+	if r := c.next(); r.errno != errNoSpc {
+		t.Fatalf("write to a full overlay: errno %d, want ENOSPC", r.errno)
+	}
+	got := make([]byte, len(first))
+	if _, err := ov.ReadAt(got, 0); err != nil || !bytes.Equal(got, first) {
+		t.Fatalf("earlier write lost: %v", err)
+	}
+}
