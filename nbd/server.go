@@ -64,9 +64,10 @@ func (s *Server) lookup(name string) (Export, string, bool) {
 	return e, name, ok
 }
 
-// Serve accepts connections on l until ctx is done or l fails, then closes
-// l and every connection and returns once all of them have ended. It
-// returns nil when stopped by ctx.
+// Serve accepts connections on l until ctx is done or l is closed, then
+// closes l and every connection and returns once all of them have ended.
+// It returns nil when stopped by ctx. Other accept errors (out of file
+// descriptors) are logged and retried.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	var (
 		mu     sync.Mutex
@@ -87,8 +88,20 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		closeAll()
 	})
 	defer stop()
+	var backoff time.Duration
 	for {
 		c, err := l.Accept()
+		if err != nil && ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+			// Out of file descriptors, a connection aborted before it was
+			// accepted: wait a little and go on serving the others.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("nbd accept failed", "listen", l.Addr().String(), "err", err, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+			}
+			continue
+		}
 		if err != nil {
 			l.Close()
 			closeAll()
@@ -98,6 +111,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			}
 			return fmt.Errorf("accept on %s: %w", l.Addr(), err)
 		}
+		backoff = 0
 		mu.Lock()
 		if closed {
 			mu.Unlock()
