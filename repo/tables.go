@@ -42,10 +42,16 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 	for _, tid := range d.Tables {
 		distinct[tid] = nil
 	}
+	// The fetches fill distinct while this goroutine would still be
+	// ranging over it: range over a copy of the keys instead.
+	ids := make([]HexID, 0, len(distinct))
+	for tid := range distinct {
+		ids = append(ids, tid)
+	}
 	var mu sync.Mutex
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
-	for tid := range distinct {
+	for _, tid := range ids {
 		g.Go(func() error {
 			raw, err := r.getData(gctx, TypeTable, crypto.ID(tid))
 			if err != nil {
