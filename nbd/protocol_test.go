@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -160,5 +162,45 @@ func TestBlockStatusAndReads(t *testing.T) {
 		if ch := c.chunks(); ch[0].typ != chunkError || ch[0].errno != errInval {
 			t.Errorf("request %+v: chunk type %d errno %d, want EINVAL", req, ch[0].typ, ch[0].errno)
 		}
+	}
+}
+
+// countingExport is a large all-data export that counts the bytes its
+// Extents were asked about; it reads as zeros without allocating.
+type countingExport struct {
+	size  int64
+	asked atomic.Int64
+}
+
+func (c *countingExport) Size() int64 { return c.size }
+func (c *countingExport) ReadAt(p []byte, off int64) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+func (c *countingExport) Extents(off, length int64) ([]Extent, error) {
+	c.asked.Add(length)
+	return []Extent{{Offset: off, Length: length}}, nil
+}
+
+// TestBlockStatusBounded: a block status request for 4 GiB is answered
+// for at most maxStatusLen, and the export is asked no more; qemu-img map
+// still walks the whole export.
+func TestBlockStatusBounded(t *testing.T) {
+	dir := t.TempDir()
+	e := &countingExport{size: 8 << 30}
+	sock := serve(t, dir, "big", map[string]Export{"big": e})
+	c, _, _ := dial(t, sock, "", true)
+	c.request(cmdBlockStatus, 0, 1, 0, 1<<32-1, nil)
+	p := c.chunks()[0].payload
+	if n := binary.BigEndian.Uint32(p[4:]); n != maxStatusLen || len(p) != 12 {
+		t.Fatalf("block status covers %d bytes in %d descriptors", n, (len(p)-4)/8)
+	}
+	if got := e.asked.Load(); got != maxStatusLen {
+		t.Fatalf("export asked about %d bytes", got)
+	}
+	needQemu(t)
+	out := run(t, "qemu-img", "map", "--output=json", "-f", "raw", nbdURL(sock, ""))
+	if !strings.Contains(out, `"length": 8589934592`) || !strings.Contains(out, `"data": true`) {
+		t.Fatalf("qemu-img map over short block status replies: %s", out)
 	}
 }

@@ -22,9 +22,12 @@ const (
 	// maxInFlight bounds the requests one connection serves at once (and
 	// so its memory: each holds at most maxRequestLen bytes).
 	maxInFlight = 8
-	// maxDescriptors bounds the extents in one block status reply; the
-	// protocol lets a reply cover less than was asked.
+	// maxDescriptors and maxStatusLen bound one block status reply (the
+	// protocol lets a reply cover less than was asked): an answer over a
+	// repository costs a segment list fetch per data segment, and clients
+	// ask for gigabytes at once.
 	maxDescriptors = 1 << 14
+	maxStatusLen   = 256 << 20
 )
 
 // errAbort ends a handshake the client aborted.
@@ -540,7 +543,7 @@ func (cs *conn) readError(req request, off int64, err error) {
 
 // blockStatus answers NBD_CMD_BLOCK_STATUS for base:allocation.
 func (cs *conn) blockStatus(e Export, req request) {
-	off, length := int64(req.offset), int64(req.length)
+	off, length := int64(req.offset), min(int64(req.length), maxStatusLen)
 	ext, err := e.Extents(off, length)
 	if err == nil {
 		ext, err = clipExtents(ext, off, length)
