@@ -39,6 +39,27 @@ type Server struct {
 	exports  map[string]Export
 	names    []string
 	defaultN string
+	// bufs recycles read buffers of pooledBuffer bytes: a sequential
+	// reader would otherwise allocate one per request.
+	bufs sync.Pool
+}
+
+// pooledBuffer is the size of recycled read buffers; larger reads (rare:
+// qemu reads at most 2 MiB at once) allocate their own.
+const pooledBuffer = 4 << 20
+
+// buffer returns a buffer of n bytes and the function that releases it
+// once the reply has been sent.
+func (s *Server) buffer(n int64) ([]byte, func()) {
+	if n > pooledBuffer {
+		return make([]byte, n), func() {}
+	}
+	p, ok := s.bufs.Get().(*[]byte)
+	if !ok {
+		b := make([]byte, pooledBuffer)
+		p = &b
+	}
+	return (*p)[:n], func() { s.bufs.Put(p) }
 }
 
 // NewServer returns a server for exports, keyed by export name;
@@ -481,8 +502,9 @@ func (cs *conn) write(w WritableExport, req request, payload []byte) uint32 {
 // error chunk, and no byte of the failed range is sent.
 func (cs *conn) read(e Export, req request) {
 	off, length := int64(req.offset), int64(req.length)
+	buf, release := cs.srv.buffer(length)
+	defer release()
 	if !cs.structured || req.flags&cmdFlagDF != 0 {
-		buf := make([]byte, length)
 		if err := readFull(e, buf, off); err != nil {
 			cs.readError(req, off, err)
 			return
@@ -502,16 +524,12 @@ func (cs *conn) read(e Export, req request) {
 		cs.readError(req, off, err)
 		return
 	}
-	var buf []byte
 	for _, x := range ext {
 		if x.Hole {
 			p := appendU64(nil, uint64(x.Offset))
 			p = appendU32(p, uint32(x.Length))
 			cs.send(chunkHeader(req.cookie, 0, chunkOffsetHole, uint32(len(p))), p)
 			continue
-		}
-		if int64(cap(buf)) < x.Length {
-			buf = make([]byte, length)
 		}
 		data := buf[:x.Length]
 		if err := readFull(e, data, x.Offset); err != nil {
