@@ -96,6 +96,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 	root.AddCommand(a.initCommand(), a.backupCommand(), a.snapshotsCommand(), a.restoreCommand(),
 		a.checkCommand(), a.repairCommand(), a.keyCommand(), a.versionCommand(), a.dumpCommand(), a.mountCommand(),
 		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand(), a.configCommand(), a.docsCommand())
+	root.AddCommand(a.serveCommand())
 	// Before the built-in commands exist: completion captures the writer.
 	root.SetIn(a.stdin)
 	root.SetOut(a.stdout)

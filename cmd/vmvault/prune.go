@@ -269,6 +269,9 @@ func (a *app) forgetPrune(ctx context.Context, args []string, pf *policyFlags, m
 	if err != nil {
 		return err
 	}
+	if pf.margin < 0 {
+		return withCode(exitUsage, fmt.Errorf("--safety-margin %s: must not be negative", pf.margin))
+	}
 	if !havePolicy && mode == forgetOnly {
 		return withCode(exitUsage, errors.New("forget: no policy given (--keep-daily, --keep-last, … or [retention] in the configuration)"))
 	}
