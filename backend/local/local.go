@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"vmvault/backend"
 )
@@ -106,6 +107,9 @@ func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
 	if err := f.Chmod(0o400); err != nil {
 		return fail(err)
 	}
+	if err := inheritOwner(f, dir); err != nil {
+		return fail(err)
+	}
 	if err := f.Close(); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("put %s: %w", name, err)
@@ -121,6 +125,26 @@ func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
 		return fmt.Errorf("put %s: %w", name, err)
 	}
 	return syncDir(dir)
+}
+
+// inheritOwner gives a new object the owner and group of its directory
+// when root writes it: server-side tools (init, prune, key add) run as
+// root against a repository that belongs to an append-only SFTP account,
+// which must be able to read what they write. The object stays 0400, so
+// its owner can read but not change it (and the account may not chmod).
+func inheritOwner(f *os.File, dir string) error {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	ds, ok := st.Sys().(*syscall.Stat_t)
+	if !ok || ds.Uid == 0 && ds.Gid == 0 {
+		return nil
+	}
+	return f.Chown(int(ds.Uid), int(ds.Gid))
 }
 
 func syncDir(dir string) error {
@@ -266,19 +290,25 @@ func (b *Backend) Delete(ctx context.Context, name string) error {
 }
 
 // RemoveTemporary deletes leftovers of interrupted uploads (temporary files)
-// and returns how many it removed. Prune calls it under an exclusive lock.
-func (b *Backend) RemoveTemporary(ctx context.Context) (int, error) {
+// last written before before, and returns how many it removed. Prune calls
+// it under an exclusive lock, with its safety margin: a younger temporary
+// file may be an upload in progress.
+func (b *Backend) RemoveTemporary(ctx context.Context, before time.Time) (int, error) {
 	n := 0
 	err := filepath.WalkDir(b.root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
-		if !d.IsDir() && strings.HasPrefix(d.Name(), tmpPrefix) {
-			if err := os.Remove(p); err != nil {
-				return err
-			}
-			n++
+		if d.IsDir() || !strings.HasPrefix(d.Name(), tmpPrefix) {
+			return nil
 		}
+		if fi, err := d.Info(); err != nil || !fi.ModTime().Before(before) {
+			return nil
+		}
+		if err := os.Remove(p); err != nil {
+			return err
+		}
+		n++
 		return nil
 	})
 	return n, err

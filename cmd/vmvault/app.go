@@ -196,7 +196,7 @@ func (a *app) openBackend(ctx context.Context, mode backendMode) (backend.Backen
 // openS3 opens an s3: repository with the configuration's s3_* keys.
 func (a *app) openS3(ctx context.Context, create bool) (*s3.Backend, error) {
 	cfg := s3.Config{URL: a.repoURL, Create: create, Logger: a.log}
-	if c, err := a.loadConfig(false); err != nil {
+	if c, err := a.loadConfig(configOptional); err != nil {
 		return nil, err
 	} else if c != nil && c.Repository.URL == a.repoURL {
 		r := c.Repository
