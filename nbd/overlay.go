@@ -26,18 +26,31 @@ const (
 
 // Overlay is a copy-on-write layer over a read-only Export: writes go to a
 // local sparse file, reads merge that file with the base. The base is
-// never written. The overlay lives for one session: it is created new and
-// removed by Close.
+// never written. An overlay from CreateOverlay lives for one session: it
+// is created new and removed by Close; one from OpenOverlay is kept and
+// can be resumed.
 type Overlay struct {
 	base Export
 	f    *os.File
 	path string
 	size int64
+	// kept overlays save their map (see overlay_keep.go) for identity.
+	kept     bool
+	identity string
+	flushMu  sync.Mutex
 
 	mu sync.RWMutex
 	// data and zero hold one bit per block: set in data means inOverlay,
 	// set in zero means zeroed, neither means inBase.
 	data, zero []uint64
+}
+
+// newOverlay returns an overlay over base with an empty map, in f.
+func newOverlay(base Export, f *os.File, path string) *Overlay {
+	size := base.Size()
+	words := (size/OverlayBlock + 64) / 64
+	return &Overlay{base: base, f: f, path: path, size: size,
+		data: make([]uint64, words), zero: make([]uint64, words)}
 }
 
 // CreateOverlay creates the overlay file at path, which must not exist,
@@ -50,19 +63,24 @@ func CreateOverlay(base Export, path string) (*Overlay, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create overlay: %w", err)
 	}
-	size := base.Size()
-	if err := f.Truncate(size); err != nil {
+	if err := f.Truncate(base.Size()); err != nil {
 		f.Close()
 		os.Remove(path)
 		return nil, fmt.Errorf("size overlay %s: %w", path, err)
 	}
-	words := (size/OverlayBlock + 64) / 64
-	return &Overlay{base: base, f: f, path: path, size: size,
-		data: make([]uint64, words), zero: make([]uint64, words)}, nil
+	return newOverlay(base, f, path), nil
 }
 
-// Close closes and removes the overlay file; the writes are discarded.
+// Close ends the overlay. A kept overlay saves its map and stays; any
+// other is removed, and its writes with it.
 func (o *Overlay) Close() error {
+	if o.kept {
+		err := o.saveMap()
+		if cerr := o.f.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("close overlay %s: %w", o.path, cerr)
+		}
+		return err
+	}
 	err := o.f.Close()
 	if rerr := os.Remove(o.path); err == nil {
 		err = rerr
@@ -256,8 +274,12 @@ func (o *Overlay) WriteZeroes(off, length int64) error {
 	return nil
 }
 
-// Flush makes the overlay file durable.
+// Flush makes the completed writes durable; a kept overlay also saves its
+// map, so they survive a crash.
 func (o *Overlay) Flush() error {
+	if o.kept {
+		return o.saveMap()
+	}
 	if err := o.f.Sync(); err != nil {
 		return fmt.Errorf("sync overlay %s: %w", o.path, err)
 	}
