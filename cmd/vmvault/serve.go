@@ -18,7 +18,7 @@ import (
 
 func (a *app) serveCommand() *cobra.Command {
 	var listen, disk, overlayDir string
-	var writable bool
+	var writable, keep bool
 	var cacheMiB, readAheadMiB int64
 	cmd := &cobra.Command{
 		Use:   "serve VM latest|ID --listen unix:PATH|HOST:PORT",
@@ -40,14 +40,16 @@ or reach it through an SSH tunnel.
 
 Without --writable every write is refused (EPERM). With --writable writes
 go to a copy-on-write overlay: one sparse file per disk in --overlay DIR
-(default: the temporary directory), removed when serve stops. The
-repository is never written. To keep what a VM wrote, copy the disk out
-through NBD (qemu-img convert) before stopping serve.
+(default: the temporary directory), removed when serve stops. With
+--keep-overlay the overlay stays, and serving the same generation again with
+--keep-overlay resumes it: what the client had flushed survives a restart,
+even a crash. The repository is never written. To make a VM's changes
+permanent, copy its disk out through NBD (qemu-img convert).
 
 serve runs until SIGINT or SIGTERM, then closes the connections and exits 0.`,
 		Example: `  vmvault serve vm01 latest --listen unix:/run/vmvault/vm01.sock
   qemu-img convert -f raw -O raw 'nbd+unix:///?socket=/run/vmvault/vm01.sock' vm01.raw
-  vmvault serve vm01 latest --listen unix:/run/vm01.sock --writable --overlay /var/tmp
+  vmvault serve vm01 latest --listen unix:/run/vm01.sock --writable --overlay /var/tmp --keep-overlay
   qemu-system-x86_64 -m 2048 -drive 'file=nbd+unix:///?socket=/run/vm01.sock,format=raw,if=virtio'
   vmvault serve vm01 3f2a9c1b --disk hdb --listen :10809`,
 		Args: cobra.ExactArgs(2),
@@ -59,8 +61,8 @@ serve runs until SIGINT or SIGTERM, then closes the connections and exits 0.`,
 			if _, _, err := nbd.ParseListen(listen); err != nil {
 				return withCode(exitUsage, err)
 			}
-			if overlayDir != "" && !writable {
-				return withCode(exitUsage, errors.New("--overlay needs --writable"))
+			if (overlayDir != "" || keep) && !writable {
+				return withCode(exitUsage, errors.New("--overlay and --keep-overlay need --writable"))
 			}
 			if writable && overlayDir == "" {
 				overlayDir = os.TempDir()
@@ -77,7 +79,7 @@ serve runs until SIGINT or SIGTERM, then closes the connections and exits 0.`,
 				if err != nil {
 					return err
 				}
-				sd, err := openExports(ctx, a.log, r, m, disk, overlayDir, ropts)
+				sd, err := openExports(ctx, a.log, r, m, disk, overlayDir, keep, ropts)
 				defer sd.close()
 				if err != nil {
 					return err
@@ -110,6 +112,7 @@ serve runs until SIGINT or SIGTERM, then closes the connections and exits 0.`,
 	cmd.Flags().StringVar(&disk, "disk", "", "the disk served as the default export (default: the first)")
 	cmd.Flags().BoolVar(&writable, "writable", false, "accept writes into a local copy-on-write overlay (the repository is never written)")
 	cmd.Flags().StringVar(&overlayDir, "overlay", "", "directory for the overlay files of --writable (default: the temporary directory)")
+	cmd.Flags().BoolVar(&keep, "keep-overlay", false, "keep the overlay files when serve stops, and resume them when this generation is served again")
 	cmd.Flags().Int64Var(&cacheMiB, "cache-mib", repo.DefaultReaderCache>>20, "decoded chunk cache per disk, in MiB")
 	cmd.Flags().Int64Var(&readAheadMiB, "read-ahead-mib", repo.DefaultReaderReadAhead>>20, "fetch this many MiB ahead of sequential reads (0: off)")
 	return cmd
@@ -132,9 +135,9 @@ func (sd *servedDisks) close() {
 }
 
 // openExports opens every disk of m as an export, with an overlay each
-// when overlayDir is set. The default export is disk, or the first. The
+// when overlayDir is set (kept ones if keep). The default export is disk, or the first. The
 // result must be closed, also on error.
-func openExports(ctx context.Context, log *slog.Logger, r *repo.Repository, m *repo.Manifest, disk, overlayDir string, opts repo.ReaderOptions) (*servedDisks, error) {
+func openExports(ctx context.Context, log *slog.Logger, r *repo.Repository, m *repo.Manifest, disk, overlayDir string, keep bool, opts repo.ReaderOptions) (*servedDisks, error) {
 	sd := &servedDisks{exports: make(map[string]nbd.Export, len(m.Disks))}
 	if len(m.Disks) == 0 {
 		return sd, fmt.Errorf("generation %s of %s has no disks", m.ShortID(), m.VM)
@@ -156,9 +159,18 @@ func openExports(ctx context.Context, log *slog.Logger, r *repo.Repository, m *r
 		sd.closers = append(sd.closers, func() { dr.Close() })
 		var e nbd.Export = diskExport{ctx: ctx, dr: dr}
 		if overlayDir != "" {
-			path := filepath.Join(overlayDir, fmt.Sprintf("vmvault-%s-%s-%s-%d.overlay",
-				safeName(m.VM), m.ShortID(), safeName(d.Name), os.Getpid()))
-			ov, err := nbd.CreateOverlay(e, path)
+			name := fmt.Sprintf("vmvault-%s-%s-%s", safeName(m.VM), m.ShortID(), safeName(d.Name))
+			var ov *nbd.Overlay
+			var err error
+			if keep {
+				path := filepath.Join(overlayDir, name+".overlay")
+				if _, serr := os.Stat(path + ".map"); serr == nil {
+					log.Info("resuming kept overlay", "disk", d.Name, "overlay", path)
+				}
+				ov, err = nbd.OpenOverlay(e, path, m.VM+"/"+m.ID+"/"+d.Name)
+			} else {
+				ov, err = nbd.CreateOverlay(e, filepath.Join(overlayDir, fmt.Sprintf("%s-%d.overlay", name, os.Getpid())))
+			}
 			if err != nil {
 				return sd, err
 			}

@@ -363,7 +363,8 @@ func TestServeBadInput(t *testing.T) {
 	sock := "unix:" + filepath.Join(e.dir, "s")
 	e.fails(exitUsage, "serve needs --listen", "serve", "vm01", "latest")
 	e.fails(exitUsage, "bad listen address", "serve", "vm01", "latest", "--listen", "10809")
-	e.fails(exitUsage, "--overlay needs --writable", "serve", "vm01", "latest", "--listen", sock, "--overlay", e.dir)
+	e.fails(exitUsage, "need --writable", "serve", "vm01", "latest", "--listen", sock, "--overlay", e.dir)
+	e.fails(exitUsage, "need --writable", "serve", "vm01", "latest", "--listen", sock, "--keep-overlay")
 	e.fails(exitUsage, "--cache-mib must be positive", "serve", "vm01", "latest", "--listen", sock, "--cache-mib", "0")
 	e.fails(exitError, "has no generations", "serve", "vm99", "latest", "--listen", sock)
 	e.fails(exitError, `no disk "nope"`, "serve", "vm01", "latest", "--listen", sock, "--disk", "nope")
@@ -437,4 +438,45 @@ func TestServeDisks(t *testing.T) {
 	qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", b, s.url(""))
 	qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", a, s.url("hda"))
 	s.stop()
+}
+
+// TestServeKeepOverlay: with --keep-overlay what the client flushed
+// survives serve being killed (kill -9) and a clean restart; without it
+// the next session starts from the backup; the repository is unchanged
+// throughout.
+func TestServeKeepOverlay(t *testing.T) {
+	e, src, _ := backedUp(t)
+	before := treeHash(t, e.repo)
+	ovDir := filepath.Join(e.dir, "ov")
+	os.Mkdir(ovDir, 0o700)
+	sock := filepath.Join(e.dir, "nbd.sock")
+	args := []string{"--repo", e.repo, "--password-file", e.pw, "--cache-dir", e.cache,
+		"serve", "vm01", "latest", "--listen", "unix:" + sock, "--writable", "--overlay", ovDir}
+	kept := append(args, "--keep-overlay")
+
+	s := startServe(t, sock, kept...)
+	qemu(t, "qemu-io", "-f", "raw", "-c", "write -P 0xab 1M 1M", "-c", "flush", s.url(""))
+	s.cmd.Process.Kill()
+	<-s.done
+	if ents, _ := os.ReadDir(ovDir); len(ents) != 2 {
+		t.Fatalf("kept overlay: %d files, want the overlay and its map", len(ents))
+	}
+
+	// The killed server left its socket behind: the next one replaces it.
+	s = startServe(t, sock, kept...)
+	qemu(t, "qemu-io", "-f", "raw", "-c", "read -P 0xab 1M 1M", "-c", "write -P 0xcd 3M 64k", s.url(""))
+	s.stop()
+	if !strings.Contains(s.stderr.String(), "resuming kept overlay") {
+		t.Fatalf("second session did not say it resumed:\n%s", s.stderr)
+	}
+	s = startServe(t, sock, kept...)
+	qemu(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0xab 1M 1M", "-c", "read -P 0xcd 3M 64k", s.url(""))
+	s.stop()
+
+	s = startServe(t, sock, args...)
+	qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, s.url(""))
+	s.stop()
+	if treeHash(t, e.repo) != before {
+		t.Fatal("the repository changed")
+	}
 }
