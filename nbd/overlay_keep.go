@@ -69,6 +69,10 @@ func OpenOverlay(base Export, path, identity string) (*Overlay, error) {
 			f.Close()
 			return nil, fmt.Errorf("overlay map %s.map: %w", path, err)
 		}
+		if st, err := f.Stat(); err != nil || st.Size() != o.size {
+			f.Close()
+			return nil, fmt.Errorf("overlay %s does not match its map (replaced or truncated): remove it and %s.map to start afresh: %w", path, path, errBadMap)
+		}
 	}
 	return o, nil
 }

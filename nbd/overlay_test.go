@@ -149,6 +149,12 @@ func TestKeptOverlay(t *testing.T) {
 	if _, err := OpenOverlay(other, path, "vm01/abc/hda"); !errors.Is(err, errBadMap) {
 		t.Fatalf("overlay of another size: %v", err)
 	}
+	// A data file that no longer matches its map is refused.
+	os.Truncate(path, 100)
+	if _, err := OpenOverlay(base, path, "vm01/abc/hda"); !errors.Is(err, errBadMap) {
+		t.Fatalf("truncated overlay: %v", err)
+	}
+	os.Truncate(path, int64(len(base.data)))
 	// A damaged map is refused, never read as a different map.
 	raw, _ := os.ReadFile(path + ".map")
 	raw[len(overlayMagic)+20] ^= 1
