@@ -163,3 +163,20 @@ func TestKeptOverlay(t *testing.T) {
 		t.Fatalf("damaged map: %v", err)
 	}
 }
+
+// FuzzOverlayMap: decodeMap never panics, and a map it accepts re-encodes
+// to the same bytes.
+func FuzzOverlayMap(f *testing.F) {
+	o := newOverlay(&memExport{data: make([]byte, 3*OverlayBlock)}, nil, "")
+	o.identity = "vm01/abc/hda"
+	o.data[0], o.zero[0] = 0b001, 0b100
+	f.Add(o.encodeMap(o.data, o.zero))
+	f.Add([]byte(overlayMagic))
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		p := newOverlay(&memExport{data: make([]byte, 3*OverlayBlock)}, nil, "")
+		p.identity = "vm01/abc/hda"
+		if p.decodeMap(raw) == nil && !bytes.Equal(p.encodeMap(p.data, p.zero), raw) {
+			t.Fatalf("accepted map %x does not round-trip", raw)
+		}
+	})
+}
