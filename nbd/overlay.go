@@ -206,16 +206,26 @@ func (o *Overlay) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// write does WriteAt's work under o.mu.
-func (o *Overlay) write(p []byte, off int64) error {
-	end := off + int64(len(p))
-	var block []byte
+// eachBlock calls fn for every block overlapping [off, end): the block's
+// number, start and length, and the part of [off, end) inside it.
+func (o *Overlay) eachBlock(off, end int64, fn func(b, bstart, blen, pos, n int64) error) error {
 	for pos := off; pos < end; {
 		b := pos / OverlayBlock
 		bstart, blen := o.blockSpan(b)
-		bend := bstart + blen
-		n := min(bend, end) - pos
-		part := p[pos-off : pos-off+n]
+		n := min(bstart+blen, end) - pos
+		if err := fn(b, bstart, blen, pos, n); err != nil {
+			return err
+		}
+		pos += n
+	}
+	return nil
+}
+
+// write does WriteAt's work under o.mu.
+func (o *Overlay) write(p []byte, off int64) error {
+	var block []byte
+	return o.eachBlock(off, off+int64(len(p)), func(b, bstart, blen, pos, n int64) error {
+		part, at := p[pos-off:pos-off+n], pos
 		if s := o.state(b); s != inOverlay && n < blen {
 			if block == nil {
 				block = make([]byte, OverlayBlock)
@@ -227,15 +237,14 @@ func (o *Overlay) write(p []byte, off int64) error {
 				return fmt.Errorf("copy block at %d from the base: %w", bstart, err)
 			}
 			copy(full[pos-bstart:], part)
-			part, pos = full, bstart
+			part, at = full, bstart
 		}
-		if _, err := o.f.WriteAt(part, pos); err != nil {
+		if _, err := o.f.WriteAt(part, at); err != nil {
 			return fmt.Errorf("write overlay %s: %w", o.path, err)
 		}
 		o.setState(b, inOverlay)
-		pos = min(bend, end)
-	}
-	return nil
+		return nil
+	})
 }
 
 // WriteZeroes makes [off, off+length) read as zeros: whole blocks are
@@ -247,31 +256,22 @@ func (o *Overlay) WriteZeroes(off, length int64) error {
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	end := off + length
 	var zeros []byte
-	for pos := off; pos < end; {
-		b := pos / OverlayBlock
-		bstart, blen := o.blockSpan(b)
-		bend := bstart + blen
-		n := min(bend, end) - pos
-		if n == blen {
-			if o.state(b) == inOverlay {
-				// Releasing space is an optimisation; a filesystem without
-				// hole punching keeps the stale bytes, which are never read.
-				_ = unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, bstart, blen)
-			}
-			o.setState(b, zeroed)
-		} else {
+	return o.eachBlock(off, off+length, func(b, bstart, blen, pos, n int64) error {
+		if n < blen {
 			if zeros == nil {
 				zeros = make([]byte, OverlayBlock)
 			}
-			if err := o.write(zeros[:n], pos); err != nil {
-				return err
-			}
+			return o.write(zeros[:n], pos)
 		}
-		pos += n
-	}
-	return nil
+		if o.state(b) == inOverlay {
+			// Releasing space is an optimisation; a filesystem without
+			// hole punching keeps the stale bytes, which are never read.
+			_ = unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, bstart, blen)
+		}
+		o.setState(b, zeroed)
+		return nil
+	})
 }
 
 // Flush makes the completed writes durable; a kept overlay also saves its
