@@ -385,6 +385,11 @@ func (b *run) commit(ctx context.Context, r Repository, lease Lease, disks []rep
 			return nil, fmt.Errorf("VM %s: %w; nothing was committed (%v)", b.vm.Name, oe, err)
 		}
 	}
+	if cause := context.Cause(ctx); err != nil && errors.Is(cause, ErrLockLost) {
+		// The lease went while the disks were read: whichever read saw the
+		// cancellation first, say why (not a bare "context canceled").
+		return nil, fmt.Errorf("VM %s: %w; nothing was committed", b.vm.Name, cause)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: %w", b.vm.Name, err)
 	}
