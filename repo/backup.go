@@ -24,9 +24,13 @@ import (
 
 // DiskSource is one disk image to back up.
 type DiskSource struct {
-	Name   string    // disk name within the VM, e.g. "hda"
-	Source string    // description for the manifest (path, LV), no secrets
-	Reader io.Reader // the image, read sequentially once
+	Name   string // disk name within the VM, e.g. "hda"
+	Source string // description for the manifest (path, LV), no secrets
+	// Reader is the image. An io.ReaderAt of known Size (a file, a block
+	// device) is read in parallel with pread, and if it is also an
+	// io.Seeker that supports SEEK_DATA (a file), its holes are skipped
+	// unread; any other reader is read sequentially once.
+	Reader io.Reader
 	// Size is the expected image size, or -1 if unknown (stdin). A source
 	// that ends early or runs long fails the backup.
 	Size int64
@@ -237,13 +241,15 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 		stop := context.AfterFunc(ctx, func() { d.SetReadDeadline(time.Now()) })
 		defer stop()
 	}
-	segSize := r.cfg.SegmentSize
+	cut := r.boundary()
 	nw := workers()
-	free := make(chan []byte, nw+1)
-	for range nw + 1 {
+	// Buffers: one per worker, the one being filled, and one to carry a
+	// window's tail into the next segment while the workers are busy.
+	free := make(chan []byte, nw+2)
+	for range nw + 2 {
 		free <- nil // allocated on first use
 	}
-	jobs := make(chan segmentJob, nw)
+	jobs := make(chan segmentJob, 1)
 	var mu sync.Mutex
 	var segIDs [][32]byte
 	setID := func(i int, id crypto.ID) {
@@ -284,47 +290,95 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	if req.SHA256 {
 		sum = sha256.New()
 	}
+	ir := newImageReader(src, nw)
+	var lens []int64
 	var total int64
 	readErr := func() error {
 		defer close(jobs)
-		for i := 0; ; i++ {
-			var buf []byte
+		getBuf := func() ([]byte, error) {
 			select {
-			case buf = <-free:
-			case <-ctx.Done():
-				return context.Cause(ctx)
-			}
-			if buf == nil {
-				buf = make([]byte, segSize)
-			}
-			n, err := io.ReadFull(src.Reader, buf)
-			if n > 0 {
-				total += int64(n)
-				if sum != nil {
-					sum.Write(buf[:n])
+			case buf := <-free:
+				if buf == nil {
+					buf = make([]byte, cut.max)
 				}
-				st.stats.read.Add(int64(n))
+				return buf, nil
+			case <-ctx.Done():
+				return nil, context.Cause(ctx)
+			}
+		}
+		var buf []byte // holds have bytes of the image from offset total
+		have := 0
+		for {
+			want := cut.max
+			if src.Size >= 0 {
+				want = int(min(int64(want), src.Size-total))
+			}
+			if want == 0 {
+				return nil
+			}
+			if have == 0 && ir.isHole(total, int64(want)) {
+				// Never read: zeros, and no boundary falls inside zeros.
+				i := len(lens)
+				lens = append(lens, int64(want))
+				st.stats.segs.Add(1)
+				st.stats.zero.Add(int64(want))
+				setID(i, crypto.ID{})
+				if sum != nil {
+					writeZeros(sum, int64(want))
+				}
+				total += int64(want)
 				if req.Progress != nil {
 					req.Progress(src.Name, total)
 				}
-				if src.Size >= 0 && total > src.Size {
-					return fmt.Errorf("source %s grew while being read (more than %d bytes)", src.Source, src.Size)
-				}
-				select {
-				case jobs <- segmentJob{i: i, buf: buf, n: n}:
-				case <-ctx.Done():
-					return context.Cause(ctx)
+				continue
+			}
+			if buf == nil {
+				var err error
+				if buf, err = getBuf(); err != nil {
+					return err
 				}
 			}
-			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-				return nil
-			}
+			n, err := ir.fill(ctx, buf[have:want], total+int64(have))
+			have += n
 			if err != nil {
-				return fmt.Errorf("read %s at offset %d: %w", src.Source, total, err)
+				return err
+			}
+			if have == 0 {
+				return nil // a stream ended at a segment boundary
+			}
+			eof := ir.eof || (src.Size >= 0 && total+int64(have) == src.Size)
+			c := cut.cut(buf[:have], eof)
+			var next []byte
+			if c < have {
+				if next, err = getBuf(); err != nil {
+					return err
+				}
+				copy(next, buf[c:have])
+			}
+			if sum != nil {
+				sum.Write(buf[:c])
+			}
+			select {
+			case jobs <- segmentJob{i: len(lens), buf: buf, n: c}:
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			}
+			lens = append(lens, int64(c))
+			total += int64(c)
+			buf, have = next, have-c
+			if req.Progress != nil {
+				req.Progress(src.Name, total)
+			}
+			if ir.eof && have == 0 {
+				return nil
 			}
 		}
 	}()
+	if readErr == nil {
+		readErr = ir.checkStreamEnd()
+	}
 	workersWG.Wait()
+	st.stats.read.Add(ir.read)
 	if readErr != nil {
 		st.fail(readErr)
 		return Disk{}, readErr
@@ -337,11 +391,10 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 		st.fail(err)
 		return Disk{}, err
 	}
-	nseg := int((total + segSize - 1) / segSize)
-	if len(segIDs) != nseg {
-		return Disk{}, fmt.Errorf("internal error: %d segment IDs for %d segments", len(segIDs), nseg)
+	if len(segIDs) != len(lens) {
+		return Disk{}, fmt.Errorf("internal error: %d segment IDs for %d segments", len(segIDs), len(lens))
 	}
-	segs := make([]byte, 0, 32*nseg)
+	segs := make([]byte, 0, 32*len(lens))
 	for _, id := range segIDs {
 		segs = append(segs, id[:]...)
 	}
@@ -349,12 +402,39 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	if err != nil {
 		return Disk{}, err
 	}
+	segSize := r.cfg.SegmentSize
 	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, Segments: segs, Tables: tables}
 	d.Digest = HexID(imageDigest(r.imageH, total, segSize, segs))
 	if sum != nil {
 		d.SHA256 = hex.EncodeToString(sum.Sum(nil))
 	}
 	return d, nil
+}
+
+// writeZeros writes n zero bytes to w.
+func writeZeros(w io.Writer, n int64) {
+	var z [64 << 10]byte
+	for n > 0 {
+		k := min(n, int64(len(z)))
+		w.Write(z[:k])
+		n -= k
+	}
+}
+
+// boundary chooses where segments end. A window of zeros never holds a
+// boundary, so a hole's segments are known without reading it.
+type boundary struct {
+	max int // the longest segment; windows are this long
+	// cut returns the length of the segment at the start of w, which
+	// holds max bytes, or fewer when it reaches the end of the image (eof).
+	cut func(w []byte, eof bool) int
+}
+
+// boundary returns the repository's segment boundary rule: fixed-size
+// segments of the configured size.
+func (r *Repository) boundary() boundary {
+	size := int(r.cfg.SegmentSize)
+	return boundary{max: size, cut: func(w []byte, eof bool) int { return len(w) }}
 }
 
 // storeSegment chunks one segment and queues its new chunks and its

@@ -317,7 +317,7 @@ func (m *Manifest) ShortID() string {
 
 // BackupStats counts what one backup read and stored.
 type BackupStats struct {
-	BytesRead    int64 `json:"bytes_read"`    // image bytes read
+	BytesRead    int64 `json:"bytes_read"`    // bytes really read from the sources (holes skipped unread are not counted)
 	BytesZero    int64 `json:"bytes_zero"`    // of which zero runs
 	BytesNew     int64 `json:"bytes_new"`     // image bytes in chunks new to the repository
 	BytesStored  int64 `json:"bytes_stored"`  // sealed bytes uploaded (chunks, segment lists, index, manifest)
