@@ -241,7 +241,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 		stop := context.AfterFunc(ctx, func() { d.SetReadDeadline(time.Now()) })
 		defer stop()
 	}
-	cut := r.boundary()
+	cut := r.segmenter
 	nw := workers()
 	// Buffers: one per worker, the one being filled, and one to carry a
 	// window's tail into the next segment while the workers are busy.
@@ -299,7 +299,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			select {
 			case buf := <-free:
 				if buf == nil {
-					buf = make([]byte, cut.max)
+					buf = make([]byte, cut.Max())
 				}
 				return buf, nil
 			case <-ctx.Done():
@@ -309,7 +309,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 		var buf []byte // holds have bytes of the image from offset total
 		have := 0
 		for {
-			want := cut.max
+			want := cut.Max()
 			if src.Size >= 0 {
 				want = int(min(int64(want), src.Size-total))
 			}
@@ -347,7 +347,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 				return nil // a stream ended at a segment boundary
 			}
 			eof := ir.eof || (src.Size >= 0 && total+int64(have) == src.Size)
-			c := cut.cut(buf[:have], eof)
+			c := cut.Cut(buf[:have], eof)
 			var next []byte
 			if c < have {
 				if next, err = getBuf(); err != nil {
@@ -398,13 +398,16 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	for _, id := range segIDs {
 		segs = append(segs, id[:]...)
 	}
-	tables, err := st.storeTables(ctx, segs)
+	tables, err := st.storeTables(ctx, segs, lens)
 	if err != nil {
 		return Disk{}, err
 	}
 	segSize := r.cfg.SegmentSize
-	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, Segments: segs, Tables: tables}
-	d.Digest = HexID(imageDigest(r.imageH, total, segSize, segs))
+	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, SegmentCount: len(lens), Tables: tables}
+	if err := d.setSegments(segs, lens); err != nil {
+		return Disk{}, fmt.Errorf("internal error: %w", err)
+	}
+	d.Digest = HexID(imageDigest(r.imageH, total, segSize, segs, lens))
 	if sum != nil {
 		d.SHA256 = hex.EncodeToString(sum.Sum(nil))
 	}
@@ -421,20 +424,12 @@ func writeZeros(w io.Writer, n int64) {
 	}
 }
 
-// boundary chooses where segments end. A window of zeros never holds a
-// boundary, so a hole's segments are known without reading it.
-type boundary struct {
-	max int // the longest segment; windows are this long
-	// cut returns the length of the segment at the start of w, which
-	// holds max bytes, or fewer when it reaches the end of the image (eof).
-	cut func(w []byte, eof bool) int
-}
-
-// boundary returns the repository's segment boundary rule: fixed-size
-// segments of the configured size.
-func (r *Repository) boundary() boundary {
-	size := int(r.cfg.SegmentSize)
-	return boundary{max: size, cut: func(w []byte, eof bool) int { return len(w) }}
+// newSegmenter returns the repository's segment boundary rule: content
+// defined, around the configured segment size, with a gear table keyed
+// by the ID key (docs/format.md, "Segments").
+func newSegmenter(mk *crypto.MasterKey, segSize int64) *chunk.Segmenter {
+	h := crypto.NewHasher(mk.ID, "segment-gear")
+	return chunk.NewSegmenter(int(segSize), func(b byte) [32]byte { return h.Sum([]byte{b}) })
 }
 
 // storeSegment chunks one segment and queues its new chunks and its

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"vmvault/crypto"
@@ -63,7 +64,7 @@ func TestVectors(t *testing.T) {
 		add("segment list: one chunk, one 64 KiB zero run", TypeSegment, dataName(crypto.ID{1}), seg)
 		add("index with one entry", TypeIndex, indexName(crypto.ID{2}), idx)
 		add("short object, stored uncompressed", TypeLock, lockName(crypto.ID{3}), []byte("{}"))
-		add("segment table: a chunked segment, then an all-zero one", TypeTable, dataName(crypto.ID{4}), encodeTable(append(bytes.Repeat([]byte{1}, 32), make([]byte, 32)...)))
+		add("segment table: a chunked segment, then an all-zero one", TypeTable, dataName(crypto.ID{4}), encodeTable(append(bytes.Repeat([]byte{1}, 32), make([]byte, 32)...), []int64{6 << 20, 12 << 20}))
 		out, _ := json.MarshalIndent(vs, "", "  ")
 		os.MkdirAll("testdata", 0o755)
 		if err := os.WriteFile(path, append(out, '\n'), 0o644); err != nil {
@@ -158,7 +159,8 @@ func FuzzOpenObject(f *testing.F) {
 }
 
 func FuzzManifest(f *testing.F) {
-	f.Add([]byte(`{"version":1,"vm":"a","disks":[{"name":"d","size":0,"segment_size":16777216,"segments":""}]}`))
+	f.Add([]byte(`{"version":2,"vm":"a","disks":[{"name":"d","size":0,"segment_size":16777216,"segment_count":0}]}`))
+	f.Add([]byte(`{"version":2,"vm":"a","disks":[{"name":"d","size":30000000,"segment_size":16777216,"segment_count":2,"segment_tables":["` + strings.Repeat("ab", 32) + `"]}]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var m Manifest
 		if json.Unmarshal(b, &m) != nil || m.validate() != nil {
@@ -166,10 +168,25 @@ func FuzzManifest(f *testing.F) {
 		}
 		for i := range m.Disks {
 			d := &m.Disks[i]
-			for j := range d.segmentCount() {
-				d.SegmentID(j) // must not panic on a validated manifest
-				if d.segmentLen(j) <= 0 {
-					t.Fatal("validated manifest has an empty segment")
+			n := d.segmentCount()
+			if n > 1<<16 {
+				continue
+			}
+			// A validated count can always be filled with segments of
+			// allowed lengths: split the size evenly.
+			lens := make([]int64, n)
+			for j := range lens {
+				lens[j] = d.Size / int64(n)
+				if int64(j) < d.Size%int64(n) {
+					lens[j]++
+				}
+			}
+			if err := d.setSegments(make([]byte, 32*n), lens); err != nil {
+				t.Fatalf("validated manifest: %v", err)
+			}
+			for j := range n {
+				if _, zero := d.SegmentID(j); !zero || d.segmentAt(d.segmentStart(j)) != j || d.segmentLen(j) <= 0 {
+					t.Fatalf("segment %d misplaced", j)
 				}
 			}
 		}
@@ -217,14 +234,14 @@ func TestCompressionProbe(t *testing.T) {
 }
 
 func FuzzDecodeTable(f *testing.F) {
-	f.Add(encodeTable(make([]byte, 64)))
-	f.Add([]byte{1})
+	f.Add(encodeTable(make([]byte, 64), []int64{1, 1 << 20}))
+	f.Add([]byte{2})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		segs, err := decodeTable(b)
+		segs, lens, err := decodeTable(b)
 		if err != nil {
 			return
 		}
-		if len(segs) == 0 || len(segs)%32 != 0 || !bytes.Equal(encodeTable(segs), b) {
+		if len(segs) == 0 || len(segs) != 32*len(lens) || !bytes.Equal(encodeTable(segs, lens), b) {
 			t.Fatalf("bad table accepted: %x", b)
 		}
 	})

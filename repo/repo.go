@@ -37,6 +37,8 @@ type Repository struct {
 	imageH  *crypto.Hasher
 	tableH  *crypto.Hasher
 	log     *slog.Logger
+	// segmenter cuts images into content-defined segments.
+	segmenter *chunk.Segmenter
 
 	cacheDir string
 	idx      *Index
@@ -179,7 +181,8 @@ func newRepository(be backend.Backend, mk *crypto.MasterKey, cfg Config, opts Op
 	return &Repository{be: be, cfg: cfg, master: mk, codec: c,
 		chunkH: crypto.NewHasher(mk.ID, "chunk"), segH: crypto.NewHasher(mk.ID, "segment"),
 		imageH: crypto.NewHasher(mk.ID, "image"), tableH: crypto.NewHasher(mk.ID, "table"), log: log,
-		cacheDir: filepath.Join(cacheDir, cfg.ID), tableSegments: TableSegments}, nil
+		cacheDir: filepath.Join(cacheDir, cfg.ID), tableSegments: TableSegments,
+		segmenter: newSegmenter(mk, cfg.SegmentSize)}, nil
 }
 
 // Config returns the repository's parameters.

@@ -30,7 +30,7 @@ type restoredSegment struct {
 // fetchSegment assembles segment i of d and verifies it against its keyed
 // segment ID before returning it: nothing unauthenticated leaves here.
 func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byte) (restoredSegment, error) {
-	seg := restoredSegment{index: i, off: int64(i) * d.SegmentSize, size: d.segmentLen(i)}
+	seg := restoredSegment{index: i, off: d.segmentStart(i), size: d.segmentLen(i)}
 	id, zero := d.SegmentID(i)
 	if zero {
 		return seg, nil
@@ -91,7 +91,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 	if err := r.resolveSegments(ctx, d); err != nil {
 		return err
 	}
-	id := imageDigest(r.imageH, d.Size, d.SegmentSize, d.Segments)
+	id := imageDigest(r.imageH, d.Size, d.SegmentSize, d.Segments, d.segmentLens())
 	if HexID(id) != d.Digest {
 		return fmt.Errorf("disk %s: segment list does not match the image digest: %w", d.Name, ErrCorrupt)
 	}
@@ -132,7 +132,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 			for i := range next {
 				buf := <-free
 				if buf == nil {
-					buf = make([]byte, d.SegmentSize)
+					buf = make([]byte, d.maxSegmentLen())
 				}
 				seg, err := r.fetchSegment(ctx, d, i, buf)
 				if err != nil {

@@ -11,11 +11,12 @@ import (
 
 // storeTables cuts a disk's segment IDs into segment tables and queues the
 // ones the repository lacks for upload. It returns their IDs in order.
-func (st *backupState) storeTables(ctx context.Context, segs []byte) ([]HexID, error) {
+func (st *backupState) storeTables(ctx context.Context, segs []byte, lens []int64) ([]HexID, error) {
 	var ids []HexID
-	per := 32 * st.r.tableSegments
-	for off := 0; off < len(segs); off += per {
-		payload := encodeTable(segs[off:min(len(segs), off+per)])
+	per := st.r.tableSegments
+	for i := 0; i < len(lens); i += per {
+		end := min(len(lens), i+per)
+		payload := encodeTable(segs[32*i:32*end], lens[i:end])
 		id := st.r.tableH.Sum(payload)
 		ids = append(ids, HexID(id))
 		p, mine := st.claim(id)
@@ -29,13 +30,15 @@ func (st *backupState) storeTables(ctx context.Context, segs []byte) ([]HexID, e
 	return ids, nil
 }
 
-// resolveSegments fills d.Segments from its segment tables, verifying
-// each table against its ID and the whole list against the image digest.
+// resolveSegments fills d.Segments and the segment offsets from its
+// segment tables, verifying each table against its ID and the whole list
+// against the image digest.
 func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 	if d.Segments != nil || d.segmentCount() == 0 {
 		return nil
 	}
 	parts := make([][]byte, len(d.Tables))
+	partLens := make([][]int64, len(d.Tables))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
 	for i, tid := range d.Tables {
@@ -47,11 +50,11 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 			if r.tableH.Sum(raw) != crypto.ID(tid) {
 				return fmt.Errorf("segment table %s: content does not match its ID: %w", dataName(crypto.ID(tid)), ErrCorrupt)
 			}
-			segs, err := decodeTable(raw)
+			segs, lens, err := decodeTable(raw)
 			if err != nil {
 				return fmt.Errorf("%s: %w", dataName(crypto.ID(tid)), err)
 			}
-			parts[i] = segs
+			parts[i], partLens[i] = segs, lens
 			return nil
 		})
 	}
@@ -59,17 +62,18 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 		return fmt.Errorf("disk %s: %w", d.Name, err)
 	}
 	var segs []byte
-	for _, p := range parts {
+	var lens []int64
+	for i, p := range parts {
 		segs = append(segs, p...)
+		lens = append(lens, partLens[i]...)
 	}
-	if len(segs) != 32*d.segmentCount() {
-		return fmt.Errorf("disk %s: tables hold %d segment IDs for %d segments: %w", d.Name, len(segs)/32, d.segmentCount(), ErrCorrupt)
+	if len(lens) != d.segmentCount() {
+		return fmt.Errorf("disk %s: tables hold %d segment IDs for %d segments: %w", d.Name, len(lens), d.segmentCount(), ErrCorrupt)
 	}
-	if HexID(imageDigest(r.imageH, d.Size, d.SegmentSize, segs)) != d.Digest {
+	if HexID(imageDigest(r.imageH, d.Size, d.SegmentSize, segs, lens)) != d.Digest {
 		return fmt.Errorf("disk %s: segment tables do not match the image digest: %w", d.Name, ErrCorrupt)
 	}
-	d.Segments = segs
-	return nil
+	return d.setSegments(segs, lens)
 }
 
 // resolveManifest fills every disk's segment IDs.
