@@ -76,9 +76,20 @@ type backupState struct {
 	mu    sync.Mutex
 	inFly map[crypto.ID]*pendingObject
 	wg    sync.WaitGroup // uploads and segment-list writers
+	batch *syncBatcher   // nil: every Put is durable on its own
 	fail  func(error)
 	stats struct {
 		read, zero, bytesNew, stored, chunksNew, segs, segsNew, found atomic.Int64
+	}
+}
+
+// drain waits for every upload and segment-list writer, and for the
+// objects they stored to be durable.
+func (st *backupState) drain() {
+	st.wg.Wait()
+	if st.batch != nil {
+		st.batch.close()
+		st.batch = nil
 	}
 }
 
@@ -99,7 +110,8 @@ func (st *backupState) claim(id crypto.ID) (p *pendingObject, mine bool) {
 }
 
 // upload seals payload and stores it in the background; p.done closes when
-// the object is durable (or the backup has failed).
+// the object is durable and recorded for the index (or the backup has
+// failed).
 func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, payload []byte, p *pendingObject) error {
 	name := dataName(id)
 	sealed := st.r.codec.seal(t, name, payload)
@@ -110,25 +122,126 @@ func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, p
 	st.wg.Add(1)
 	go func() {
 		defer st.wg.Done()
-		defer close(p.done)
-		defer st.sem.Release(int64(len(sealed)))
-		err := st.r.be.Put(ctx, name, sealed)
+		var err error
+		if st.batch != nil {
+			err = st.batch.be.PutDeferred(ctx, name, sealed)
+		} else {
+			err = st.r.be.Put(ctx, name, sealed)
+		}
+		st.sem.Release(int64(len(sealed)))
+		e := IndexEntry{ID: id, Type: t, Size: uint32(len(sealed))}
 		switch {
 		case err == nil:
 			st.stats.stored.Add(int64(len(sealed)))
+			if st.batch != nil {
+				// Durable, indexed and done only after the
+				// batch's Sync.
+				st.batch.add(e, p)
+				return
+			}
 		case errors.Is(err, backend.ErrExist):
 			// Stored by an interrupted earlier run or a concurrent
 			// backup: content-addressed, so it is the same object.
 			st.stats.found.Add(1)
 		default:
 			st.fail(err)
+			close(p.done)
 			return
 		}
-		if err := st.iw.add(ctx, IndexEntry{ID: id, Type: t, Size: uint32(len(sealed))}); err != nil {
+		if err := st.iw.add(ctx, e); err != nil {
 			st.fail(err)
 		}
+		close(p.done)
 	}()
 	return nil
+}
+
+// deferredSyncer is a backend (local) that can make many objects durable
+// with one Sync instead of an fsync each: PutDeferred's object appears
+// under its name only when Sync returns nil.
+type deferredSyncer interface {
+	PutDeferred(ctx context.Context, name string, data []byte) error
+	Sync(ctx context.Context) error
+}
+
+// syncBatcher group-commits deferred uploads: one goroutine syncs whatever
+// was uploaded while the previous Sync ran, then records those objects for
+// the index and marks them done. So an object reaches the journal, an
+// index object or a segment list that names it only once it is durable,
+// as with a Put that fsyncs (docs/format.md, "Crash safety").
+type syncBatcher struct {
+	be      deferredSyncer
+	st      *backupState
+	mu      sync.Mutex
+	items   []syncItem
+	wake    chan struct{}
+	stopped chan struct{}
+	stop    chan struct{}
+}
+
+type syncItem struct {
+	e IndexEntry
+	p *pendingObject
+}
+
+func newSyncBatcher(ctx context.Context, st *backupState, be deferredSyncer) *syncBatcher {
+	b := &syncBatcher{be: be, st: st, wake: make(chan struct{}, 1), stopped: make(chan struct{}), stop: make(chan struct{})}
+	go b.run(ctx)
+	return b
+}
+
+func (b *syncBatcher) add(e IndexEntry, p *pendingObject) {
+	b.mu.Lock()
+	b.items = append(b.items, syncItem{e, p})
+	b.mu.Unlock()
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (b *syncBatcher) run(ctx context.Context) {
+	defer close(b.stopped)
+	// After a failure, what was uploaded is still made durable and
+	// indexed, for the next run to reuse.
+	ctx = context.WithoutCancel(ctx)
+	for {
+		stopping := false
+		select {
+		case <-b.wake:
+		case <-b.stop:
+			stopping = true
+		}
+		b.mu.Lock()
+		items := b.items
+		b.items = nil
+		b.mu.Unlock()
+		if len(items) > 0 {
+			// Fail before anything waiting on these objects runs on.
+			err := b.be.Sync(ctx)
+			if err != nil {
+				b.st.fail(err)
+			}
+			for _, it := range items {
+				if err == nil {
+					if err = b.st.iw.add(ctx, it.e); err != nil {
+						b.st.fail(err)
+					}
+				}
+				close(it.p.done)
+			}
+		}
+		if stopping {
+			return
+		}
+	}
+}
+
+// close syncs what is left and stops the batcher; call it once every
+// upload has returned.
+func (b *syncBatcher) close() {
+	close(b.stop)
+	<-b.stopped
 }
 
 // Backup stores every disk of req and commits one manifest. The caller
@@ -154,6 +267,9 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	st.fail = func(err error) {
 		failOnce.Do(func() { firstErr = err; cancel(err) })
 	}
+	if ds, ok := r.be.(deferredSyncer); ok {
+		st.batch = newSyncBatcher(ctx, st, ds)
+	}
 	m := &Manifest{Version: FormatVersion, VM: req.VM, Time: req.Time, Host: req.Host, Tags: req.Tags, Started: started.UTC()}
 	if m.Time.IsZero() {
 		m.Time = started
@@ -168,7 +284,7 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 			err = context.Cause(ctx)
 		}
 		if err != nil {
-			st.wg.Wait()
+			st.drain()
 			if firstErr != nil {
 				err = firstErr
 			}
@@ -178,7 +294,7 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 		}
 		m.Disks = append(m.Disks, d)
 	}
-	st.wg.Wait()
+	st.drain()
 	if firstErr != nil {
 		st.iw.finish(context.WithoutCancel(ctx))
 		return nil, firstErr
