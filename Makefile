@@ -1,5 +1,5 @@
 # vmvault: the two set-up commands of the README, and a few conveniences.
-.PHONY: demo test build bench
+.PHONY: demo test build bench fuzz
 
 build:
 	go build -o bin/vmvault ./cmd/vmvault
@@ -12,3 +12,8 @@ test:
 
 bench:
 	bash bench/compare.sh
+
+# Every fuzzer for FUZZTIME each (default 2m); not part of CI.
+FUZZTIME ?= 2m
+fuzz:
+	bash scripts/fuzz.sh $(FUZZTIME)

@@ -24,6 +24,10 @@ var (
 	// ErrReadOnly means the store refuses the operation by policy, for
 	// example Delete on an append-only account.
 	ErrReadOnly = errors.New("operation not permitted on this repository (append-only or read-only)")
+	// ErrRetained means Delete refused an object that the store keeps
+	// under retention (S3 object lock) until a date still to come; the
+	// object is untouched and can go once its retention has expired.
+	ErrRetained = errors.New("object is under retention")
 )
 
 // ObjectInfo describes one stored object.

@@ -51,7 +51,8 @@ func (c *Config) VMNames() []string {
 
 // Repository says where backups go and how to open the repository.
 type Repository struct {
-	// URL is "sftp://user@host[:port]/path" or an absolute local path.
+	// URL is "sftp://user@host[:port]/path", "s3:https://host/bucket[/prefix]"
+	// or an absolute local path.
 	URL          string
 	PasswordFile string // the repository password; a secret
 	SSHKey       string // private key for sftp://; a secret
@@ -60,6 +61,15 @@ type Repository struct {
 	KnownHosts string
 	// CacheDir holds the local index cache; empty means the default.
 	CacheDir string
+	// S3 settings (s3: urls only); see backend/s3.Config. The secret key
+	// lives in a file, like the password.
+	S3AccessKeyID         string
+	S3SecretAccessKeyFile string
+	S3Profile             string
+	S3Region              string
+	S3CAFile              string
+	S3PathStyle           bool
+	S3ObjectLockDays      int
 }
 
 // Log configures logging.

@@ -14,10 +14,13 @@ import (
 // megabytes is a mistake (the wrong file), not a password.
 const maxSecretSize = 64 << 10
 
-// ReadSecretFile reads a password file. It refuses a file that group or
-// others can access (the configuration may have been checked long ago),
-// trims one trailing newline ("\n" or "\r\n") and refuses an empty secret.
-// Errors name the file, never its content.
+// ReadSecretFile reads a password file: the one implementation for every
+// secret vmvault reads (--password-file, [repository] password_file, the
+// databases' password_file). It refuses a file that is not regular or
+// that group or others can access (the configuration may have been
+// checked long ago), and one larger than 64 KiB; it trims trailing line
+// breaks ("\n", "\r\n") and refuses an empty secret. Errors name the
+// file, never its content.
 func ReadSecretFile(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -39,12 +42,9 @@ func ReadSecretFile(path string) (string, error) {
 	if len(data) > maxSecretSize {
 		return "", fmt.Errorf("read secret %s: larger than %d bytes, not a password file", path, maxSecretSize)
 	}
-	s := string(data)
-	if strings.HasSuffix(s, "\r\n") {
-		s = s[:len(s)-2]
-	} else {
-		s = strings.TrimSuffix(s, "\n")
-	}
+	// Every trailing line break goes: --password-file always trimmed
+	// them all, and a repository made with such a file must still open.
+	s := strings.TrimRight(string(data), "\r\n")
 	if s == "" {
 		return "", fmt.Errorf("read secret %s: the file is empty", path)
 	}

@@ -86,7 +86,8 @@ func TestReadSecretFile(t *testing.T) {
 		errMsg  string
 	}{
 		{"trailing newline", "hunter2\n", 0o600, "hunter2", ""},
-		{"only one newline is trimmed", "hunter2\n\n", 0o600, "hunter2\n", ""},
+		{"every trailing line break is trimmed", "hunter2\n\r\n", 0o600, "hunter2", ""},
+		{"inner newlines are kept", "hunter\n2\n", 0o600, "hunter\n2", ""},
 		{"CRLF", "hunter2\r\n", 0o400, "hunter2", ""},
 		{"no newline", "hunter2", 0o600, "hunter2", ""},
 		{"spaces are kept", " hunter2 \n", 0o600, " hunter2 ", ""},

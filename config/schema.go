@@ -15,7 +15,9 @@ import (
 
 	"github.com/go-sql-driver/mysql"
 
+	"vmvault/internal/bytesize"
 	"vmvault/retention"
+	"vmvault/snapshot"
 )
 
 // config reads the top level of the file.
@@ -72,13 +74,52 @@ func (d *doc) repository(t *table) Repository {
 	if p, n, ok := t.str("cache_dir"); ok {
 		r.CacheDir, _ = d.absPath(n, p)
 	}
+	d.s3Keys(t, &r, strings.HasPrefix(u, "s3:"))
 	t.done()
 	return r
+}
+
+// s3Keys reads the [repository] keys of an s3: repository.
+func (d *doc) s3Keys(t *table, r *Repository, s3 bool) {
+	for _, k := range []string{"s3_access_key_id", "s3_secret_access_key_file", "s3_profile", "s3_region", "s3_ca_file", "s3_path_style", "s3_object_lock_days"} {
+		if n, ok := t.get(k); ok && !s3 {
+			d.errorf(n, "only used with an s3: url")
+		}
+	}
+	r.S3AccessKeyID, _, _ = t.str("s3_access_key_id")
+	if p, n, ok := t.str("s3_secret_access_key_file"); ok {
+		r.S3SecretAccessKeyFile = d.secretFile(n, p)
+	}
+	if (r.S3AccessKeyID == "") != (r.S3SecretAccessKeyFile == "") {
+		n, _ := t.get("s3_access_key_id")
+		if r.S3AccessKeyID == "" {
+			n, _ = t.get("s3_secret_access_key_file")
+		}
+		d.errorf(n, "s3_access_key_id and s3_secret_access_key_file go together")
+	}
+	r.S3Profile, _, _ = t.str("s3_profile")
+	r.S3Region, _, _ = t.str("s3_region")
+	if p, n, ok := t.str("s3_ca_file"); ok {
+		r.S3CAFile = d.existingFile(n, p)
+	}
+	r.S3PathStyle = t.boolean("s3_path_style")
+	if days, n, ok := t.integer("s3_object_lock_days"); ok {
+		if days < 1 || days > 36500 {
+			d.errorf(n, "want a number of days from 1 to 36500")
+		}
+		r.S3ObjectLockDays = days
+	}
 }
 
 // repositoryURL checks an sftp:// URL or a local path and reports whether
 // it is SFTP.
 func (d *doc) repositoryURL(n node, s string) bool {
+	if rest, ok := strings.CutPrefix(s, "s3:"); ok {
+		if u, err := url.Parse(rest); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.Trim(u.Path, "/") == "" {
+			d.errorf(n, "%q: want s3:https://HOST[:PORT]/BUCKET[/PREFIX] or s3:http://…", s)
+		}
+		return false
+	}
 	if !strings.Contains(s, "://") {
 		if !filepath.IsAbs(s) {
 			d.errorf(n, "%q is neither an sftp://user@host/path url nor an absolute local path", s)
@@ -165,15 +206,27 @@ func (d *doc) policy(t *table) retention.Policy {
 }
 
 // namePattern is what VM, disk and database names may look like: they
-// become parts of LVM snapshot names and log lines.
+// become parts of LVM snapshot names, file names and log lines.
 var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.+-]*$`)
 
 // maxLVName is LVM's limit on the length of a logical volume name.
 const maxLVName = 127
 
+// CheckName applies the one rule for VM, disk and database names, in the
+// configuration file and on the command line alike: letters, digits and
+// _ . + -, starting with a letter or digit, at most 127 characters (LVM's
+// limit, since names become parts of snapshot names). what names the kind
+// of name in the error ("VM").
+func CheckName(what, name string) error {
+	if !namePattern.MatchString(name) || len(name) > maxLVName {
+		return fmt.Errorf("invalid %s name %q: use letters, digits and _ . + - (not first), at most %d characters", what, name, maxLVName)
+	}
+	return nil
+}
+
 func (d *doc) checkName(n node, what string) {
-	if !namePattern.MatchString(n.name()) {
-		d.errorf(n, "invalid %s name %q: use letters, digits and _ . + - (not first)", what, n.name())
+	if err := CheckName(what, n.name()); err != nil {
+		d.errorf(n, "%v", err)
 	}
 }
 
@@ -194,8 +247,7 @@ func (d *doc) vm(t *table) *VM {
 			n, _ := dt.get(name)
 			if diskT := d.table(n); diskT != nil {
 				disk := d.disk(diskT)
-				// The snapshot package names snapshots "<vm>-<disk>-vmvault".
-				if snap := vm.Name + "-" + disk.Name + "-vmvault"; disk.Path == "" && len(snap) > maxLVName {
+				if snap := snapshot.SnapshotName(vm.Name, disk.Name); disk.Path == "" && len(snap) > maxLVName {
 					d.errorf(n, "snapshot name %q is longer than LVM's %d characters: shorten the VM or disk name", snap, maxLVName)
 				}
 				vm.Disks = append(vm.Disks, disk)
@@ -309,9 +361,6 @@ func parsePort(s string) (int, error) {
 	return p, nil
 }
 
-// lvNamePattern is LVM's rule for VG and LV names.
-var lvNamePattern = regexp.MustCompile(`^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$`)
-
 func (d *doc) disk(t *table) Disk {
 	disk := Disk{Name: t.self.name()}
 	d.checkName(t.self, "disk")
@@ -357,56 +406,27 @@ func (d *doc) disk(t *table) Disk {
 	return disk
 }
 
+// parseLV checks "vg/lv" by LVM's rule (package snapshot's, which will
+// use the name).
 func parseLV(s string) (LV, error) {
-	vg, lv, ok := strings.Cut(s, "/")
-	if !ok || !lvNamePattern.MatchString(vg) || !lvNamePattern.MatchString(lv) || vg == "." || vg == ".." || lv == "." || lv == ".." {
-		return LV{}, fmt.Errorf("%q: want vg/lv, e.g. \"vg0/vm01-disk\" (not a /dev path)", s)
+	lv, err := snapshot.ParseLV(s)
+	if err != nil {
+		return LV{}, err
 	}
-	return LV{VG: vg, Name: lv}, nil
+	return LV{VG: lv.VG, Name: lv.Name}, nil
 }
 
-// parseSize parses an LVM-style size such as "2G", "512M", "1.5g", "1GiB":
-// a number and a binary unit (K, M, G, T; 1024-based).
+// parseSize parses a snapshot size such as "2G", "512M", "1.5g", "1GiB"
+// (bytesize.Parse) and refuses one smaller than an LVM extent.
 func parseSize(s string) (int64, error) {
-	bad := fmt.Errorf("invalid size %q: want a number and a unit, e.g. \"512M\" or \"2G\" (1024-based)", s)
-	u := strings.ToUpper(s)
-	if strings.HasSuffix(u, "IB") {
-		u = u[:len(u)-2]
-	} else if strings.HasSuffix(u, "B") {
-		u = u[:len(u)-1]
-	}
-	if len(u) < 2 {
-		return 0, bad
-	}
-	var mult float64
-	switch u[len(u)-1] {
-	case 'K':
-		mult = 1 << 10
-	case 'M':
-		mult = 1 << 20
-	case 'G':
-		mult = 1 << 30
-	case 'T':
-		mult = 1 << 40
-	default:
-		return 0, bad
-	}
-	num := u[:len(u)-1]
-	if strings.Trim(num, "0123456789.") != "" {
-		return 0, bad
-	}
-	f, err := strconv.ParseFloat(num, 64)
-	if err != nil || f <= 0 {
-		return 0, bad
-	}
-	v := f * mult
-	if v >= 1<<62 {
-		return 0, fmt.Errorf("size %q is too large", s)
+	v, err := bytesize.Parse(s)
+	if err != nil {
+		return 0, err
 	}
 	if v < 1<<20 {
 		return 0, fmt.Errorf("size %q is too small: LVM snapshots are at least one extent (usually 4M)", s)
 	}
-	return int64(v), nil
+	return v, nil
 }
 
 func (d *doc) database(t *table) Database {

@@ -1,6 +1,7 @@
 package crypto
 
 import (
+	"context"
 	"crypto/rand"
 	"fmt"
 	"runtime"
@@ -21,17 +22,30 @@ type KDFParams struct {
 // anything below is refused as tampered with.
 var MinKDFParams = KDFParams{Time: 1, Memory: 8 * 1024, Threads: 1}
 
-// Validate rejects parameters that are too weak or absurdly large (a
-// damaged or forged key file must not make us allocate terabytes).
+// MaxKDFParams are the most expensive parameters accepted: what
+// CalibrateKDF can produce (64 MiB, at most 50 passes, at most 4 lanes),
+// which is all that `init` and `key add` write. Anyone who can add a file
+// to keys/ can plant a key file, and every command tries key files until
+// one opens: accepting more would let such a file cost each command
+// minutes and gigabytes (t=100, m=4 GiB was accepted once).
+var MaxKDFParams = KDFParams{Time: 50, Memory: 64 * 1024, Threads: 4}
+
+// Validate rejects parameters that are too weak or more expensive than a
+// key vmvault writes.
 func (p KDFParams) Validate() error {
-	if p.Time < MinKDFParams.Time || p.Memory < MinKDFParams.Memory || p.Threads < 1 {
+	if p.Time < MinKDFParams.Time || p.Memory < MinKDFParams.Memory || p.Threads < MinKDFParams.Threads {
 		return fmt.Errorf("argon2id parameters too weak (t=%d m=%dKiB p=%d)", p.Time, p.Memory, p.Threads)
 	}
-	if p.Time > 100 || p.Memory > 4*1024*1024 {
-		return fmt.Errorf("argon2id parameters out of range (t=%d m=%dKiB)", p.Time, p.Memory)
+	if p.Time > MaxKDFParams.Time || p.Memory > MaxKDFParams.Memory || p.Threads > MaxKDFParams.Threads {
+		return fmt.Errorf("argon2id parameters out of range (t=%d m=%dKiB p=%d; at most t=%d m=%dKiB p=%d)",
+			p.Time, p.Memory, p.Threads, MaxKDFParams.Time, MaxKDFParams.Memory, MaxKDFParams.Threads)
 	}
 	return nil
 }
+
+// Cost is a relative measure of the work of one derivation (passes ×
+// memory), for trying cheap key files first.
+func (p KDFParams) Cost() uint64 { return uint64(p.Time) * uint64(p.Memory) }
 
 // DeriveKey stretches a password into a 32-byte key.
 func DeriveKey(password, salt []byte, p KDFParams) ([KeySize]byte, error) {
@@ -41,6 +55,31 @@ func DeriveKey(password, salt []byte, p KDFParams) ([KeySize]byte, error) {
 	}
 	copy(k[:], argon2.IDKey(password, salt, p.Time, p.Memory, p.Threads, KeySize))
 	return k, nil
+}
+
+// DeriveKeyContext is DeriveKey that returns ctx's error as soon as ctx
+// is done. argon2 cannot be stopped midway: the derivation finishes in
+// the background and its result is dropped, so a SIGINT during a slow
+// derivation ends the command at once instead of after it.
+func DeriveKeyContext(ctx context.Context, password, salt []byte, p KDFParams) ([KeySize]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return [KeySize]byte{}, err
+	}
+	type result struct {
+		k   [KeySize]byte
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		k, err := DeriveKey(password, salt, p)
+		done <- result{k, err}
+	}()
+	select {
+	case r := <-done:
+		return r.k, r.err
+	case <-ctx.Done():
+		return [KeySize]byte{}, ctx.Err()
+	}
 }
 
 // NewSalt returns 32 random bytes.

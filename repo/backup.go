@@ -115,6 +115,12 @@ func (st *backupState) claim(id crypto.ID) (p *pendingObject, mine bool) {
 func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, payload []byte, p *pendingObject) error {
 	name := dataName(id)
 	sealed := st.r.codec.seal(t, name, payload)
+	// A segment list's payload is its own allocation; a chunk's is the
+	// caller's segment buffer, reused once storeSegment returns.
+	var list []byte
+	if t == TypeSegment {
+		list = payload
+	}
 	if err := st.sem.Acquire(ctx, int64(len(sealed))); err != nil {
 		close(p.done)
 		return err
@@ -141,7 +147,11 @@ func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, p
 			}
 		case errors.Is(err, backend.ErrExist):
 			// Stored by an interrupted earlier run or a concurrent
-			// backup: content-addressed, so it is the same object.
+			// backup -- or damaged, or planted: confirmed before use.
+			if err := st.r.confirmStored(ctx, t, id, list); err != nil {
+				st.fail(err)
+				return
+			}
 			st.stats.found.Add(1)
 		default:
 			st.fail(err)
@@ -333,6 +343,11 @@ func (r *Repository) commitManifest(ctx context.Context, m *Manifest, storedSoFa
 	m.Stats.BytesStored += int64(len(r.codec.seal(TypeManifest, name, raw)))
 	raw, err = json.Marshal(m)
 	if err != nil {
+		return err
+	}
+	// The lease must still hold: a backup whose lock lapsed (stalled,
+	// refresh failed, removed) may have lost objects to a prune.
+	if err := r.checkLeases(ctx); err != nil {
 		return err
 	}
 	if err := r.be.Put(ctx, name, r.codec.seal(TypeManifest, name, raw)); err != nil {

@@ -53,6 +53,10 @@ type checker struct {
 	mu         sync.Mutex
 	damage     map[string]*Damage
 	objects    map[string]int64 // data objects present
+
+	// Who references what, for naming the generations damage affects.
+	segGens   map[crypto.ID][]string // segment list → generations
+	chunkSegs map[crypto.ID][]crypto.ID
 }
 
 func (c *checker) report(object, problem string, gens ...string) {
@@ -66,12 +70,23 @@ func (c *checker) report(object, problem string, gens ...string) {
 	d.Generations = append(d.Generations, gens...)
 }
 
+// chunkGens returns the generations that reference a chunk.
+func (c *checker) chunkGens(id crypto.ID) []string {
+	var gens []string
+	for _, sid := range c.chunkSegs[id] {
+		gens = mergeGens(gens, c.segGens[sid])
+	}
+	return gens
+}
+
 // Check verifies the repository: every manifest opens, every object a
 // manifest references exists and has a sane header, every index object
 // opens; with ReadData or Subset it also decrypts chunks and verifies
-// their content against their IDs. The caller holds a shared lock.
+// their content against their IDs (a subset reads at least one chunk).
+// The caller holds a shared lock.
 func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport, error) {
-	c := &checker{r: r, damage: map[string]*Damage{}, objects: map[string]int64{}, tablesSeen: map[crypto.ID]bool{}}
+	c := &checker{r: r, damage: map[string]*Damage{}, objects: map[string]int64{}, tablesSeen: map[crypto.ID]bool{},
+		segGens: map[crypto.ID][]string{}, chunkSegs: map[crypto.ID][]crypto.ID{}}
 	rep := &CheckReport{}
 	if err := r.be.List(ctx, "data/", func(o backend.ObjectInfo) error {
 		c.objects[o.Name] = o.Size
@@ -95,91 +110,80 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 		}
 	}
 
-	// Manifests → segments → chunks, remembering who references what.
-	ids, err := r.ManifestIDs(ctx)
-	if err != nil {
-		return nil, err
-	}
-	segGens := map[crypto.ID][]string{}
-	var segOrder []crypto.ID
-	for _, id := range ids {
-		m, err := r.LoadManifest(ctx, id)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, ctx.Err()
-			}
-			c.report("manifests/"+id, err.Error(), "?/"+id[:8])
-			continue
-		}
-		rep.Manifests++
-		gen := m.VM + "/" + m.ShortID()
-		for di := range m.Disks {
-			d := &m.Disks[di]
-			if !c.tables(ctx, d, gen) {
-				continue
-			}
-			rep.Tables += len(d.Tables)
-			for i := range d.segmentCount() {
-				sid, zero := d.SegmentID(i)
-				if zero {
-					continue
-				}
-				if _, seen := segGens[sid]; !seen {
-					segOrder = append(segOrder, sid)
-				}
-				if g := segGens[sid]; len(g) == 0 || g[len(g)-1] != gen {
-					segGens[sid] = append(g, gen)
-				}
-			}
-		}
-	}
-	rep.Segments = len(segOrder)
-
-	chunkGens := map[crypto.ID][]string{}
+	// Manifests → tables → segment lists → chunks, remembering who
+	// references what.
 	var chunkOrder []crypto.ID
-	var cmu sync.Mutex
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(8)
-	for _, sid := range segOrder {
-		gens := segGens[sid]
-		g.Go(func() error {
-			entries, ok := c.segment(gctx, sid, gens)
-			if !ok {
-				return gctx.Err()
-			}
-			cmu.Lock()
-			defer cmu.Unlock()
-			for _, e := range entries {
-				if e.Zero {
-					continue
-				}
-				if _, seen := chunkGens[e.ID]; !seen {
-					chunkOrder = append(chunkOrder, e.ID)
-				}
-				chunkGens[e.ID] = mergeGens(chunkGens[e.ID], gens)
+	w := Walk{
+		Generation: func(*Manifest) error { rep.Manifests++; return nil },
+		Table: func(id crypto.ID, from Origin) error {
+			c.tablesSeen[id] = true
+			if _, present := c.objects[dataName(id)]; !present {
+				c.report(dataName(id), "missing segment table", from.Generation)
 			}
 			return nil
-		})
+		},
+		SegmentRef: func(id crypto.ID, zero bool, _ int64, from Origin) (bool, error) {
+			if zero {
+				return false, nil
+			}
+			g, seen := c.segGens[id]
+			if len(g) == 0 || g[len(g)-1] != from.Generation {
+				c.segGens[id] = append(g, from.Generation)
+			}
+			if seen {
+				return false, nil
+			}
+			if _, present := c.objects[dataName(id)]; !present {
+				c.report(dataName(id), "missing segment list")
+				return false, nil
+			}
+			return true, nil
+		},
+		Chunk: func(e SegmentEntry, from Origin) error {
+			sid, _ := parseID(shortName(from.Object))
+			segs, seen := c.chunkSegs[e.ID]
+			if !seen {
+				chunkOrder = append(chunkOrder, e.ID)
+			}
+			if len(segs) == 0 || segs[len(segs)-1] != sid {
+				c.chunkSegs[e.ID] = append(segs, sid)
+			}
+			return nil
+		},
+		OnError: func(object string, err error, from Origin) error {
+			c.report(object, err.Error(), from.Generation)
+			return nil
+		},
 	}
-	if err := g.Wait(); err != nil {
+	if err := w.Run(ctx, r); err != nil {
 		return nil, err
 	}
+	rep.Tables = len(c.tablesSeen)
+	rep.Segments = len(c.segGens)
 	rep.Chunks = len(chunkOrder)
 
-	g, gctx = errgroup.WithContext(ctx)
+	verify := make([]bool, len(chunkOrder))
+	picked := false
+	for i := range verify {
+		verify[i] = opts.ReadData || (opts.Subset > 0 && rand.Float64() < opts.Subset)
+		picked = picked || verify[i]
+	}
+	if !picked && opts.Subset > 0 && len(verify) > 0 {
+		verify[rand.IntN(len(verify))] = true // a subset reads at least one chunk
+	}
+	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
+	var cmu sync.Mutex
 	var read, readBytes int64
-	for _, cid := range chunkOrder {
-		gens := chunkGens[cid]
+	for i, cid := range chunkOrder {
 		name := dataName(cid)
 		if _, ok := c.objects[name]; !ok {
-			c.report(name, "missing chunk", gens...)
+			c.report(name, "missing chunk")
 			continue
 		}
-		verify := opts.ReadData || (opts.Subset > 0 && rand.Float64() < opts.Subset)
 		g.Go(func() error {
-			if !verify {
-				c.header(gctx, name, TypeChunk, gens)
+			if !verify[i] {
+				c.header(gctx, name, TypeChunk)
 				return gctx.Err()
 			}
 			data, err := r.getData(gctx, TypeChunk, cid)
@@ -187,11 +191,11 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 				if gctx.Err() != nil {
 					return gctx.Err()
 				}
-				c.report(name, err.Error(), gens...)
+				c.report(name, err.Error())
 				return nil
 			}
 			if r.chunkH.Sum(data) != cid {
-				c.report(name, "content does not match its ID", gens...)
+				c.report(name, "content does not match its ID")
 			}
 			cmu.Lock()
 			read++
@@ -204,11 +208,14 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 		return nil, err
 	}
 	rep.ChunksRead, rep.BytesRead = int(read), readBytes
-	rep.Unreferenced = len(c.objects) - rep.Segments - rep.Chunks - len(c.tablesSeen)
-	if rep.Unreferenced < 0 {
-		rep.Unreferenced = 0
-	}
+	rep.Unreferenced = max(0, len(c.objects)-rep.Segments-rep.Chunks-len(c.tablesSeen))
 	for _, d := range c.damage {
+		// Segment lists and chunks affect every generation that
+		// references them, known only once the walk is complete.
+		if id, err := parseID(shortName(d.Object)); err == nil && strings.HasPrefix(d.Object, "data/") {
+			d.Generations = mergeGens(d.Generations, c.segGens[id])
+			d.Generations = mergeGens(d.Generations, c.chunkGens(id))
+		}
 		sort.Strings(d.Generations)
 		d.Generations = mergeGens(nil, d.Generations)
 		rep.Damage = append(rep.Damage, *d)
@@ -217,81 +224,24 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 	return rep, nil
 }
 
-// tables checks that a disk's segment tables exist and resolve to its
-// segment IDs; it reports damage and returns false if they do not.
-func (c *checker) tables(ctx context.Context, d *Disk, gen string) bool {
-	ok := true
-	for _, tid := range d.Tables {
-		name := dataName(crypto.ID(tid))
-		c.tablesSeen[crypto.ID(tid)] = true
-		if _, present := c.objects[name]; !present {
-			c.report(name, "missing segment table", gen)
-			ok = false
-		}
-	}
-	if !ok {
-		return false
-	}
-	if err := c.r.resolveSegments(ctx, d); err != nil {
-		if ctx.Err() == nil {
-			c.report(tableObjectOf(err, d), err.Error(), gen)
-		}
-		return false
-	}
-	return true
-}
-
-// tableObjectOf names the object an error from resolveSegments is about:
-// the table it mentions, else the first table.
-func tableObjectOf(err error, d *Disk) string {
-	for _, tid := range d.Tables {
-		if name := dataName(crypto.ID(tid)); strings.Contains(err.Error(), name) {
-			return name
-		}
-	}
-	return dataName(crypto.ID(d.Tables[0]))
-}
-
-// segment loads and checks one segment list.
-func (c *checker) segment(ctx context.Context, sid crypto.ID, gens []string) ([]SegmentEntry, bool) {
-	name := dataName(sid)
-	if _, ok := c.objects[name]; !ok {
-		c.report(name, "missing segment list", gens...)
-		return nil, ctx.Err() == nil
-	}
-	raw, err := c.r.getData(ctx, TypeSegment, sid)
-	if err == nil {
-		var entries []SegmentEntry
-		entries, err = decodeSegmentList(raw)
-		if err == nil {
-			return entries, true
-		}
-	}
-	if ctx.Err() != nil {
-		return nil, false
-	}
-	c.report(name, err.Error(), gens...)
-	return nil, true
-}
-
 // header fetches an object's cleartext header and checks it.
-func (c *checker) header(ctx context.Context, name string, want ObjectType, gens []string) {
+func (c *checker) header(ctx context.Context, name string, want ObjectType) {
 	if size := c.objects[name]; size < headerSize+crypto.Overhead {
-		c.report(name, fmt.Sprintf("truncated (%d bytes)", size), gens...)
+		c.report(name, fmt.Sprintf("truncated (%d bytes)", size))
 		return
 	}
 	hdr, err := c.r.be.Get(ctx, name, 0, headerSize)
 	if err != nil {
 		if ctx.Err() == nil {
-			c.report(name, err.Error(), gens...)
+			c.report(name, err.Error())
 		}
 		return
 	}
 	switch h, err := parseHeaderBytes(hdr); {
 	case err != nil:
-		c.report(name, err.Error(), gens...)
+		c.report(name, err.Error())
 	case h.Type != want:
-		c.report(name, fmt.Sprintf("is a %s, expected a %s", h.Type, want), gens...)
+		c.report(name, fmt.Sprintf("is a %s, expected a %s", h.Type, want))
 	}
 }
 

@@ -93,7 +93,7 @@ func decodeSegmentList(b []byte) ([]SegmentEntry, error) {
 	}
 	b = b[1:]
 	n, k := uvarint(b)
-	if k <= 0 || n > uint64(len(b)) {
+	if k <= 0 || !segmentCountPlausible(n, len(b)-k) {
 		return nil, fmt.Errorf("segment list: bad count: %w", ErrCorrupt)
 	}
 	b = b[k:]
@@ -132,6 +132,23 @@ func decodeSegmentList(b []byte) ([]SegmentEntry, error) {
 		return nil, fmt.Errorf("segment list: %d trailing bytes: %w", len(b), ErrCorrupt)
 	}
 	return entries, nil
+}
+
+// minSegmentEntry is the smallest encoding of a segment list entry: a
+// kind byte and a one-byte length (a zero run; a chunk adds 32 bytes).
+const minSegmentEntry = 2
+
+// maxSegmentEntries bounds the entries of one segment list. A segment is
+// cut into pieces only at chunk.ZeroBlock boundaries and by the chunker
+// (chunks of at least chunk.MinSize > ZeroBlock), so it has at most one
+// piece per ZeroBlock; twice that leaves room without trusting more.
+const maxSegmentEntries = 2 * MaxSegmentSize / chunk.ZeroBlock
+
+// segmentCountPlausible reports whether a segment list of rest bytes can
+// hold n entries: the count read from the list sizes an allocation, so it
+// is bounded by the bytes actually present and by the format limit.
+func segmentCountPlausible(n uint64, rest int) bool {
+	return rest >= 0 && n <= uint64(rest)/minSegmentEntry && n <= maxSegmentEntries
 }
 
 // IndexEntry records one data object: its ID, type and stored size.
@@ -197,6 +214,15 @@ func decodeIndex(b []byte) ([]IndexEntry, error) {
 // writers fill every table but the last.
 const TableSegments = 2048
 
+// Format limits on a disk of a manifest. A disk's segment IDs are held in
+// memory (32 bytes per segment) while it is restored, checked or pruned,
+// so the count is bounded: 2^21 segments (64 MiB of IDs) is a 16 TiB disk
+// at the default 8 MiB segments.
+const (
+	MaxDiskSegments = 1 << 21
+	MaxDiskTables   = MaxDiskSegments / TableSegments
+)
+
 const tableVersion = 2
 
 // tableEntry is one segment in a table: its 32-byte ID, then its length
@@ -251,6 +277,7 @@ func (h *HexID) UnmarshalText(b []byte) error {
 // Its presence in the repository is the commit of that backup.
 type Manifest struct {
 	ID       string          `json:"-"` // object name's hex ID, set on load
+	Arrived  time.Time       `json:"-"` // the store's ModTime of the manifest, set by Manifests
 	Version  int             `json:"version"`
 	VM       string          `json:"vm"`
 	Time     time.Time       `json:"time"`
@@ -297,21 +324,42 @@ type Disk struct {
 func (d *Disk) segmentCount() int { return d.SegmentCount }
 
 // SegmentID returns segment i's ID and whether it is an all-zero segment.
+// The disk's segment tables must have been resolved; for a disk that is
+// not (or an i out of range) it returns unresolvedSegment, an ID no object
+// has, so a caller that forgot to resolve fails on a missing object
+// instead of panicking or taking the segment for zeros.
 func (d *Disk) SegmentID(i int) (id crypto.ID, zero bool) {
+	if i < 0 || (i+1)*32 > len(d.Segments) {
+		return unresolvedSegment, false
+	}
 	copy(id[:], d.Segments[i*32:(i+1)*32])
 	return id, id == crypto.ID{}
 }
 
+// unresolvedSegment is what SegmentID returns for a segment whose ID is
+// not known: all ones, which no keyed hash is expected to produce.
+var unresolvedSegment = func() (id crypto.ID) {
+	for i := range id {
+		id[i] = 0xff
+	}
+	return id
+}()
+
+// segmentStart returns the image offset at which segment i begins.
+// segmentStart, segmentLen and segmentAt are the only places that know
+// how segments are laid out: everything else locates segments through
+// them. They need the disk's segment tables resolved (resolveSegments).
+func (d *Disk) segmentStart(i int) int64 { return d.offsets[i] }
+
 // segmentLen returns the length of segment i.
 func (d *Disk) segmentLen(i int) int64 { return d.offsets[i+1] - d.offsets[i] }
 
-// segmentStart returns the image offset where segment i starts.
-func (d *Disk) segmentStart(i int) int64 { return d.offsets[i] }
-
-// segmentAt returns the segment that holds image offset off (0 ≤ off < Size).
-func (d *Disk) segmentAt(off int64) int {
-	// The last start ≤ off: offsets is increasing.
-	return sort.Search(len(d.offsets)-1, func(i int) bool { return d.offsets[i+1] > off })
+// segmentAt returns the segment holding image offset off (0 <= off <
+// d.Size) and the offset at which that segment begins: a binary search
+// over the segments' starts.
+func (d *Disk) segmentAt(off int64) (i int, start int64) {
+	i = sort.Search(len(d.offsets)-1, func(i int) bool { return d.offsets[i+1] > off })
+	return i, d.offsets[i]
 }
 
 // maxSegmentLen is the longest segment a disk may have: the size of a
@@ -356,13 +404,31 @@ func (m *Manifest) validate() error {
 	}
 	for i := range m.Disks {
 		d := &m.Disks[i]
-		if d.Size < 0 || d.SegmentSize < MinSegmentSize || d.SegmentSize > MaxSegmentSize || d.SegmentCount < 0 ||
-			int64(d.SegmentCount) > d.Size || (d.Size+d.maxSegmentLen()-1)/d.maxSegmentLen() > int64(d.SegmentCount) {
-			return fmt.Errorf("manifest disk %q: bad sizes: %w", d.Name, ErrCorrupt)
+		if err := d.validateLimits(); err != nil {
+			return err
 		}
-		if n := d.segmentCount(); len(d.Tables) > n || (n > 0) != (len(d.Tables) > 0) || len(d.Tables)*TableSegments < n {
-			return fmt.Errorf("manifest disk %q: %d segment tables for %d segments: %w", d.Name, len(d.Tables), n, ErrCorrupt)
-		}
+	}
+	return nil
+}
+
+// validateLimits checks a disk's sizes and counts against the format
+// limits before anything is allocated by them.
+func (d *Disk) validateLimits() error {
+	if d.Size < 0 || d.SegmentSize < MinSegmentSize || d.SegmentSize > MaxSegmentSize || d.SegmentCount < 0 {
+		return fmt.Errorf("manifest disk %q: bad sizes: %w", d.Name, ErrCorrupt)
+	}
+	if d.SegmentCount > MaxDiskSegments {
+		return fmt.Errorf("manifest disk %q: %d segments is more than %d: %w", d.Name, d.SegmentCount, MaxDiskSegments, ErrCorrupt)
+	}
+	// Every segment holds at least a byte and at most maxSegmentLen.
+	// Divide rather than multiply: d.Size is untrusted and may be near
+	// the int64 limit.
+	if maxLen := d.maxSegmentLen(); int64(d.SegmentCount) > d.Size || d.Size/maxLen+min(1, d.Size%maxLen) > int64(d.SegmentCount) {
+		return fmt.Errorf("manifest disk %q: %d segments cannot hold %d bytes: %w", d.Name, d.SegmentCount, d.Size, ErrCorrupt)
+	}
+	n := d.segmentCount()
+	if len(d.Tables) > min(n, MaxDiskTables) || (n > 0) != (len(d.Tables) > 0) || len(d.Tables)*TableSegments < n {
+		return fmt.Errorf("manifest disk %q: %d segment tables for %d segments: %w", d.Name, len(d.Tables), n, ErrCorrupt)
 	}
 	return nil
 }

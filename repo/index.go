@@ -53,7 +53,7 @@ func (r *Repository) listIndexNames(ctx context.Context) (map[string]bool, error
 
 // loadIndexObject fetches and parses one index object.
 func (r *Repository) loadIndexObject(ctx context.Context, name string) ([]IndexEntry, error) {
-	sealed, err := r.be.Get(ctx, name, 0, -1)
+	sealed, err := getBounded(ctx, r.be, name, maxIndexObject)
 	if err != nil {
 		return nil, err
 	}

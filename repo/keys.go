@@ -1,13 +1,16 @@
 package repo
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/user"
+	"path/filepath"
 	"sort"
 	"strings"
 	"time"
@@ -90,8 +93,8 @@ func parseKeyFile(data []byte) (*keyFile, error) {
 	return &kf, nil
 }
 
-func openKeyFile(kf *keyFile, password []byte) (*crypto.MasterKey, error) {
-	wrap, err := crypto.DeriveKey(password, kf.Salt, kf.Params)
+func openKeyFile(ctx context.Context, kf *keyFile, password []byte) (*crypto.MasterKey, error) {
+	wrap, err := crypto.DeriveKeyContext(ctx, password, kf.Salt, kf.Params)
 	if err != nil {
 		return nil, err
 	}
@@ -113,49 +116,173 @@ func openKeyFile(kf *keyFile, password []byte) (*crypto.MasterKey, error) {
 	return &mk, nil
 }
 
-// unlock tries every key file with password. It returns the master key and
-// the name of the key file that opened.
-func unlock(ctx context.Context, be backend.Backend, password []byte) (*crypto.MasterKey, string, error) {
+// namedKeyFile is a parsed key file and its object name.
+type namedKeyFile struct {
+	name string
+	kf   *keyFile
+}
+
+// readKeyFiles lists and parses keys/. A file that does not parse (junk
+// anyone with add access can create) is returned in bad with its error
+// and otherwise ignored.
+func readKeyFiles(ctx context.Context, be backend.Backend) (good []namedKeyFile, bad []error, err error) {
 	var names []string
-	err := be.List(ctx, "keys/", func(o backend.ObjectInfo) error {
+	err = be.List(ctx, "keys/", func(o backend.ObjectInfo) error {
 		names = append(names, o.Name)
 		return nil
 	})
 	if err != nil {
-		return nil, "", err
-	}
-	if len(names) == 0 {
-		return nil, "", fmt.Errorf("%s: no key files: %w", be.Location(), ErrNotRepository)
+		return nil, nil, err
 	}
 	sort.Strings(names)
-	var errs []error
 	for _, n := range names {
-		data, err := be.Get(ctx, n, 0, -1)
-		if err != nil {
-			errs = append(errs, err)
-			continue
+		data, err := getBounded(ctx, be, n, maxSmallObject)
+		if errors.Is(err, backend.ErrNotExist) {
+			continue // removed meanwhile
 		}
-		kf, err := parseKeyFile(data)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", n, err))
-			continue
+		if ctx.Err() != nil {
+			return nil, nil, ctx.Err()
 		}
-		mk, err := openKeyFile(kf, password)
+		var kf *keyFile
 		if err == nil {
-			return mk, n, nil
+			kf, err = parseKeyFile(data)
+		}
+		if err != nil {
+			bad = append(bad, fmt.Errorf("%s: %w", n, err))
+			continue
+		}
+		good = append(good, namedKeyFile{name: n, kf: kf})
+	}
+	return good, bad, nil
+}
+
+// keyHintPath is the local file that remembers which key file last
+// opened the repository at be's location, so the next command tries it
+// first. It lives in the cache directory, outside any repository ID
+// (unknown before a key opens).
+func keyHintPath(cacheDir string, be backend.Backend) string {
+	if cacheDir == "" {
+		cacheDir = DefaultCacheDir()
+	}
+	sum := sha256.Sum256([]byte(be.Location()))
+	return filepath.Join(cacheDir, "key-hints", hex.EncodeToString(sum[:16]))
+}
+
+// rememberKey records name as the key file that opened the repository;
+// failure only costs the ordering, so it is ignored.
+func rememberKey(path, name string) {
+	if path == "" {
+		return
+	}
+	if b, err := os.ReadFile(path); err == nil && string(b) == name {
+		return
+	}
+	if os.MkdirAll(filepath.Dir(path), 0o700) != nil {
+		return
+	}
+	tmp := path + ".tmp"
+	if os.WriteFile(tmp, []byte(name), 0o600) == nil {
+		os.Rename(tmp, path)
+	}
+}
+
+// orderKeyFiles sorts key files in the order to try them: the one named
+// by the hint file first, then the cheapest to derive. A key file planted
+// to sort first by name costs nothing while a usual key exists.
+func orderKeyFiles(files []namedKeyFile, hintPath string) {
+	hint := ""
+	if b, err := os.ReadFile(hintPath); err == nil && len(b) < 256 {
+		hint = string(b)
+	}
+	sort.SliceStable(files, func(i, j int) bool {
+		if (files[i].name == hint) != (files[j].name == hint) {
+			return files[i].name == hint
+		}
+		return files[i].kf.Params.Cost() < files[j].kf.Params.Cost()
+	})
+}
+
+// unlock tries the key files with password, in the order orderKeyFiles
+// gives. It returns the master key and the name of the key file that
+// opened. A cancelled ctx ends it at once, even inside a derivation.
+func unlock(ctx context.Context, be backend.Backend, password []byte, hintPath string) (*crypto.MasterKey, string, error) {
+	files, bad, err := readKeyFiles(ctx, be)
+	if err != nil {
+		return nil, "", err
+	}
+	if len(files) == 0 && len(bad) == 0 {
+		return nil, "", fmt.Errorf("%s: no key files: %w", be.Location(), ErrNotRepository)
+	}
+	if len(files) == 0 {
+		return nil, "", fmt.Errorf("no usable key file: %w", errors.Join(bad...))
+	}
+	orderKeyFiles(files, hintPath)
+	var errs []error
+	for _, f := range files {
+		mk, err := openKeyFile(ctx, f.kf, password)
+		if err == nil {
+			return mk, f.name, nil
+		}
+		if ctx.Err() != nil {
+			return nil, "", ctx.Err()
 		}
 		if !errors.Is(err, ErrWrongPassword) {
-			errs = append(errs, fmt.Errorf("%s: %w", n, err))
+			errs = append(errs, fmt.Errorf("%s: %w", f.name, err))
 		}
 	}
-	if len(errs) > 0 && len(errs) == len(names) {
-		return nil, "", fmt.Errorf("no usable key file: %w", errors.Join(errs...))
+	if len(errs) == len(files) {
+		return nil, "", fmt.Errorf("no usable key file: %w", errors.Join(append(errs, bad...)...))
 	}
 	return nil, "", ErrWrongPassword
 }
 
+// ErrPasswordInUse means a new key's password already opens a key file:
+// two key files with one password would make removing one of them (or
+// `key passwd`) leave the password working.
+var ErrPasswordInUse = errors.New("this password already opens the repository: choose another")
+
+// keysOpenedBy returns the names of the key files that password opens to
+// this repository's master key. Every key file is tried (the cost of a
+// derivation each, at most MaxKDFParams).
+func (r *Repository) keysOpenedBy(ctx context.Context, password []byte) ([]string, error) {
+	files, _, err := readKeyFiles(ctx, r.be)
+	if err != nil {
+		return nil, err
+	}
+	var names []string
+	for _, f := range files {
+		mk, err := openKeyFile(ctx, f.kf, password)
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if err == nil && *mk == *r.master {
+			names = append(names, f.name)
+		}
+	}
+	return names, nil
+}
+
 // AddKey stores a new key file that opens the repository with password.
+// A password that already opens a key file is refused (ErrPasswordInUse).
 func (r *Repository) AddKey(ctx context.Context, password []byte, params crypto.KDFParams) (string, error) {
+	if err := r.refuseUsedPassword(ctx, password); err != nil {
+		return "", err
+	}
+	return r.storeKey(ctx, password, params)
+}
+
+func (r *Repository) refuseUsedPassword(ctx context.Context, password []byte) error {
+	used, err := r.keysOpenedBy(ctx, password)
+	if err != nil {
+		return fmt.Errorf("check the new password against the key files: %w", err)
+	}
+	if len(used) > 0 {
+		return fmt.Errorf("%s: %w", used[0], ErrPasswordInUse)
+	}
+	return nil
+}
+
+func (r *Repository) storeKey(ctx context.Context, password []byte, params crypto.KDFParams) (string, error) {
 	data, err := sealMasterKey(r.master, password, params)
 	if err != nil {
 		return "", err
@@ -168,24 +295,23 @@ func (r *Repository) AddKey(ctx context.Context, password []byte, params crypto.
 	return hex.EncodeToString(id[:]), nil
 }
 
-// Keys lists the repository's key files.
+// Keys lists the repository's key files. A file in keys/ that is not a
+// key file is reported once (a warning naming it) and left out.
 func (r *Repository) Keys(ctx context.Context) ([]KeyInfo, error) {
-	var out []KeyInfo
-	err := r.be.List(ctx, "keys/", func(o backend.ObjectInfo) error {
-		data, err := r.be.Get(ctx, o.Name, 0, -1)
-		if err != nil {
-			return err
-		}
-		kf, err := parseKeyFile(data)
-		if err != nil {
-			return fmt.Errorf("%s: %w", o.Name, err)
-		}
-		out = append(out, KeyInfo{ID: strings.TrimPrefix(o.Name, "keys/"), Current: o.Name == r.keyName,
-			Created: kf.Created, Host: kf.Host, User: kf.User})
-		return nil
-	})
+	files, bad, err := readKeyFiles(ctx, r.be)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range bad {
+		r.log.Warn("ignoring a file in keys/ that is not a key file", "err", e)
+	}
+	out := make([]KeyInfo, 0, len(files))
+	for _, f := range files {
+		out = append(out, KeyInfo{ID: strings.TrimPrefix(f.name, "keys/"), Current: f.name == r.keyName,
+			Created: f.kf.Created, Host: f.kf.Host, User: f.kf.User})
+	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Created.Before(out[j].Created) })
-	return out, err
+	return out, nil
 }
 
 // RemoveKey deletes a key file given by ID or unique prefix. The key in
@@ -213,15 +339,28 @@ func (r *Repository) RemoveKey(ctx context.Context, prefix string) error {
 	return r.be.Delete(ctx, "keys/"+match[0].ID)
 }
 
-// ChangePassword replaces the key in use with one for a new password.
+// ChangePassword replaces the password the repository was opened with:
+// it adds a key file for the new password and removes every key file the
+// old password opens (not only the one in use: with two, the old password
+// would still work). A new password already in use is refused.
 func (r *Repository) ChangePassword(ctx context.Context, password []byte, params crypto.KDFParams) (string, error) {
-	id, err := r.AddKey(ctx, password, params)
+	if err := r.refuseUsedPassword(ctx, password); err != nil {
+		return "", err
+	}
+	old, err := r.keysOpenedBy(ctx, r.password)
+	if err != nil {
+		return "", fmt.Errorf("find the key files of the old password: %w", err)
+	}
+	id, err := r.storeKey(ctx, password, params)
 	if err != nil {
 		return "", err
 	}
-	if err := r.be.Delete(ctx, r.keyName); err != nil {
-		return id, fmt.Errorf("new key %s added, but removing the old key failed: %w", id[:8], err)
+	for _, n := range old {
+		if err := r.be.Delete(ctx, n); err != nil && !errors.Is(err, backend.ErrNotExist) {
+			return id, fmt.Errorf("new key %s added, but removing the old key %s failed (the old password still opens the repository): %w", id[:8], n, err)
+		}
 	}
 	r.keyName = "keys/" + id
+	r.password = bytes.Clone(password)
 	return id, nil
 }

@@ -7,10 +7,13 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	"golang.org/x/sync/errgroup"
 
 	"vmvault/backend"
+	"vmvault/crypto"
+	"vmvault/retention"
 )
 
 // ErrNoSnapshot means no generation matches a VM and reference.
@@ -23,7 +26,7 @@ func (r *Repository) LoadManifest(ctx context.Context, hexID string) (*Manifest,
 		return nil, err
 	}
 	name := manifestName(id)
-	sealed, err := r.be.Get(ctx, name, 0, -1)
+	sealed, err := getBounded(ctx, r.be, name, maxManifestObject)
 	if err != nil {
 		return nil, fmt.Errorf("manifest %s: %w", hexID[:8], err)
 	}
@@ -42,33 +45,59 @@ func (r *Repository) LoadManifest(ctx context.Context, hexID string) (*Manifest,
 	return &m, nil
 }
 
-// ManifestIDs lists the hex IDs of all manifests.
+// ManifestIDs lists the hex IDs of all manifests, sorted. A name that is
+// not a manifest ID (junk anyone with add-only access can create) is
+// warned about once and skipped.
 func (r *Repository) ManifestIDs(ctx context.Context) ([]string, error) {
-	var ids []string
-	err := r.be.List(ctx, "manifests/", func(o backend.ObjectInfo) error {
-		ids = append(ids, strings.TrimPrefix(o.Name, "manifests/"))
-		return nil
-	})
-	sort.Strings(ids)
+	objs, err := r.manifestObjects(ctx)
+	ids := make([]string, len(objs))
+	for i, o := range objs {
+		ids[i] = strings.TrimPrefix(o.Name, "manifests/")
+	}
 	return ids, err
 }
 
+// manifestObjects lists manifests/ by name, skipping junk names.
+func (r *Repository) manifestObjects(ctx context.Context) ([]backend.ObjectInfo, error) {
+	var objs []backend.ObjectInfo
+	err := r.be.List(ctx, "manifests/", func(o backend.ObjectInfo) error {
+		if _, err := parseID(strings.TrimPrefix(o.Name, "manifests/")); err != nil {
+			r.warnJunk(o.Name, err)
+			return nil
+		}
+		objs = append(objs, o)
+		return nil
+	})
+	sort.Slice(objs, func(i, j int) bool { return objs[i].Name < objs[j].Name })
+	return objs, err
+}
+
 // Manifests loads every manifest (of vm, if not empty), oldest first. A
-// manifest that cannot be read is an error: it is a damaged generation.
+// manifest that does not open or parse (damaged, or junk planted by
+// someone with add-only access) is warned about once and skipped; check
+// reports it as damage. A manifest that cannot be fetched is an error.
 func (r *Repository) Manifests(ctx context.Context, vm string) ([]*Manifest, error) {
-	ids, err := r.ManifestIDs(ctx)
+	objs, err := r.manifestObjects(ctx)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]*Manifest, len(ids))
+	out := make([]*Manifest, len(objs))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
-	for i, id := range ids {
+	for i, o := range objs {
+		id := strings.TrimPrefix(o.Name, "manifests/")
 		g.Go(func() error {
 			m, err := r.LoadManifest(gctx, id)
 			if err != nil {
-				return err
+				if gctx.Err() != nil || !errors.Is(err, ErrCorrupt) && !errors.Is(err, crypto.ErrAuth) {
+					return err
+				}
+				// A manifest that does not open is no generation to
+				// list or choose; check reports it as damage.
+				r.warnJunk("manifests/"+id, err)
+				return nil
 			}
+			m.Arrived = o.ModTime
 			out[i] = m
 			return nil
 		})
@@ -78,7 +107,7 @@ func (r *Repository) Manifests(ctx context.Context, vm string) ([]*Manifest, err
 	}
 	var res []*Manifest
 	for _, m := range out {
-		if vm == "" || m.VM == vm {
+		if m != nil && (vm == "" || m.VM == vm) {
 			res = append(res, m)
 		}
 	}
@@ -95,17 +124,33 @@ func sortManifests(ms []*Manifest) {
 	})
 }
 
-// FindManifest resolves "latest" or an ID prefix for a VM.
+// FindManifest resolves "latest" or an ID prefix for a VM. "latest" is
+// the newest generation whose recorded time agrees with its arrival
+// (retention.Unverified) and is not in the future, so a generation a
+// client dated ahead or back cannot become latest; when every
+// generation is unverified, the one that arrived last.
 func (r *Repository) FindManifest(ctx context.Context, vm, ref string) (*Manifest, error) {
 	if ref == "" || ref == "latest" {
 		ms, err := r.Manifests(ctx, vm)
 		if err != nil {
 			return nil, err
 		}
+		for i := len(ms) - 1; i >= 0; i-- {
+			if !retention.Unverified(ms[i].Time, ms[i].Arrived, 0) && !ms[i].Time.After(time.Now().Add(retention.ArrivalSkew)) {
+				return ms[i], nil
+			}
+		}
 		if len(ms) == 0 {
 			return nil, fmt.Errorf("VM %q has no generations: %w", vm, ErrNoSnapshot)
 		}
-		return ms[len(ms)-1], nil
+		// Only unverified generations: the one that arrived last.
+		last := ms[0]
+		for _, m := range ms {
+			if m.Arrived.After(last.Arrived) {
+				last = m
+			}
+		}
+		return last, nil
 	}
 	ref = strings.ToLower(ref)
 	ids, err := r.ManifestIDs(ctx)

@@ -1,6 +1,7 @@
 package repo
 
 import (
+	"context"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -8,6 +9,8 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 
+	"vmvault/backend"
+	"vmvault/chunk"
 	"vmvault/crypto"
 )
 
@@ -232,4 +235,51 @@ func randomID() crypto.ID {
 	}
 	copy(id[:], k)
 	return id
+}
+
+// Format limits on stored objects (docs/format.md, "Limits"). Sizes and
+// counts read from the repository are untrusted: a reader refuses an
+// object larger than its kind can be before reading it, so a damaged or
+// hostile store cannot make vmvault allocate what the server claims.
+const (
+	// maxDataObject bounds a data object: a chunk of at most chunk.MaxSize
+	// bytes stored uncompressed is the largest; segment lists (a few
+	// thousand entries) and segment tables (64 KiB) are far smaller.
+	maxDataObject = chunk.MaxSize + headerSize + crypto.Overhead
+	// maxIndexObject bounds an index object (prune writes up to
+	// indexObjectEntries entries of at most 38 bytes each).
+	maxIndexObject = 8 << 20
+	// maxManifestObject bounds a manifest.
+	maxManifestObject = 4 << 20
+	// maxSmallObject bounds a key file, the config and a lock.
+	maxSmallObject = 64 << 10
+)
+
+// ErrTooLarge marks an object larger than the format allows for its kind.
+var ErrTooLarge = errors.New("larger than the format allows")
+
+// getBounded reads the whole object name, refusing it without reading
+// when the store reports more than limit bytes. It reads at most the size
+// Stat reported, so an object that grows in between cannot raise the
+// allocation either.
+func getBounded(ctx context.Context, be backend.Backend, name string, limit int64) ([]byte, error) {
+	oi, err := be.Stat(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkObjectSize(name, oi.Size, limit); err != nil {
+		return nil, err
+	}
+	if oi.Size == 0 {
+		return []byte{}, nil
+	}
+	return be.Get(ctx, name, 0, oi.Size)
+}
+
+// checkObjectSize fails for an object size outside [0, limit].
+func checkObjectSize(name string, size, limit int64) error {
+	if size < 0 || size > limit {
+		return fmt.Errorf("%s: %d bytes, at most %d expected: %w: %w", name, size, limit, ErrTooLarge, ErrCorrupt)
+	}
+	return nil
 }

@@ -7,7 +7,9 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 
@@ -34,14 +36,14 @@ func (r *Repository) CheckDeletable(ctx context.Context) error {
 }
 
 // Forget removes the manifests with the given full IDs. The caller holds
-// an exclusive lock. The data they referenced stays until Prune.
+// an exclusive lock. The data they referenced stays until a prune.
 func (r *Repository) Forget(ctx context.Context, ids []string) error {
 	for _, id := range ids {
 		mid, err := parseID(id)
 		if err != nil {
 			return err
 		}
-		if err := r.be.Delete(ctx, manifestName(mid)); err != nil {
+		if err := r.be.Delete(ctx, manifestName(mid)); err != nil && !errors.Is(err, backend.ErrNotExist) {
 			if errors.Is(err, backend.ErrReadOnly) {
 				return ErrAppendOnly
 			}
@@ -51,32 +53,41 @@ func (r *Repository) Forget(ctx context.Context, ids []string) error {
 	return nil
 }
 
-// PruneStats reports what Prune removed (or would remove).
+// PruneStats reports what a prune plan does (or did).
 type PruneStats struct {
-	Generations    int   `json:"generations"`
-	ObjectsKept    int   `json:"objects_kept"`
-	BytesKept      int64 `json:"bytes_kept"`
-	ObjectsRemoved int   `json:"objects_removed"`
-	BytesRemoved   int64 `json:"bytes_removed"`
-	IndexWritten   int   `json:"index_written"`
-	IndexRemoved   int   `json:"index_removed"`
-	TempRemoved    int   `json:"temporary_removed"`
+	Generations    int   `json:"generations"`           // generations kept, whose objects were marked
+	Forgotten      int   `json:"forgotten"`             // generations the plan forgets first
+	ObjectsKept    int   `json:"objects_kept"`          // referenced data objects
+	BytesKept      int64 `json:"bytes_kept"`            // their stored size
+	ObjectsRemoved int   `json:"objects_removed"`       // unreferenced data objects older than the margin
+	BytesRemoved   int64 `json:"bytes_removed"`         // their stored size
+	YoungKept      int   `json:"young_kept"`            // unreferenced objects kept: younger than the margin
+	YoungBytesKept int64 `json:"young_bytes_kept"`      // their stored size
+	IndexWritten   int   `json:"index_written"`         // consolidated index objects written
+	IndexRemoved   int   `json:"index_removed"`         // index objects they replace
+	IndexYoungKept int   `json:"index_young_kept"`      // index objects younger than the margin, left alone
+	LocksRemoved   int   `json:"locks_removed"`         // stale lock objects (and released markers) removed
+	TempRemoved    int   `json:"temporary_removed"`     // leftovers of interrupted uploads (known after execution)
+	MarginSeconds  int64 `json:"safety_margin_seconds"` // the safety margin the plan used
 }
 
 // markSet is the set of live object IDs during prune. It lives in a
 // temporary bbolt file, so prune's memory does not grow with the
 // repository: a batch of IDs is buffered in memory and flushed per
-// transaction.
+// transaction. The plan's garbage (name → size) and live entries (the
+// new index) live there too.
 type markSet struct {
 	db      *bolt.DB
 	path    string
 	batch   map[crypto.ID]ObjectType
-	garbage []string
+	garbage map[string]int64
+	live    []IndexEntry
 }
 
 var (
 	bucketMarks   = []byte("marks")
 	bucketGarbage = []byte("garbage")
+	bucketLive    = []byte("live")
 )
 
 const markBatch = 1 << 16
@@ -97,16 +108,17 @@ func newMarkSet(dir string) (*markSet, error) {
 		return nil, err
 	}
 	if err := db.Update(func(tx *bolt.Tx) error {
-		if _, err := tx.CreateBucket(bucketMarks); err != nil {
-			return err
+		for _, b := range [][]byte{bucketMarks, bucketGarbage, bucketLive} {
+			if _, err := tx.CreateBucket(b); err != nil {
+				return err
+			}
 		}
-		_, err := tx.CreateBucket(bucketGarbage)
-		return err
+		return nil
 	}); err != nil {
 		db.Close()
 		return nil, err
 	}
-	return &markSet{db: db, path: path, batch: map[crypto.ID]ObjectType{}}, nil
+	return &markSet{db: db, path: path, batch: map[crypto.ID]ObjectType{}, garbage: map[string]int64{}}, nil
 }
 
 func (m *markSet) add(id crypto.ID, t ObjectType) error {
@@ -118,7 +130,7 @@ func (m *markSet) add(id crypto.ID, t ObjectType) error {
 }
 
 func (m *markSet) flush() error {
-	if len(m.batch) == 0 && len(m.garbage) == 0 {
+	if len(m.batch) == 0 && len(m.garbage) == 0 && len(m.live) == 0 {
 		return nil
 	}
 	err := m.db.Update(func(tx *bolt.Tx) error {
@@ -129,56 +141,73 @@ func (m *markSet) flush() error {
 			}
 		}
 		g := tx.Bucket(bucketGarbage)
-		for _, name := range m.garbage {
-			if err := g.Put([]byte(name), nil); err != nil {
+		for name, size := range m.garbage {
+			if err := g.Put([]byte(name), []byte(strconv.FormatInt(size, 10))); err != nil {
+				return err
+			}
+		}
+		l := tx.Bucket(bucketLive)
+		for _, e := range m.live {
+			if err := l.Put(e.ID[:], encodeEntryValue(e)); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
 	clear(m.batch)
-	m.garbage = m.garbage[:0]
+	clear(m.garbage)
+	m.live = m.live[:0]
 	return err
 }
 
-// addGarbage records an object to delete once the new index is durable.
-func (m *markSet) addGarbage(name string) error {
-	m.garbage = append(m.garbage, name)
+// addGarbage records an object the plan deletes.
+func (m *markSet) addGarbage(name string, size int64) error {
+	m.garbage[name] = size
 	if len(m.garbage) >= markBatch {
 		return m.flush()
 	}
 	return nil
 }
 
-// eachGarbage calls fn for every recorded garbage object, in batches read
-// from disk (fn runs outside any transaction: it may take long).
-func (m *markSet) eachGarbage(fn func(string) error) error {
+// addLive records a live object for the new index.
+func (m *markSet) addLive(e IndexEntry) error {
+	m.live = append(m.live, e)
+	if len(m.live) >= markBatch {
+		return m.flush()
+	}
+	return nil
+}
+
+// each calls fn for every key/value of bucket, in key order, in batches
+// read from disk (fn runs outside any transaction: it may take long).
+func (m *markSet) each(bucket []byte, fn func(k, v []byte) error) error {
 	var after []byte
 	for {
-		var names []string
+		var keys, vals [][]byte
 		m.db.View(func(tx *bolt.Tx) error {
-			c := tx.Bucket(bucketGarbage).Cursor()
-			k, _ := c.First()
+			c := tx.Bucket(bucket).Cursor()
+			k, v := c.First()
 			if after != nil {
-				k, _ = c.Seek(after)
+				k, v = c.Seek(after)
 				if k != nil && string(k) == string(after) {
-					k, _ = c.Next()
+					k, v = c.Next()
 				}
 			}
-			for ; k != nil && len(names) < 4096; k, _ = c.Next() {
-				names = append(names, string(k))
+			for ; k != nil && len(keys) < 4096; k, v = c.Next() {
+				keys = append(keys, append([]byte(nil), k...))
+				vals = append(vals, append([]byte(nil), v...))
 			}
 			return nil
 		})
-		if len(names) == 0 {
+		if len(keys) == 0 {
 			return nil
 		}
-		for _, n := range names {
-			if err := fn(n); err != nil {
+		for i := range keys {
+			if err := fn(keys[i], vals[i]); err != nil {
 				return err
 			}
 		}
-		after = []byte(names[len(names)-1])
+		after = keys[len(keys)-1]
 	}
 }
 
@@ -202,147 +231,211 @@ func (m *markSet) close() {
 	os.Remove(m.path)
 }
 
-// Prune deletes every data object no manifest references, consolidates
-// the index, and removes leftovers of interrupted uploads. The caller
-// holds an exclusive lock. With dryRun it only counts. Manifests whose IDs
-// are in exclude are treated as already forgotten (for a dry run of
-// forget + prune).
-//
-// Order makes a crash at any instant safe: the new index (live objects
-// only) is written first, then the old index objects are removed, and
-// only then unreferenced data; so no index ever lists a deleted object.
-func (r *Repository) Prune(ctx context.Context, dryRun bool, exclude map[string]bool) (*PruneStats, error) {
-	if !dryRun {
-		if err := r.CheckDeletable(ctx); err != nil {
-			return nil, err
-		}
+// DefaultPruneMargin is how young (by the store's clock) an unreferenced
+// object must be for prune to leave it alone: it may belong to a backup
+// still running, even one whose lock prune cannot see. It is longer than
+// a lease (LockStale), so a backup that has not committed within it has
+// lost its lease and will not commit (see Lock).
+const DefaultPruneMargin = 2 * time.Hour
+
+// PruneOptions configure PlanPrune.
+type PruneOptions struct {
+	// Forget lists the manifest IDs the plan removes first (the verdict
+	// of a retention policy); their data counts as unreferenced.
+	Forget []string
+	// Margin is the safety margin: unreferenced objects younger than it
+	// are kept. Zero is allowed (tests, a repository nothing writes to).
+	Margin time.Duration
+}
+
+// PrunePlan is what a prune will do, decided before anything is
+// deleted: restic's plan-then-execute. A dry run prints the plan; Execute
+// carries out exactly this plan. Close releases it.
+type PrunePlan struct {
+	Stats PruneStats
+	// Forget lists the manifest IDs removed first.
+	Forget []string
+	// StoreNow is the store's clock when the plan was made: the margin
+	// is measured from it against each object's ModTime.
+	StoreNow time.Time
+	// OldIndex lists the index objects the new index replaces.
+	OldIndex []string
+	// Locks lists stale lock objects and released markers to remove.
+	Locks []string
+
+	r     *Repository
+	marks *markSet
+}
+
+// Close releases the plan's temporary files.
+func (p *PrunePlan) Close() {
+	if p != nil && p.marks != nil {
+		p.marks.close()
+		p.marks = nil
 	}
-	st := &PruneStats{}
+}
+
+// Garbage calls fn for every data object the plan deletes, by name.
+func (p *PrunePlan) Garbage(fn func(name string, size int64) error) error {
+	return p.marks.each(bucketGarbage, func(k, v []byte) error {
+		size, _ := strconv.ParseInt(string(v), 10, 64)
+		return fn(string(k), size)
+	})
+}
+
+// young reports whether an object written at mod is within the margin
+// of now (by the store's clock). A store that cannot tell (zero mod)
+// proves nothing: the object counts as young.
+func young(mod, now time.Time, margin time.Duration) bool {
+	return mod.IsZero() || now.Sub(mod) < margin
+}
+
+// PlanPrune marks every object the remaining generations reference (one
+// walk of the repository) and lists what to delete: unreferenced data
+// objects older than the margin, the index objects a consolidated index
+// replaces, stale locks. It deletes nothing. The caller holds a lock:
+// exclusive to execute the plan, shared is enough for a dry run.
+func (r *Repository) PlanPrune(ctx context.Context, opts PruneOptions) (*PrunePlan, error) {
+	now, err := r.storeNow(ctx)
+	if err != nil {
+		return nil, err
+	}
 	marks, err := newMarkSet(r.cacheDir)
 	if err != nil {
 		return nil, fmt.Errorf("prune: mark set: %w", err)
 	}
-	defer marks.close()
-
-	// Mark.
-	ids, err := r.ManifestIDs(ctx)
-	if err != nil {
-		return nil, err
+	p := &PrunePlan{r: r, marks: marks, StoreNow: now, Forget: opts.Forget}
+	p.Stats.Forgotten = len(opts.Forget)
+	p.Stats.MarginSeconds = int64(opts.Margin / time.Second)
+	ok := false
+	defer func() {
+		if !ok {
+			p.Close()
+		}
+	}()
+	skip := map[string]bool{}
+	for _, id := range opts.Forget {
+		skip[id] = true
 	}
-	for _, id := range ids {
-		if exclude[id] {
-			continue
-		}
-		m, err := r.LoadManifest(ctx, id)
-		if err != nil {
-			return nil, fmt.Errorf("prune stopped, nothing deleted: %w (run check)", err)
-		}
-		st.Generations++
-		if err := r.resolveManifest(ctx, m); err != nil {
-			return nil, fmt.Errorf("prune stopped, nothing deleted: %w (run check)", err)
-		}
-		for di := range m.Disks {
-			d := &m.Disks[di]
-			for _, tid := range d.Tables {
-				if err := marks.add(crypto.ID(tid), TypeTable); err != nil {
-					return nil, err
-				}
-			}
-			for i := range d.segmentCount() {
-				sid, zero := d.SegmentID(i)
-				if zero || marks.get(sid) != 0 {
-					continue
-				}
-				raw, err := r.getData(ctx, TypeSegment, sid)
-				if err != nil {
-					return nil, fmt.Errorf("prune stopped, nothing deleted: generation %s/%s: %w (run check)", m.VM, m.ShortID(), err)
-				}
-				entries, err := decodeSegmentList(raw)
-				if err != nil {
-					return nil, fmt.Errorf("prune stopped, nothing deleted: %w", err)
-				}
-				if err := marks.add(sid, TypeSegment); err != nil {
-					return nil, err
-				}
-				for _, e := range entries {
-					if !e.Zero {
-						if err := marks.add(e.ID, TypeChunk); err != nil {
-							return nil, err
-						}
-					}
-				}
-			}
-		}
+	w := Walk{
+		Skip:       skip,
+		Generation: func(*Manifest) error { p.Stats.Generations++; return nil },
+		Table:      func(id crypto.ID, _ Origin) error { return marks.add(id, TypeTable) },
+		SegmentRef: func(id crypto.ID, zero bool, _ int64, _ Origin) (bool, error) {
+			return !zero && marks.get(id) == 0, nil
+		},
+		SegmentList: func(id crypto.ID, _ []SegmentEntry, _ Origin) error { return marks.add(id, TypeSegment) },
+		Chunk:       func(e SegmentEntry, _ Origin) error { return marks.add(e.ID, TypeChunk) },
+	}
+	if err := w.Run(ctx, r); err != nil {
+		return nil, fmt.Errorf("prune stopped, nothing deleted: %w (run check)", err)
 	}
 	if err := marks.flush(); err != nil {
 		return nil, err
 	}
-
-	// The index objects to replace: listed before any new one is written.
-	oldIndex, err := r.listIndexNames(ctx)
+	// The index objects to replace: listed before the sweep, so an index
+	// object written later (by a backup prune cannot see) stays.
+	err = r.be.List(ctx, "index/", func(o backend.ObjectInfo) error {
+		if young(o.ModTime, now, opts.Margin) {
+			p.Stats.IndexYoungKept++
+			return nil
+		}
+		p.OldIndex = append(p.OldIndex, o.Name)
+		return nil
+	})
 	if err != nil {
 		return nil, err
 	}
-	st.IndexRemoved = len(oldIndex)
-
-	// Sweep list: live objects go to new index objects, written as each
-	// fills up; garbage names go to the on-disk set. Memory stays bounded
-	// by one index object's entries, whatever the repository's size.
-	live := make([]IndexEntry, 0, indexObjectEntries)
-	flushLive := func() error {
-		if len(live) == 0 {
-			return nil
-		}
-		st.IndexWritten++
-		if !dryRun {
-			name := indexName(randomID())
-			if err := r.be.Put(ctx, name, r.codec.seal(TypeIndex, name, encodeIndex(live))); err != nil {
-				return fmt.Errorf("write index: %w", err)
-			}
-		}
-		live = live[:0]
-		return nil
-	}
+	sort.Strings(p.OldIndex)
+	p.Stats.IndexRemoved = len(p.OldIndex)
+	live := 0
 	err = r.be.List(ctx, "data/", func(o backend.ObjectInfo) error {
 		id, err := parseID(shortName(o.Name))
 		if err == nil {
 			if t := marks.get(id); t != 0 {
-				live = append(live, IndexEntry{ID: id, Type: t, Size: uint32(o.Size)})
-				st.ObjectsKept++
-				st.BytesKept += o.Size
-				if len(live) == indexObjectEntries {
-					return flushLive()
-				}
-				return nil
+				p.Stats.ObjectsKept++
+				p.Stats.BytesKept += o.Size
+				live++
+				return marks.addLive(IndexEntry{ID: id, Type: t, Size: uint32(o.Size)})
 			}
 		}
-		st.ObjectsRemoved++
-		st.BytesRemoved += o.Size
-		if dryRun {
+		if young(o.ModTime, now, opts.Margin) {
+			p.Stats.YoungKept++
+			p.Stats.YoungBytesKept += o.Size
 			return nil
 		}
-		return marks.addGarbage(o.Name)
+		p.Stats.ObjectsRemoved++
+		p.Stats.BytesRemoved += o.Size
+		return marks.addGarbage(o.Name, o.Size)
 	})
-	if err == nil {
-		err = flushLive()
-	}
 	if err == nil {
 		err = marks.flush()
 	}
 	if err != nil {
 		return nil, err
 	}
-	if dryRun {
-		return st, nil
+	p.Stats.IndexWritten = (live + indexObjectEntries - 1) / indexObjectEntries
+	if p.Locks, err = r.staleLocks(ctx, StaleLocks); err != nil {
+		return nil, err
+	}
+	p.Stats.LocksRemoved = len(p.Locks)
+	ok = true
+	return p, nil
+}
+
+// Execute carries out the plan. The caller holds an exclusive lock.
+//
+// Order makes a crash at any instant safe: the forgotten manifests go
+// first (their data is unreferenced either way), then the new index
+// (live objects only) is written, then the old index objects are
+// removed, and only then unreferenced data; so no index ever lists a
+// deleted object, and a rerun finishes the job.
+func (p *PrunePlan) Execute(ctx context.Context) (*PruneStats, error) {
+	r := p.r
+	if err := r.CheckDeletable(ctx); err != nil {
+		return nil, err
+	}
+	if err := r.Forget(ctx, p.Forget); err != nil {
+		return nil, err
+	}
+	st := p.Stats
+	live := make([]IndexEntry, 0, min(p.Stats.ObjectsKept, indexObjectEntries))
+	flushLive := func() error {
+		if len(live) == 0 {
+			return nil
+		}
+		name := indexName(randomID())
+		if err := r.be.Put(ctx, name, r.codec.seal(TypeIndex, name, encodeIndex(live))); err != nil {
+			return fmt.Errorf("write index: %w", err)
+		}
+		live = live[:0]
+		return nil
+	}
+	err := p.marks.each(bucketLive, func(k, v []byte) error {
+		e, ok := decodeEntryValue(k, v)
+		if !ok {
+			return errors.New("prune: damaged plan file")
+		}
+		live = append(live, e)
+		if len(live) == indexObjectEntries {
+			return flushLive()
+		}
+		return nil
+	})
+	if err == nil {
+		err = flushLive()
+	}
+	if err != nil {
+		return nil, err
 	}
 	// Old index objects go only now that the new ones are durable.
-	for name := range oldIndex {
+	for _, name := range p.OldIndex {
 		if err := r.be.Delete(ctx, name); err != nil && !errors.Is(err, backend.ErrNotExist) {
-			return nil, fmt.Errorf("remove old index: %w", err)
+			return nil, fmt.Errorf("remove old index %s: %w", name, err)
 		}
 	}
 	// Then the garbage, which no index lists any more.
-	err = marks.eachGarbage(func(name string) error {
+	err = p.Garbage(func(name string, _ int64) error {
 		if err := r.be.Delete(ctx, name); err != nil && !errors.Is(err, backend.ErrNotExist) {
 			return fmt.Errorf("remove %s: %w", name, err)
 		}
@@ -360,9 +453,10 @@ func (r *Repository) Prune(ctx context.Context, dryRun bool, exclude map[string]
 		}
 		st.TempRemoved = n
 	}
-	// Stale locks and the released markers append-only clients leave.
-	if _, err := r.RemoveLocks(ctx, false); err != nil {
-		r.log.Warn("removing stale locks failed", "err", err)
+	for _, name := range p.Locks {
+		if err := r.be.Delete(ctx, name); err != nil && !errors.Is(err, backend.ErrNotExist) {
+			r.log.Warn("removing a stale lock failed", "lock", name, "err", err)
+		}
 	}
 	// The local cache is now stale; drop it so the next open rebuilds.
 	if r.idx != nil {
@@ -370,109 +464,123 @@ func (r *Repository) Prune(ctx context.Context, dryRun bool, exclude map[string]
 		r.idx = nil
 	}
 	os.Remove(filepath.Join(r.cacheDir, "index.db"))
-	return st, nil
+	return &st, nil
+}
+
+// Stats describes the repository's contents: one VM's, or the total.
+type Stats struct {
+	VM              string  `json:"vm"` // "total" for the sum over all VMs
+	Generations     int     `json:"generations"`
+	LogicalBytes    int64   `json:"logical_bytes"`     // sum of image sizes over generations
+	UniqueBytes     int64   `json:"unique_bytes"`      // distinct chunk bytes (after dedup, before compression)
+	StoredBytes     int64   `json:"stored_bytes"`      // sealed bytes of those chunks, segment lists and tables
+	DedupRatio      float64 `json:"dedup_ratio"`       // logical non-zero / unique
+	CompressionRate float64 `json:"compression_ratio"` // unique / stored
+	ZeroBytes       int64   `json:"zero_bytes"`        // zero segments and zero runs (not stored)
 }
 
 // indexObjectEntries bounds one consolidated index object (~40 bytes per entry).
 const indexObjectEntries = 100_000
 
-// Stats describes the repository's contents.
-type Stats struct {
-	Group           string  `json:"vm"`
-	Generations     int     `json:"generations"`
-	LogicalBytes    int64   `json:"logical_bytes"`     // sum of image sizes over generations
-	UniqueBytes     int64   `json:"unique_bytes"`      // distinct chunk bytes (after dedup, before compression)
-	StoredBytes     int64   `json:"stored_bytes"`      // sealed bytes of those chunks and segment lists
-	DedupRatio      float64 `json:"dedup_ratio"`       // logical non-zero / unique
-	CompressionRate float64 `json:"compression_ratio"` // unique / stored
-	ZeroBytes       int64   `json:"zero_bytes"`        // zero runs (not stored)
+// indexedSize returns a data object's stored size, 0 if not indexed.
+func indexedSize(ix *Index, id crypto.ID) int64 {
+	if e, ok := ix.Lookup(id); ok {
+		return int64(e.Size)
+	}
+	return 0
 }
 
-// Stats computes per-VM statistics (vm empty: every VM) and a total,
-// which is the last element (Group "total").
+// statsAcc accumulates one Stats, counting each object once.
+type statsAcc struct {
+	s    Stats
+	seen map[crypto.ID]bool
+}
+
+func (a *statsAcc) object(id crypto.ID, size int64) bool {
+	if a.seen[id] {
+		return false
+	}
+	a.seen[id] = true
+	a.s.StoredBytes += size
+	return true
+}
+
+// segment adds one reference to a segment list with these entries: its
+// zero runs count every time, its objects once.
+func (a *statsAcc) segment(id crypto.ID, entries []SegmentEntry, ix *Index) {
+	first := a.object(id, indexedSize(ix, id))
+	for _, e := range entries {
+		if e.Zero {
+			a.s.ZeroBytes += int64(e.Length)
+			continue
+		}
+		if first && a.object(e.ID, indexedSize(ix, e.ID)) {
+			a.s.UniqueBytes += int64(e.Length)
+		}
+	}
+}
+
+// Stats computes per-VM statistics (vm empty: every VM), sorted by VM,
+// and a total, which is the last element (VM "total"). Stored sizes come
+// from the index. Segment lists are kept in memory while it runs.
 func (r *Repository) Stats(ctx context.Context, vm string) ([]Stats, error) {
 	ix, err := r.LoadIndex(ctx)
 	if err != nil {
 		return nil, err
 	}
-	ms, err := r.Manifests(ctx, vm)
-	if err != nil {
+	groups := map[string]*statsAcc{}
+	total := &statsAcc{s: Stats{VM: "total"}, seen: map[crypto.ID]bool{}}
+	lists := map[crypto.ID][]SegmentEntry{}
+	pending := map[crypto.ID]int{}
+	var cur *statsAcc
+	both := func(fn func(a *statsAcc)) { fn(cur); fn(total) }
+	w := Walk{
+		VM: vm,
+		Generation: func(m *Manifest) error {
+			cur = groups[m.VM]
+			if cur == nil {
+				cur = &statsAcc{s: Stats{VM: m.VM}, seen: map[crypto.ID]bool{}}
+				groups[m.VM] = cur
+			}
+			both(func(a *statsAcc) { a.s.Generations++ })
+			for _, d := range m.Disks {
+				both(func(a *statsAcc) { a.s.LogicalBytes += d.Size })
+			}
+			return nil
+		},
+		Table: func(id crypto.ID, _ Origin) error {
+			both(func(a *statsAcc) { a.object(id, indexedSize(ix, id)) })
+			return nil
+		},
+		SegmentRef: func(id crypto.ID, zero bool, length int64, _ Origin) (bool, error) {
+			if zero {
+				both(func(a *statsAcc) { a.s.ZeroBytes += length })
+				return false, nil
+			}
+			if entries, ok := lists[id]; ok {
+				both(func(a *statsAcc) { a.segment(id, entries, ix) })
+				return false, nil
+			}
+			pending[id]++ // a segment may repeat within a disk: loaded once
+			return true, nil
+		},
+		SegmentList: func(id crypto.ID, entries []SegmentEntry, _ Origin) error {
+			lists[id] = entries
+			for range pending[id] {
+				both(func(a *statsAcc) { a.segment(id, entries, ix) })
+			}
+			delete(pending, id)
+			return nil
+		},
+	}
+	if err := w.Run(ctx, r); err != nil {
 		return nil, err
 	}
-	type acc struct {
-		s     Stats
-		seen  map[crypto.ID]bool
-		order int
-	}
-	groups := map[string]*acc{}
-	total := &acc{s: Stats{Group: "total"}, seen: map[crypto.ID]bool{}}
-	segCache := map[crypto.ID][]SegmentEntry{}
-	for _, m := range ms {
-		g := groups[m.VM]
-		if g == nil {
-			g = &acc{s: Stats{Group: m.VM}, seen: map[crypto.ID]bool{}, order: len(groups)}
-			groups[m.VM] = g
-		}
-		for _, a := range []*acc{g, total} {
-			a.s.Generations++
-		}
-		if err := r.resolveManifest(ctx, m); err != nil {
-			return nil, err
-		}
-		for di := range m.Disks {
-			d := &m.Disks[di]
-			for _, a := range []*acc{g, total} {
-				a.s.LogicalBytes += d.Size
-			}
-			for i := range d.segmentCount() {
-				sid, zero := d.SegmentID(i)
-				if zero {
-					for _, a := range []*acc{g, total} {
-						a.s.ZeroBytes += d.segmentLen(i)
-					}
-					continue
-				}
-				entries, ok := segCache[sid]
-				if !ok {
-					raw, err := r.getData(ctx, TypeSegment, sid)
-					if err != nil {
-						return nil, err
-					}
-					if entries, err = decodeSegmentList(raw); err != nil {
-						return nil, err
-					}
-					segCache[sid] = entries
-				}
-				for _, a := range []*acc{g, total} {
-					if !a.seen[sid] {
-						a.seen[sid] = true
-						if e, ok := ix.Lookup(sid); ok {
-							a.s.StoredBytes += int64(e.Size)
-						}
-					}
-					for _, e := range entries {
-						if e.Zero {
-							a.s.ZeroBytes += int64(e.Length)
-							continue
-						}
-						if a.seen[e.ID] {
-							continue
-						}
-						a.seen[e.ID] = true
-						a.s.UniqueBytes += int64(e.Length)
-						if ie, ok := ix.Lookup(e.ID); ok {
-							a.s.StoredBytes += int64(ie.Size)
-						}
-					}
-				}
-			}
-		}
-	}
-	var out []Stats
+	out := make([]Stats, 0, len(groups)+1)
 	for _, g := range groups {
 		out = append(out, g.s)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Group < out[j].Group })
+	sort.Slice(out, func(i, j int) bool { return out[i].VM < out[j].VM })
 	out = append(out, total.s)
 	for i := range out {
 		s := &out[i]

@@ -15,6 +15,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"time"
 
 	"vmvault/backend"
@@ -31,12 +33,15 @@ type Repository struct {
 	cfg     Config
 	master  *crypto.MasterKey
 	keyName string
-	codec   *codec
-	chunkH  *crypto.Hasher
-	segH    *crypto.Hasher
-	imageH  *crypto.Hasher
-	tableH  *crypto.Hasher
-	log     *slog.Logger
+	// password opened the repository; key management (key passwd) needs
+	// it to find every key file it opens.
+	password []byte
+	codec    *codec
+	chunkH   *crypto.Hasher
+	segH     *crypto.Hasher
+	imageH   *crypto.Hasher
+	tableH   *crypto.Hasher
+	log      *slog.Logger
 	// segmenter cuts images into content-defined segments.
 	segmenter *chunk.Segmenter
 
@@ -45,6 +50,20 @@ type Repository struct {
 	// tableSegments is how many segment IDs a backup puts in one
 	// segment table: TableSegments, smaller only in tests.
 	tableSegments int
+
+	clock   storeClock // the store's clock, learnt from lock objects
+	locksMu sync.Mutex
+	held    []*Lock  // locks taken through this Repository
+	junk    sync.Map // names of unparsable objects already warned about
+}
+
+// warnJunk warns once per Repository about an object that does not
+// parse and is otherwise ignored (anyone with add-only access can
+// create one; it must not stop the admin's tools).
+func (r *Repository) warnJunk(name string, err error) {
+	if _, dup := r.junk.LoadOrStore(name, true); !dup {
+		r.log.Warn("ignoring an object that is not a valid "+strings.SplitN(name, "/", 2)[0]+" entry", "object", name, "err", err)
+	}
 }
 
 // Options configure Open and Init.
@@ -112,6 +131,7 @@ func Init(ctx context.Context, be backend.Backend, password []byte, opts Options
 	if err != nil {
 		return nil, err
 	}
+	r.password = password
 	keyID, err := r.AddKey(ctx, password, opts.kdf())
 	if err != nil {
 		return nil, fmt.Errorf("write key: %w", err)
@@ -131,14 +151,15 @@ func Init(ctx context.Context, be backend.Backend, password []byte, opts Options
 
 // Open unlocks an existing repository with password.
 func Open(ctx context.Context, be backend.Backend, password []byte, opts Options) (*Repository, error) {
-	sealed, err := be.Get(ctx, configName, 0, -1)
+	sealed, err := getBounded(ctx, be, configName, maxSmallObject)
 	if errors.Is(err, backend.ErrNotExist) {
 		return nil, fmt.Errorf("%s: %w", be.Location(), ErrNotRepository)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
-	mk, keyName, err := unlock(ctx, be, password)
+	hint := keyHintPath(opts.CacheDir, be)
+	mk, keyName, err := unlock(ctx, be, password, hint)
 	if err != nil {
 		return nil, err
 	}
@@ -161,7 +182,8 @@ func Open(ctx context.Context, be backend.Backend, password []byte, opts Options
 	if err != nil {
 		return nil, err
 	}
-	r.keyName = keyName
+	r.keyName, r.password = keyName, password
+	rememberKey(hint, keyName)
 	return r, nil
 }
 
@@ -201,10 +223,11 @@ func (r *Repository) Close() error {
 	return nil
 }
 
-// getObject fetches and opens a data object.
+// getData fetches, authenticates and opens the data object id (a chunk,
+// segment list or segment table), which must be of type t.
 func (r *Repository) getData(ctx context.Context, t ObjectType, id crypto.ID) ([]byte, error) {
 	name := dataName(id)
-	sealed, err := r.be.Get(ctx, name, 0, -1)
+	sealed, err := getBounded(ctx, r.be, name, maxDataObject)
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w", t, name, err)
 	}

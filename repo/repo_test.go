@@ -303,7 +303,7 @@ func TestConcurrentBackupsDifferentVMs(t *testing.T) {
 				return
 			}
 			defer r.Close()
-			l, err := r.Lock(context.Background(), false, "backup", time.Minute)
+			l, err := r.Lock(context.Background(), SharedLock, "backup", time.Minute)
 			if err != nil {
 				errs <- err
 				return
@@ -329,24 +329,24 @@ func TestConcurrentBackupsDifferentVMs(t *testing.T) {
 func TestLocks(t *testing.T) {
 	tr := newTestRepo(t)
 	ctx := context.Background()
-	s1, err := tr.Lock(ctx, false, "backup", 0)
+	s1, err := tr.Lock(ctx, SharedLock, "backup", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s2, err := tr.Lock(ctx, false, "backup", 0)
+	s2, err := tr.Lock(ctx, SharedLock, "backup", 0)
 	if err != nil {
 		t.Fatal("two shared locks conflict:", err)
 	}
-	if _, err := tr.Lock(ctx, true, "prune", 0); !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "backup") {
+	if _, err := tr.Lock(ctx, ExclusiveLock, "prune", 0); !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "backup") {
 		t.Fatalf("exclusive lock under shared: %v", err)
 	}
 	s1.Unlock()
 	s2.Unlock()
-	x, err := tr.Lock(ctx, true, "prune", 0)
+	x, err := tr.Lock(ctx, ExclusiveLock, "prune", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := tr.Lock(ctx, false, "backup", 0); !errors.Is(err, ErrLocked) {
+	if _, err := tr.Lock(ctx, SharedLock, "backup", 0); !errors.Is(err, ErrLocked) {
 		t.Fatalf("shared lock under exclusive: %v", err)
 	}
 	x.Unlock()

@@ -96,7 +96,8 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 		return fmt.Errorf("disk %s: segment list does not match the image digest: %w", d.Name, ErrCorrupt)
 	}
 	n := d.segmentCount()
-	nw := workers() + 1
+	nw := restoreWorkers()
+	parent := ctx
 	g, ctx := errgroup.WithContext(ctx)
 	// Free segment buffers, allocated on first use: at most nw+1 exist.
 	free := make(chan []byte, nw+1)
@@ -117,12 +118,12 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 			select {
 			case window <- struct{}{}:
 			case <-ctx.Done():
-				return nil
+				return ctx.Err()
 			}
 			select {
 			case next <- i:
 			case <-ctx.Done():
-				return nil
+				return ctx.Err()
 			}
 		}
 		return nil
@@ -131,8 +132,8 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 		g.Go(func() error {
 			for i := range next {
 				buf := <-free
-				if buf == nil {
-					buf = make([]byte, d.maxSegmentLen())
+				if size := int(d.segmentLen(i)); cap(buf) < size {
+					buf = make([]byte, size)
 				}
 				seg, err := r.fetchSegment(ctx, d, i, buf)
 				if err != nil {
@@ -152,7 +153,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 			select {
 			case seg = <-results[i]:
 			case <-ctx.Done():
-				return nil
+				return ctx.Err()
 			}
 			err := emit(seg)
 			if seg.data != nil {
@@ -165,8 +166,19 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 		}
 		return nil
 	})
-	return g.Wait()
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	// A cancelled restore is never a finished one, whichever goroutine
+	// noticed first.
+	return parent.Err()
 }
+
+// restoreWorkers is how many segments a restore fetches at once. Each
+// segment fetches up to chunkFetchers chunks, so over a remote backend
+// (one round trip per chunk) this keeps enough requests in flight to
+// hide latency; locally it keeps every core decrypting.
+func restoreWorkers() int { return 2*workers() + 1 }
 
 // RestoreStats counts what a restore wrote.
 type RestoreStats struct {
@@ -206,12 +218,20 @@ func (r *Repository) Restore(ctx context.Context, m *Manifest, diskName string, 
 }
 
 // compareBlock is the unit in which an existing target is compared and
-// rewritten.
+// rewritten, and in which zeros become holes.
 const compareBlock = chunk.ZeroBlock
+
+// ErrTargetIncomplete marks a restore into a target that stopped before
+// the whole image was written: the target holds a mix of old and restored
+// data and must not be used.
+var ErrTargetIncomplete = errors.New("target is incomplete")
 
 // RestoreTo writes disk d of manifest m into target (a file, created if
 // missing, or a block device) in place: ranges that already hold the right
 // bytes are not written, and zero ranges of a regular file become holes.
+// Only a restore that returns nil has written the whole image; any error
+// wraps ErrTargetIncomplete, and an existing larger file is cut to the
+// image's size only after the image is complete.
 func (r *Repository) RestoreTo(ctx context.Context, m *Manifest, diskName, target string) (RestoreStats, error) {
 	d, err := m.Disk(diskName)
 	if err != nil {
@@ -222,15 +242,27 @@ func (r *Repository) RestoreTo(ctx context.Context, m *Manifest, diskName, targe
 		return RestoreStats{}, fmt.Errorf("open target: %w", err)
 	}
 	defer f.Close()
+	st, err := r.restoreInto(ctx, d, f, target)
+	if err != nil {
+		return st, fmt.Errorf("%w: %s: %w", ErrTargetIncomplete, target, err)
+	}
+	return st, nil
+}
+
+func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, target string) (RestoreStats, error) {
 	fi, err := f.Stat()
 	if err != nil {
 		return RestoreStats{}, err
 	}
-	regular := fi.Mode().IsRegular()
-	if regular {
-		// Growing leaves a hole; shrinking drops what is beyond the image.
-		if err := f.Truncate(d.Size); err != nil {
-			return RestoreStats{}, fmt.Errorf("size target: %w", err)
+	tw := &targetWriter{f: f, regular: fi.Mode().IsRegular()}
+	if tw.regular {
+		tw.oldSize = fi.Size()
+		// Grow now (a hole); shrink only once the image is complete, so
+		// a failed restore never leaves a larger file silently cut.
+		if tw.oldSize < d.Size {
+			if err := f.Truncate(d.Size); err != nil {
+				return RestoreStats{}, fmt.Errorf("size target: %w", err)
+			}
 		}
 	} else {
 		size, err := f.Seek(0, io.SeekEnd)
@@ -240,49 +272,134 @@ func (r *Repository) RestoreTo(ctx context.Context, m *Manifest, diskName, targe
 		if size < d.Size {
 			return RestoreStats{}, fmt.Errorf("target %s holds %d bytes, the image needs %d", target, size, d.Size)
 		}
+		tw.oldSize = size
 	}
-	var st RestoreStats
-	cur := make([]byte, compareBlock)
-	err = r.restoreSegments(ctx, d, func(seg restoredSegment) error {
-		st.Bytes += seg.size
-		for off := int64(0); off < seg.size; off += compareBlock {
-			k := min(compareBlock, seg.size-off)
-			pos := seg.off + off
-			if _, err := f.ReadAt(cur[:k], pos); err != nil && !errors.Is(err, io.EOF) {
-				return fmt.Errorf("read target at %d: %w", pos, err)
-			}
-			var want []byte
-			if seg.data != nil {
-				want = seg.data[off : off+k]
-			}
-			if want == nil || chunk.IsZero(want) {
-				if chunk.IsZero(cur[:k]) {
-					st.Skipped += k
-					continue
-				}
-				if regular {
-					if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos, k); err == nil {
-						st.Written += k
-						continue
-					}
-				}
-				want = make([]byte, k)
-			} else if bytes.Equal(cur[:k], want) {
-				st.Skipped += k
-				continue
-			}
-			if _, err := f.WriteAt(want, pos); err != nil {
-				return fmt.Errorf("write target at %d: %w", pos, err)
-			}
-			st.Written += k
+	if err := r.restoreSegments(ctx, d, tw.write); err != nil {
+		return tw.st, err
+	}
+	if tw.regular && tw.oldSize > d.Size {
+		if err := f.Truncate(d.Size); err != nil {
+			return tw.st, fmt.Errorf("size target: %w", err)
 		}
-		return nil
-	})
-	if err != nil {
-		return st, err
 	}
 	if err := f.Sync(); err != nil {
-		return st, fmt.Errorf("sync target: %w", err)
+		return tw.st, fmt.Errorf("sync target: %w", err)
 	}
-	return st, f.Close()
+	return tw.st, f.Close()
+}
+
+// targetWriter writes restored segments into a file or block device in
+// place, in few large system calls: the existing content of a segment is
+// read back in one pread (never beyond the target's old size: there it
+// is a hole, known to be zero), runs of differing data are written with
+// one pwrite each, runs of zeros punched as one hole.
+type targetWriter struct {
+	f       *os.File
+	regular bool
+	oldSize int64 // bytes of the target that existed before the restore
+	cur     []byte
+	zeros   []byte
+	st      RestoreStats
+}
+
+// blockAction is what one compareBlock of the target needs.
+type blockAction byte
+
+const (
+	blockKeep  blockAction = iota // already right
+	blockWrite                    // write restored data
+	blockZero                     // make zero: punch a hole or write zeros
+)
+
+func (tw *targetWriter) write(seg restoredSegment) error {
+	tw.st.Bytes += seg.size
+	// cur is the target's present content of the segment; nil where
+	// beyond the old size (a hole).
+	known := max(0, min(seg.size, tw.oldSize-seg.off))
+	var cur []byte
+	if known > 0 {
+		if int64(cap(tw.cur)) < known {
+			tw.cur = make([]byte, known)
+		}
+		cur = tw.cur[:known]
+		if _, err := tw.f.ReadAt(cur, seg.off); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("read target at %d: %w", seg.off, err)
+		}
+	}
+	action := func(off, k int64) blockAction {
+		var want []byte
+		if seg.data != nil {
+			want = seg.data[off : off+k]
+		}
+		wantZero := want == nil || chunk.IsZero(want)
+		var have []byte
+		if off < known {
+			have = cur[off:min(off+k, known)]
+		}
+		switch {
+		case wantZero && (have == nil || chunk.IsZero(have)):
+			return blockKeep
+		case wantZero:
+			return blockZero
+		case int64(len(have)) == k && bytes.Equal(have, want):
+			return blockKeep
+		}
+		return blockWrite
+	}
+	// Walk the blocks, flushing each run of equal actions at once.
+	runStart, runAct := int64(0), blockKeep
+	flush := func(end int64) error {
+		if end <= runStart {
+			return nil
+		}
+		k := end - runStart
+		pos := seg.off + runStart
+		switch runAct {
+		case blockKeep:
+			tw.st.Skipped += k
+			return nil
+		case blockWrite:
+			if _, err := tw.f.WriteAt(seg.data[runStart:end], pos); err != nil {
+				return fmt.Errorf("write target at %d: %w", pos, err)
+			}
+		case blockZero:
+			if err := tw.zero(pos, k); err != nil {
+				return err
+			}
+		}
+		tw.st.Written += k
+		return nil
+	}
+	for off := int64(0); off < seg.size; off += compareBlock {
+		a := action(off, min(compareBlock, seg.size-off))
+		if a != runAct {
+			if err := flush(off); err != nil {
+				return err
+			}
+			runStart, runAct = off, a
+		}
+	}
+	return flush(seg.size)
+}
+
+// zero makes [pos, pos+k) of the target zero: a hole in a regular file,
+// written zeros on a device (or where punching is not supported).
+func (tw *targetWriter) zero(pos, k int64) error {
+	if tw.regular {
+		if err := unix.Fallocate(int(tw.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos, k); err == nil {
+			return nil
+		}
+	}
+	if tw.zeros == nil {
+		tw.zeros = make([]byte, 1<<20)
+	}
+	for k > 0 {
+		n := min(k, int64(len(tw.zeros)))
+		if _, err := tw.f.WriteAt(tw.zeros[:n], pos); err != nil {
+			return fmt.Errorf("write target at %d: %w", pos, err)
+		}
+		pos += n
+		k -= n
+	}
+	return nil
 }

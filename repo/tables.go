@@ -3,6 +3,7 @@ package repo
 import (
 	"context"
 	"fmt"
+	"sync"
 
 	"golang.org/x/sync/errgroup"
 
@@ -37,11 +38,20 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 	if d.Segments != nil || d.segmentCount() == 0 {
 		return nil
 	}
-	parts := make([][]byte, len(d.Tables))
-	partLens := make([][]int64, len(d.Tables))
+	// A table repeated in a disk (long runs of identical segments, such
+	// as an empty disk's) is fetched once.
+	type table struct {
+		segs []byte
+		lens []int64
+	}
+	distinct := map[HexID]table{}
+	for _, tid := range d.Tables {
+		distinct[tid] = table{}
+	}
+	var mu sync.Mutex
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
-	for i, tid := range d.Tables {
+	for tid := range distinct {
 		g.Go(func() error {
 			raw, err := r.getData(gctx, TypeTable, crypto.ID(tid))
 			if err != nil {
@@ -54,21 +64,29 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 			if err != nil {
 				return fmt.Errorf("%s: %w", dataName(crypto.ID(tid)), err)
 			}
-			parts[i], partLens[i] = segs, lens
+			mu.Lock()
+			distinct[tid] = table{segs, lens}
+			mu.Unlock()
 			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
 		return fmt.Errorf("disk %s: %w", d.Name, err)
 	}
-	var segs []byte
-	var lens []int64
-	for i, p := range parts {
-		segs = append(segs, p...)
-		lens = append(lens, partLens[i]...)
+	// The tables must hold exactly the disk's segment count; the sum is
+	// checked before the list (bounded by MaxDiskSegments) is allocated.
+	total := 0
+	for _, tid := range d.Tables {
+		total += len(distinct[tid].lens)
 	}
-	if len(lens) != d.segmentCount() {
-		return fmt.Errorf("disk %s: tables hold %d segment IDs for %d segments: %w", d.Name, len(lens), d.segmentCount(), ErrCorrupt)
+	if total != d.segmentCount() {
+		return fmt.Errorf("disk %s: tables hold %d segment IDs for %d segments: %w", d.Name, total, d.segmentCount(), ErrCorrupt)
+	}
+	segs := make([]byte, 0, 32*total)
+	lens := make([]int64, 0, total)
+	for _, tid := range d.Tables {
+		segs = append(segs, distinct[tid].segs...)
+		lens = append(lens, distinct[tid].lens...)
 	}
 	if HexID(imageDigest(r.imageH, d.Size, d.SegmentSize, segs, lens)) != d.Digest {
 		return fmt.Errorf("disk %s: segment tables do not match the image digest: %w", d.Name, ErrCorrupt)

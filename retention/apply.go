@@ -9,10 +9,36 @@ import (
 
 // Generation is what the policy needs to know about one backup generation.
 type Generation struct {
-	ID    string
-	Time  time.Time // the recorded backup time
-	Tags  []string
-	Group string // policies apply per group: a VM and its set of disks
+	ID   string
+	Time time.Time // the recorded backup time (chosen by the client)
+	// Arrived is when the repository's store received the generation, by
+	// its own clock (the manifest's ModTime); zero if unknown.
+	Arrived time.Time
+	Tags    []string
+	Group   string // policies apply per group: a VM and its set of disks
+}
+
+// DefaultArrivalTolerance is how long before its arrival a generation's
+// recorded time may lie and still count as verified: a backup records
+// its start and commits at its end, and backups warn after 24 hours.
+const DefaultArrivalTolerance = 26 * time.Hour
+
+// ArrivalSkew is how far a recorded time may lie after the arrival
+// (client clock ahead of the store's) and still count as verified.
+const ArrivalSkew = 15 * time.Minute
+
+// Unverified reports whether a generation's recorded time disagrees with
+// its arrival: after it by more than ArrivalSkew, or before it by more
+// than tolerance (0 means DefaultArrivalTolerance). An unknown arrival
+// (zero) verifies nothing and is not held against the generation.
+func Unverified(recorded, arrived time.Time, tolerance time.Duration) bool {
+	if arrived.IsZero() {
+		return false
+	}
+	if tolerance <= 0 {
+		tolerance = DefaultArrivalTolerance
+	}
+	return recorded.After(arrived.Add(ArrivalSkew)) || arrived.Sub(recorded) > tolerance
 }
 
 // Decision is the verdict on one generation.
@@ -22,6 +48,11 @@ type Decision struct {
 	// Future marks a generation dated after now (clock skew or a forged
 	// timestamp). Such a generation is kept but takes part in no rule.
 	Future bool
+	// Unverified marks a generation whose recorded time disagrees with
+	// its arrival (see Unverified): an import, or a time a client forged
+	// to steer retention. It is kept, takes part in no rule and is never
+	// the newest, like a future one.
+	Unverified bool
 	// Reasons lists every rule that keeps the generation, in a fixed order,
 	// e.g. "last 1", "daily 3", "within 7d", "tag nightly",
 	// "newest (never removed)", "future". Empty when it is removed.
@@ -30,9 +61,10 @@ type Decision struct {
 
 // Reasons for generations kept outside the regular rules.
 const (
-	ReasonNewest   = "newest (never removed)"
-	ReasonFuture   = "future"
-	ReasonNoPolicy = "no policy"
+	ReasonNewest     = "newest (never removed)"
+	ReasonFuture     = "future"
+	ReasonUnverified = "unverified time"
+	ReasonNoPolicy   = "no policy"
 )
 
 // Apply decides, for every generation, whether policy p keeps it.
@@ -51,8 +83,13 @@ const (
 //     only copy made by a host with a fast clock; it takes no period slot,
 //     is not counted by Last, and is never the "newest" for Within or for
 //     the newest-protection, so a forged future generation cannot push
-//     genuine older ones out of their daily/weekly slots. Timestamps forged
-//     into the past cannot be recognised by any policy.
+//     genuine older ones out of their daily/weekly slots.
+//   - A generation whose recorded time disagrees with its arrival in the
+//     repository (Unverified, with p.ArrivalTolerance) is kept for the
+//     same reasons and in the same way, with the reason "unverified
+//     time": a client that can only add generations cannot date them
+//     into the slots of genuine ones. A time forged within the tolerance
+//     of its arrival cannot be recognised.
 //   - Unless p.AllowEmpty is set, the newest non-future generation of a
 //     group is kept even when no rule keeps it ("newest (never removed)").
 //   - An empty policy keeps everything ("no policy").
@@ -114,6 +151,7 @@ func applyGroup(ds []Decision, p Policy, now time.Time, loc *time.Location) {
 		for i := range ds {
 			ds[i].Keep = true
 			ds[i].Future = ds[i].Time.After(now)
+			ds[i].Unverified = !ds[i].Future && Unverified(ds[i].Time, ds[i].Arrived, p.ArrivalTolerance)
 			ds[i].Reasons = []string{ReasonNoPolicy}
 		}
 		return
@@ -141,6 +179,10 @@ func applyGroup(ds []Decision, p Policy, now time.Time, loc *time.Location) {
 			d.Future = true
 			continue
 		}
+		if Unverified(d.Time, d.Arrived, p.ArrivalTolerance) {
+			d.Unverified = true
+			continue
+		}
 		if newest < 0 {
 			newest = i
 		}
@@ -162,7 +204,7 @@ func applyGroup(ds []Decision, p Policy, now time.Time, loc *time.Location) {
 
 	for i := range ds {
 		d := &ds[i]
-		if !d.Future && newest >= 0 && p.Within > 0 && d.Time.After(ds[newest].Time.Add(-p.Within)) {
+		if !d.Future && !d.Unverified && newest >= 0 && p.Within > 0 && d.Time.After(ds[newest].Time.Add(-p.Within)) {
 			d.Reasons = append(d.Reasons, "within "+FormatDuration(p.Within))
 		}
 		for j, tag := range p.Tags {
@@ -172,6 +214,9 @@ func applyGroup(ds []Decision, p Policy, now time.Time, loc *time.Location) {
 		}
 		if d.Future {
 			d.Reasons = append(d.Reasons, ReasonFuture)
+		}
+		if d.Unverified {
+			d.Reasons = append(d.Reasons, ReasonUnverified)
 		}
 		if i == newest && len(d.Reasons) == 0 && !p.AllowEmpty {
 			d.Reasons = append(d.Reasons, ReasonNewest)

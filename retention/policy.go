@@ -37,6 +37,11 @@ type Policy struct {
 	// Tags keeps every generation that carries at least one of these tags.
 	Tags []string
 
+	// ArrivalTolerance is how far before its arrival a generation's
+	// recorded time may lie before it is unverified; 0 means
+	// DefaultArrivalTolerance.
+	ArrivalTolerance time.Duration
+
 	// AllowEmpty permits removing the newest generation of a group. Without
 	// it, the newest (non-future) generation is always kept, so a policy
 	// typo can never delete the last backup of a VM.

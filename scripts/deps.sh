@@ -4,6 +4,7 @@
 set -euo pipefail
 pkgs=(openssh-server mariadb-server qemu-system-x86 linux-image-amd64 busybox-static lvm2
       restic debootstrap socat cpio e2fsprogs xfsprogs time)
+pkgs+=(qemu-utils) # qemu-img, qemu-io, qemu-nbd: the NBD clients of the nbd and serve tests
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,3 +16,6 @@ if ((${#missing[@]})); then
 	$SUDO apt-get update -q >/dev/null
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# MinIO and mc (Go programs, not packages): scripts/test.sh builds them in
+# the background itself and sets VMVAULT_SKIP_TOOLS.
+[ -n "${VMVAULT_SKIP_TOOLS:-}" ] || bash "$(dirname "$0")/tools.sh"

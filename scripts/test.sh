@@ -5,7 +5,15 @@
 # 127.0.0.1 in a temp dir and stops it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/deps.sh
+# MinIO and mc for the S3 tests build in the background (minutes of CPU)
+# while the rest runs; internal/testminio waits for them. Never left
+# running: the build's process group is ended when this script exits.
+tools_log=${XDG_CACHE_HOME:-$HOME/.cache}/vmvault-tools/build.log
+mkdir -p "$(dirname "$tools_log")"
+setsid bash scripts/tools.sh >"$tools_log" 2>&1 </dev/null &
+tools_pid=$!
+trap 'kill -- -$tools_pid 2>/dev/null || true' EXIT
+VMVAULT_SKIP_TOOLS=1 bash scripts/deps.sh
 
 echo "== gofmt"
 bad=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
-	"regexp"
 	"strconv"
 	"strings"
 )
@@ -15,20 +13,15 @@ type LV struct {
 	VG, Name string
 }
 
-// ParseLV parses "vg/lv" (a leading "/dev/" is accepted).
+// ParseLV parses "vg/lv", the form the configuration and LVM commands
+// use; a /dev path is refused (it could name something that is not an
+// LV).
 func ParseLV(s string) (LV, error) {
-	vg, name, ok := strings.Cut(strings.TrimPrefix(s, "/dev/"), "/")
-	if !ok {
-		return LV{}, fmt.Errorf("logical volume %q: want vg/lv", s)
+	vg, name, ok := strings.Cut(s, "/")
+	if !ok || CheckName("volume group", vg) != nil || CheckName("logical volume", name) != nil {
+		return LV{}, fmt.Errorf("%q: want vg/lv, e.g. \"vg0/vm01-disk\" (not a /dev path)", s)
 	}
-	lv := LV{VG: vg, Name: name}
-	if err := checkName("volume group", vg); err != nil {
-		return LV{}, err
-	}
-	if err := checkName("logical volume", name); err != nil {
-		return LV{}, err
-	}
-	return lv, nil
+	return LV{VG: vg, Name: name}, nil
 }
 
 // String returns "vg/lv", the form LVM commands take.
@@ -37,10 +30,14 @@ func (lv LV) String() string { return lv.VG + "/" + lv.Name }
 // DevicePath returns the block device LVM creates for the volume.
 func (lv LV) DevicePath() string { return "/dev/" + lv.VG + "/" + lv.Name }
 
-// checkName applies LVM's naming rules, so a bad name in the configuration
-// fails before any LVM command runs (and can never smuggle an option).
-func checkName(kind, s string) error {
-	if s == "" || len(s) > 127 || s == "." || s == ".." || s[0] == '-' {
+// CheckName applies LVM's rule for volume group and logical volume names
+// (letters, digits and +_.-, not starting with -, not . or .., at most 127
+// characters). It is the one implementation of that rule: the
+// configuration checks its vg/lv values and snapshot names with it when it
+// loads, and this package checks again before every LVM command, so that
+// no name can ever smuggle an option into a command line.
+func CheckName(kind, s string) error {
+	if s == "" || len(s) > maxName || s == "." || s == ".." || s[0] == '-' {
 		return fmt.Errorf("invalid %s name %q", kind, s)
 	}
 	for _, c := range s {
@@ -50,6 +47,9 @@ func checkName(kind, s string) error {
 	}
 	return nil
 }
+
+// maxName is LVM's limit on the length of a name.
+const maxName = 127
 
 // snapshotSuffix ends the name of every snapshot vmvault creates, so
 // leftovers from a crashed run can be found.
@@ -63,48 +63,11 @@ const vmTagPrefix = "vmvault-vm="
 // "<vm>-<disk>-vmvault".
 func SnapshotName(vm, disk string) string { return vm + "-" + disk + snapshotSuffix }
 
-// sizeRE matches a number and a binary unit: "2G", "512M", "1.5GiB", "4096b".
-var sizeRE = regexp.MustCompile(`^([0-9]+(?:\.[0-9]+)?)\s*([bBkKmMgGtTpP])(?:i?[bB])?$`)
-
-// ParseSize parses a size such as "2G", "512M", "1.5G", "4096KiB" into
-// bytes. Units are binary (K = 1024), as in lvcreate -L; a unit is required
-// because lvcreate would read a bare number as MiB, a common surprise.
-func ParseSize(s string) (int64, error) {
-	m := sizeRE.FindStringSubmatch(strings.TrimSpace(s))
-	if m == nil {
-		return 0, fmt.Errorf("size %q: want a number and a unit (K, M, G, T), e.g. 2G", s)
-	}
-	v, err := strconv.ParseFloat(m[1], 64)
-	if err != nil {
-		return 0, fmt.Errorf("size %q: %w", s, err)
-	}
-	shift := strings.IndexByte("bkmgtp", strings.ToLower(m[2])[0]) * 10
-	b := math.Ceil(v * float64(int64(1)<<shift))
-	if b < 1 || b > 1<<62 {
-		return 0, fmt.Errorf("size %q: out of range", s)
-	}
-	return int64(b), nil
-}
-
-// FormatSize renders bytes with a binary unit for messages.
-func FormatSize(b int64) string {
-	const unit = 1024
-	if b < unit {
-		return fmt.Sprintf("%d B", b)
-	}
-	div, exp := int64(unit), 0
-	for n := b / unit; n >= unit && exp < 4; n /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(b)/float64(div), "KMGTP"[exp])
-}
-
 // Create makes a snapshot of origin: lvcreate -s -L SIZE -n NAME vg/lv,
 // adding each tag with --addtag.
 func Create(ctx context.Context, r Runner, origin LV, name string, size int64, tags ...string) (LV, error) {
 	snap := LV{VG: origin.VG, Name: name}
-	if err := checkName("snapshot", name); err != nil {
+	if err := CheckName("snapshot", name); err != nil {
 		return LV{}, err
 	}
 	if size <= 0 {
@@ -248,7 +211,7 @@ func parseStatus(out string) (Status, error) {
 // names another VM (vm "web" must not claim "web-db-disk0-vmvault") is not
 // listed. The caller removes them, with a warning, before creating new ones.
 func FindLeftovers(ctx context.Context, r Runner, vg, vm string) ([]LV, error) {
-	if err := checkName("volume group", vg); err != nil {
+	if err := CheckName("volume group", vg); err != nil {
 		return nil, err
 	}
 	out, err := r.Run(ctx, "lvs", "--noheadings", "--separator", "|", "-o", "lv_name,origin,lv_tags", vg)

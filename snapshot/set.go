@@ -7,6 +7,8 @@ import (
 	"io"
 	"sync"
 	"time"
+
+	"vmvault/internal/bytesize"
 )
 
 // cleanupTimeout bounds unmounting and removing snapshots. Cleanup runs on
@@ -60,7 +62,7 @@ type Set struct {
 // possible. Names are validated before the first lvcreate. If one snapshot
 // fails, those already made are removed and the error returned.
 func CreateSet(ctx context.Context, r Runner, vm string, disks []Disk) (*Set, error) {
-	if err := checkName("VM", vm); err != nil {
+	if err := CheckName("VM", vm); err != nil {
 		return nil, err
 	}
 	if len(disks) == 0 {
@@ -68,14 +70,14 @@ func CreateSet(ctx context.Context, r Runner, vm string, disks []Disk) (*Set, er
 	}
 	seen := map[string]bool{}
 	for _, d := range disks {
-		if err := checkName("disk", d.Name); err != nil {
+		if err := CheckName("disk", d.Name); err != nil {
 			return nil, fmt.Errorf("VM %s: %w", vm, err)
 		}
 		if seen[d.Name] {
 			return nil, fmt.Errorf("VM %s: disk %s listed twice", vm, d.Name)
 		}
 		seen[d.Name] = true
-		if err := checkName("snapshot", SnapshotName(vm, d.Name)); err != nil {
+		if err := CheckName("snapshot", SnapshotName(vm, d.Name)); err != nil {
 			return nil, fmt.Errorf("VM %s: %w", vm, err)
 		}
 		if d.Size <= 0 {
@@ -169,7 +171,7 @@ type OverflowError struct {
 }
 
 func (e *OverflowError) Error() string {
-	return fmt.Sprintf("snapshot %s overflowed (%.0f%% of %s): raise snapshot_size", e.LV, e.Percent, FormatSize(e.Size))
+	return fmt.Sprintf("snapshot %s overflowed (%.0f%% of %s): raise snapshot_size", e.LV, e.Percent, bytesize.Format(e.Size))
 }
 
 // Check verifies that every snapshot is still valid; the backup calls it

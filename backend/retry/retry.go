@@ -71,7 +71,8 @@ func Transient(err error) bool {
 	if err == nil ||
 		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) ||
 		errors.Is(err, backend.ErrNotExist) || errors.Is(err, backend.ErrExist) ||
-		errors.Is(err, backend.ErrReadOnly) || errors.Is(err, os.ErrPermission) {
+		errors.Is(err, backend.ErrReadOnly) || errors.Is(err, backend.ErrRetained) ||
+		errors.Is(err, os.ErrPermission) {
 		return false
 	}
 	var t interface{ Transient() bool }
@@ -192,8 +193,10 @@ func (b *Backend) Location() string { return b.inner.Location() }
 // Close closes the wrapped backend.
 func (b *Backend) Close() error { return b.inner.Close() }
 
-// Unwrap returns the wrapped backend, for optional interfaces such as the
-// local backend's RemoveTemporary.
+// Unwrap returns the wrapped backend, so that a caller can reach an
+// optional interface of the store beneath: the wrapper itself implements
+// only backend.Backend. (The local backend, whose RemoveTemporary prune
+// looks for, is never wrapped: it has no transient failures.)
 func (b *Backend) Unwrap() backend.Backend { return b.inner }
 
 var _ backend.Backend = (*Backend)(nil)

@@ -13,6 +13,7 @@ import (
 	sftplib "github.com/pkg/sftp"
 
 	"vmvault/backend"
+	"vmvault/backend/backendtest"
 	"vmvault/backend/retry"
 	"vmvault/internal/testsshd"
 )
@@ -38,8 +39,8 @@ func TestAppendOnlyAccount(t *testing.T) {
 	}
 	defer b.Close()
 
-	data := randomBytes(t, 1<<20)
-	name := objectName(data)
+	data := backendtest.RandomBytes(t, 1<<20)
+	name := backendtest.DataName(data)
 	if err := b.Put(ctx, name, data); err != nil {
 		t.Fatalf("put: %v\nsshd log:\n%s", err, s.Log())
 	}

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"vmvault/backend"
+	"vmvault/backend/backendtest"
 	"vmvault/backend/local"
 	"vmvault/internal/testsshd"
 )
@@ -23,7 +24,7 @@ func BenchmarkPut(b *testing.B) {
 		size    = 1 << 20
 		workers = 8
 	)
-	payload := randomBytes(b, size)
+	payload := backendtest.RandomBytes(b, size)
 	run := func(b *testing.B, be backend.Backend) {
 		ctx := context.Background()
 		b.SetBytes(objects * size)
@@ -48,7 +49,7 @@ func BenchmarkPut(b *testing.B) {
 						// Distinct content and name per object.
 						binary.LittleEndian.PutUint64(data, r)
 						binary.LittleEndian.PutUint64(data[8:], uint64(i))
-						if err := be.Put(ctx, objectName(data), data); err != nil {
+						if err := be.Put(ctx, backendtest.DataName(data), data); err != nil {
 							errs <- err
 							return
 						}

@@ -2,9 +2,6 @@ package sftp
 
 import (
 	"context"
-	"crypto/rand"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
@@ -13,21 +10,6 @@ import (
 
 	"vmvault/internal/testsshd"
 )
-
-// objectName returns a content-addressed-looking name under data/xx/.
-func objectName(data []byte) string {
-	sum := sha256.Sum256(data)
-	h := hex.EncodeToString(sum[:])
-	return "data/" + h[:2] + "/" + h
-}
-
-func randomBytes(t testing.TB, n int) []byte {
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
 
 // repoURL is the sftp URL of dir on s.
 func repoURL(s *testsshd.Server, dir string) string {

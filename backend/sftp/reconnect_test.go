@@ -16,6 +16,7 @@ import (
 	"golang.org/x/crypto/ssh/knownhosts"
 
 	"vmvault/backend"
+	"vmvault/backend/backendtest"
 	"vmvault/backend/retry"
 	"vmvault/internal/testsshd"
 )
@@ -52,7 +53,7 @@ func TestRetryAcrossServerRestart(t *testing.T) {
 	const total = 120
 	objects := make([][]byte, total)
 	for i := range objects {
-		objects[i] = randomBytes(t, 256<<10)
+		objects[i] = backendtest.RandomBytes(t, 256<<10)
 	}
 	var done atomic.Int32
 	errs := make(chan error, total)
@@ -64,7 +65,7 @@ func TestRetryAcrossServerRestart(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				for i := w; i < total; i += 2 {
-					err := r.Put(ctx, objectName(objects[i]), objects[i])
+					err := r.Put(ctx, backendtest.DataName(objects[i]), objects[i])
 					if errors.Is(err, backend.ErrExist) {
 						err = nil // completed before the drop; retried Put found it
 					}
@@ -95,15 +96,15 @@ func TestRetryAcrossServerRestart(t *testing.T) {
 		t.Fatalf("no retry was logged although sshd was killed mid-stream:\n%s", logs.String())
 	}
 	for _, data := range objects {
-		name := objectName(data)
+		name := backendtest.DataName(data)
 		got, err := r.Get(ctx, name, 0, -1)
 		if err != nil || !bytes.Equal(got, data) {
 			t.Fatalf("object %s after restart: %v", name, err)
 		}
 	}
 	// And new uploads work on the reconnected backend.
-	extra := randomBytes(t, 1000)
-	if err := r.Put(ctx, objectName(extra), extra); err != nil {
+	extra := backendtest.RandomBytes(t, 1000)
+	if err := r.Put(ctx, backendtest.DataName(extra), extra); err != nil {
 		t.Fatalf("put after reconnect: %v", err)
 	}
 	if strings.Contains(logs.String(), "PRIVATE KEY") {
@@ -114,8 +115,8 @@ func TestRetryAcrossServerRestart(t *testing.T) {
 func TestInterruptedUploadLeavesNameFree(t *testing.T) {
 	b, s, dir := openTestRepo(t)
 	ctx := context.Background()
-	data := randomBytes(t, 64<<20)
-	name := objectName(data)
+	data := backendtest.RandomBytes(t, 64<<20)
+	name := backendtest.DataName(data)
 	final := filepath.Join(dir, name)
 	putErr := make(chan error, 1)
 	go func() { putErr <- b.Put(ctx, name, data) }()

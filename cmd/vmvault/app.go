@@ -17,8 +17,10 @@ import (
 	"vmvault/backend"
 	"vmvault/backend/local"
 	"vmvault/backend/retry"
+	"vmvault/backend/s3"
 	"vmvault/backend/sftp"
 	"vmvault/config"
+	"vmvault/internal/bytesize"
 	"vmvault/repo"
 )
 
@@ -66,7 +68,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 ` + exitCodesHelp,
 		Example: `  vmvault init --repo /srv/vmvault --password-file /etc/vmvault/password
   vmvault backup vm01 --source /var/lib/images/vm01.raw
-  vmvault snapshots vm01
+  vmvault generations vm01
   vmvault restore vm01 latest > vm01.raw
   vmvault check --read-data-subset 10%`,
 		SilenceUsage:  true,
@@ -76,7 +78,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 		},
 	}
 	f := root.PersistentFlags()
-	f.StringVarP(&a.repoURL, "repo", "r", os.Getenv("VMVAULT_REPOSITORY"), "repository: a local path or sftp://user@host[:port]/path (env VMVAULT_REPOSITORY)")
+	f.StringVarP(&a.repoURL, "repo", "r", os.Getenv("VMVAULT_REPOSITORY"), "repository: a local path, sftp://user@host[:port]/path or s3:https://host[:port]/bucket[/prefix] (env VMVAULT_REPOSITORY)")
 	f.StringVarP(&a.passwordFile, "password-file", "p", os.Getenv("VMVAULT_PASSWORD_FILE"), "file holding the repository password, not readable by others (env VMVAULT_PASSWORD_FILE)")
 	f.StringVar(&a.cacheDir, "cache-dir", "", "local cache directory (default $XDG_CACHE_HOME/vmvault)")
 	f.StringVar(&a.sshKey, "ssh-key", "", "SSH private key for sftp:// repositories (default: ssh-agent and ~/.ssh/id_*)")
@@ -92,7 +94,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 	f.StringVarP(&a.configPath, "config", "c", os.Getenv("VMVAULT_CONFIG"), "configuration file (env VMVAULT_CONFIG; default "+config.DefaultPath+" if it exists)")
 	f.DurationVar(&a.retryLock, "retry-lock", 0, "wait up to this long for a locked repository (e.g. 10m)")
 	root.AddCommand(a.initCommand(), a.backupCommand(), a.snapshotsCommand(), a.restoreCommand(),
-		a.checkCommand(), a.keyCommand(), a.versionCommand(),
+		a.checkCommand(), a.repairCommand(), a.keyCommand(), a.versionCommand(), a.dumpCommand(), a.mountCommand(),
 		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand(), a.configCommand(), a.docsCommand())
 	// Before the built-in commands exist: completion captures the writer.
 	root.SetIn(a.stdin)
@@ -106,7 +108,7 @@ func (a *app) setup() error {
 	s := logSetup{format: a.logFormat, stderrLevel: slog.LevelInfo, syslog: a.syslog, syslogLevel: slog.LevelInfo, socket: a.syslogSocket}
 	// The configuration's [log] section. A file that does not load is
 	// reported by the command that needs it (or checked by config check).
-	if cfg, err := a.loadConfig(false); err == nil && cfg != nil {
+	if cfg, err := a.loadConfig(configOptional); err == nil && cfg != nil {
 		s.stderrLevel, s.syslogLevel = cfg.Log.Level, cfg.Log.Level
 		s.syslog = s.syslog || cfg.Log.Syslog
 	}
@@ -130,6 +132,7 @@ func (a *app) setup() error {
 // report prints a run's summary line on stderr (unless -q and all went
 // well) and sends it to syslog when that is on.
 func (a *app) report(level slog.Level, line string) {
+	line = termSafe(line)
 	if !a.jsonOut && (!a.quiet || level >= slog.LevelWarn) {
 		fmt.Fprintln(a.stderr, line)
 	}
@@ -138,10 +141,20 @@ func (a *app) report(level slog.Level, line string) {
 	}
 }
 
-// openBackend connects to the repository location.
-func (a *app) openBackend(ctx context.Context, create bool) (backend.Backend, error) {
+// backendMode says whether openBackend opens a repository or makes one.
+type backendMode bool
+
+const (
+	existingRepository backendMode = false
+	newRepository      backendMode = true
+)
+
+// openBackend connects to the repository location: the one place that
+// turns --repo into a backend.
+func (a *app) openBackend(ctx context.Context, mode backendMode) (backend.Backend, error) {
+	create := mode == newRepository
 	if a.repoURL == "" {
-		if _, err := a.loadConfig(false); err != nil {
+		if _, err := a.loadConfig(configOptional); err != nil {
 			return nil, err
 		}
 	}
@@ -156,8 +169,15 @@ func (a *app) openBackend(ctx context.Context, create bool) (backend.Backend, er
 		}
 		return retry.New(be, retry.Options{Logger: a.log}), nil
 	}
+	if s3.IsURL(a.repoURL) {
+		be, err := a.openS3(ctx, create)
+		if err != nil {
+			return nil, notFound(err)
+		}
+		return retry.New(be, retry.Options{Logger: a.log}), nil
+	}
 	if strings.Contains(a.repoURL, "://") {
-		return nil, withCode(exitUsage, fmt.Errorf("unsupported repository URL %q: use a local path or sftp://", a.repoURL))
+		return nil, withCode(exitUsage, fmt.Errorf("unsupported repository URL %q: use a local path, sftp:// or s3:https://", a.repoURL))
 	}
 	if create {
 		return local.Create(a.repoURL)
@@ -172,41 +192,59 @@ func (a *app) openBackend(ctx context.Context, create bool) (backend.Backend, er
 	return local.Open(a.repoURL)
 }
 
-// readPasswordFile reads a secret file, refusing one that others can read.
-func readPasswordFile(path string) ([]byte, error) {
-	st, err := os.Stat(path)
-	if err != nil {
-		return nil, fmt.Errorf("password file: %w", err)
+// openS3 opens an s3: repository with the configuration's s3_* keys.
+func (a *app) openS3(ctx context.Context, create bool) (*s3.Backend, error) {
+	cfg := s3.Config{URL: a.repoURL, Create: create, Logger: a.log}
+	if c, err := a.loadConfig(false); err != nil {
+		return nil, err
+	} else if c != nil && c.Repository.URL == a.repoURL {
+		r := c.Repository
+		cfg.AccessKeyID, cfg.Profile, cfg.Region, cfg.CAFile = r.S3AccessKeyID, r.S3Profile, r.S3Region, r.S3CAFile
+		cfg.PathStyle, cfg.ObjectLockDays = r.S3PathStyle, r.S3ObjectLockDays
+		if r.S3SecretAccessKeyFile != "" {
+			if cfg.SecretAccessKey, err = config.ReadSecretFile(r.S3SecretAccessKeyFile); err != nil {
+				return nil, err
+			}
+		}
 	}
-	if st.Mode().Perm()&0o007 != 0 {
-		return nil, fmt.Errorf("password file %s is accessible by others (mode %s): chmod 600 it", path, st.Mode().Perm())
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("password file: %w", err)
-	}
-	b = []byte(strings.TrimRight(string(b), "\r\n"))
-	if len(b) == 0 {
-		return nil, fmt.Errorf("password file %s is empty", path)
-	}
-	return b, nil
+	return s3.Open(ctx, cfg)
 }
 
+// readPasswordFile reads a password file by the one rule for secret
+// files (config.ReadSecretFile): private mode, size cap, line breaks
+// trimmed.
+func readPasswordFile(path string) ([]byte, error) {
+	s, err := config.ReadSecretFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("password file: %w", err)
+	}
+	return []byte(s), nil
+}
+
+// promptMode says whether a password prompt asks once or twice (for a
+// new password).
+type promptMode bool
+
+const (
+	promptOnce  promptMode = false
+	promptTwice promptMode = true
+)
+
 // password returns the repository password from --password-file or a
-// terminal prompt (twice when confirm is set).
-func (a *app) password(prompt string, confirm bool) ([]byte, error) {
+// terminal prompt.
+func (a *app) password(prompt string, mode promptMode) ([]byte, error) {
 	if a.passwordFile == "" {
-		if _, err := a.loadConfig(false); err != nil {
+		if _, err := a.loadConfig(configOptional); err != nil {
 			return nil, err
 		}
 	}
 	if a.passwordFile != "" {
 		return readPasswordFile(a.passwordFile)
 	}
-	return promptPassword(prompt, confirm)
+	return promptPassword(prompt, mode)
 }
 
-func promptPassword(prompt string, confirm bool) ([]byte, error) {
+func promptPassword(prompt string, mode promptMode) ([]byte, error) {
 	tty, err := os.OpenFile("/dev/tty", os.O_RDWR, 0)
 	if err != nil || !term.IsTerminal(int(tty.Fd())) {
 		return nil, withCode(exitUsage, errors.New("no password: give --password-file or set VMVAULT_PASSWORD_FILE (no terminal to prompt on)"))
@@ -218,7 +256,7 @@ func promptPassword(prompt string, confirm bool) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if confirm {
+	if mode == promptTwice {
 		fmt.Fprint(tty, "again: ")
 		pw2, err := term.ReadPassword(int(tty.Fd()))
 		fmt.Fprintln(tty)
@@ -237,11 +275,11 @@ func promptPassword(prompt string, confirm bool) ([]byte, error) {
 
 // openRepo opens and unlocks the repository.
 func (a *app) openRepo(ctx context.Context) (*repo.Repository, error) {
-	be, err := a.openBackend(ctx, false)
+	be, err := a.openBackend(ctx, existingRepository)
 	if err != nil {
 		return nil, err
 	}
-	pw, err := a.password("repository password", false)
+	pw, err := a.password("repository password", promptOnce)
 	if err != nil {
 		be.Close()
 		return nil, err
@@ -259,31 +297,26 @@ func (a *app) openRepo(ctx context.Context) (*repo.Repository, error) {
 }
 
 // withRepo opens the repository, takes a lock, and runs fn.
-func (a *app) withRepo(ctx context.Context, exclusive bool, command string, fn func(*repo.Repository) error) error {
+func (a *app) withRepo(ctx context.Context, mode repo.LockMode, command string, fn func(*repo.Repository) error) error {
+	return a.withLease(ctx, mode, command, func(_ context.Context, r *repo.Repository) error { return fn(r) })
+}
+
+// withLease is withRepo for work that must stop when the lock's lease is
+// lost (a backup): fn's context is cancelled then.
+func (a *app) withLease(ctx context.Context, mode repo.LockMode, command string, fn func(context.Context, *repo.Repository) error) error {
 	r, err := a.openRepo(ctx)
 	if err != nil {
 		return err
 	}
 	defer r.Backend().Close()
 	defer r.Close()
-	l, err := r.Lock(ctx, exclusive, command, a.retryLock)
+	l, err := r.Lock(ctx, mode, command, a.retryLock)
 	if err != nil {
 		return err
 	}
 	defer l.Unlock()
-	return fn(r)
+	return fn(l.Context(), r)
 }
 
-// humanBytes formats a byte count with binary units.
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
+// humanBytes formats a byte count with binary units (bytesize.Format).
+func humanBytes(n int64) string { return bytesize.Format(n) }

@@ -12,7 +12,9 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"vmvault/config"
 	"vmvault/repo"
+	"vmvault/vmbackup"
 )
 
 // backupSummary is the one-line (or one JSON object) result of a backup.
@@ -106,26 +108,35 @@ commits nothing, and the next run reuses what was already uploaded.`,
 
 // backupSources backs up --source images as one generation of vm.
 func (a *app) backupSources(ctx context.Context, vm string, sources, tags []string, when time.Time, sha bool) error {
+	if err := config.CheckName("VM", vm); err != nil {
+		return withCode(exitUsage, err)
+	}
 	disks, closeAll, err := a.openSources(sources)
 	if err != nil {
 		return err
 	}
 	defer closeAll()
-	return a.withRepo(ctx, false, "backup "+vm, func(r *repo.Repository) error {
-		progress, progressDone := a.progress(vm, disks)
-		m, err := r.Backup(ctx, repo.BackupRequest{VM: vm, Time: when, Tags: tags, Disks: disks, SHA256: sha, Progress: progress})
-		progressDone()
-		if err != nil {
-			return fmt.Errorf("backup %s: %w", vm, err)
-		}
-		a.finishVM(vmOutcome{backupSummary: summarize(m), Status: "ok"})
-		return nil
-	})
+	r, err := a.openRepo(ctx)
+	if err != nil {
+		return err
+	}
+	defer r.Backend().Close()
+	defer r.Close()
+	plan := vmbackup.VM{Name: vm, Disks: disks}
+	opts := a.runOptions(vm, tags, when)
+	opts.SHA256 = sha
+	o, err := vmbackup.Run(ctx, vmbackup.Repo(r, a.retryLock), plan, opts)
+	if err != nil {
+		return err
+	}
+	a.finishVM(outcome(o))
+	return nil
 }
 
 // openSources opens every --source and returns the disks and a closer.
-func (a *app) openSources(specs []string) ([]repo.DiskSource, func(), error) {
-	var disks []repo.DiskSource
+// They are opened before any lock is taken, so a typo fails at once.
+func (a *app) openSources(specs []string) ([]vmbackup.Disk, func(), error) {
+	var disks []vmbackup.Disk
 	var files []*os.File
 	closeAll := func() {
 		for _, f := range files {
@@ -134,21 +145,15 @@ func (a *app) openSources(specs []string) ([]repo.DiskSource, func(), error) {
 	}
 	seen := map[string]bool{}
 	for _, spec := range specs {
-		name, path, ok := strings.Cut(spec, "=")
-		if !ok {
-			path = spec
-			name = "disk"
-			if len(specs) > 1 {
-				name = strings.TrimSuffix(filepath.Base(path), filepath.Ext(path))
-			}
-		}
+		name, path := sourceName(spec, len(specs))
 		if seen[name] {
 			closeAll()
 			return nil, nil, withCode(exitUsage, fmt.Errorf("two sources named %q: name them NAME=PATH", name))
 		}
 		seen[name] = true
 		if path == "-" {
-			disks = append(disks, repo.DiskSource{Name: name, Source: "stdin", Reader: pollable(a.stdin), Size: -1})
+			img := vmbackup.Image{Reader: keepOpen(pollable(a.stdin)), Size: -1, Desc: "stdin"}
+			disks = append(disks, vmbackup.Disk{Name: name, Source: vmbackup.Opened(img)})
 			continue
 		}
 		f, err := os.Open(path)
@@ -166,10 +171,38 @@ func (a *app) openSources(specs []string) ([]repo.DiskSource, func(), error) {
 			return nil, nil, fmt.Errorf("source %s: %w", path, err)
 		}
 		abs, _ := filepath.Abs(path)
-		disks = append(disks, repo.DiskSource{Name: name, Source: abs, Reader: f, Size: size})
+		disks = append(disks, vmbackup.Disk{Name: name, Source: vmbackup.Opened{Reader: f, Size: size, Desc: abs}})
 	}
 	return disks, closeAll, nil
 }
+
+// sourceName splits a --source spec into the disk's name and the path:
+// "hda=/dev/x" names the disk; otherwise a lone source is "disk" and
+// several are named after their files.
+func sourceName(spec string, n int) (name, path string) {
+	name, path, ok := strings.Cut(spec, "=")
+	if ok {
+		return name, path
+	}
+	if n > 1 {
+		return strings.TrimSuffix(filepath.Base(spec), filepath.Ext(spec)), spec
+	}
+	return "disk", spec
+}
+
+// keepOpen makes stdin a ReadCloser whose Close leaves it open, keeping
+// an *os.File's SetReadDeadline visible: the backup uses it to stop a
+// read blocked on a stalled pipe when it is cancelled.
+func keepOpen(r io.Reader) io.ReadCloser {
+	if f, ok := r.(*os.File); ok {
+		return openFile{f}
+	}
+	return io.NopCloser(r)
+}
+
+type openFile struct{ *os.File }
+
+func (openFile) Close() error { return nil }
 
 // pollable returns stdin in a form whose reads a cancellation can
 // interrupt: a pipe is switched to non-blocking mode and reopened through

@@ -22,7 +22,7 @@ func (a *app) checkCommand() *cobra.Command {
 		Long: `Verify that every generation's manifest opens and that every object it
 references exists with a sane header. --read-data also decrypts every
 referenced chunk and verifies it against its ID; --read-data-subset does so
-for a random part (e.g. 10%). Each damaged object is named with the
+for a random part (e.g. 10%; at least one chunk). Each damaged object is named with the
 generations it affects; any damage exits 1.`,
 		Example: `  vmvault check
   vmvault check --read-data
@@ -37,7 +37,7 @@ generations it affects; any damage exits 1.`,
 				}
 				opts.Subset = f
 			}
-			return a.withRepo(cmd.Context(), false, "check", func(r *repo.Repository) error {
+			return a.withRepo(cmd.Context(), repo.SharedLock, "check", func(r *repo.Repository) error {
 				return a.check(cmd.Context(), r, opts)
 			})
 		},
@@ -128,10 +128,13 @@ func (a *app) check(ctx context.Context, r *repo.Repository, opts repo.CheckOpti
 	return nil
 }
 
+// parsePercent parses --read-data-subset: a percentage with its "%"
+// ("0.5" alone is ambiguous: half a percent or half the data).
 func parsePercent(s string) (float64, error) {
-	f, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
-	if err != nil || f <= 0 || f > 100 {
-		return 0, fmt.Errorf("--read-data-subset %q: want a percentage in (0, 100]", s)
+	num, ok := strings.CutSuffix(s, "%")
+	f, err := strconv.ParseFloat(num, 64)
+	if !ok || err != nil || f <= 0 || f > 100 {
+		return 0, fmt.Errorf("--read-data-subset %q: want a percentage in (0%%, 100%%], e.g. 10%%", s)
 	}
 	return f / 100, nil
 }

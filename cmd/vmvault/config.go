@@ -11,11 +11,19 @@ import (
 	"vmvault/config"
 )
 
+// configNeed says whether a command needs a configuration file.
+type configNeed bool
+
+const (
+	configOptional configNeed = false // a missing default file is fine
+	configRequired configNeed = true  // a missing file is an error
+)
+
 // loadConfig reads the configuration file: --config, else VMVAULT_CONFIG,
-// else the default path if it exists. With required set, a missing file is
-// an error. The repository settings of the file fill in what flags and the
-// environment left empty.
-func (a *app) loadConfig(required bool) (*config.Config, error) {
+// else the default path if it exists. With configRequired, a missing file
+// is an error. The repository settings of the file fill in what flags and
+// the environment left empty.
+func (a *app) loadConfig(need configNeed) (*config.Config, error) {
 	if a.cfg != nil {
 		return a.cfg, nil
 	}
@@ -24,7 +32,7 @@ func (a *app) loadConfig(required bool) (*config.Config, error) {
 	if !explicit {
 		path = config.DefaultPath
 	}
-	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) && !explicit && !required {
+	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) && !explicit && need == configOptional {
 		return nil, nil
 	}
 	cfg, err := config.Load(path)

@@ -12,6 +12,7 @@ import (
 
 	"vmvault/internal/testmariadb"
 	"vmvault/internal/testsshd"
+	"vmvault/vmbackup"
 )
 
 // Backups driven by the configuration file, against a real sshd standing
@@ -144,12 +145,12 @@ disk.hda = { path = %q }
 		t.Fatalf("vm03's failure in syslog: %v %+v", ok, m)
 	}
 	// Overlapping run of the same VM: exits at once with the lock code.
-	vl, err := lockVM(e.cache, "vm02")
+	unlock, err := vmbackup.FileLocks{Dir: e.cache}.Lock("vm02")
 	if err != nil {
 		t.Fatal(err)
 	}
 	r = runCfg("backup", "vm02")
-	vl.unlock()
+	unlock()
 	if r.code != exitLocked || !strings.Contains(r.stderr, "already running") {
 		t.Fatalf("overlapping backup: exit %d: %s", r.code, r.stderr)
 	}

@@ -29,11 +29,11 @@ with argon2id (about 0.5 s); keep it safe: without it nothing can be restored.`,
 			if err != nil {
 				return withCode(exitUsage, err)
 			}
-			pw, err := a.password("new repository password", true)
+			pw, err := a.password("new repository password", promptTwice)
 			if err != nil {
 				return err
 			}
-			be, err := a.openBackend(cmd.Context(), true)
+			be, err := a.openBackend(cmd.Context(), newRepository)
 			if err != nil {
 				return err
 			}

@@ -26,7 +26,9 @@ type logSetup struct {
 
 // newLogger builds the logger and, when syslog is on, a second logger
 // that only writes to syslog (for summaries already printed on stderr).
-// The returned closer releases the syslog connection.
+// When the syslog socket cannot be reached, it warns once on stderr and
+// returns a stderr-only logger. The returned closer releases the syslog
+// connection.
 func newLogger(stderr io.Writer, s logSetup) (log, sys *slog.Logger, closer func(), err error) {
 	opts := &slog.HandlerOptions{Level: s.stderrLevel}
 	var h slog.Handler
@@ -44,7 +46,11 @@ func newLogger(stderr io.Writer, s logSetup) (log, sys *slog.Logger, closer func
 	}
 	w, err := dialSyslog(s.socket)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("syslog: %w", err)
+		// No syslog (a container, a minimal system, journald stopped) must
+		// not stop a backup: say so once and log to stderr only.
+		log = slog.New(h)
+		log.Warn("syslog is unavailable: logging to stderr only", "err", err)
+		return log, nil, closer, nil
 	}
 	sh := newSyslogHandler(w, s.syslogLevel)
 	return slog.New(fanout{h, sh}), slog.New(sh), func() { w.Close() }, nil

@@ -10,10 +10,12 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"syscall"
 
 	"vmvault/backend"
 	"vmvault/repo"
+	"vmvault/vmbackup"
 )
 
 // Exit codes; stable, documented in docs/exit-codes.md and `vmvault --help`.
@@ -38,7 +40,8 @@ const exitCodesHelp = `Exit codes:
   12   wrong password
   130  interrupted (SIGINT/SIGTERM); the backup in progress committed nothing`
 
-// exitError carries an exit code through cobra.
+// codedError carries an exit code through cobra, for errors that no
+// sentinel names (bad usage, a missing repository path).
 type codedError struct {
 	code int
 	err  error
@@ -68,7 +71,7 @@ func exitCode(ctx context.Context, err error) int {
 		return exitWrongPass
 	case errors.Is(err, repo.ErrNotRepository):
 		return exitNoRepo
-	case errors.Is(err, repo.ErrLocked):
+	case errors.Is(err, repo.ErrLocked), errors.Is(err, vmbackup.ErrVMLocked):
 		return exitLocked
 	case ctx.Err() != nil:
 		return exitInterrupted
@@ -127,15 +130,10 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	return code
 }
 
-// oneLine keeps an error on one line: cron mail and syslog read better.
+// oneLine keeps an error on one line (cron mail and syslog read better)
+// and safe for a terminal: errors quote names read from the repository.
 func oneLine(err error) string {
-	b := []byte(err.Error())
-	for i, c := range b {
-		if c == '\n' {
-			b[i] = ';'
-		}
-	}
-	return string(b)
+	return termSafe(strings.ReplaceAll(err.Error(), "\n", ";"))
 }
 
 // notFound wraps a missing-repository error with its exit code.

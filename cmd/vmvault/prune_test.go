@@ -31,6 +31,22 @@ func dayImage(d int) []byte {
 	return img
 }
 
+// backupAt backs up src as a generation of vm recorded at, and sets its
+// manifest's file time to at: it "arrived" then, as a nightly backup
+// would have (retention checks recorded times against arrival).
+func backupAt(t *testing.T, e *env, vm, src string, at time.Time) string {
+	t.Helper()
+	r := e.ok("backup", vm, "--source", src, "--time", at.Format(time.RFC3339), "--json")
+	var s backupSummary
+	if err := json.Unmarshal([]byte(r.stdout), &s); err != nil || s.ID == "" {
+		t.Fatalf("backup summary: %v %q", err, r.stdout)
+	}
+	if err := os.Chtimes(filepath.Join(e.repo, "manifests", s.ID), at, at); err != nil {
+		t.Fatal(err)
+	}
+	return s.ID
+}
+
 func dirBytes(t *testing.T, dir string) int64 {
 	var n int64
 	filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
@@ -51,10 +67,7 @@ func TestPruneEndToEnd(t *testing.T) {
 	for d := range days {
 		os.WriteFile(src, dayImage(d), 0o600)
 		at := start.AddDate(0, 0, d)
-		r := e.ok("backup", "vm01", "--source", src, "--time", at.Format(time.RFC3339), "--json")
-		var s backupSummary
-		json.Unmarshal([]byte(r.stdout), &s)
-		idByDay[at.Format("01-02")] = s.ID
+		idByDay[at.Format("01-02")] = backupAt(t, e, "vm01", src, at)
 	}
 	before := dirBytes(t, filepath.Join(e.repo, "data"))
 
@@ -67,7 +80,7 @@ func TestPruneEndToEnd(t *testing.T) {
 		t.Fatal("dry run changed the repository")
 	}
 
-	e.ok("prune", "--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "6")
+	e.ok("prune", "--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "6", "--safety-margin", "0")
 	r = e.ok("snapshots", "--json")
 	var gens []generationJSON
 	json.Unmarshal([]byte(r.stdout), &gens)
@@ -95,7 +108,7 @@ func TestPruneEndToEnd(t *testing.T) {
 		}
 	}
 	// Reclaim-only prune of a clean repository removes nothing.
-	r = e.ok("prune", "--json")
+	r = e.ok("prune", "--json", "--safety-margin", "0")
 	var res forgetResult
 	if err := json.Unmarshal([]byte(r.stdout), &res); err != nil || res.Prune == nil || res.Prune.ObjectsRemoved != 0 {
 		t.Fatalf("second prune: %v %s", err, r.stdout)
@@ -148,7 +161,7 @@ func TestPruneKilled(t *testing.T) {
 	src := filepath.Join(e.dir, "img")
 	for d := range 12 {
 		os.WriteFile(src, dayImage(d), 0o600)
-		e.ok("backup", "vm01", "--source", src, "--time", time.Date(2026, 1, 1+d, 12, 0, 0, 0, time.UTC).Format(time.RFC3339))
+		backupAt(t, e, "vm01", src, time.Date(2026, 1, 1+d, 12, 0, 0, 0, time.UTC))
 	}
 	for _, delay := range []time.Duration{5 * time.Millisecond, 30 * time.Millisecond, 80 * time.Millisecond, 150 * time.Millisecond} {
 		child := exec.Command(os.Args[0], "-test.run=^TestKilledBackupCommitsNothing$", "--", "--cache-dir", e.cache, "prune", "--keep-last", "2")
@@ -210,7 +223,7 @@ disk.hda = { path = %q }
 	for d := range 3 {
 		os.WriteFile(src, dayImage(d), 0o600)
 		for _, vm := range []string{"a", "b"} {
-			e.ok("backup", vm, "--source", src, "--time", time.Date(2026, 2, 1+d, 12, 0, 0, 0, time.UTC).Format(time.RFC3339))
+			backupAt(t, e, vm, src, time.Date(2026, 2, 1+d, 12, 0, 0, 0, time.UTC))
 		}
 	}
 	var out, errb bytes.Buffer

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -33,21 +35,24 @@ type diskRef struct {
 
 func (a *app) snapshotsCommand() *cobra.Command {
 	return &cobra.Command{
-		Use:     "snapshots [VM]",
-		Aliases: []string{"generations", "list"},
+		Use:     "generations [VM]",
+		Aliases: []string{"snapshots", "list"}, // snapshots: restic users' habit
 		Short:   "List generations (all VMs, or one)",
-		Example: `  vmvault snapshots
-  vmvault snapshots vm01 --json`,
+		Example: `  vmvault generations
+  vmvault generations vm01 --json`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vm := ""
 			if len(args) == 1 {
 				vm = args[0]
 			}
-			return a.withRepo(cmd.Context(), false, "snapshots", func(r *repo.Repository) error {
+			return a.withRepo(cmd.Context(), repo.SharedLock, "snapshots", func(r *repo.Repository) error {
 				ms, err := r.Manifests(cmd.Context(), vm)
 				if err != nil {
 					return err
+				}
+				if vm != "" && len(ms) == 0 {
+					return noGenerations(cmd.Context(), r, vm)
 				}
 				out := make([]generationJSON, 0, len(ms))
 				for _, m := range ms {
@@ -65,7 +70,7 @@ func (a *app) snapshotsCommand() *cobra.Command {
 				if a.jsonOut {
 					return printJSON(a.stdout, out)
 				}
-				tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+				tw := tabwriter.NewWriter(a.textOut(), 0, 0, 2, ' ', 0)
 				fmt.Fprintln(tw, "ID\tVM\tTIME\tDISKS\tSIZE\tNEW\tSTORED\tTAGS")
 				for _, g := range out {
 					names := make([]string, len(g.Disks))
@@ -81,4 +86,27 @@ func (a *app) snapshotsCommand() *cobra.Command {
 			})
 		},
 	}
+}
+
+// noGenerations is the error for a VM without generations (exit 1): a
+// typo must not look like an empty list. It names the VMs that have some.
+func noGenerations(ctx context.Context, r *repo.Repository, vm string) error {
+	ms, err := r.Manifests(ctx, "")
+	if err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	var vms []string
+	for _, m := range ms {
+		if !seen[m.VM] {
+			seen[m.VM] = true
+			vms = append(vms, m.VM)
+		}
+	}
+	sort.Strings(vms)
+	known := "none"
+	if len(vms) > 0 {
+		known = strings.Join(vms, ", ")
+	}
+	return fmt.Errorf("VM %q has no generations (VMs with generations: %s): %w", vm, known, repo.ErrNoSnapshot)
 }

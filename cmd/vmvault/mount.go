@@ -1,0 +1,66 @@
+package main
+
+import (
+	"github.com/spf13/cobra"
+
+	"vmvault/fusefs"
+	"vmvault/repo"
+)
+
+func (a *app) mountCommand() *cobra.Command {
+	var cacheMiB, readAheadMiB int64
+	var debug bool
+	cmd := &cobra.Command{
+		Use:   "mount MOUNTPOINT",
+		Short: "Mount every generation as read-only disk image files (FUSE)",
+		Long: `Mount the repository's generations as a read-only file system:
+
+  MOUNTPOINT/VM/<short-id>/<disk>   one directory per generation
+  MOUNTPOINT/VM/latest              link to the newest generation
+  MOUNTPOINT/VM/<time>              link by backup time (UTC, RFC 3339)
+
+Each disk is a file the size of the disk image. A read fetches only the
+chunks it touches, authenticates them, and answers zero ranges without
+fetching; a read that touches a damaged object fails with an I/O error
+(never with other bytes) and the log names the object. Loop-mount a disk to
+copy single files out (see docs/disaster-recovery.md).
+
+The command stays in the foreground and holds a shared repository lock
+(prune waits). SIGINT or SIGTERM unmounts and exits 0; while the mount
+point is busy (a loop mount on a disk file, an open file), it says so and
+retries every second. Root mounts directly; other users need fusermount3.`,
+		Example: `  mkdir -p /mnt/vmvault && vmvault mount /mnt/vmvault &
+  mount -o ro,loop,noload /mnt/vmvault/vm01/latest/hda /mnt/hda
+  cp /mnt/hda/etc/fstab /tmp/ && umount /mnt/hda && kill %1`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			dir := args[0]
+			if err := fusefs.CheckMountPoint(dir); err != nil {
+				return err
+			}
+			opts := fusefs.Options{Logger: a.log, Debug: debug,
+				Reader: repo.ReaderOptions{CacheSize: cacheMiB << 20, ReadAhead: readAheadMiB << 20}}
+			if readAheadMiB == 0 {
+				opts.Reader.ReadAhead = -1
+			}
+			return a.withRepo(ctx, repo.SharedLock, "mount "+dir, func(r *repo.Repository) error {
+				m, err := fusefs.Mount(ctx, dir, r, opts)
+				if err != nil {
+					return err
+				}
+				a.log.Info("mounted; SIGINT or SIGTERM unmounts", "mountpoint", dir)
+				if err := m.Serve(ctx); err != nil {
+					return err
+				}
+				st := m.Stats()
+				a.log.Info("unmounted", "mountpoint", dir, "read", st.BytesRead, "fetched", st.FetchedBytes)
+				return nil
+			})
+		},
+	}
+	cmd.Flags().Int64Var(&cacheMiB, "cache-mib", repo.DefaultReaderCache>>20, "decoded chunk cache per open disk, in MiB")
+	cmd.Flags().Int64Var(&readAheadMiB, "read-ahead-mib", repo.DefaultReaderReadAhead>>20, "fetch this many MiB ahead of sequential reads (0: off)")
+	cmd.Flags().BoolVar(&debug, "debug-fuse", false, "log every FUSE request (very verbose)")
+	return cmd
+}

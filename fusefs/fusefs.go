@@ -1,0 +1,382 @@
+// Package fusefs shows a repository's generations as a read-only FUSE
+// file system:
+//
+//	MOUNTPOINT/VM/<short-id>/<disk>     one directory per generation
+//	MOUNTPOINT/VM/latest                -> <short-id> of the newest
+//	MOUNTPOINT/VM/<RFC 3339 time>       -> <short-id> (UTC, e.g. 2026-11-30T02:00:00Z)
+//
+// Rules the code keeps:
+//   - Nothing is written: every node is read-only, and the repository is
+//     only ever read (through repo.DiskReader).
+//   - A read returns authenticated bytes or fails: a range that touches a
+//     damaged object is an I/O error (EIO) for that read, logged with the
+//     object's name; it is never answered with other bytes.
+//   - The tree is built from the manifests once, at mount time; a disk's
+//     segment tables are fetched when the disk is first opened, so
+//     mounting costs one listing and one read per generation.
+//   - A disk's reader (and its cache) lives while the disk is open and is
+//     closed with the last handle, so memory is bounded by the open disks
+//     times the cache size.
+//   - Unmounting waits until nothing uses the mount point; Serve reports
+//     a busy mount point instead of leaving a stale one behind.
+package fusefs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"vmvault/repo"
+)
+
+// Source is what the file system shows; *repo.Repository is one.
+type Source interface {
+	Manifests(ctx context.Context, vm string) ([]*repo.Manifest, error)
+	OpenDisk(ctx context.Context, m *repo.Manifest, disk string, opts repo.ReaderOptions) (*repo.DiskReader, error)
+}
+
+// Options configure a mount.
+type Options struct {
+	// Reader tunes each open disk's reader (cache size, read-ahead).
+	Reader repo.ReaderOptions
+	// Logger receives failed reads (naming the damaged object) and
+	// unmount progress; nil discards.
+	Logger *slog.Logger
+	// Debug logs every FUSE request (very verbose).
+	Debug bool
+}
+
+// ErrMountPoint means the mount point cannot be used: missing, not a
+// directory, not empty, already mounted, or a stale mount.
+var ErrMountPoint = errors.New("unusable mount point")
+
+// CheckMountPoint reports why dir cannot take a mount, or nil.
+func CheckMountPoint(dir string) error {
+	stale := func(err error) bool { return errors.Is(err, syscall.ENOTCONN) || errors.Is(err, syscall.ECONNABORTED) }
+	staleErr := fmt.Errorf("%s is a stale FUSE mount (its server died): run 'umount %s' first: %w", dir, dir, ErrMountPoint)
+	fi, err := os.Stat(dir)
+	switch {
+	case stale(err):
+		return staleErr
+	case err != nil:
+		return fmt.Errorf("mount point: %w: %w", err, ErrMountPoint)
+	case !fi.IsDir():
+		return fmt.Errorf("mount point %s is not a directory: %w", dir, ErrMountPoint)
+	}
+	// The kernel may still answer stat from its cache after a FUSE
+	// server died; opening and listing reach the dead connection.
+	f, err := os.Open(dir)
+	if stale(err) {
+		return staleErr
+	}
+	if err != nil {
+		return fmt.Errorf("mount point: %w: %w", err, ErrMountPoint)
+	}
+	defer f.Close()
+	names, err := f.Readdirnames(1)
+	if stale(err) {
+		return staleErr
+	}
+	if mounted, err := isMountPoint(dir); err == nil && mounted {
+		return fmt.Errorf("%s is already a mount point (busy): unmount it or choose another directory: %w", dir, ErrMountPoint)
+	}
+	if len(names) > 0 {
+		return fmt.Errorf("mount point %s is not empty: %w", dir, ErrMountPoint)
+	}
+	return nil
+}
+
+// isMountPoint reports whether dir is the root of a mount, by comparing
+// its device with its parent's.
+func isMountPoint(dir string) (bool, error) {
+	var st, parent syscall.Stat_t
+	if err := syscall.Stat(dir, &st); err != nil {
+		return false, err
+	}
+	if err := syscall.Stat(dir+"/..", &parent); err != nil {
+		return false, err
+	}
+	return st.Dev != parent.Dev || st.Ino == parent.Ino, nil
+}
+
+// Mounted is a live mount.
+type Mounted struct {
+	dir    string
+	server *fuse.Server
+	log    *slog.Logger
+	root   *rootNode
+}
+
+// Mount loads every generation from src and mounts the tree on dir. It
+// returns once the file system answers requests.
+func Mount(ctx context.Context, dir string, src Source, opts Options) (*Mounted, error) {
+	if err := CheckMountPoint(dir); err != nil {
+		return nil, err
+	}
+	ms, err := src.Manifests(ctx, "")
+	if err != nil {
+		return nil, err
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	root := &rootNode{src: src, opts: opts, log: log, manifests: ms}
+	// Content never changes: let the kernel cache names, attributes and
+	// pages for long.
+	timeout := time.Hour
+	mo := fuse.MountOptions{
+		FsName:       "vmvault",
+		Name:         "vmvault",
+		DirectMount:  os.Geteuid() == 0,
+		MaxReadAhead: 1 << 20,
+		MaxWrite:     1 << 20,
+		Debug:        opts.Debug,
+		Options:      []string{"ro", "default_permissions"},
+	}
+	server, err := fs.Mount(dir, root, &fs.Options{MountOptions: mo, EntryTimeout: &timeout, AttrTimeout: &timeout})
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	return &Mounted{dir: dir, server: server, log: log, root: root}, nil
+}
+
+// Unmount detaches the file system. It fails with EBUSY while something
+// (a loop mount, an open file, a shell's working directory) uses it.
+func (m *Mounted) Unmount() error {
+	if err := m.unmount(); err != nil {
+		return err
+	}
+	m.server.Wait()
+	return nil
+}
+
+// unmount asks the kernel directly (root), else fusermount3; the kernel's
+// EBUSY is reported as such rather than as fusermount's failure.
+func (m *Mounted) unmount() error {
+	err := unix.Unmount(m.dir, 0)
+	if errors.Is(err, unix.EPERM) {
+		err = m.server.Unmount()
+	}
+	if err != nil {
+		return fmt.Errorf("unmount %s: %w", m.dir, err)
+	}
+	return nil
+}
+
+// Serve keeps the file system mounted until ctx is cancelled (SIGINT,
+// SIGTERM) or it is unmounted from outside (umount), then unmounts it.
+// A busy mount point is retried every second, with a log line saying what
+// to do, until it can be unmounted: the process never leaves a stale
+// mount behind.
+func (m *Mounted) Serve(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { m.server.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil // unmounted from outside
+	case <-ctx.Done():
+	}
+	for attempt := 0; ; attempt++ {
+		err := m.unmount()
+		if err == nil {
+			<-done
+			return nil
+		}
+		select {
+		case <-done:
+			return nil
+		default:
+		}
+		if attempt%10 == 0 {
+			m.log.Error("mount point is busy: unmount what uses it (a loop mount, an open file, a shell inside it); retrying", "mountpoint", m.dir, "err", err)
+		}
+		time.Sleep(time.Second)
+	}
+}
+
+// rootNode is MOUNTPOINT: one directory per VM.
+type rootNode struct {
+	fs.Inode
+	src       Source
+	opts      Options
+	log       *slog.Logger
+	manifests []*repo.Manifest
+}
+
+var _ = (fs.NodeOnAdder)((*rootNode)(nil))
+
+// OnAdd builds the whole tree: VMs, generations, links, disk files.
+func (n *rootNode) OnAdd(ctx context.Context) {
+	byVM := map[string][]*repo.Manifest{}
+	var vms []string
+	for _, m := range n.manifests {
+		if _, ok := byVM[m.VM]; !ok {
+			vms = append(vms, m.VM)
+		}
+		byVM[m.VM] = append(byVM[m.VM], m) // oldest first
+	}
+	for _, vm := range vms {
+		if !validName(vm) {
+			n.log.Warn("VM name cannot be a file name; not shown", "vm", vm)
+			continue
+		}
+		vmDir := n.NewPersistentInode(ctx, &fs.Inode{}, fs.StableAttr{Mode: syscall.S_IFDIR})
+		n.AddChild(vm, vmDir, false)
+		ms := byVM[vm]
+		for _, m := range ms {
+			genDir := vmDir.NewPersistentInode(ctx, &fs.Inode{}, fs.StableAttr{Mode: syscall.S_IFDIR})
+			vmDir.AddChild(m.ShortID(), genDir, false)
+			for i := range m.Disks {
+				d := &m.Disks[i]
+				if !validName(d.Name) {
+					n.log.Warn("disk name cannot be a file name; not shown", "vm", vm, "generation", m.ShortID(), "disk", d.Name)
+					continue
+				}
+				f := &diskNode{root: n, m: m, disk: d.Name, size: d.Size}
+				genDir.AddChild(d.Name, genDir.NewPersistentInode(ctx, f, fs.StableAttr{Mode: syscall.S_IFREG}), false)
+			}
+			// The first generation of a given second keeps the time name.
+			name := m.Time.UTC().Format(time.RFC3339)
+			if vmDir.GetChild(name) == nil {
+				vmDir.AddChild(name, vmDir.NewPersistentInode(ctx, &fs.MemSymlink{Data: []byte(m.ShortID())}, fs.StableAttr{Mode: syscall.S_IFLNK}), false)
+			}
+		}
+		latest := ms[len(ms)-1].ShortID()
+		vmDir.AddChild("latest", vmDir.NewPersistentInode(ctx, &fs.MemSymlink{Data: []byte(latest)}, fs.StableAttr{Mode: syscall.S_IFLNK}), false)
+	}
+}
+
+// validName reports whether s can be one path component.
+func validName(s string) bool {
+	return s != "" && s != "." && s != ".." && s != "latest" && !strings.ContainsAny(s, "/\x00")
+}
+
+// diskNode is one disk image, a read-only file.
+type diskNode struct {
+	fs.Inode
+	root *rootNode
+	m    *repo.Manifest
+	disk string
+	size int64
+
+	mu     sync.Mutex
+	dr     *repo.DiskReader
+	opened int              // open handles
+	closed repo.ReaderStats // counters of readers already closed
+}
+
+var (
+	_ = (fs.NodeGetattrer)((*diskNode)(nil))
+	_ = (fs.NodeOpener)((*diskNode)(nil))
+	_ = (fs.NodeReader)((*diskNode)(nil))
+	_ = (fs.NodeReleaser)((*diskNode)(nil))
+)
+
+// Getattr reports the image size; mode 0400: disk images hold the guest's
+// secrets.
+func (n *diskNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = syscall.S_IFREG | 0o400
+	out.Size = uint64(n.size)
+	out.Blocks = (uint64(n.size) + 511) / 512
+	t := n.m.Time
+	out.SetTimes(&t, &t, &t)
+	return 0
+}
+
+// Open opens the disk's reader on first use; writes are refused.
+func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
+		return nil, 0, syscall.EROFS
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.dr == nil {
+		dr, err := n.root.src.OpenDisk(ctx, n.m, n.disk, n.root.opts.Reader)
+		if err != nil {
+			n.root.log.Error("open disk failed", "vm", n.m.VM, "generation", n.m.ShortID(), "disk", n.disk, "err", err)
+			return nil, 0, syscall.EIO
+		}
+		n.dr = dr
+	}
+	n.opened++
+	// The content never changes: keep the page cache across opens.
+	return nil, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+// Read serves a range through the reader; a damaged object is EIO.
+func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	n.mu.Lock()
+	dr := n.dr
+	n.mu.Unlock()
+	if dr == nil {
+		return nil, syscall.EBADF
+	}
+	k, err := dr.ReadAtContext(ctx, dest, off)
+	if err != nil && k < len(dest) && off+int64(k) < dr.Size() {
+		if ctx.Err() != nil {
+			return nil, syscall.EINTR
+		}
+		n.root.log.Error("read failed", "disk", dr.Name(), "offset", off, "length", len(dest), "err", err)
+		return nil, syscall.EIO
+	}
+	return fuse.ReadResultData(dest[:k]), 0
+}
+
+// Release closes the reader with the last handle.
+func (n *diskNode) Release(ctx context.Context, fh fs.FileHandle) syscall.Errno {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.opened--
+	if n.opened == 0 && n.dr != nil {
+		n.closed = addStats(n.closed, n.dr.Stats())
+		n.dr.Close()
+		n.dr = nil
+	}
+	return 0
+}
+
+// Stats sums the reader counters of every disk since the mount.
+func (m *Mounted) Stats() repo.ReaderStats {
+	var st repo.ReaderStats
+	m.root.walkDisks(func(n *diskNode) {
+		n.mu.Lock()
+		st = addStats(st, n.closed)
+		if n.dr != nil {
+			st = addStats(st, n.dr.Stats())
+		}
+		n.mu.Unlock()
+	})
+	return st
+}
+
+func addStats(a, b repo.ReaderStats) repo.ReaderStats {
+	a.BytesRead += b.BytesRead
+	a.FetchedBytes += b.FetchedBytes
+	a.ChunksFetched += b.ChunksFetched
+	a.ListsFetched += b.ListsFetched
+	a.CacheHits += b.CacheHits
+	return a
+}
+
+func (n *rootNode) walkDisks(fn func(*diskNode)) {
+	for _, vm := range n.Children() {
+		for _, gen := range vm.Children() {
+			for _, f := range gen.Children() {
+				if d, ok := f.Operations().(*diskNode); ok {
+					fn(d)
+				}
+			}
+		}
+	}
+}

@@ -1,0 +1,296 @@
+package fusefs
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"vmvault/backend/local"
+	"vmvault/crypto"
+	"vmvault/repo"
+)
+
+// These tests mount for real: they need root (direct mount) and /dev/fuse.
+func needFUSE(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("FUSE tests mount directly and need root")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+}
+
+// ext4Image makes a file system image from a directory tree with
+// mkfs.ext4 -d: a random file, text files, a nested directory.
+func ext4Image(t *testing.T, dir string, seed uint64) (img string, tree string) {
+	t.Helper()
+	tree = filepath.Join(dir, "tree")
+	rng := rand.New(rand.NewPCG(seed, 5))
+	big := make([]byte, 9<<20+123)
+	for i := range big {
+		big[i] = byte(rng.Uint32())
+	}
+	files := map[string][]byte{
+		"big.bin":             big,
+		"etc/hostname":        []byte("vm01\n"),
+		"etc/fstab":           []byte("/dev/vda1 / ext4 defaults 0 1\n"),
+		"var/log/syslog":      bytes.Repeat([]byte("Nov 30 02:00:00 vm01 cron[1]: ok\n"), 20000),
+		"home/user/notes.txt": []byte("seed " + string(rune('a'+seed%26)) + "\n"),
+	}
+	for name, b := range files {
+		p := filepath.Join(tree, name)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	img = filepath.Join(dir, "disk.raw")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 48<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", tree, img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v: %s", err, out)
+	}
+	return img, tree
+}
+
+func newRepo(t *testing.T) (*repo.Repository, string) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "repo")
+	be, err := local.Create(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := repo.Init(context.Background(), be, []byte("pw"), repo.Options{KDF: crypto.MinKDFParams, CacheDir: t.TempDir(), SegmentSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r, dir
+}
+
+func backupFile(t *testing.T, r *repo.Repository, vm, path string, at time.Time) *repo.Manifest {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, _ := f.Stat()
+	m, err := r.Backup(context.Background(), repo.BackupRequest{VM: vm, Time: at,
+		Disks: []repo.DiskSource{{Name: "hda", Source: path, Reader: f, Size: fi.Size()}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// mountTest mounts src on a fresh directory and serves it until the test
+// ends (or stop is called); stop returns Serve's error.
+func mountTest(t *testing.T, src Source) (dir string, m *Mounted, stop func() error) {
+	t.Helper()
+	dir = t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	m, err := Mount(ctx, dir, src, Options{})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- m.Serve(ctx) }()
+	stopped := false
+	var serr error
+	stop = func() error {
+		if !stopped {
+			stopped = true
+			cancel()
+			select {
+			case serr = <-served:
+			case <-time.After(30 * time.Second):
+				t.Fatal("Serve did not return after cancel")
+			}
+		}
+		return serr
+	}
+	t.Cleanup(func() { stop() })
+	return dir, m, stop
+}
+
+func fileSum(t *testing.T, path string) [32]byte {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatalf("read %s: %v", path, err)
+	}
+	var s [32]byte
+	h.Sum(s[:0])
+	return s
+}
+
+// The tree holds every generation by short ID, latest and time links; a
+// disk file equals the image byte for byte; a loop mount of it shows the
+// same files as the tree the image was made from; unmounting on cancel
+// leaves no mount behind.
+func TestMountTreeAndLoopMount(t *testing.T) {
+	needFUSE(t)
+	r, _ := newRepo(t)
+	work := t.TempDir()
+	img1, _ := ext4Image(t, filepath.Join(work, "1"), 1)
+	img2, tree2 := ext4Image(t, filepath.Join(work, "2"), 2)
+	t1 := time.Date(2026, 11, 29, 2, 0, 0, 0, time.UTC)
+	m1 := backupFile(t, r, "vm01", img1, t1)
+	m2 := backupFile(t, r, "vm01", img2, t1.Add(24*time.Hour))
+
+	dir, mnt, stop := mountTest(t, r)
+	for _, p := range []string{"vm01/" + m1.ShortID() + "/hda", "vm01/" + m2.ShortID() + "/hda", "vm01/latest/hda",
+		"vm01/2026-11-29T02:00:00Z/hda", "vm01/2026-11-30T02:00:00Z/hda"} {
+		if _, err := os.Stat(filepath.Join(dir, p)); err != nil {
+			t.Fatalf("tree: %v", err)
+		}
+	}
+	if l, _ := os.Readlink(filepath.Join(dir, "vm01/latest")); l != m2.ShortID() {
+		t.Fatalf("latest -> %q, want %s", l, m2.ShortID())
+	}
+	if fileSum(t, filepath.Join(dir, "vm01", m1.ShortID(), "hda")) != fileSum(t, img1) {
+		t.Fatal("generation 1's disk file differs from the image")
+	}
+	if fileSum(t, filepath.Join(dir, "vm01/latest/hda")) != fileSum(t, img2) {
+		t.Fatal("latest disk file differs from the image")
+	}
+	if err := os.WriteFile(filepath.Join(dir, "vm01/latest/hda"), []byte("x"), 0o600); err == nil {
+		t.Fatal("writing a disk file succeeded")
+	}
+	if err := CheckMountPoint(dir); !errors.Is(err, ErrMountPoint) || !strings.Contains(err.Error(), "already a mount point") {
+		t.Fatalf("CheckMountPoint on a live mount: %v", err)
+	}
+
+	loop := t.TempDir()
+	if out, err := exec.Command("mount", "-o", "ro,loop,noload", filepath.Join(dir, "vm01/latest/hda"), loop).CombinedOutput(); err != nil {
+		t.Fatalf("loop mount: %v: %s", err, out)
+	}
+	defer exec.Command("umount", loop).Run()
+	n := 0
+	filepath.WalkDir(tree2, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(tree2, p)
+		if fileSum(t, filepath.Join(loop, rel)) != fileSum(t, p) {
+			t.Errorf("%s differs in the loop-mounted backup", rel)
+		}
+		n++
+		return nil
+	})
+	if n < 5 {
+		t.Fatalf("compared only %d files", n)
+	}
+	if st := mnt.Stats(); st.BytesRead == 0 || st.FetchedBytes == 0 {
+		t.Fatalf("reader counters not kept: %+v", st)
+	}
+	if out, err := exec.Command("umount", loop).CombinedOutput(); err != nil {
+		t.Fatalf("umount loop: %v: %s", err, out)
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if mounted, _ := isMountPoint(dir); mounted {
+		t.Fatal("still mounted after Serve returned")
+	}
+}
+
+// A flipped byte in a chunk: reads of that range fail with EIO, never
+// with other bytes; every read that succeeds returns the image's bytes.
+func TestMountDamagedChunkEIO(t *testing.T) {
+	needFUSE(t)
+	r, repoDir := newRepo(t)
+	img, _ := ext4Image(t, t.TempDir(), 3)
+	backupFile(t, r, "vm01", img, time.Time{})
+	flipLargestObject(t, repoDir)
+
+	dir, _, _ := mountTest(t, r)
+	want, _ := os.ReadFile(img)
+	f, err := os.Open(filepath.Join(dir, "vm01/latest/hda"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	p := make([]byte, 64<<10)
+	failed := 0
+	for off := int64(0); off < int64(len(want)); off += int64(len(p)) {
+		k, err := f.ReadAt(p, off)
+		if err != nil {
+			if !errors.Is(err, syscall.EIO) {
+				t.Fatalf("read at %d: %v, want EIO", off, err)
+			}
+			failed++
+			continue
+		}
+		if !bytes.Equal(p[:k], want[off:off+int64(k)]) {
+			t.Fatalf("read at %d returned wrong bytes", off)
+		}
+	}
+	if failed == 0 {
+		t.Fatal("no read failed although a chunk is damaged")
+	}
+}
+
+func flipLargestObject(t *testing.T, repoDir string) {
+	t.Helper()
+	var best string
+	var size int64
+	filepath.WalkDir(filepath.Join(repoDir, "data"), func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if fi, err := d.Info(); err == nil && fi.Size() > size {
+				best, size = p, fi.Size()
+			}
+		}
+		return nil
+	})
+	os.Chmod(best, 0o600)
+	b, err := os.ReadFile(best)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0x10
+	if err := os.WriteFile(best, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCheckMountPoint(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "f")
+	os.WriteFile(file, nil, 0o600)
+	for _, tc := range []struct{ path, want string }{
+		{dir, "not empty"},
+		{file, "not a directory"},
+		{filepath.Join(dir, "missing"), "no such file"},
+	} {
+		if err := CheckMountPoint(tc.path); !errors.Is(err, ErrMountPoint) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("CheckMountPoint(%s) = %v, want %q", tc.path, err, tc.want)
+		}
+	}
+	if err := CheckMountPoint(t.TempDir()); err != nil {
+		t.Errorf("an empty directory: %v", err)
+	}
+}

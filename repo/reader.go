@@ -1,0 +1,559 @@
+package repo
+
+import (
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+	"sync/atomic"
+
+	"vmvault/crypto"
+)
+
+// A DiskReader is one disk of a generation as a random-access, read-only,
+// authenticated view: the reader that mount, serve and dump share.
+//
+// Rules it keeps:
+//   - No byte leaves it unauthenticated. The segment table was checked
+//     against the image digest when the reader opened; a segment list is
+//     authenticated by its seal (its name is associated data); a chunk by
+//     its seal and by its keyed chunk ID, recomputed over the plaintext.
+//     A read that touches a damaged object fails with an error naming the
+//     object and wrapping ErrCorrupt; it never returns other bytes.
+//   - Zero runs and all-zero segments are answered without fetching.
+//   - Memory is bounded: decoded chunks live in an LRU cache of
+//     ReaderOptions.CacheSize bytes, segment lists in a small LRU by count.
+//     Nothing is cached on failure, so a transient backend error is
+//     retried by the next read.
+//   - The repository is never written.
+//
+// Segments are located only through Disk.segmentAt, segmentStart and
+// segmentLen, so the reader follows whatever layout the format uses.
+type DiskReader struct {
+	r       *Repository
+	d       Disk // private copy with Segments resolved
+	name    string
+	opts    ReaderOptions
+	ctx     context.Context // the reader's lifetime: fetches and read-ahead
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup // read-ahead goroutines
+	sem     chan struct{}  // bounds concurrent fetches
+	raSlots chan struct{}  // bounds read-ahead goroutines
+
+	mu     sync.Mutex
+	chunks lru // decoded chunks, bounded by bytes
+	lists  lru // segment pieces by segment ID, bounded by count
+	// Sequential detection and read-ahead state: seqEnd is where the
+	// last read ended, raDone how far read-ahead has been issued, raWant
+	// how far it should go.
+	seqEnd, raDone, raWant, raWindow int64
+	raRunning                        bool
+
+	stats readerCounters
+}
+
+// ReaderOptions tune a DiskReader. Zero values mean the defaults.
+type ReaderOptions struct {
+	// CacheSize bounds the decoded chunk bytes kept in memory.
+	CacheSize int64
+	// ReadAhead is how many bytes beyond a sequential read are fetched
+	// in the background; negative turns read-ahead off.
+	ReadAhead int64
+	// Fetchers bounds concurrent object fetches (demand and read-ahead).
+	Fetchers int
+}
+
+// Reader defaults: a cache several read-ahead windows deep, so chunks
+// fetched ahead are still there when the reader arrives.
+const (
+	DefaultReaderCache     = 64 << 20
+	DefaultReaderReadAhead = 24 << 20
+	DefaultReaderFetchers  = 8
+	// segmentListCache is how many decoded segment lists a reader keeps
+	// (each a few KiB).
+	segmentListCache = 4096
+)
+
+func (o ReaderOptions) withDefaults() ReaderOptions {
+	if o.CacheSize <= 0 {
+		o.CacheSize = DefaultReaderCache
+	}
+	if o.ReadAhead == 0 {
+		o.ReadAhead = DefaultReaderReadAhead
+	}
+	// Read-ahead beyond half the cache would evict what it fetched.
+	o.ReadAhead = min(o.ReadAhead, o.CacheSize/2)
+	if o.Fetchers <= 0 {
+		o.Fetchers = DefaultReaderFetchers
+	}
+	return o
+}
+
+// ReaderStats counts what a DiskReader fetched and served.
+type ReaderStats struct {
+	BytesRead     int64 // bytes returned to callers
+	FetchedBytes  int64 // sealed bytes fetched from the backend (chunks and segment lists)
+	ChunksFetched int64 // chunk objects fetched
+	ListsFetched  int64 // segment list objects fetched
+	CacheHits     int64 // chunk lookups answered from the cache
+}
+
+type readerCounters struct {
+	bytesRead, fetchedBytes, chunksFetched, listsFetched, cacheHits atomic.Int64
+}
+
+// Extent is a range of a disk image: data, or zeros that need no fetch.
+type Extent struct {
+	Off    int64
+	Length int64
+	Zero   bool
+}
+
+// piece is one entry of a segment list, located within its segment.
+type piece struct {
+	off, len int64 // relative to the segment's start
+	zero     bool
+	id       crypto.ID
+}
+
+// fetchCall is a fetch in progress that later callers wait for.
+type fetchCall struct {
+	done  chan struct{}
+	value any
+	err   error
+}
+
+// OpenDisk opens disk diskName of generation m (the only disk when the
+// name is empty) for random access. The segment tables are fetched and
+// checked against the image digest before it returns. Close releases it.
+func (r *Repository) OpenDisk(ctx context.Context, m *Manifest, diskName string, opts ReaderOptions) (*DiskReader, error) {
+	d, err := m.Disk(diskName)
+	if err != nil {
+		return nil, err
+	}
+	dc := *d
+	if err := r.resolveSegments(ctx, &dc); err != nil {
+		return nil, fmt.Errorf("generation %s/%s: %w", m.VM, m.ShortID(), err)
+	}
+	opts = opts.withDefaults()
+	rctx, cancel := context.WithCancel(context.Background())
+	dr := &DiskReader{r: r, d: dc, name: m.VM + "/" + m.ShortID() + "/" + dc.Name, opts: opts,
+		ctx: rctx, cancel: cancel, sem: make(chan struct{}, opts.Fetchers), raSlots: make(chan struct{}, opts.Fetchers),
+		chunks: newLRU(opts.CacheSize), lists: newLRU(segmentListCache)}
+	return dr, nil
+}
+
+// Size is the disk image's size in bytes.
+func (dr *DiskReader) Size() int64 { return dr.d.Size }
+
+// Name is "VM/generation/disk", for messages.
+func (dr *DiskReader) Name() string { return dr.name }
+
+// Stats returns the reader's counters so far.
+func (dr *DiskReader) Stats() ReaderStats {
+	c := &dr.stats
+	return ReaderStats{BytesRead: c.bytesRead.Load(), FetchedBytes: c.fetchedBytes.Load(),
+		ChunksFetched: c.chunksFetched.Load(), ListsFetched: c.listsFetched.Load(), CacheHits: c.cacheHits.Load()}
+}
+
+// Close stops read-ahead and drops the cache. Reads after Close fail.
+func (dr *DiskReader) Close() error {
+	dr.cancel()
+	dr.wg.Wait()
+	dr.mu.Lock()
+	dr.chunks, dr.lists = newLRU(1), newLRU(1)
+	dr.mu.Unlock()
+	return nil
+}
+
+// ReadAt implements io.ReaderAt; it is ReadAtContext with the reader's
+// own lifetime as context.
+func (dr *DiskReader) ReadAt(p []byte, off int64) (int, error) {
+	return dr.ReadAtContext(dr.ctx, p, off)
+}
+
+// ReadAtContext reads len(p) bytes at off. Like io.ReaderAt it returns
+// io.EOF when the read reaches beyond the end of the image. It is safe
+// for concurrent use.
+func (dr *DiskReader) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("%s: negative offset %d", dr.name, off)
+	}
+	if off >= dr.d.Size {
+		return 0, io.EOF
+	}
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	want := p
+	if rest := dr.d.Size - off; int64(len(want)) > rest {
+		want = want[:rest]
+	}
+	n := 0
+	for n < len(want) {
+		pos := off + int64(n)
+		k, err := dr.readSegment(ctx, want[n:], pos)
+		n += k
+		if err != nil {
+			dr.stats.bytesRead.Add(int64(n))
+			return n, fmt.Errorf("%s at offset %d: %w", dr.name, pos, err)
+		}
+	}
+	dr.stats.bytesRead.Add(int64(n))
+	dr.noteRead(off, off+int64(n))
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// readSegment fills p from the one segment holding pos, as far as that
+// segment reaches.
+func (dr *DiskReader) readSegment(ctx context.Context, p []byte, pos int64) (int, error) {
+	i, start := dr.d.segmentAt(pos)
+	segEnd := start + dr.d.segmentLen(i)
+	p = p[:min(int64(len(p)), segEnd-pos)]
+	pieces, err := dr.segmentPieces(ctx, i)
+	if err != nil {
+		return 0, err
+	}
+	if pieces == nil { // all-zero segment
+		clear(p)
+		return len(p), nil
+	}
+	rel := pos - start
+	n := 0
+	j := sort.Search(len(pieces), func(j int) bool { return pieces[j].off+pieces[j].len > rel })
+	for ; n < len(p) && j < len(pieces); j++ {
+		pc := pieces[j]
+		from := rel + int64(n) - pc.off
+		k := min(int64(len(p)-n), pc.len-from)
+		dst := p[n : n+int(k)]
+		if pc.zero {
+			clear(dst)
+		} else {
+			data, err := dr.chunk(ctx, pc.id, pc.len)
+			if err != nil {
+				return n, err
+			}
+			copy(dst, data[from:from+k])
+		}
+		n += int(k)
+	}
+	return n, nil
+}
+
+// Extents describes [off, off+length) as data and zero ranges, adjacent
+// ranges of one kind merged. Zero ranges need no fetch; answering costs
+// at most the segment lists of the range.
+func (dr *DiskReader) Extents(ctx context.Context, off, length int64) ([]Extent, error) {
+	end := min(off+length, dr.d.Size)
+	var out []Extent
+	add := func(o, l int64, zero bool) {
+		if l <= 0 {
+			return
+		}
+		if k := len(out) - 1; k >= 0 && out[k].Zero == zero && out[k].Off+out[k].Length == o {
+			out[k].Length += l
+			return
+		}
+		out = append(out, Extent{Off: o, Length: l, Zero: zero})
+	}
+	for pos := max(off, 0); pos < end; {
+		i, start := dr.d.segmentAt(pos)
+		segEnd := min(start+dr.d.segmentLen(i), end)
+		pieces, err := dr.segmentPieces(ctx, i)
+		if err != nil {
+			return out, fmt.Errorf("%s at offset %d: %w", dr.name, pos, err)
+		}
+		if pieces == nil {
+			add(pos, segEnd-pos, true)
+			pos = segEnd
+			continue
+		}
+		for _, pc := range pieces {
+			o, e := max(start+pc.off, pos), min(start+pc.off+pc.len, segEnd)
+			add(o, e-o, pc.zero)
+		}
+		pos = segEnd
+	}
+	return out, nil
+}
+
+// segmentPieces returns segment i's pieces, or nil for an all-zero
+// segment.
+func (dr *DiskReader) segmentPieces(ctx context.Context, i int) ([]piece, error) {
+	id, zero := dr.d.SegmentID(i)
+	if zero {
+		return nil, nil
+	}
+	v, err := dr.cached(ctx, &dr.lists, id, func() ([]byte, any, error) {
+		return dr.fetchSegmentList(id, dr.d.segmentLen(i))
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.([]piece), nil
+}
+
+func (dr *DiskReader) fetchSegmentList(id crypto.ID, size int64) ([]byte, any, error) {
+	raw, err := dr.fetch(TypeSegment, id)
+	if err != nil {
+		return nil, nil, err
+	}
+	dr.stats.listsFetched.Add(1)
+	entries, err := decodeSegmentList(raw)
+	if err != nil {
+		return nil, nil, dr.damaged(id, fmt.Errorf("segment %s: %w", dataName(id), err))
+	}
+	pieces := make([]piece, len(entries))
+	var off int64
+	for k, e := range entries {
+		pieces[k] = piece{off: off, len: int64(e.Length), zero: e.Zero, id: e.ID}
+		off += int64(e.Length)
+	}
+	if off != size {
+		return nil, nil, dr.damaged(id, fmt.Errorf("segment %s: lists %d bytes, expected %d: %w", dataName(id), off, size, ErrCorrupt))
+	}
+	return nil, pieces, nil
+}
+
+// chunk returns chunk id's authenticated plaintext, length bytes.
+func (dr *DiskReader) chunk(ctx context.Context, id crypto.ID, length int64) ([]byte, error) {
+	v, err := dr.cached(ctx, &dr.chunks, id, func() ([]byte, any, error) {
+		return dr.fetchChunk(id, length)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.([]byte), nil
+}
+
+func (dr *DiskReader) fetchChunk(id crypto.ID, length int64) ([]byte, any, error) {
+	data, err := dr.fetch(TypeChunk, id)
+	if err != nil {
+		return nil, nil, err
+	}
+	dr.stats.chunksFetched.Add(1)
+	if int64(len(data)) != length {
+		return nil, nil, dr.damaged(id, fmt.Errorf("chunk %s: %d bytes, segment list says %d: %w", dataName(id), len(data), length, ErrCorrupt))
+	}
+	if dr.r.chunkH.Sum(data) != id {
+		return nil, nil, dr.damaged(id, fmt.Errorf("chunk %s: content does not match its ID: %w", dataName(id), ErrCorrupt))
+	}
+	return data, data, nil
+}
+
+// fetch gets and opens one data object under the fetch bound.
+func (dr *DiskReader) fetch(t ObjectType, id crypto.ID) ([]byte, error) {
+	select {
+	case dr.sem <- struct{}{}:
+	case <-dr.ctx.Done():
+		return nil, dr.ctx.Err()
+	}
+	defer func() { <-dr.sem }()
+	name := dataName(id)
+	sealed, err := dr.r.be.Get(dr.ctx, name, 0, -1)
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", t, name, err)
+	}
+	dr.stats.fetchedBytes.Add(int64(len(sealed)))
+	data, err := dr.r.codec.open(t, name, sealed)
+	if err != nil {
+		return nil, dr.damaged(id, err)
+	}
+	return data, nil
+}
+
+// damaged logs an object that failed authentication or parsing, once per
+// failure, naming it, and returns err.
+func (dr *DiskReader) damaged(id crypto.ID, err error) error {
+	if errors.Is(err, ErrCorrupt) {
+		dr.r.log.Error("object failed authentication", "object", dataName(id), "disk", dr.name, "err", err)
+	}
+	return err
+}
+
+// cached returns the value for id from c, fetching it once however many
+// callers ask at the same time. fetch returns the value and, for chunks,
+// the bytes that count against the cache's size (nil counts 1). The fetch
+// runs under the reader's lifetime, not a caller's ctx.
+func (dr *DiskReader) cached(ctx context.Context, c *lru, id crypto.ID, fetch func() ([]byte, any, error)) (any, error) {
+	dr.mu.Lock()
+	if v, ok := c.get(id); ok {
+		if c == &dr.chunks {
+			dr.stats.cacheHits.Add(1)
+		}
+		dr.mu.Unlock()
+		return v, nil
+	}
+	call, ok := c.inflight[id]
+	if ok {
+		dr.mu.Unlock()
+		select {
+		case <-call.done:
+			return call.value, call.err
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	call = &fetchCall{done: make(chan struct{})}
+	c.inflight[id] = call
+	dr.mu.Unlock()
+	// The fetch runs on its own, so a caller that gives up returns at
+	// once while the fetch completes for the cache and other waiters.
+	go func() {
+		b, v, err := fetch()
+		call.value, call.err = v, err
+		dr.mu.Lock()
+		delete(c.inflight, id)
+		if err == nil {
+			c.put(id, v, int64(max(len(b), 1)))
+		}
+		dr.mu.Unlock()
+		close(call.done)
+	}()
+	select {
+	case <-call.done:
+		return call.value, call.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// noteRead records a read of [off, end) and, when reads are sequential,
+// extends the read-ahead window past end.
+func (dr *DiskReader) noteRead(off, end int64) {
+	if dr.opts.ReadAhead < 0 {
+		return
+	}
+	dr.mu.Lock()
+	defer dr.mu.Unlock()
+	// Concurrent readers (the kernel's own read-ahead, several NBD
+	// requests) arrive slightly out of order: near the last end counts as
+	// sequential. The window starts small and doubles with each
+	// sequential read, as the kernel's does, so scattered small reads (a
+	// file system walking its metadata) fetch little beyond what they
+	// touch.
+	const slack = 256 << 10
+	if off < dr.seqEnd-slack || off > dr.seqEnd+slack {
+		dr.seqEnd, dr.raDone, dr.raWant, dr.raWindow = end, end, end, 0
+		return
+	}
+	dr.seqEnd = max(dr.seqEnd, end)
+	dr.raWindow = min(max(2*dr.raWindow, end-off, 256<<10), dr.opts.ReadAhead)
+	dr.raDone = max(dr.raDone, dr.seqEnd)
+	dr.raWant = max(dr.raWant, min(dr.seqEnd+dr.raWindow, dr.d.Size))
+	if dr.raRunning || dr.raDone >= dr.raWant || dr.ctx.Err() != nil {
+		return
+	}
+	dr.raRunning = true
+	dr.wg.Add(1)
+	go dr.readAhead()
+}
+
+// readAhead starts fetches for the chunks in [raDone, raWant), one
+// segment at a time, until it catches up with raWant. At most Fetchers
+// fetches run at once; the chunks land in the cache.
+func (dr *DiskReader) readAhead() {
+	defer dr.wg.Done()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		dr.mu.Lock()
+		from, to := dr.raDone, dr.raWant
+		if from >= to || dr.ctx.Err() != nil {
+			dr.raRunning = false
+			dr.mu.Unlock()
+			return
+		}
+		dr.mu.Unlock()
+		i, start := dr.d.segmentAt(from)
+		segEnd := min(start+dr.d.segmentLen(i), to)
+		pieces, err := dr.segmentPieces(dr.ctx, i)
+		if err == nil {
+			for _, pc := range pieces {
+				if pc.zero || start+pc.off+pc.len <= from || start+pc.off >= segEnd {
+					continue
+				}
+				dr.mu.Lock()
+				_, have := dr.chunks.get(pc.id)
+				_, busy := dr.chunks.inflight[pc.id]
+				dr.mu.Unlock()
+				if have || busy {
+					continue
+				}
+				// A slot per read-ahead goroutine: never more than
+				// Fetchers of them, whatever the window.
+				select {
+				case dr.raSlots <- struct{}{}:
+				case <-dr.ctx.Done():
+					dr.mu.Lock()
+					dr.raRunning = false
+					dr.mu.Unlock()
+					return
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					defer func() { <-dr.raSlots }()
+					dr.chunk(dr.ctx, pc.id, pc.len) // errors surface when the range is read
+				}()
+			}
+		}
+		dr.mu.Lock()
+		// A jump elsewhere reset the window meanwhile: start over from it.
+		if dr.raDone == from {
+			dr.raDone = segEnd
+		}
+		dr.mu.Unlock()
+	}
+}
+
+// lru is a cache of values by ID, bounded by the sum of their costs, with
+// the fetches in flight for it. The reader's mutex guards it.
+type lru struct {
+	max, size int64
+	ll        *list.List
+	items     map[crypto.ID]*list.Element
+	inflight  map[crypto.ID]*fetchCall
+}
+
+type lruEntry struct {
+	id    crypto.ID
+	value any
+	cost  int64
+}
+
+func newLRU(max int64) lru {
+	return lru{max: max, ll: list.New(), items: make(map[crypto.ID]*list.Element),
+		inflight: make(map[crypto.ID]*fetchCall)}
+}
+
+func (c *lru) get(id crypto.ID) (any, bool) {
+	e, ok := c.items[id]
+	if !ok {
+		return nil, false
+	}
+	c.ll.MoveToFront(e)
+	return e.Value.(*lruEntry).value, true
+}
+
+func (c *lru) put(id crypto.ID, v any, cost int64) {
+	if e, ok := c.items[id]; ok {
+		c.ll.MoveToFront(e)
+		return
+	}
+	c.items[id] = c.ll.PushFront(&lruEntry{id: id, value: v, cost: cost})
+	c.size += cost
+	for c.size > c.max && c.ll.Len() > 1 {
+		e := c.ll.Back()
+		le := e.Value.(*lruEntry)
+		c.ll.Remove(e)
+		delete(c.items, le.id)
+		c.size -= le.cost
+	}
+}

@@ -1,0 +1,331 @@
+package repo
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"vmvault/backend"
+	"vmvault/backend/local"
+)
+
+// readerImage is testImage with an all-zero segment and a zero run inside
+// a data segment, so both kinds of hole are present (segments are 4 MiB).
+func readerImage() []byte {
+	img := testImage(7, 21<<20+777)
+	clear(img[8<<20 : 12<<20])       // segment 2: all zero
+	clear(img[13<<20+4096 : 15<<20]) // zero run inside segment 3
+	return img
+}
+
+func openTestReader(t *testing.T, r *Repository, m *Manifest, opts ReaderOptions) *DiskReader {
+	t.Helper()
+	dr, err := r.OpenDisk(context.Background(), m, "", opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dr.Close() })
+	return dr
+}
+
+func TestDiskReaderRandomAccess(t *testing.T) {
+	tr := newTestRepo(t)
+	img := readerImage()
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	r := tr.reopen(t)
+	m = mustFind(t, r, "vm01", m.ID)
+	dr := openTestReader(t, r, m, ReaderOptions{CacheSize: 8 << 20})
+	if dr.Size() != int64(len(img)) {
+		t.Fatalf("Size %d, image %d", dr.Size(), len(img))
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for range 200 {
+		off := rng.Int64N(int64(len(img)))
+		n := 1 + rng.IntN(3<<20)
+		p := make([]byte, n)
+		k, err := dr.ReadAt(p, off)
+		wantN := min(n, len(img)-int(off))
+		if k != wantN {
+			t.Fatalf("ReadAt(%d, %d) = %d bytes, want %d (err %v)", n, off, k, wantN, err)
+		}
+		if (err == io.EOF) != (wantN < n) || (err != nil && err != io.EOF) {
+			t.Fatalf("ReadAt(%d, %d): err %v", n, off, err)
+		}
+		if !bytes.Equal(p[:k], img[off:off+int64(k)]) {
+			t.Fatalf("ReadAt(%d, %d) returned wrong bytes", n, off)
+		}
+	}
+	if k, err := dr.ReadAt(make([]byte, 10), int64(len(img))); k != 0 || err != io.EOF {
+		t.Fatalf("read at the end: %d, %v", k, err)
+	}
+	// Concurrent readers see the same bytes (run with -race too).
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := range 8 {
+		wg.Go(func() {
+			p := make([]byte, 256<<10)
+			for off := int64(g) * 64 << 10; off < int64(len(img)); off += 8 * 256 << 10 {
+				k, err := dr.ReadAt(p, off)
+				if err != nil && err != io.EOF {
+					errs <- err
+					return
+				}
+				if !bytes.Equal(p[:k], img[off:off+int64(k)]) {
+					errs <- errors.New("concurrent read returned wrong bytes")
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+}
+
+// A sequential read through the reader returns the image, with read-ahead
+// fetching each chunk about once: fetched bytes stay near the image's
+// stored size, however small the read size.
+func TestDiskReaderSequential(t *testing.T) {
+	tr := newTestRepo(t)
+	img := readerImage()
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	dr := openTestReader(t, tr.Repository, m, ReaderOptions{})
+	got, err := io.ReadAll(io.NewSectionReader(dr, 0, dr.Size()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sha256hex(got) != sha256hex(img) {
+		t.Fatal("sequential read differs from the image")
+	}
+	st := dr.Stats()
+	if st.FetchedBytes > int64(len(img)) || st.ChunksFetched == 0 {
+		t.Fatalf("sequential read fetched %d bytes in %d chunks for a %d-byte image", st.FetchedBytes, st.ChunksFetched, len(img))
+	}
+	again := dr.Stats()
+	if _, err := dr.ReadAt(make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if dr.Stats().ChunksFetched != again.ChunksFetched {
+		t.Fatal("a re-read of a cached range fetched again")
+	}
+}
+
+// Extents tiles the image exactly; zero extents are zeros; reading only
+// the zero extents fetches no chunk.
+func TestDiskReaderExtents(t *testing.T) {
+	tr := newTestRepo(t)
+	img := readerImage()
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	dr := openTestReader(t, tr.Repository, m, ReaderOptions{ReadAhead: -1})
+	ext, err := dr.Extents(context.Background(), 0, dr.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pos int64
+	var zero int64
+	for _, e := range ext {
+		if e.Off != pos || e.Length <= 0 {
+			t.Fatalf("extents do not tile the image: %+v at %d", e, pos)
+		}
+		pos += e.Length
+		if e.Zero {
+			zero += e.Length
+			if !isZero(img[e.Off : e.Off+e.Length]) {
+				t.Fatalf("zero extent %+v holds data", e)
+			}
+		}
+	}
+	if pos != int64(len(img)) {
+		t.Fatalf("extents end at %d, image at %d", pos, len(img))
+	}
+	if zero < 4<<20+(2<<20-4096) {
+		t.Fatalf("only %d zero bytes reported; the image has at least %d", zero, 4<<20+(2<<20-4096))
+	}
+	// A sub-range is clipped.
+	sub, err := dr.Extents(context.Background(), 9<<20, 5<<20)
+	if err != nil || len(sub) == 0 || sub[0].Off != 9<<20 || !sub[0].Zero {
+		t.Fatalf("sub-range extents %+v, %v", sub, err)
+	}
+	before := dr.Stats().ChunksFetched
+	for _, e := range ext {
+		if e.Zero {
+			p := make([]byte, e.Length)
+			if _, err := dr.ReadAt(p, e.Off); err != nil {
+				t.Fatal(err)
+			}
+			if !isZero(p) {
+				t.Fatal("a zero extent read back non-zero")
+			}
+		}
+	}
+	if got := dr.Stats().ChunksFetched; got != before {
+		t.Fatalf("reading zero extents fetched %d chunks", got-before)
+	}
+}
+
+func isZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// A flipped byte in a chunk: reads touching that chunk fail with an error
+// naming the object and wrapping ErrCorrupt, never with other bytes;
+// ranges elsewhere still read correctly.
+func TestDiskReaderDamagedChunk(t *testing.T) {
+	tr := newTestRepo(t)
+	img := readerImage()
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	dr := openTestReader(t, tr.Repository, m, ReaderOptions{ReadAhead: -1})
+	const at = 17<<20 + 100 // segment 4, data
+	i, start := dr.d.segmentAt(at)
+	pieces, err := dr.segmentPieces(context.Background(), i)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bad piece
+	for _, pc := range pieces {
+		if start+pc.off <= at && at < start+pc.off+pc.len {
+			bad = pc
+		}
+	}
+	if bad.zero || bad.len == 0 {
+		t.Fatalf("offset %d is not in a chunk: %+v", at, bad)
+	}
+	name := dataName(bad.id)
+	flipByte(t, filepath.Join(tr.dir, name), 100)
+
+	p := make([]byte, 4096)
+	k, err := dr.ReadAt(p, at)
+	if err == nil || !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), name) {
+		t.Fatalf("read of a damaged chunk: %d bytes, err %v; want ErrCorrupt naming %s", k, err, name)
+	}
+	if !bytes.Equal(p[:k], img[at:at+int64(k)]) {
+		t.Fatal("bytes returned before the error are wrong")
+	}
+	// The chunk's last byte too, and again (not cached as good).
+	if _, err := dr.ReadAt(p[:1], start+bad.off+bad.len-1); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("second read of the damaged chunk: %v", err)
+	}
+	// Elsewhere all is well.
+	q := make([]byte, 1<<20)
+	if _, err := dr.ReadAt(q, 1<<20); err != nil || !bytes.Equal(q, img[1<<20:2<<20]) {
+		t.Fatalf("read away from the damage: %v", err)
+	}
+}
+
+func flipByte(t *testing.T, path string, at int64) {
+	t.Helper()
+	if err := os.Chmod(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, at); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0x40
+	if _, err := f.WriteAt(b, at); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The cache stays within its bound: re-reading a range larger than the
+// cache fetches again, a range within it does not.
+func TestDiskReaderCacheBound(t *testing.T) {
+	tr := newTestRepo(t)
+	img := readerImage()
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	dr := openTestReader(t, tr.Repository, m, ReaderOptions{CacheSize: 2 << 20, ReadAhead: -1})
+	p := make([]byte, 64<<10)
+	for off := int64(0); off < int64(len(img)); off += int64(len(p)) {
+		if _, err := dr.ReadAt(p, off); err != nil && err != io.EOF {
+			t.Fatal(err)
+		}
+	}
+	dr.mu.Lock()
+	size := dr.chunks.size
+	dr.mu.Unlock()
+	if size > 2<<20+8<<20 { // at most one chunk beyond the bound
+		t.Fatalf("cache holds %d bytes, bound 2 MiB", size)
+	}
+	n := dr.Stats().ChunksFetched
+	if _, err := dr.ReadAt(p, 0); err != nil {
+		t.Fatal(err)
+	}
+	if dr.Stats().ChunksFetched == n {
+		t.Fatal("the first chunk was still cached after reading 21 MiB through a 2 MiB cache")
+	}
+}
+
+// stallBackend holds Get of one object until the caller's context is
+// cancelled, and completes every Get whatever its context: a backend
+// whose reads in flight finish after an interrupt, as a local disk does.
+type stallBackend struct {
+	backend.Backend
+	name    string
+	stalled chan struct{}
+}
+
+func (b *stallBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	if name == b.name {
+		close(b.stalled)
+		<-ctx.Done()
+	}
+	return b.Backend.Get(context.Background(), name, off, length)
+}
+
+// Issue 9 item 1: a restore cancelled (SIGINT/SIGTERM) while its fetches
+// still succeed reported success over a partial image. It must fail with
+// context.Canceled, and RestoreTo must say the target is incomplete.
+func TestRestoreCancelledFails(t *testing.T) {
+	tr := newTestRepo(t)
+	img := readerImage()
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	dr := openTestReader(t, tr.Repository, m, ReaderOptions{ReadAhead: -1})
+	pieces, err := dr.segmentPieces(context.Background(), 4)
+	if err != nil || len(pieces) == 0 || pieces[0].zero {
+		t.Fatalf("segment 4 does not start with a chunk: %v %+v", err, pieces)
+	}
+	for _, toTarget := range []bool{false, true} {
+		be, err := local.Open(tr.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sb := &stallBackend{Backend: be, name: dataName(pieces[0].id), stalled: make(chan struct{})}
+		r, err := Open(context.Background(), sb, []byte("secret"), Options{CacheDir: tr.cache})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() { <-sb.stalled; cancel() }()
+		if toTarget {
+			_, err = r.RestoreTo(ctx, m, "", filepath.Join(t.TempDir(), "t.raw"))
+			if !errors.Is(err, ErrTargetIncomplete) {
+				t.Fatalf("cancelled RestoreTo: %v, want ErrTargetIncomplete", err)
+			}
+		} else {
+			_, err = r.Restore(ctx, m, "", io.Discard)
+		}
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled restore (target %v) returned %v, want context.Canceled", toTarget, err)
+		}
+		r.Close()
+	}
+}

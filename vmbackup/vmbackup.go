@@ -1,0 +1,440 @@
+// Package vmbackup runs the backup of one VM as one generation: it takes
+// the VM's lock on this host and a shared repository lock, removes
+// snapshots a crashed run left behind, holds the guest (sync, freeze,
+// database locks) just long enough to snapshot every disk, reads the
+// disks and commits the generation.
+//
+// The rules this package keeps — each tested with fakes in
+// vmbackup_test.go, and end to end by test/lvm and the snapshot package's
+// guest tests:
+//
+//   - The guest is released as soon as the snapshots exist, before any
+//     disk is opened or read: nothing slow happens while it is held. A
+//     failed snapshot releases it too.
+//   - Snapshots are removed on every path: success, error and
+//     cancellation (SIGINT/SIGTERM cancel ctx). Removal runs on a context
+//     that is not cancelled, after the readers are closed.
+//   - Nothing is committed after a snapshot overflowed or once the
+//     repository lock is no longer held: both are checked after the last
+//     byte is stored and before the manifest is written (the commit).
+//   - Two runs for the same VM on one host never overlap: the second
+//     fails at once with ErrVMLocked, whether the disks come from the
+//     configuration or from --source.
+//
+// The host-facing steps are small interfaces defined here (Snapshotter,
+// Quiescer, HostLocks, Repository); host.go adapts the real ones: package
+// snapshot (LVM), package quiesce (SSH guest, databases), flock files and
+// package repo. A new kind of disk — a thin-LVM source that knows which
+// ranges changed since a base generation, a libvirt/qemu source reading a
+// dirty bitmap — is a new Source: what it knows travels to the repository
+// in the Image it opens.
+package vmbackup
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"vmvault/config"
+	"vmvault/quiesce"
+	"vmvault/repo"
+	"vmvault/snapshot"
+)
+
+// ErrVMLocked reports that another backup of the same VM runs on this host.
+var ErrVMLocked = errors.New("VM locked on this host")
+
+// ErrLockLost reports that the repository lock a backup held went away
+// (removed by unlock or judged stale by a prune) before the commit.
+var ErrLockLost = errors.New("repository lock lost")
+
+// LongRun is how long a backup runs before it warns: the next night's
+// run is due.
+const LongRun = 24 * time.Hour
+
+// Repository is where a generation is committed.
+type Repository interface {
+	// Lock takes a shared repository lock for command.
+	Lock(ctx context.Context, command string) (Lease, error)
+	// Backup stores the disks and commits the generation; see
+	// repo.Repository.Backup.
+	Backup(ctx context.Context, req repo.BackupRequest) (*repo.Manifest, error)
+}
+
+// Lease is a held repository lock.
+type Lease interface {
+	// Check returns an error wrapping ErrLockLost when the lock is no
+	// longer held, and other errors when that cannot be told.
+	Check(ctx context.Context) error
+	// Context is cancelled when the lease is lost (a failed refresh), so
+	// the backup stops instead of committing after its lock lapsed.
+	Context() context.Context
+	// Unlock releases the lock.
+	Unlock() error
+}
+
+// HostLocks serialises backups of one VM on this host.
+type HostLocks interface {
+	// Lock returns an error wrapping ErrVMLocked when another process
+	// holds vm's lock; it never waits.
+	Lock(vm string) (unlock func(), err error)
+}
+
+// Quiescer makes the guest consistent (sync, fsfreeze, database locks).
+type Quiescer interface {
+	Hold(ctx context.Context) (Hold, error)
+}
+
+// Hold is a held guest; Release undoes it and says what was done.
+type Hold interface {
+	Release(ctx context.Context) quiesce.Report
+}
+
+// Snapshotter creates the snapshots of a VM's volumes.
+type Snapshotter interface {
+	// RemoveLeftovers removes snapshots of vm that a crashed run left in
+	// vg and returns their names.
+	RemoveLeftovers(ctx context.Context, vg, vm string) ([]string, error)
+	// Create snapshots every disk back to back; on error none is left.
+	Create(ctx context.Context, vm string, disks []snapshot.Disk) (Snapshots, error)
+}
+
+// Snapshots are the snapshots of one run.
+type Snapshots interface {
+	// Open opens the snapshot of disk (the image file inside it when
+	// file is not empty) and returns it and its size.
+	Open(ctx context.Context, disk, file string) (io.ReadCloser, int64, error)
+	// Check returns the fill levels; an overflow is an
+	// *snapshot.OverflowError.
+	Check(ctx context.Context) (snapshot.Report, error)
+	// RemoveAll removes every snapshot; it may be called more than once.
+	RemoveAll(ctx context.Context) error
+}
+
+// Source opens one disk that is not snapshotted: a file, a device, a
+// stream.
+type Source interface {
+	Open(ctx context.Context) (Image, error)
+}
+
+// Image is a disk opened for reading.
+type Image struct {
+	Reader io.ReadCloser
+	// Size is the number of bytes Reader delivers, -1 if unknown.
+	Size int64
+	// Desc describes where the image comes from (a path, vg/lv); it is
+	// recorded in the generation, so it must hold no secret.
+	Desc string
+}
+
+// Volume is a logical volume snapshotted for a disk.
+type Volume struct {
+	Origin snapshot.LV
+	// File, if not empty, is the image file inside the file system on the
+	// volume; empty means the volume is the disk.
+	File string
+	// SnapshotSize is the snapshot's copy-on-write space in bytes.
+	SnapshotSize int64
+}
+
+// Disk is one disk of the VM: a Volume read through its snapshot, or a
+// Source read as it is.
+type Disk struct {
+	Name   string
+	Volume *Volume
+	Source Source
+}
+
+// VM is what Run backs up.
+type VM struct {
+	Name  string
+	Disks []Disk
+	// Quiescer, if not nil, holds the guest while the snapshots are taken.
+	Quiescer Quiescer
+	// Snapshotter snapshots the disks that have a Volume.
+	Snapshotter Snapshotter
+}
+
+// Options are the settings of one run.
+type Options struct {
+	// Locks serialises runs of one VM on this host; required.
+	Locks HostLocks
+	// Time is recorded as the generation's time; zero means now.
+	Time time.Time
+	// Tags are recorded in the generation.
+	Tags []string
+	// SHA256 also records a plain SHA-256 of each image.
+	SHA256 bool
+	// Logger receives progress and warnings; nil discards them.
+	Logger *slog.Logger
+	// Progress, if set, is called once the disks are open; it returns
+	// the callback for repo.BackupRequest.Progress and a function called
+	// when reading is over.
+	Progress func(disks []repo.DiskSource) (func(disk string, read int64), func())
+}
+
+// Outcome is what a run did.
+type Outcome struct {
+	// Manifest records the committed generation.
+	Manifest *repo.Manifest
+	// Quiesced says the guest was held; Quiesce is then its report.
+	Quiesced bool
+	Quiesce  quiesce.Report
+	// Snapshotted says snapshots were taken; Snapshots then holds their
+	// fill levels at the commit.
+	Snapshotted bool
+	Snapshots   snapshot.Report
+	// Warnings are problems that did not stop the backup.
+	Warnings []string
+}
+
+// Run backs up vm as one generation in r.
+func Run(ctx context.Context, r Repository, vm VM, opts Options) (Outcome, error) {
+	if err := config.CheckName("VM", vm.Name); err != nil {
+		return Outcome{}, err
+	}
+	if opts.Locks == nil {
+		return Outcome{}, errors.New("vmbackup: no host locks")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	b := &run{vm: vm, opts: opts, log: log.With("vm", vm.Name)}
+	unlock, err := opts.Locks.Lock(vm.Name)
+	if err != nil {
+		return Outcome{}, err
+	}
+	defer unlock()
+	lease, err := r.Lock(ctx, "backup "+vm.Name)
+	if err != nil {
+		return Outcome{}, err
+	}
+	defer lease.Unlock()
+	ctx = lease.Context()
+	slow := time.AfterFunc(LongRun, func() {
+		b.log.Warn("backup has been running for more than 24 hours")
+	})
+	defer slow.Stop()
+	defer b.cleanup(ctx)
+
+	if err := b.freeze(ctx); err != nil {
+		return b.out, err
+	}
+	disks, err := b.open(ctx)
+	if err != nil {
+		return b.out, err
+	}
+	m, err := b.commit(ctx, r, lease, disks)
+	if err != nil {
+		return b.out, err
+	}
+	b.out.Manifest = m
+	return b.out, nil
+}
+
+// run is the state of one Run: what must be undone, and the outcome.
+type run struct {
+	vm      VM
+	opts    Options
+	log     *slog.Logger
+	snaps   Snapshots
+	readers []io.Closer // readers, closed before the snapshots go
+	out     Outcome
+}
+
+// volumes returns the disks to snapshot.
+func (b *run) volumes() []snapshot.Disk {
+	var ds []snapshot.Disk
+	for _, d := range b.vm.Disks {
+		if d.Volume != nil {
+			ds = append(ds, snapshot.Disk{Name: d.Name, Origin: d.Volume.Origin, Size: d.Volume.SnapshotSize})
+		}
+	}
+	return ds
+}
+
+// freeze removes leftover snapshots, then holds the guest exactly as long
+// as it takes to create the snapshots.
+func (b *run) freeze(ctx context.Context) error {
+	vols := b.volumes()
+	if len(vols) > 0 && b.vm.Snapshotter == nil {
+		return fmt.Errorf("VM %s: disks to snapshot but no snapshotter", b.vm.Name)
+	}
+	if err := b.removeLeftovers(ctx, vols); err != nil {
+		return err
+	}
+	var hold Hold
+	if b.vm.Quiescer != nil {
+		h, err := b.vm.Quiescer.Hold(ctx)
+		if err != nil {
+			return err
+		}
+		hold = h
+	}
+	var err error
+	if len(vols) > 0 {
+		b.snaps, err = b.vm.Snapshotter.Create(ctx, b.vm.Name, vols)
+	}
+	if hold != nil {
+		b.release(ctx, hold)
+	}
+	if err != nil {
+		return fmt.Errorf("VM %s: %w", b.vm.Name, err)
+	}
+	b.out.Snapshotted = b.snaps != nil
+	if b.out.Quiesce.Expired {
+		return fmt.Errorf("VM %s: the quiesce hold expired before the snapshots existed; they are not consistent", b.vm.Name)
+	}
+	return nil
+}
+
+// removeLeftovers removes what a crashed run left: lvcreate would fail on
+// the same names.
+func (b *run) removeLeftovers(ctx context.Context, vols []snapshot.Disk) error {
+	seen := map[string]bool{}
+	for _, v := range vols {
+		if seen[v.Origin.VG] {
+			continue
+		}
+		seen[v.Origin.VG] = true
+		removed, err := b.vm.Snapshotter.RemoveLeftovers(ctx, v.Origin.VG, b.vm.Name)
+		for _, lv := range removed {
+			b.log.Warn("removed leftover snapshot of an earlier run", "lv", lv)
+		}
+		if err != nil {
+			return fmt.Errorf("VM %s: %w", b.vm.Name, err)
+		}
+	}
+	return nil
+}
+
+// release lets the guest go and records what the hold did.
+func (b *run) release(ctx context.Context, hold Hold) {
+	rep := hold.Release(ctx)
+	b.out.Quiesced, b.out.Quiesce = true, rep
+	if rep.Err != nil {
+		b.warn("release: " + oneLine(rep.Err))
+	}
+	for _, d := range rep.Databases {
+		if d.Status != quiesce.DBLocked {
+			b.warn(fmt.Sprintf("database %s %s", d.Name, d.Status))
+		}
+	}
+	b.log.Info("guest released", "held", rep.Held.Round(time.Millisecond))
+}
+
+func (b *run) warn(s string) { b.out.Warnings = append(b.out.Warnings, s) }
+
+// open opens every disk, from its snapshot or its source.
+func (b *run) open(ctx context.Context) ([]repo.DiskSource, error) {
+	var ds []repo.DiskSource
+	for _, d := range b.vm.Disks {
+		img, err := b.openDisk(ctx, d)
+		if err != nil {
+			return nil, fmt.Errorf("VM %s disk %s: %w", b.vm.Name, d.Name, err)
+		}
+		b.readers = append(b.readers, img.Reader)
+		ds = append(ds, repo.DiskSource{Name: d.Name, Source: img.Desc, Reader: img.Reader, Size: img.Size})
+	}
+	return ds, nil
+}
+
+func (b *run) openDisk(ctx context.Context, d Disk) (Image, error) {
+	if d.Volume == nil {
+		if d.Source == nil {
+			return Image{}, errors.New("neither a volume nor a source")
+		}
+		return d.Source.Open(ctx)
+	}
+	rd, size, err := b.snaps.Open(ctx, d.Name, d.Volume.File)
+	if err != nil {
+		return Image{}, err
+	}
+	desc := d.Volume.Origin.String()
+	if d.Volume.File != "" {
+		desc += ":" + d.Volume.File
+	}
+	return Image{Reader: rd, Size: size, Desc: desc}, nil
+}
+
+// commit reads the disks into the repository; the generation is written
+// only if, after the last byte, no snapshot overflowed and the lease
+// still holds.
+func (b *run) commit(ctx context.Context, r Repository, lease Lease, disks []repo.DiskSource) (*repo.Manifest, error) {
+	progress, done := func(string, int64) {}, func() {}
+	if b.opts.Progress != nil {
+		progress, done = b.opts.Progress(disks)
+	}
+	m, err := r.Backup(ctx, repo.BackupRequest{VM: b.vm.Name, Time: b.opts.Time, Tags: b.opts.Tags, Disks: disks,
+		SHA256: b.opts.SHA256, Progress: progress, BeforeCommit: func(ctx context.Context) (json.RawMessage, error) {
+			return b.beforeCommit(ctx, lease)
+		}})
+	done()
+	if err != nil && b.snaps != nil && ctx.Err() == nil {
+		// A snapshot that overflows while it is read makes reads fail
+		// with EIO before the pre-commit check runs: say what happened.
+		var oe *snapshot.OverflowError
+		if _, cerr := b.snaps.Check(context.WithoutCancel(ctx)); errors.As(cerr, &oe) {
+			return nil, fmt.Errorf("VM %s: %w; nothing was committed (%v)", b.vm.Name, oe, err)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: %w", b.vm.Name, err)
+	}
+	return m, nil
+}
+
+// beforeCommit is the last word before the commit: the snapshots must
+// still be valid and the repository lock still ours. It returns what the
+// consistency step did, for the generation's record.
+func (b *run) beforeCommit(ctx context.Context, lease Lease) (json.RawMessage, error) {
+	rec := map[string]any{}
+	if b.out.Quiesced {
+		rec["quiesce"] = b.out.Quiesce
+	}
+	if b.snaps != nil {
+		rep, err := b.snaps.Check(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("%w; nothing was committed", err)
+		}
+		b.out.Snapshots = rep
+		if rep.Warn() {
+			b.log.Warn("snapshot was more than 80% full: raise snapshot_size", "peak_percent", rep.Peak)
+			b.warn(fmt.Sprintf("snapshot %.0f%% full", rep.Peak))
+		}
+		rec["snapshots"] = rep
+	}
+	if err := lease.Check(ctx); err != nil {
+		return nil, fmt.Errorf("%w; nothing was committed", err)
+	}
+	if len(rec) == 0 {
+		return nil, nil
+	}
+	return json.Marshal(rec)
+}
+
+// cleanup closes the readers (unmounting image-file snapshots), then
+// removes the snapshots, on a context that the caller's cancellation
+// does not reach.
+func (b *run) cleanup(ctx context.Context) {
+	for _, c := range b.readers {
+		c.Close()
+	}
+	if b.snaps == nil {
+		return
+	}
+	if err := b.snaps.RemoveAll(context.WithoutCancel(ctx)); err != nil {
+		b.log.Error("removing snapshots failed: remove them by hand (lvremove)", "err", err)
+	}
+}
+
+// oneLine keeps an error on one line for summaries and syslog.
+func oneLine(err error) string {
+	return strings.ReplaceAll(err.Error(), "\n", ";")
+}
