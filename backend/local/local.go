@@ -223,6 +223,35 @@ func syncDir(dir string) error {
 }
 
 // Get reads part or all of an object.
+// GetAll reads the whole object, refusing it by its size (fstat on the
+// open file) before allocating when it exceeds limit.
+func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	fn, err := b.filename(name)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open(fn)
+	if err != nil {
+		return nil, mapErr("get", name, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, mapErr("get", name, err)
+	}
+	if err := backend.CheckSize(name, st.Size(), limit); err != nil {
+		return nil, err
+	}
+	buf := make([]byte, st.Size())
+	if _, err := io.ReadFull(f, buf); err != nil {
+		return nil, fmt.Errorf("get %s: %w", name, err)
+	}
+	return buf, nil
+}
+
 func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err

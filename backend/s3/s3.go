@@ -411,6 +411,34 @@ func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]by
 	return w.Bytes(), nil
 }
 
+// GetAll reads the whole object in one GET: the size comes with the
+// response headers (Object.Stat does not send another request once the
+// GET is under way), and an object over limit is refused before its body
+// is read or a buffer allocated.
+func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
+	key, err := b.key(name)
+	if err != nil {
+		return nil, err
+	}
+	obj, err := b.client.GetObject(ctx, b.bucket, key, minio.GetObjectOptions{})
+	if err != nil {
+		return nil, b.mapErr("get", name, err)
+	}
+	defer obj.Close()
+	oi, err := obj.Stat()
+	if err != nil {
+		return nil, b.mapErr("get", name, err)
+	}
+	if err := backend.CheckSize(name, oi.Size, limit); err != nil {
+		return nil, err
+	}
+	buf := make([]byte, oi.Size)
+	if _, err := io.ReadFull(obj, buf); err != nil {
+		return nil, b.mapErr("get", name, err)
+	}
+	return buf, nil
+}
+
 // emptyTail answers a read from off to the end that the store refused
 // as an unsatisfiable range: empty if off is exactly the size.
 func (b *Backend) emptyTail(ctx context.Context, name string, off int64) ([]byte, error) {

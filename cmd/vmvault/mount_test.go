@@ -57,7 +57,11 @@ func startMount(t *testing.T, global []string, dir string) (*exec.Cmd, *lockedWr
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if _, err := os.Stat(filepath.Join(dir, "vm01", "latest", "hda")); err == nil {
+		// Wait for the "mounted" line too: until then go-fuse may hold
+		// its poll-probe file open on the mount, and a SIGKILL in that
+		// window leaves the process stuck flushing a file on its own
+		// (now dead) file system.
+		if _, err := os.Stat(filepath.Join(dir, "vm01", "latest", "hda")); err == nil && strings.Contains(stderr.String(), "mounted;") {
 			return cmd, stderr
 		}
 		if time.Now().After(deadline) {
