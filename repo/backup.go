@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sync/semaphore"
 
 	"vmvault/backend"
+	"vmvault/backend/limit"
 	"vmvault/chunk"
 	"vmvault/crypto"
 )
@@ -52,6 +53,9 @@ type BackupRequest struct {
 	BeforeCommit func(ctx context.Context) (json.RawMessage, error)
 	// Progress, if set, is called from the reader with bytes read so far.
 	Progress func(disk string, read int64)
+	// ReadLimit caps reading the disks, in bytes per second (all disks
+	// together); zero means no limit.
+	ReadLimit int64
 }
 
 // uploadWindow bounds the sealed bytes queued for upload. Together with
@@ -77,8 +81,10 @@ type backupState struct {
 	inFly map[crypto.ID]*pendingObject
 	wg    sync.WaitGroup // uploads and segment-list writers
 	batch *syncBatcher   // nil: every Put is durable on its own
-	fail  func(error)
-	stats struct {
+	// readLimit paces reading the sources (nil: unlimited).
+	readLimit *limit.Bucket
+	fail      func(error)
+	stats     struct {
 		read, zero, bytesNew, stored, chunksNew, segs, segsNew, found atomic.Int64
 	}
 }
@@ -271,7 +277,7 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	st := &backupState{r: r, iw: &indexWriter{r: r, j: r.openJournal()}, sem: semaphore.NewWeighted(uploadWindow),
-		inFly: map[crypto.ID]*pendingObject{}}
+		inFly: map[crypto.ID]*pendingObject{}, readLimit: limit.NewBucket(req.ReadLimit)}
 	var failOnce sync.Once
 	var firstErr error
 	st.fail = func(err error) {
@@ -422,6 +428,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 		sum = sha256.New()
 	}
 	ir := newImageReader(src, nw)
+	ir.limit = st.readLimit
 	var lens []int64
 	var total int64
 	readErr := func() error {

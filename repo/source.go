@@ -9,6 +9,8 @@ import (
 
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
+
+	"vmvault/backend/limit"
 )
 
 // readPiece is the largest single pread of a parallel read: small enough
@@ -26,8 +28,9 @@ type imageReader struct {
 	ra      io.ReaderAt // nil: a stream
 	seeker  io.Seeker   // nil: no hole information
 	readers int
-	eof     bool  // a stream ended
-	read    int64 // bytes really read from the source
+	eof     bool          // a stream ended
+	read    int64         // bytes really read from the source
+	limit   *limit.Bucket // paces reads; nil: unlimited
 }
 
 func newImageReader(src DiskSource, readers int) *imageReader {
@@ -90,6 +93,9 @@ func (ir *imageReader) isHole(off, n int64) bool {
 // filled: all of buf, except when a stream ends (ir.eof is then set).
 func (ir *imageReader) fill(ctx context.Context, buf []byte, off int64) (int, error) {
 	if ir.ra == nil {
+		if err := ir.limit.Wait(ctx, len(buf)); err != nil {
+			return 0, err
+		}
 		n, err := io.ReadFull(ir.src.Reader, buf)
 		ir.read += int64(n)
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
@@ -116,7 +122,7 @@ func (ir *imageReader) fill(ctx context.Context, buf []byte, off int64) (int, er
 		for p := s.off; p < s.end; p += readPiece {
 			part := buf[p-off : min(p+readPiece, s.end)-off]
 			g.Go(func() error {
-				if err := gctx.Err(); err != nil {
+				if err := ir.limit.Wait(gctx, len(part)); err != nil {
 					return err
 				}
 				n, err := ir.ra.ReadAt(part, p)
