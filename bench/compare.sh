@@ -33,7 +33,7 @@
 #                   install github.com/restic/restic/cmd/restic@v0.19.1)
 #   --scenarios L   comma-separated subset of blocks,qcow2,sparse (default all;
 #                   "" for only the file-system next day)
-#   --image-opts S  extra bench/mkimage.sh options (word-split), for a
+#   --image-opts S  extra bench/mkimage.sh options (shell syntax), for a
 #                   second, different image
 #   --runs N        repeat everything N times with fresh repositories, tools
 #                   interleaved; report medians (peak RSS: the maximum) (default 1)
@@ -170,8 +170,8 @@ fi
 if [ -n "$quick" ]; then
 	mk+=(--packages "" --random-mib 48 --log-mib 16 --db-mib 8 --tar-usr no)
 fi
-# shellcheck disable=SC2206 # word splitting is the point
-[ -z "$image_opts" ] || mk+=($image_opts)
+# Parsed like a shell command line, so quotes work: --image-opts '--packages ""'.
+[ -z "$image_opts" ] || eval "mk+=($image_opts)"
 imgdir=$("$repo_root/bench/mkimage.sh" "${mk[@]}") || die "bench/mkimage.sh failed"
 base="$imgdir/base.raw"
 next="$imgdir/next.raw"
