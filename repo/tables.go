@@ -45,13 +45,17 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 		lens []int64
 	}
 	distinct := map[HexID]table{}
+	var fetch []HexID // the keys, so goroutines never write a map being iterated
 	for _, tid := range d.Tables {
-		distinct[tid] = table{}
+		if _, dup := distinct[tid]; !dup {
+			distinct[tid] = table{}
+			fetch = append(fetch, tid)
+		}
 	}
 	var mu sync.Mutex
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
-	for tid := range distinct {
+	for _, tid := range fetch {
 		g.Go(func() error {
 			raw, err := r.getData(gctx, TypeTable, crypto.ID(tid))
 			if err != nil {

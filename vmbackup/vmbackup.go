@@ -50,8 +50,9 @@ import (
 var ErrVMLocked = errors.New("VM locked on this host")
 
 // ErrLockLost reports that the repository lock a backup held went away
-// (removed by unlock or judged stale by a prune) before the commit.
-var ErrLockLost = errors.New("repository lock lost")
+// (removed by unlock or judged stale by a prune) before the commit. It is
+// repo.ErrLockLost: the lease rules live in repo/lock.go (exit 11).
+var ErrLockLost = repo.ErrLockLost
 
 // LongRun is how long a backup runs before it warns: the next night's
 // run is due.
@@ -395,6 +396,11 @@ func (b *run) commit(ctx context.Context, r Repository, lease Lease, disks []rep
 		if _, cerr := b.snaps.Check(context.WithoutCancel(ctx)); errors.As(cerr, &oe) {
 			return nil, fmt.Errorf("VM %s: %w; nothing was committed (%v)", b.vm.Name, oe, err)
 		}
+	}
+	if cause := context.Cause(ctx); err != nil && errors.Is(cause, ErrLockLost) {
+		// The lease went while the disks were read: whichever read saw the
+		// cancellation first, say why (not a bare "context canceled").
+		return nil, fmt.Errorf("VM %s: %w; nothing was committed", b.vm.Name, cause)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: %w", b.vm.Name, err)

@@ -114,11 +114,23 @@ func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]by
 	return data, nil
 }
 
+// GetAll implements backend.Backend.
+func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
+	data, err := b.Backend.GetAll(ctx, name, limit)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.down.Wait(ctx, len(data)); err != nil {
+		return nil, err
+	}
+	return data, nil
+}
+
 // localStore is what the local backend offers beyond backend.Backend.
 type localStore interface {
 	PutDeferred(ctx context.Context, name string, data []byte) error
 	Sync(ctx context.Context) error
-	RemoveTemporary(ctx context.Context) (int, error)
+	RemoveTemporary(ctx context.Context, before time.Time) (int, error)
 }
 
 // localBackend is a limited local backend that keeps its extra methods.
@@ -139,6 +151,6 @@ func (b *localBackend) PutDeferred(ctx context.Context, name string, data []byte
 func (b *localBackend) Sync(ctx context.Context) error { return b.local.Sync(ctx) }
 
 // RemoveTemporary is the local backend's RemoveTemporary.
-func (b *localBackend) RemoveTemporary(ctx context.Context) (int, error) {
-	return b.local.RemoveTemporary(ctx)
+func (b *localBackend) RemoveTemporary(ctx context.Context, before time.Time) (int, error) {
+	return b.local.RemoveTemporary(ctx, before)
 }

@@ -67,10 +67,18 @@ func TestWrapLocal(t *testing.T) {
 	if d := time.Since(start); d < 400*time.Millisecond {
 		t.Fatalf("1.5 MiB uploaded at 1 MiB/s in %v", d)
 	}
+	start = time.Now()
 	for _, n := range []string{"data/00/a", "data/00/b"} {
 		got, err := be.Get(ctx, n, 0, -1)
 		if err != nil || !bytes.Equal(got, data) {
 			t.Fatalf("get %s: %v", n, err)
 		}
+		if got, err = be.GetAll(ctx, n, 1<<20); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("get all %s: %v", n, err)
+		}
+	}
+	// 3 MiB down at 1 MiB/s, one second's worth at once: ≥ 2 s.
+	if d := time.Since(start); d < 1500*time.Millisecond {
+		t.Fatalf("3 MiB downloaded at 1 MiB/s in %v", d)
 	}
 }

@@ -20,10 +20,10 @@ import (
 func needRootFUSE(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("mount tests mount directly and need root")
+		t.Fatal("the mount tests mount directly: run the suite as root")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
+		t.Fatal("the mount tests need /dev/fuse")
 	}
 }
 
