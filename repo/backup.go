@@ -233,6 +233,14 @@ func (b *syncBatcher) run(ctx context.Context) {
 		b.items = nil
 		b.mu.Unlock()
 		if len(items) > 0 {
+			// Journal the batch before Sync makes it appear under its
+			// names, so a kill in between leaves no object the next run
+			// cannot find in the journal; recovery confirms each journaled
+			// object with the store before indexing it, so journaling an
+			// object that never appears is harmless.
+			for _, it := range items {
+				b.st.iw.j.record(it.e)
+			}
 			// Fail before anything waiting on these objects runs on.
 			err := b.be.Sync(ctx)
 			if err != nil {
@@ -240,7 +248,7 @@ func (b *syncBatcher) run(ctx context.Context) {
 			}
 			for _, it := range items {
 				if err == nil {
-					if err = b.st.iw.add(ctx, it.e); err != nil {
+					if err = b.st.iw.addRecorded(ctx, it.e); err != nil {
 						b.st.fail(err)
 					}
 				}
