@@ -241,8 +241,9 @@ func Run(ctx context.Context, r Repository, vm VM, opts Options) (out Outcome, e
 
 	m, err := b.run(ctx, r, lease)
 	if err != nil {
-		// A lease lost mid-run cancels ctx: say so rather than "context
-		// canceled".
+		// A lease lost mid-run cancels ctx: whichever step saw the
+		// cancellation first, say why rather than "context canceled"
+		// (repo.ErrLockLost says that nothing was committed).
 		if cause := context.Cause(ctx); errors.Is(cause, ErrLockLost) && !errors.Is(err, ErrLockLost) {
 			err = fmt.Errorf("VM %s: %w", vm.Name, cause)
 		}
@@ -417,11 +418,6 @@ func (b *run) commit(ctx context.Context, r Repository, lease Lease, disks []rep
 		if _, cerr := b.snaps.Check(context.WithoutCancel(ctx)); errors.As(cerr, &oe) {
 			return nil, fmt.Errorf("VM %s: %w; nothing was committed (%v)", b.vm.Name, oe, err)
 		}
-	}
-	if cause := context.Cause(ctx); err != nil && errors.Is(cause, ErrLockLost) {
-		// The lease went while the disks were read: whichever read saw the
-		// cancellation first, say why (not a bare "context canceled").
-		return nil, fmt.Errorf("VM %s: %w; nothing was committed", b.vm.Name, cause)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: %w", b.vm.Name, err)
