@@ -34,6 +34,10 @@ func (d *doc) config(root *table) *Config {
 	if t := root.sub("retention"); t != nil {
 		cfg.Retention = d.policy(t)
 	}
+	cfg.Limits = Limits{IOPriority: "idle"}
+	if t := root.sub("limits"); t != nil {
+		cfg.Limits = d.limits(t)
+	}
 	if t := root.sub("vm"); t != nil {
 		for _, name := range t.keys() {
 			n, _ := t.get(name)
@@ -166,6 +170,30 @@ func (d *doc) log(t *table) Log {
 		} else {
 			d.errorf(n, "unknown level %q: want debug, info, warn or error", s)
 		}
+	}
+	t.done()
+	return l
+}
+
+// limits reads a [limits] table.
+func (d *doc) limits(t *table) Limits {
+	l := Limits{IOPriority: "idle"}
+	for _, c := range []struct {
+		key string
+		dst *int
+	}{{"read", &l.ReadMiB}, {"upload", &l.UploadMiB}, {"download", &l.DownloadMiB}} {
+		if v, n, ok := t.integer(c.key); ok {
+			if v < 0 {
+				d.errorf(n, "must be 0 (no limit) or a positive number of MiB/s")
+			}
+			*c.dst = v
+		}
+	}
+	if s, n, ok := t.str("io_priority"); ok {
+		if s != "idle" && s != "best-effort" && s != "none" {
+			d.errorf(n, "unknown I/O priority %q: want idle, best-effort or none", s)
+		}
+		l.IOPriority = s
 	}
 	t.done()
 	return l

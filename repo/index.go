@@ -304,6 +304,12 @@ const flushEvery = 2048
 
 func (w *indexWriter) add(ctx context.Context, e IndexEntry) error {
 	w.j.record(e)
+	return w.addRecorded(ctx, e)
+}
+
+// addRecorded is add for an entry already in the journal (a batched
+// upload journals its objects before they appear under their names).
+func (w *indexWriter) addRecorded(ctx context.Context, e IndexEntry) error {
 	w.r.idx.add(e)
 	w.mu.Lock()
 	w.pending = append(w.pending, e)

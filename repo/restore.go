@@ -96,7 +96,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 	if err := r.resolveSegments(ctx, d); err != nil {
 		return err
 	}
-	id := imageDigest(r.imageH, d.Size, d.SegmentSize, d.Segments)
+	id := imageDigest(r.imageH, d.Size, d.SegmentSize, d.Segments, d.segmentLens())
 	if HexID(id) != d.Digest {
 		return fmt.Errorf("disk %s: segment list does not match the image digest: %w", d.Name, ErrCorrupt)
 	}
