@@ -10,6 +10,7 @@ package backend
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -28,7 +29,19 @@ var (
 	// under retention (S3 object lock) until a date still to come; the
 	// object is untouched and can go once its retention has expired.
 	ErrRetained = errors.New("object is under retention")
+	// ErrTooLarge means GetAll refused an object larger than its limit
+	// without reading it.
+	ErrTooLarge = errors.New("object larger than allowed")
 )
+
+// CheckSize returns an error wrapping ErrTooLarge when an object of size
+// bytes exceeds limit. Backends call it in GetAll before they allocate.
+func CheckSize(name string, size, limit int64) error {
+	if size < 0 || size > limit {
+		return fmt.Errorf("get %s: %d bytes, at most %d expected: %w", name, size, limit, ErrTooLarge)
+	}
+	return nil
+}
 
 // ObjectInfo describes one stored object.
 type ObjectInfo struct {
@@ -54,6 +67,12 @@ type Backend interface {
 	// Get returns length bytes of the object starting at off; length < 0
 	// means up to the end. A missing object is ErrNotExist.
 	Get(ctx context.Context, name string, off, length int64) ([]byte, error)
+	// GetAll returns the whole object in one request. When the store
+	// reports more than limit bytes it fails with an error wrapping
+	// ErrTooLarge before allocating anything, so a hostile or damaged
+	// store cannot drive the reader's memory (a 1 TiB sparse file), and
+	// the reader pays no separate Stat for the bound.
+	GetAll(ctx context.Context, name string, limit int64) ([]byte, error)
 	// Stat returns the object's size, or ErrNotExist.
 	Stat(ctx context.Context, name string) (ObjectInfo, error)
 	// List calls fn for every object whose name starts with prefix, in no

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"math/rand/v2"
@@ -25,10 +27,10 @@ import (
 func needFUSE(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("FUSE tests mount directly and need root")
+		t.Fatal("the FUSE tests mount directly: run the suite as root")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
+		t.Fatal("the FUSE tests need /dev/fuse")
 	}
 }
 
@@ -69,7 +71,7 @@ func ext4Image(t *testing.T, dir string, seed uint64) (img string, tree string) 
 	return img, tree
 }
 
-func newRepo(t *testing.T) (*repo.Repository, string) {
+func newRepo(t testing.TB) (*repo.Repository, string) {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "repo")
 	be, err := local.Create(dir)
@@ -84,7 +86,7 @@ func newRepo(t *testing.T) (*repo.Repository, string) {
 	return r, dir
 }
 
-func backupFile(t *testing.T, r *repo.Repository, vm, path string, at time.Time) *repo.Manifest {
+func backupFile(t testing.TB, r *repo.Repository, vm, path string, at time.Time) *repo.Manifest {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
@@ -292,5 +294,70 @@ func TestCheckMountPoint(t *testing.T) {
 	}
 	if err := CheckMountPoint(t.TempDir()); err != nil {
 		t.Errorf("an empty directory: %v", err)
+	}
+}
+
+// A partitioned disk (MBR; ext4 at sector 2048, XFS behind it) mounted
+// from the FUSE file by offset, as docs/disaster-recovery.md shows: both
+// file systems show their files.
+func TestMountPartitionsByOffset(t *testing.T) {
+	needFUSE(t)
+	r, _ := newRepo(t)
+	work := t.TempDir()
+	tree := filepath.Join(work, "tree")
+	os.MkdirAll(tree, 0o755)
+	os.WriteFile(filepath.Join(tree, "hello"), []byte("from ext4\n"), 0o644)
+	img := filepath.Join(work, "disk.raw")
+	os.WriteFile(img, nil, 0o600)
+	os.Truncate(img, 400<<20)
+	const p1Start, p1Sectors, p2Start, p2Sectors = 2048, 61440, 63488, 655360
+	run := func(name string, args ...string) {
+		t.Helper()
+		if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+			t.Fatalf("%s %v: %v: %s", name, args, err, out)
+		}
+	}
+	run("mkfs.ext4", "-q", "-F", "-d", tree, "-E", "offset=1048576", img, "30M")
+	xfs := filepath.Join(work, "xfs.img")
+	os.WriteFile(xfs, nil, 0o600)
+	os.Truncate(xfs, p2Sectors*512)
+	run("mkfs.xfs", "-q", "-f", xfs)
+	xmnt := t.TempDir()
+	run("mount", "-o", "loop", xfs, xmnt)
+	werr := os.WriteFile(filepath.Join(xmnt, "x.txt"), []byte("from xfs\n"), 0o644)
+	run("umount", xmnt)
+	if werr != nil {
+		t.Fatal(werr)
+	}
+	x, _ := os.ReadFile(xfs)
+	f, _ := os.OpenFile(img, os.O_RDWR, 0)
+	f.WriteAt(x, p2Start*512)
+	mbr := make([]byte, 66)
+	for i, p := range [][2]uint32{{p1Start, p1Sectors}, {p2Start, p2Sectors}} {
+		e := mbr[16*i:]
+		e[4] = 0x83
+		binary.LittleEndian.PutUint32(e[8:], p[0])
+		binary.LittleEndian.PutUint32(e[12:], p[1])
+	}
+	mbr[64], mbr[65] = 0x55, 0xaa
+	f.WriteAt(mbr, 446)
+	f.Close()
+	backupFile(t, r, "vm01", img, time.Time{})
+
+	dir, _, _ := mountTest(t, r)
+	disk := filepath.Join(dir, "vm01/latest/hda")
+	for _, p := range []struct {
+		opts, file, want string
+	}{
+		{fmt.Sprintf("ro,loop,noload,offset=%d,sizelimit=%d", p1Start*512, p1Sectors*512), "hello", "from ext4\n"},
+		{fmt.Sprintf("ro,loop,norecovery,offset=%d,sizelimit=%d", p2Start*512, p2Sectors*512), "x.txt", "from xfs\n"},
+	} {
+		m := t.TempDir()
+		run("mount", "-o", p.opts, disk, m)
+		got, err := os.ReadFile(filepath.Join(m, p.file))
+		run("umount", m)
+		if err != nil || string(got) != p.want {
+			t.Fatalf("partition (%s): %q, %v", p.opts, got, err)
+		}
 	}
 }

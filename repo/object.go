@@ -256,27 +256,15 @@ const (
 )
 
 // ErrTooLarge marks an object larger than the format allows for its kind.
-var ErrTooLarge = errors.New("larger than the format allows")
+// It is the backend's sentinel: GetAll refuses such an object unread.
+var ErrTooLarge = backend.ErrTooLarge
 
-// getBounded reads the whole object name, refusing it without reading
-// when the store reports more than limit bytes. It reads at most the size
-// Stat reported, so an object that grows in between cannot raise the
-// allocation either.
+// getBounded reads the whole object name in one request, refusing it
+// without reading when the store reports more than limit bytes.
 func getBounded(ctx context.Context, be backend.Backend, name string, limit int64) ([]byte, error) {
-	oi, err := be.Stat(ctx, name)
-	if err != nil {
-		return nil, err
+	data, err := be.GetAll(ctx, name, limit)
+	if errors.Is(err, backend.ErrTooLarge) {
+		return nil, fmt.Errorf("%w: %w", err, ErrCorrupt)
 	}
-	if err := checkObjectSize(name, oi.Size, limit); err != nil {
-		return nil, err
-	}
-	return be.Get(ctx, name, 0, oi.Size)
-}
-
-// checkObjectSize fails for an object size outside [0, limit].
-func checkObjectSize(name string, size, limit int64) error {
-	if size < 0 || size > limit {
-		return fmt.Errorf("%s: %d bytes, at most %d expected: %w: %w", name, size, limit, ErrTooLarge, ErrCorrupt)
-	}
-	return nil
+	return data, err
 }

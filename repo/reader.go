@@ -356,7 +356,7 @@ func (dr *DiskReader) fetch(t ObjectType, id crypto.ID) ([]byte, error) {
 	}
 	defer func() { <-dr.sem }()
 	name := dataName(id)
-	sealed, err := dr.r.be.Get(dr.ctx, name, 0, -1)
+	sealed, err := getBounded(dr.ctx, dr.r.be, name, maxDataObject)
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w", t, name, err)
 	}

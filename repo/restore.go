@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
+	"sync/atomic"
+	"unsafe"
 
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
@@ -86,8 +89,10 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 }
 
 // restoreSegments fetches d's segments with several workers and hands them
-// to emit strictly in order. emit must not keep seg.data.
-func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(restoredSegment) error) error {
+// to emit: strictly in order from one goroutine when inOrder is set (a
+// stream), else from the workers as each segment is ready (positional
+// writes), so writing runs on every core. emit must not keep seg.data.
+func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool, emit func(restoredSegment) error) error {
 	if err := r.resolveSegments(ctx, d); err != nil {
 		return err
 	}
@@ -106,9 +111,12 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 	}
 	// One result slot per segment in flight; the window bounds memory to
 	// nw+1 segment buffers.
-	results := make([]chan restoredSegment, n)
-	for i := range results {
-		results[i] = make(chan restoredSegment, 1)
+	var results []chan restoredSegment
+	if inOrder {
+		results = make([]chan restoredSegment, n)
+		for i := range results {
+			results[i] = make(chan restoredSegment, 1)
+		}
 	}
 	window := make(chan struct{}, nw)
 	next := make(chan int)
@@ -139,6 +147,15 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 				if err != nil {
 					return fmt.Errorf("restore %s at offset %d: %w", d.Name, seg.off, err)
 				}
+				if !inOrder {
+					err := emit(seg)
+					free <- buf
+					<-window
+					if err != nil {
+						return err
+					}
+					continue
+				}
 				if seg.data == nil {
 					free <- buf
 				}
@@ -148,7 +165,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, emit func(res
 		})
 	}
 	g.Go(func() error {
-		for i := range n {
+		for i := range len(results) {
 			var seg restoredSegment
 			select {
 			case seg = <-results[i]:
@@ -196,7 +213,7 @@ func (r *Repository) Restore(ctx context.Context, m *Manifest, diskName string, 
 	}
 	var st RestoreStats
 	zeros := make([]byte, 1<<20)
-	err = r.restoreSegments(ctx, d, func(seg restoredSegment) error {
+	err = r.restoreSegments(ctx, d, true, func(seg restoredSegment) error {
 		if seg.data != nil {
 			if _, err := w.Write(seg.data); err != nil {
 				return fmt.Errorf("write output: %w", err)
@@ -254,7 +271,15 @@ func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, targe
 	if err != nil {
 		return RestoreStats{}, err
 	}
-	tw := &targetWriter{f: f, regular: fi.Mode().IsRegular()}
+	tw := &targetWriter{f: f, regular: fi.Mode().IsRegular(), zeros: make([]byte, 1<<20)}
+	// A second descriptor with O_DIRECT takes the aligned writes: no copy
+	// into the page cache (which cost more than all decryption did) and no
+	// flood of dirty pages for the final fsync to write. Where the file
+	// system refuses O_DIRECT, everything goes through f.
+	if df, err := os.OpenFile(target, os.O_WRONLY|unix.O_DIRECT, 0); err == nil {
+		tw.direct = df
+		defer df.Close()
+	}
 	if tw.regular {
 		tw.oldSize = fi.Size()
 		// Grow now (a hole); shrink only once the image is complete, so
@@ -274,7 +299,7 @@ func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, targe
 		}
 		tw.oldSize = size
 	}
-	if err := r.restoreSegments(ctx, d, tw.write); err != nil {
+	if err := r.restoreSegments(ctx, d, false, tw.write); err != nil {
 		return tw.st, err
 	}
 	if tw.regular && tw.oldSize > d.Size {
@@ -292,14 +317,23 @@ func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, targe
 // place, in few large system calls: the existing content of a segment is
 // read back in one pread (never beyond the target's old size: there it
 // is a hole, known to be zero), runs of differing data are written with
-// one pwrite each, runs of zeros punched as one hole.
+// one pwrite each, runs of zeros punched as one hole. Segments don't
+// overlap, so write is called from every restore worker at once: the
+// copy into the page cache, which dominates a restore into a new file,
+// runs on every core.
 type targetWriter struct {
 	f       *os.File
 	regular bool
-	oldSize int64 // bytes of the target that existed before the restore
-	cur     []byte
-	zeros   []byte
-	st      RestoreStats
+	oldSize int64     // bytes of the target that existed before the restore
+	cur     sync.Pool // *[]byte read-back buffers
+	zeros   []byte    // read-only
+	// direct is the target opened with O_DIRECT, or nil; noDirect is set
+	// once it refused a write.
+	direct   *os.File
+	noDirect atomic.Bool
+
+	mu sync.Mutex
+	st RestoreStats
 }
 
 // blockAction is what one compareBlock of the target needs.
@@ -312,16 +346,27 @@ const (
 )
 
 func (tw *targetWriter) write(seg restoredSegment) error {
-	tw.st.Bytes += seg.size
+	var st RestoreStats
+	defer func() {
+		tw.mu.Lock()
+		tw.st.Bytes += st.Bytes
+		tw.st.Written += st.Written
+		tw.st.Skipped += st.Skipped
+		tw.mu.Unlock()
+	}()
+	st.Bytes = seg.size
 	// cur is the target's present content of the segment; nil where
 	// beyond the old size (a hole).
 	known := max(0, min(seg.size, tw.oldSize-seg.off))
 	var cur []byte
 	if known > 0 {
-		if int64(cap(tw.cur)) < known {
-			tw.cur = make([]byte, known)
+		bp, _ := tw.cur.Get().(*[]byte)
+		if bp == nil || int64(cap(*bp)) < known {
+			b := make([]byte, known)
+			bp = &b
 		}
-		cur = tw.cur[:known]
+		defer tw.cur.Put(bp)
+		cur = (*bp)[:known]
 		if _, err := tw.f.ReadAt(cur, seg.off); err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("read target at %d: %w", seg.off, err)
 		}
@@ -356,18 +401,18 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 		pos := seg.off + runStart
 		switch runAct {
 		case blockKeep:
-			tw.st.Skipped += k
+			st.Skipped += k
 			return nil
 		case blockWrite:
-			if _, err := tw.f.WriteAt(seg.data[runStart:end], pos); err != nil {
-				return fmt.Errorf("write target at %d: %w", pos, err)
+			if err := tw.writeAt(seg.data[runStart:end], pos); err != nil {
+				return err
 			}
 		case blockZero:
 			if err := tw.zero(pos, k); err != nil {
 				return err
 			}
 		}
-		tw.st.Written += k
+		st.Written += k
 		return nil
 	}
 	for off := int64(0); off < seg.size; off += compareBlock {
@@ -382,6 +427,32 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 	return flush(seg.size)
 }
 
+// directAlign is the alignment O_DIRECT needs of offsets, lengths and
+// buffer addresses: a page, which covers 512- and 4096-byte sectors.
+const directAlign = 4096
+
+// writeAt writes p at pos, directly when p, pos and len(p) are aligned.
+// A page is then either wholly written directly or touched only by
+// buffered writes (runs never overlap), so the two paths never disagree
+// about a page's content.
+func (tw *targetWriter) writeAt(p []byte, pos int64) error {
+	if tw.direct != nil && !tw.noDirect.Load() && pos%directAlign == 0 && len(p)%directAlign == 0 &&
+		uintptr(unsafe.Pointer(unsafe.SliceData(p)))%directAlign == 0 {
+		_, err := tw.direct.WriteAt(p, pos)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("write target at %d: %w", pos, err)
+		}
+		tw.noDirect.Store(true) // refused after all: buffered from now on
+	}
+	if _, err := tw.f.WriteAt(p, pos); err != nil {
+		return fmt.Errorf("write target at %d: %w", pos, err)
+	}
+	return nil
+}
+
 // zero makes [pos, pos+k) of the target zero: a hole in a regular file,
 // written zeros on a device (or where punching is not supported).
 func (tw *targetWriter) zero(pos, k int64) error {
@@ -389,9 +460,6 @@ func (tw *targetWriter) zero(pos, k int64) error {
 		if err := unix.Fallocate(int(tw.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos, k); err == nil {
 			return nil
 		}
-	}
-	if tw.zeros == nil {
-		tw.zeros = make([]byte, 1<<20)
 	}
 	for k > 0 {
 		n := min(k, int64(len(tw.zeros)))

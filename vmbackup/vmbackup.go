@@ -50,8 +50,9 @@ import (
 var ErrVMLocked = errors.New("VM locked on this host")
 
 // ErrLockLost reports that the repository lock a backup held went away
-// (removed by unlock or judged stale by a prune) before the commit.
-var ErrLockLost = errors.New("repository lock lost")
+// (removed by unlock or judged stale by a prune) before the commit. It is
+// repo.ErrLockLost: the lease rules live in repo/lock.go (exit 11).
+var ErrLockLost = repo.ErrLockLost
 
 // LongRun is how long a backup runs before it warns: the next night's
 // run is due.

@@ -54,6 +54,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) backend.Backend, opts Optio
 	t.Run("PutExclusive", func(t *testing.T) { testPutExclusive(t, newBackend(t)) })
 	t.Run("PutRace", func(t *testing.T) { testPutRace(t, newBackend(t)) })
 	t.Run("GetRange", func(t *testing.T) { testGetRange(t, newBackend(t)) })
+	t.Run("GetAll", func(t *testing.T) { testGetAll(t, newBackend(t)) })
 	t.Run("Stat", func(t *testing.T) { testStat(t, newBackend(t)) })
 	t.Run("List", func(t *testing.T) { testList(t, newBackend(t)) })
 	t.Run("ListMany", func(t *testing.T) { testListMany(t, newBackend(t), opts.ManyObjects) })
@@ -199,8 +200,35 @@ func testGetRange(t *testing.T, b backend.Backend) {
 		}
 	}
 	// Past the end is an error, never a short read taken for the whole.
-	if got, err := b.Get(ctx, name, n-10, 20); err == nil {
-		t.Fatalf("get past the end returned %d bytes and no error", len(got))
+	for _, r := range []struct{ off, length int64 }{{n - 10, 20}, {n, 1}, {n + 5, 1}, {n + 5, -1}} {
+		if got, err := b.Get(ctx, name, r.off, r.length); err == nil {
+			t.Fatalf("get [%d, +%d) of a %d-byte object returned %d bytes and no error", r.off, r.length, n, len(got))
+		}
+	}
+}
+
+// GetAll returns whole objects up to its limit, refuses larger ones with
+// ErrTooLarge, and reports a missing object as ErrNotExist.
+func testGetAll(t *testing.T, b backend.Backend) {
+	ctx := context.Background()
+	data := RandomBytes(t, 70000)
+	name := DataName(data)
+	put(t, b, name, data)
+	for _, limit := range []int64{int64(len(data)), 1 << 20} {
+		if got, err := b.GetAll(ctx, name, limit); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("getall %s limit %d: %d bytes, %v", name, limit, len(got), err)
+		}
+	}
+	if got, err := b.GetAll(ctx, name, int64(len(data))-1); !errors.Is(err, backend.ErrTooLarge) || got != nil {
+		t.Fatalf("getall over the limit: %d bytes, %v; want ErrTooLarge", len(got), err)
+	}
+	empty := "data/00/" + strings.Repeat("0", 64)
+	put(t, b, empty, []byte{})
+	if got, err := b.GetAll(ctx, empty, 10); err != nil || len(got) != 0 {
+		t.Fatalf("getall of an empty object: %d bytes, %v", len(got), err)
+	}
+	if _, err := b.GetAll(ctx, "data/ff/"+strings.Repeat("f", 64), 10); !errors.Is(err, backend.ErrNotExist) {
+		t.Fatalf("getall of a missing object: %v; want ErrNotExist", err)
 	}
 }
 

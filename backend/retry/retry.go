@@ -139,6 +139,17 @@ func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]by
 	return out, err
 }
 
+// GetAll reads a whole object; ErrTooLarge is final, not retried.
+func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
+	var out []byte
+	err := b.do(ctx, "get", name, func() error {
+		var err error
+		out, err = b.inner.GetAll(ctx, name, limit)
+		return err
+	})
+	return out, err
+}
+
 // Stat returns an object's size.
 func (b *Backend) Stat(ctx context.Context, name string) (backend.ObjectInfo, error) {
 	var out backend.ObjectInfo

@@ -20,10 +20,10 @@ import (
 func needRootFUSE(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("mount tests mount directly and need root")
+		t.Fatal("the mount tests mount directly: run the suite as root")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
+		t.Fatal("the mount tests need /dev/fuse")
 	}
 }
 
@@ -57,7 +57,11 @@ func startMount(t *testing.T, global []string, dir string) (*exec.Cmd, *lockedWr
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if _, err := os.Stat(filepath.Join(dir, "vm01", "latest", "hda")); err == nil {
+		// Wait for the "mounted" line too: until then go-fuse may hold
+		// its poll-probe file open on the mount, and a SIGKILL in that
+		// window leaves the process stuck flushing a file on its own
+		// (now dead) file system.
+		if _, err := os.Stat(filepath.Join(dir, "vm01", "latest", "hda")); err == nil && strings.Contains(stderr.String(), "mounted;") {
 			return cmd, stderr
 		}
 		if time.Now().After(deadline) {

@@ -33,53 +33,31 @@ func largestObject(t *testing.T, repo string) string {
 	return best
 }
 
-// stallObject replaces a stored object with a FIFO, so that a restore
-// blocks opening it (deterministically, mid-restore) until release is
-// called; release then lets the open return an empty object. restore
-// puts the real object back.
-func stallObject(t *testing.T, path string) (release, restore func()) {
-	t.Helper()
-	aside := path + ".aside"
-	if err := os.Rename(path, aside); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Mkfifo(path, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	release = func() {
-		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_NONBLOCK, 0)
-		if err == nil {
-			f.Close()
-		}
-	}
-	restored := false
-	restore = func() {
-		if restored {
-			return
-		}
-		restored = true
-		os.Remove(path)
-		if err := os.Rename(aside, path); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return release, restore
-}
-
-// waitBlockedOnFIFO waits until a thread of pid sleeps opening a FIFO.
-func waitBlockedOnFIFO(t *testing.T, pid int) {
+// interruptWhen polls ready until it holds, then stops the child,
+// queues sig and lets it continue, so the signal lands in the middle of
+// the work. It reports false if the child had already finished (the
+// caller retries).
+func interruptWhen(t *testing.T, child *exec.Cmd, ready func() bool, sig syscall.Signal) bool {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		tasks, _ := filepath.Glob(filepath.Join("/proc", strconv.Itoa(pid), "task", "*", "wchan"))
-		for _, w := range tasks {
-			if b, _ := os.ReadFile(w); string(b) == "wait_for_partner" {
-				return
-			}
+	for !ready() {
+		if time.Now().After(deadline) {
+			t.Fatal("the restore made no progress within 30 s")
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(time.Millisecond)
 	}
-	t.Fatal("the restore never reached the stalled object")
+	if child.Process.Signal(syscall.SIGSTOP) != nil {
+		return false
+	}
+	// A child that exited meanwhile is a zombie, not stopped.
+	b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(child.Process.Pid), "stat"))
+	if f := strings.Fields(string(b)); len(f) > 2 && f[2] == "Z" {
+		return false
+	}
+	child.Process.Signal(sig)
+	time.Sleep(50 * time.Millisecond)
+	child.Process.Signal(syscall.SIGCONT)
+	return true
 }
 
 // Issue 9 item 1: SIGTERM or SIGINT during a restore, to a target or to
@@ -89,9 +67,8 @@ func waitBlockedOnFIFO(t *testing.T, pid int) {
 func TestRestoreInterrupted(t *testing.T) {
 	e := newEnv(t)
 	src := filepath.Join(e.dir, "vm01.raw")
-	img := writeImage(t, src, 9, 24<<20)
+	img := writeImage(t, src, 9, 96<<20)
 	e.ok("backup", "vm01", "--source", src)
-	obj := largestObject(t, e.repo)
 	old := bytes.Repeat([]byte{0xaa}, len(img)+8<<20)
 
 	for _, tc := range []struct {
@@ -104,53 +81,73 @@ func TestRestoreInterrupted(t *testing.T) {
 		{"stdout SIGTERM", syscall.SIGTERM, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			target := filepath.Join(t.TempDir(), "target.raw")
-			if err := os.WriteFile(target, old, 0o600); err != nil {
-				t.Fatal(err)
-			}
+			dir := t.TempDir()
+			target, outPath := filepath.Join(dir, "target.raw"), filepath.Join(dir, "stdout")
 			args := []string{"restore", "vm01", "latest", "--target", target}
 			if tc.stdout {
 				args = args[:3]
 			}
-			child := helper(e, args...)
-			out, err := os.Create(filepath.Join(t.TempDir(), "stdout"))
-			if err != nil {
-				t.Fatal(err)
+			// Progress: the target's first block changed, or stdout got data.
+			ready := func() bool {
+				if tc.stdout {
+					fi, err := os.Stat(outPath)
+					return err == nil && fi.Size() > 0
+				}
+				f, err := os.Open(target)
+				if err != nil {
+					return false
+				}
+				defer f.Close()
+				b := make([]byte, 4096)
+				f.ReadAt(b, 0)
+				return !bytes.Equal(b, old[:4096])
 			}
-			defer out.Close()
-			var stderr bytes.Buffer
-			child.Stdout, child.Stderr = out, &stderr
-			release, restore := stallObject(t, obj)
-			defer restore()
-			if err := child.Start(); err != nil {
-				t.Fatal(err)
-			}
-			waitBlockedOnFIFO(t, child.Process.Pid)
-			child.Process.Signal(tc.sig)
-			time.Sleep(100 * time.Millisecond)
-			release()
-			err = child.Wait()
-			code := 0
-			if ee, ok := err.(*exec.ExitError); ok {
-				code = ee.ExitCode()
-			}
-			if code != exitInterrupted {
-				t.Fatalf("interrupted restore exited %d (%v), want 130; stderr %s", code, err, stderr.String())
-			}
-			if strings.Contains(stderr.String(), "msg=restored") || !strings.Contains(stderr.String(), "incomplete") {
-				t.Fatalf("interrupted restore: stderr %q; want no success and 'incomplete'", stderr.String())
-			}
-			if fi, _ := os.Stat(target); !tc.stdout && fi.Size() != int64(len(old)) {
-				t.Fatalf("interrupted restore cut the existing target from %d to %d bytes", len(old), fi.Size())
-			}
-			restore()
-			// The same command, uninterrupted, completes the target.
-			if !tc.stdout {
+			for attempt := 0; ; attempt++ {
+				if err := os.WriteFile(target, old, 0o600); err != nil {
+					t.Fatal(err)
+				}
+				out, err := os.Create(outPath)
+				if err != nil {
+					t.Fatal(err)
+				}
+				child := helper(e, args...)
+				var stderr bytes.Buffer
+				child.Stdout, child.Stderr = out, &stderr
+				if err := child.Start(); err != nil {
+					t.Fatal(err)
+				}
+				midway := interruptWhen(t, child, ready, tc.sig)
+				err = child.Wait()
+				out.Close()
+				if !midway {
+					if attempt < 3 {
+						continue
+					}
+					t.Fatal("the restore finished before it could be interrupted, 4 times")
+				}
+				code := 0
+				if ee, ok := err.(*exec.ExitError); ok {
+					code = ee.ExitCode()
+				}
+				if code != exitInterrupted {
+					t.Fatalf("interrupted restore exited %d (%v), want 130; stderr %s", code, err, stderr.String())
+				}
+				if strings.Contains(stderr.String(), "msg=restored") || !strings.Contains(stderr.String(), "incomplete") {
+					t.Fatalf("interrupted restore: stderr %q; want no success and 'incomplete'", stderr.String())
+				}
+				if tc.stdout {
+					return
+				}
+				if fi, _ := os.Stat(target); fi.Size() != int64(len(old)) {
+					t.Fatalf("interrupted restore cut the existing target from %d to %d bytes", len(old), fi.Size())
+				}
+				// The same command, uninterrupted, completes the target.
 				e.ok(args...)
 				got, _ := os.ReadFile(target)
 				if sum(got) != sum(img) {
 					t.Fatal("restore over the interrupted target differs from the image")
 				}
+				return
 			}
 		})
 	}

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# restore.sh: every way out of a repository, timed on one image, against restic.
+#
+# Backs IMAGE up once into a fresh vmvault repository (and a restic one), then
+# times, each --runs times (the fastest run counts):
+#   vmvault restore to stdout (/dev/null)          "stdout"
+#   vmvault restore --target into a new file       "target-new"
+#   vmvault restore --target over the same image   "target-same" (compare only)
+#   vmvault dump of the whole disk (/dev/null)     "dump"
+#   sequential read through vmvault mount (cat)    "fuse"
+#   restic dump (/dev/null) and restore --sparse   "restic-dump", "restic-sparse"
+#   with --sftp, the vmvault restores again over a private sshd on 127.0.0.1
+# and checks each vmvault output once by SHA-256. Prints wall, user and system
+# seconds and peak RSS per case, and the ratios against stdout and restic.
+# Timings never fail the script; a differing restore does.
+#
+# Usage: bench/restore.sh IMAGE [--runs N] [--restic BIN] [--sftp] [--workdir DIR]
+#   --restic BIN   restic binary (default: restic on PATH; 0.19.1 is the reference:
+#                  GOBIN=/tmp/r go install github.com/restic/restic/cmd/restic@v0.19.1)
+# Page caches stay warm (the machine is shared): every case reads the
+# repository from memory, so the figures compare CPU and system-call cost.
+# Needs root for the FUSE case (direct mount) and GNU time.
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+image=${1:?usage: bench/restore.sh IMAGE [--runs N] [--restic BIN] [--sftp] [--workdir DIR]}
+shift
+runs=2
+restic_bin=$(command -v restic || true)
+sftp=
+workdir=
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--runs) runs=$2; shift 2 ;;
+	--restic) restic_bin=$2; shift 2 ;;
+	--sftp) sftp=1; shift ;;
+	--workdir) workdir=$2; shift 2 ;;
+	*) echo "restore.sh: unknown argument $1" >&2; exit 2 ;;
+	esac
+done
+[ -n "$workdir" ] || workdir=$(mktemp -d /var/tmp/vmvault-restore-bench.XXXXXX)
+mkdir -p "$workdir"
+mnt="$workdir/mnt"
+cleanup() {
+	mountpoint -q "$mnt" 2>/dev/null && umount "$mnt" || true
+	[ -n "${sshd_pid:-}" ] && kill "$sshd_pid" 2>/dev/null || true
+	rm -rf "$workdir"
+}
+trap cleanup EXIT
+
+bin="$workdir/vmvault"
+(cd "$repo_root" && go build -o "$bin" ./cmd/vmvault)
+echo "benchpass" > "$workdir/pw"
+chmod 600 "$workdir/pw"
+export VMVAULT_PASSWORD_FILE="$workdir/pw" RESTIC_PASSWORD=benchpass
+vm() { "$bin" --cache-dir "$workdir/cache" "$@"; }
+want=$(sha256sum < "$image" | cut -d' ' -f1)
+size=$(stat -c %s "$image")
+
+vm --repo "$workdir/repo" init >/dev/null 2>&1
+vm --repo "$workdir/repo" backup bench --source "disk=$image" >/dev/null 2>&1
+if [ -n "$restic_bin" ]; then
+	"$restic_bin" -r "$workdir/restic" init >/dev/null
+	(cd "$(dirname "$image")" && "$restic_bin" -r "$workdir/restic" backup "$(basename "$image")" >/dev/null)
+fi
+
+declare -A wall user sys rss
+# timed NAME CMD...: runs CMD (a shell string) $runs times; keeps the fastest.
+timed() {
+	local name=$1 cmd=$2 best= i
+	for ((i = 0; i < runs; i++)); do
+		/usr/bin/time -f "%e %U %S %M" -o "$workdir/time" bash -c "$cmd" || { echo "restore.sh: $name failed" >&2; exit 1; }
+		read -r w u s m < "$workdir/time"
+		if [ -z "$best" ] || awk "BEGIN{exit !($w < $best)}"; then
+			best=$w; wall[$name]=$w; user[$name]=$u; sys[$name]=$s; rss[$name]=$((m / 1024))
+		fi
+	done
+}
+check() { # check NAME FILE
+	local got
+	got=$(sha256sum < "$2" | cut -d' ' -f1)
+	[ "$got" = "$want" ] || { echo "restore.sh: $1 restored a different image" >&2; exit 1; }
+}
+
+R="--repo $workdir/repo"
+timed stdout "'$bin' --cache-dir '$workdir/cache' $R restore bench latest > /dev/null 2>/dev/null"
+timed target-new "rm -f '$workdir/t.raw'; '$bin' --cache-dir '$workdir/cache' $R restore bench latest --target '$workdir/t.raw' 2>/dev/null"
+check target-new "$workdir/t.raw"
+timed target-same "'$bin' --cache-dir '$workdir/cache' $R restore bench latest --target '$workdir/t.raw' 2>/dev/null"
+check target-same "$workdir/t.raw"
+rm -f "$workdir/t.raw"
+timed dump "'$bin' --cache-dir '$workdir/cache' $R dump bench latest > /dev/null 2>/dev/null"
+
+# Each FUSE run mounts afresh (the kernel keeps a disk file's pages cached
+# across opens) and unmounts; the time includes mounting.
+mkdir -p "$mnt"
+cat > "$workdir/fuse-read.sh" <<EOF
+set -e
+'$bin' --cache-dir '$workdir/cache' $R mount '$mnt' 2>>'$workdir/mount.log' &
+pid=\$!
+for _ in \$(seq 500); do [ -e '$mnt/bench/latest/disk' ] && break; sleep 0.02; done
+cat '$mnt/bench/latest/disk' > \${FUSE_OUT:-/dev/null}
+kill \$pid
+wait \$pid
+EOF
+timed fuse "bash '$workdir/fuse-read.sh'"
+FUSE_OUT="$workdir/fuse.out" bash "$workdir/fuse-read.sh"
+check fuse "$workdir/fuse.out"
+rm -f "$workdir/fuse.out"
+
+if [ -n "$restic_bin" ]; then
+	timed restic-dump "'$restic_bin' -r '$workdir/restic' dump latest '/$(basename "$image")' > /dev/null"
+	timed restic-sparse "rm -rf '$workdir/rr'; '$restic_bin' -r '$workdir/restic' restore latest --sparse --target '$workdir/rr' > /dev/null"
+	rm -rf "$workdir/rr"
+fi
+
+if [ -n "$sftp" ]; then
+	sd="$workdir/sshd"
+	mkdir -p "$sd" /run/sshd
+	chmod 711 "$sd"
+	ssh-keygen -q -t ed25519 -N '' -f "$sd/host"
+	ssh-keygen -q -t ed25519 -N '' -f "$sd/client"
+	cp "$sd/client.pub" "$sd/authorized_keys"
+	port=$((20000 + RANDOM % 20000))
+	cat > "$sd/config" <<-EOF
+		ListenAddress 127.0.0.1
+		Port $port
+		HostKey $sd/host
+		PidFile $sd/pid
+		AuthorizedKeysFile $sd/authorized_keys
+		PasswordAuthentication no
+		KbdInteractiveAuthentication no
+		UsePAM no
+		StrictModes no
+		Subsystem sftp internal-sftp
+	EOF
+	/usr/sbin/sshd -D -e -f "$sd/config" >"$sd/log" 2>&1 &
+	sshd_pid=$!
+	sleep 0.5
+	echo "[127.0.0.1]:$port $(cat "$sd/host.pub")" > "$sd/known_hosts"
+	S="--repo sftp://root@127.0.0.1:$port$workdir/repo --ssh-key $sd/client --known-hosts $sd/known_hosts"
+	timed sftp-stdout "'$bin' --cache-dir '$workdir/cache' $S restore bench latest > /dev/null 2>/dev/null"
+	timed sftp-target-new "rm -f '$workdir/t.raw'; '$bin' --cache-dir '$workdir/cache' $S restore bench latest --target '$workdir/t.raw' 2>/dev/null"
+	check sftp-target-new "$workdir/t.raw"
+	rm -f "$workdir/t.raw"
+fi
+
+ratio() { awk "BEGIN{ if ($2 > 0) printf \"%.2f\", $1 / $2; else print \"-\" }"; }
+printf "image %s, %d MiB; best of %d runs; %s\n" "$image" $((size >> 20)) "$runs" "$("$restic_bin" version 2>/dev/null | cut -d' ' -f1-2)"
+printf "%-16s %8s %8s %8s %8s %10s %10s %12s\n" case wall_s user_s sys_s rss_MiB "/stdout" "/restic" "/local-same"
+for name in stdout target-new target-same dump fuse restic-dump restic-sparse sftp-stdout sftp-target-new; do
+	[ -n "${wall[$name]:-}" ] || continue
+	ref=
+	case $name in
+	stdout | dump | fuse) ref=${wall[restic-dump]:-} ;;
+	target-new) ref=${wall[restic-sparse]:-} ;;
+	esac
+	local_same=
+	case $name in
+	sftp-stdout) local_same=$(ratio "${wall[$name]}" "${wall[stdout]}") ;;
+	sftp-target-new) local_same=$(ratio "${wall[$name]}" "${wall[target-new]}") ;;
+	esac
+	printf "%-16s %8s %8s %8s %8s %10s %10s %12s\n" "$name" "${wall[$name]}" "${user[$name]}" "${sys[$name]}" "${rss[$name]}" \
+		"$(ratio "${wall[$name]}" "${wall[stdout]}")" "${ref:+$(ratio "${wall[$name]}" "$ref")}" "$local_same"
+done
