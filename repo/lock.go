@@ -128,7 +128,7 @@ func thisProcess() processIdentity {
 	return id
 }
 
-// ProvablyDead reports whether the lock's holder is known to be gone:
+// provablyDead reports whether the lock's holder is known to be gone:
 // same host, boot and PID namespace as self, and no such process.
 func (l LockInfo) provablyDead(self processIdentity) bool {
 	if l.Unreadable || l.PID <= 0 || l.Host != self.host || l.BootID == "" || l.BootID != self.bootID ||

@@ -331,7 +331,13 @@ func (r *Repository) PlanPrune(ctx context.Context, opts PruneOptions) (*PrunePl
 		Chunk:       func(e SegmentEntry, _ Origin) error { return marks.add(e.ID, TypeChunk) },
 	}
 	if err := w.Run(ctx, r); err != nil {
-		return nil, fmt.Errorf("prune stopped, nothing deleted: %w (run check)", err)
+		// A generation prune cannot read may still reference data: it
+		// stops rather than delete that data (restic does the same).
+		hint := "run check"
+		if errors.Is(err, ErrCorrupt) {
+			hint = "run check; a damaged or foreign manifest blocks prune until it is moved out of manifests/"
+		}
+		return nil, fmt.Errorf("prune stopped, nothing deleted: %w (%s)", err, hint)
 	}
 	if err := marks.flush(); err != nil {
 		return nil, err
