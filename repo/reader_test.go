@@ -284,11 +284,20 @@ type stallBackend struct {
 }
 
 func (b *stallBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	b.stall(ctx, name)
+	return b.Backend.Get(context.Background(), name, off, length)
+}
+
+func (b *stallBackend) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
+	b.stall(ctx, name)
+	return b.Backend.GetAll(context.Background(), name, limit)
+}
+
+func (b *stallBackend) stall(ctx context.Context, name string) {
 	if name == b.name {
 		close(b.stalled)
 		<-ctx.Done()
 	}
-	return b.Backend.Get(context.Background(), name, off, length)
 }
 
 // Issue 9 item 1: a restore cancelled (SIGINT/SIGTERM) while its fetches
