@@ -1,5 +1,5 @@
 # vmvault: the two set-up commands of the README, and a few conveniences.
-.PHONY: demo test build bench fuzz
+.PHONY: demo test build bench fuzz faults
 
 build:
 	go build -o bin/vmvault ./cmd/vmvault
@@ -17,3 +17,7 @@ bench:
 FUZZTIME ?= 2m
 fuzz:
 	bash scripts/fuzz.sh $(FUZZTIME)
+
+# The fault campaign of issue 9 (root; several minutes); not part of CI.
+faults:
+	bash scripts/faults.sh

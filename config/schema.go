@@ -114,7 +114,7 @@ func (d *doc) s3Keys(t *table, r *Repository, s3 bool) {
 // repositoryURL checks an sftp:// URL or a local path and reports whether
 // it is SFTP.
 func (d *doc) repositoryURL(n node, s string) bool {
-	if rest, ok := strings.CutPrefix(s, "s3:"); ok {
+	if rest, ok := strings.CutPrefix(s, "s3:"); ok && !strings.HasPrefix(rest, "//") {
 		if u, err := url.Parse(rest); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.Trim(u.Path, "/") == "" {
 			d.errorf(n, "%q: want s3:https://HOST[:PORT]/BUCKET[/PREFIX] or s3:http://…", s)
 		}
@@ -132,7 +132,7 @@ func (d *doc) repositoryURL(n node, s string) bool {
 	case err != nil:
 		d.errorf(n, "not a valid url: %v", err)
 	case u.Scheme != "sftp":
-		d.errorf(n, "unsupported scheme %q: want sftp://user@host[:port]/path or a local path", u.Scheme)
+		d.errorf(n, "unsupported scheme %q: want sftp://user@host[:port]/path, s3:https://host[:port]/bucket[/prefix] or a local path", u.Scheme)
 	case u.Hostname() == "":
 		d.errorf(n, "no host in %q", s)
 	case u.Path == "" || u.Path == "/":

@@ -204,6 +204,9 @@ type reply struct {
 func (c *client) write(parts ...[]byte) {
 	c.t.Helper()
 	for _, p := range parts {
+		if len(p) == 0 {
+			continue // the server may have closed after a disconnect request
+		}
 		if _, err := c.c.Write(p); err != nil {
 			c.t.Fatal(err)
 		}

@@ -10,6 +10,10 @@
 //     were good.
 //   - The export is never written unless it is a WritableExport; every
 //     write-type command to a read-only export is refused with EPERM.
+//   - An Overlay never writes its base. Its file only ever holds whole
+//     blocks (a partial first write copies the rest of the block from the
+//     base first), so a block is either wholly the base's or wholly the
+//     overlay's, and the in-memory map says which.
 //   - Untrusted bytes are parsed in small functions in wire.go, bounded
 //     before anything is allocated for them (option payloads, names,
 //     request lengths), and fuzzed.

@@ -10,6 +10,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -21,9 +22,12 @@ const (
 	// maxInFlight bounds the requests one connection serves at once (and
 	// so its memory: each holds at most maxRequestLen bytes).
 	maxInFlight = 8
-	// maxDescriptors bounds the extents in one block status reply; the
-	// protocol lets a reply cover less than was asked.
+	// maxDescriptors and maxStatusLen bound one block status reply (the
+	// protocol lets a reply cover less than was asked): an answer over a
+	// repository costs a segment list fetch per data segment, and clients
+	// ask for gigabytes at once.
 	maxDescriptors = 1 << 14
+	maxStatusLen   = 256 << 20
 )
 
 // errAbort ends a handshake the client aborted.
@@ -35,6 +39,27 @@ type Server struct {
 	exports  map[string]Export
 	names    []string
 	defaultN string
+	// bufs recycles read buffers of pooledBuffer bytes: a sequential
+	// reader would otherwise allocate one per request.
+	bufs sync.Pool
+}
+
+// pooledBuffer is the size of recycled read buffers; larger reads (rare:
+// qemu reads at most 2 MiB at once) allocate their own.
+const pooledBuffer = 4 << 20
+
+// buffer returns a buffer of n bytes and the function that releases it
+// once the reply has been sent.
+func (s *Server) buffer(n int64) ([]byte, func()) {
+	if n > pooledBuffer {
+		return make([]byte, n), func() {}
+	}
+	p, ok := s.bufs.Get().(*[]byte)
+	if !ok {
+		b := make([]byte, pooledBuffer)
+		p = &b
+	}
+	return (*p)[:n], func() { s.bufs.Put(p) }
 }
 
 // NewServer returns a server for exports, keyed by export name;
@@ -63,9 +88,10 @@ func (s *Server) lookup(name string) (Export, string, bool) {
 	return e, name, ok
 }
 
-// Serve accepts connections on l until ctx is done or l fails, then closes
-// l and every connection and returns once all of them have ended. It
-// returns nil when stopped by ctx.
+// Serve accepts connections on l until ctx is done or l is closed, then
+// closes l and every connection and returns once all of them have ended.
+// It returns nil when stopped by ctx. Other accept errors (out of file
+// descriptors) are logged and retried.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	var (
 		mu     sync.Mutex
@@ -86,8 +112,20 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		closeAll()
 	})
 	defer stop()
+	var backoff time.Duration
 	for {
 		c, err := l.Accept()
+		if err != nil && ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+			// Out of file descriptors, a connection aborted before it was
+			// accepted: wait a little and go on serving the others.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("nbd accept failed", "listen", l.Addr().String(), "err", err, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+			}
+			continue
+		}
 		if err != nil {
 			l.Close()
 			closeAll()
@@ -97,6 +135,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			}
 			return fmt.Errorf("accept on %s: %w", l.Addr(), err)
 		}
+		backoff = 0
 		mu.Lock()
 		if closed {
 			mu.Unlock()
@@ -450,6 +489,9 @@ func (cs *conn) write(w WritableExport, req request, payload []byte) uint32 {
 	}
 	if err != nil {
 		cs.srv.log.Error("nbd write failed", "offset", off, "length", req.length, "err", err)
+		if errors.Is(err, syscall.ENOSPC) {
+			return errNoSpc
+		}
 		return errIO
 	}
 	return 0
@@ -460,8 +502,9 @@ func (cs *conn) write(w WritableExport, req request, payload []byte) uint32 {
 // error chunk, and no byte of the failed range is sent.
 func (cs *conn) read(e Export, req request) {
 	off, length := int64(req.offset), int64(req.length)
+	buf, release := cs.srv.buffer(length)
+	defer release()
 	if !cs.structured || req.flags&cmdFlagDF != 0 {
-		buf := make([]byte, length)
 		if err := readFull(e, buf, off); err != nil {
 			cs.readError(req, off, err)
 			return
@@ -481,16 +524,12 @@ func (cs *conn) read(e Export, req request) {
 		cs.readError(req, off, err)
 		return
 	}
-	var buf []byte
 	for _, x := range ext {
 		if x.Hole {
 			p := appendU64(nil, uint64(x.Offset))
 			p = appendU32(p, uint32(x.Length))
 			cs.send(chunkHeader(req.cookie, 0, chunkOffsetHole, uint32(len(p))), p)
 			continue
-		}
-		if int64(cap(buf)) < x.Length {
-			buf = make([]byte, length)
 		}
 		data := buf[:x.Length]
 		if err := readFull(e, data, x.Offset); err != nil {
@@ -522,7 +561,7 @@ func (cs *conn) readError(req request, off int64, err error) {
 
 // blockStatus answers NBD_CMD_BLOCK_STATUS for base:allocation.
 func (cs *conn) blockStatus(e Export, req request) {
-	off, length := int64(req.offset), int64(req.length)
+	off, length := int64(req.offset), min(int64(req.length), maxStatusLen)
 	ext, err := e.Extents(off, length)
 	if err == nil {
 		ext, err = clipExtents(ext, off, length)

@@ -2,8 +2,12 @@ package nbd
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -252,5 +256,65 @@ func TestListAndUnknownExport(t *testing.T) {
 	}
 	if out, err := exec.Command("qemu-img", "info", nbdURL(sock, "nope")).CombinedOutput(); err == nil {
 		t.Fatalf("unknown export opened: %s", out)
+	}
+}
+
+// TestTCPLoopback: a TCP address without a host listens on 127.0.0.1
+// only, and qemu reads the export by name over it.
+func TestTCPLoopback(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	img := testImage(t, dir)
+	srv, err := NewServer(slog.New(slog.DiscardHandler), "hda", map[string]Export{"hda": openFileExport(t, img)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := Listen(":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().(*net.TCPAddr)
+	if !addr.IP.Equal(net.IPv4(127, 0, 0, 1)) {
+		t.Fatalf("listening on %s, want 127.0.0.1", addr)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, l) }()
+	defer func() { cancel(); <-done }()
+	run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", img, fmt.Sprintf("nbd://127.0.0.1:%d/hda", addr.Port))
+}
+
+// TestOverlayFull: when the overlay's filesystem is full, a write fails
+// with ENOSPC, and what was written before still reads back.
+func TestOverlayFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounts a small tmpfs: needs root")
+	}
+	dir := t.TempDir()
+	img := testImage(t, dir)
+	small := filepath.Join(dir, "small")
+	os.Mkdir(small, 0o700)
+	run(t, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small)
+	defer exec.Command("umount", small).Run()
+	ov, err := CreateOverlay(openFileExport(t, img), filepath.Join(small, "ov"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ov.Close()
+	sock := serve(t, dir, "hda", map[string]Export{"hda": ov})
+	c, _, _ := dial(t, sock, "", true)
+	first := bytes.Repeat([]byte{0xab}, 512<<10)
+	c.request(cmdWrite, 0, 1, 0, uint32(len(first)), first)
+	if r := c.next(); r.errno != 0 {
+		t.Fatalf("first write: errno %d", r.errno)
+	}
+	big := make([]byte, 2*mib)
+	c.request(cmdWrite, 0, 2, 4*mib, uint32(len(big)), big)
+	if r := c.next(); r.errno != errNoSpc {
+		t.Fatalf("write to a full overlay: errno %d, want ENOSPC", r.errno)
+	}
+	got := make([]byte, len(first))
+	if _, err := ov.ReadAt(got, 0); err != nil || !bytes.Equal(got, first) {
+		t.Fatalf("earlier write lost: %v", err)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -236,5 +237,47 @@ func TestServeStopsOnCancel(t *testing.T) {
 	c.SetReadDeadline(time.Now().Add(time.Second))
 	if _, err := c.Read(make([]byte, 1)); err == nil {
 		t.Fatal("connection still open after Serve returned")
+	}
+}
+
+// flakyListener fails its first Accept as a listener out of file
+// descriptors does (a stand-in: exhausting descriptors would disturb the
+// other tests of the process).
+type flakyListener struct {
+	net.Listener
+	failed bool
+}
+
+func (f *flakyListener) Accept() (net.Conn, error) {
+	if !f.failed {
+		f.failed = true
+		return nil, syscall.EMFILE
+	}
+	return f.Listener.Accept()
+}
+
+// TestServeRetriesAccept: a failed accept does not stop the server.
+func TestServeRetriesAccept(t *testing.T) {
+	srv, err := NewServer(slog.New(slog.DiscardHandler), "hda", map[string]Export{"hda": &memExport{data: make([]byte, 4096)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, &flakyListener{Listener: l}) }()
+	defer func() { cancel(); <-done }()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	hello := make([]byte, 18)
+	if _, err := io.ReadFull(c, hello); err != nil || !bytes.HasPrefix(hello, []byte("NBDMAGIC")) {
+		t.Fatalf("no greeting after a failed accept: %v %q", err, hello)
 	}
 }

@@ -86,7 +86,7 @@ func (e *DatabaseError) Error() string {
 	if e.Status == DBDown {
 		what = "is down and marked required"
 	}
-	return fmt.Sprintf("vm %s: database %s (%s@%s) %s: %v", e.VM, e.Name, e.User, e.Addr, what, e.Err)
+	return fmt.Sprintf("VM %s: database %s (%s@%s) %s: %v", e.VM, e.Name, e.User, e.Addr, what, e.Err)
 }
 
 // Unwrap returns the underlying error, for example a *mysql.MySQLError.

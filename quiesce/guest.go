@@ -77,10 +77,10 @@ type HostKeyError struct {
 // Error implements error.
 func (e *HostKeyError) Error() string {
 	if e.Known {
-		return fmt.Sprintf("vm %s: guest %s presented host key %s %s, which does not match %s: possible man-in-the-middle attack, refusing to connect",
+		return fmt.Sprintf("VM %s: guest %s presented host key %s %s, which does not match %s: possible man-in-the-middle attack, refusing to connect",
 			e.VM, e.Host, e.KeyType, e.Fingerprint, e.KnownHosts)
 	}
-	return fmt.Sprintf("vm %s: guest %s presented unknown host key %s %s: not in %s; verify it and add it to that file",
+	return fmt.Sprintf("VM %s: guest %s presented unknown host key %s %s: not in %s; verify it and add it to that file",
 		e.VM, e.Host, e.KeyType, e.Fingerprint, e.KnownHosts)
 }
 
@@ -98,7 +98,7 @@ type CommandError struct {
 // Error implements error.
 func (e *CommandError) Error() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "vm %s: guest command %q", e.VM, e.Command)
+	fmt.Fprintf(&b, "VM %s: guest command %q", e.VM, e.Command)
 	if e.ExitStatus >= 0 {
 		fmt.Fprintf(&b, " exited with status %d", e.ExitStatus)
 	} else {
@@ -153,7 +153,7 @@ func (c GuestConfig) withDefaults() (GuestConfig, error) {
 func dialGuest(ctx context.Context, vm string, cfg GuestConfig, log *slog.Logger) (*guest, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
-		return nil, fmt.Errorf("vm %s: %w", vm, err)
+		return nil, fmt.Errorf("VM %s: %w", vm, err)
 	}
 	addr := cfg.Addr
 	if _, _, err := net.SplitHostPort(addr); err != nil {
@@ -161,11 +161,11 @@ func dialGuest(ctx context.Context, vm string, cfg GuestConfig, log *slog.Logger
 	}
 	signer, err := sshkey.ReadPrivateKey(cfg.KeyFile)
 	if err != nil {
-		return nil, fmt.Errorf("vm %s: %w", vm, err)
+		return nil, fmt.Errorf("VM %s: %w", vm, err)
 	}
 	known, err := knownhosts.New(cfg.KnownHostsFile)
 	if err != nil {
-		return nil, fmt.Errorf("vm %s: read known hosts: %w", vm, err)
+		return nil, fmt.Errorf("VM %s: read known hosts: %w", vm, err)
 	}
 	g := &guest{vm: vm, cfg: cfg, addr: addr, log: log}
 	g.ssh = &ssh.ClientConfig{
@@ -187,7 +187,7 @@ func (g *guest) dial(ctx context.Context) error {
 	var d net.Dialer
 	nc, err := d.DialContext(dctx, "tcp", g.addr)
 	if err != nil {
-		return fmt.Errorf("vm %s: connect to guest %s: %w", g.vm, g.addr, err)
+		return fmt.Errorf("VM %s: connect to guest %s: %w", g.vm, g.addr, err)
 	}
 	// The handshake has no context parameter; a deadline on the socket
 	// bounds it instead.
@@ -201,7 +201,7 @@ func (g *guest) dial(ctx context.Context) error {
 		if errors.As(err, &hk) {
 			return hk
 		}
-		return fmt.Errorf("vm %s: ssh to guest %s as %s: %w", g.vm, g.addr, g.cfg.User, err)
+		return fmt.Errorf("VM %s: ssh to guest %s as %s: %w", g.vm, g.addr, g.cfg.User, err)
 	}
 	_ = nc.SetDeadline(time.Time{})
 	g.mu.Lock()
@@ -226,7 +226,7 @@ func (g *guest) verifyHostKey(known ssh.HostKeyCallback) ssh.HostKeyCallback {
 				KnownHosts:  g.cfg.KnownHostsFile, Known: len(ke.Want) > 0,
 			}
 		}
-		return fmt.Errorf("vm %s: guest %s host key %s: %w", g.vm, hostname, ssh.FingerprintSHA256(key), err)
+		return fmt.Errorf("VM %s: guest %s host key %s: %w", g.vm, hostname, ssh.FingerprintSHA256(key), err)
 	}
 }
 

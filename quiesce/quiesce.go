@@ -129,7 +129,7 @@ type Hold struct {
 func (q *Quiescer) Hold(ctx context.Context) (*Hold, error) {
 	h := &Hold{q: q, report: Report{VM: q.cfg.VM}}
 	fail := func(err error) (*Hold, error) {
-		rep := h.release(ctx, false)
+		rep := h.release(ctx, releasedByCaller)
 		if rep.Err != nil {
 			return nil, errors.Join(err, fmt.Errorf("while undoing: %w", rep.Err))
 		}
@@ -178,7 +178,7 @@ func (q *Quiescer) Hold(ctx context.Context) (*Hold, error) {
 	h.mu.Lock()
 	h.watchdog = time.AfterFunc(q.cfg.MaxHold, func() {
 		q.log.Error("quiesce held longer than MaxHold; releasing now, snapshots taken later are not consistent", "max_hold", q.cfg.MaxHold)
-		h.release(context.Background(), true)
+		h.release(context.Background(), releasedByWatchdog)
 	})
 	h.mu.Unlock()
 	return h, nil
@@ -197,10 +197,19 @@ func (h *Hold) markLocked() {
 // several goroutines (a defer and a signal handler); every call returns
 // the same Report.
 func (h *Hold) Release(ctx context.Context) Report {
-	return h.release(ctx, false)
+	return h.release(ctx, releasedByCaller)
 }
 
-func (h *Hold) release(ctx context.Context, expired bool) Report {
+// releaseCause says who releases a hold: the caller in time, or the
+// watchdog after MaxHold (the Report then says Expired).
+type releaseCause bool
+
+const (
+	releasedByCaller   releaseCause = false
+	releasedByWatchdog releaseCause = true
+)
+
+func (h *Hold) release(ctx context.Context, cause releaseCause) Report {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.released {
@@ -224,7 +233,7 @@ func (h *Hold) release(ctx context.Context, expired bool) Report {
 		err := h.locks[i].release(rctx, h.q.unlockSQL)
 		cancel()
 		if err != nil {
-			errs = append(errs, fmt.Errorf("vm %s: %w", h.q.cfg.VM, err))
+			errs = append(errs, fmt.Errorf("VM %s: %w", h.q.cfg.VM, err))
 		}
 	}
 	if !h.locked.IsZero() {
@@ -238,9 +247,9 @@ func (h *Hold) release(ctx context.Context, expired bool) Report {
 		}
 		h.guest.closeClient()
 	}
-	h.report.Expired = expired
+	h.report.Expired = cause == releasedByWatchdog
 	h.report.Err = errors.Join(errs...)
-	attrs := []any{"held", h.report.Held.Round(time.Millisecond), "expired", expired}
+	attrs := []any{"held", h.report.Held.Round(time.Millisecond), "expired", h.report.Expired}
 	if h.report.Err != nil {
 		h.q.log.Error("released with errors", append(attrs, "err", h.report.Err)...)
 	} else if !h.locked.IsZero() {

@@ -83,6 +83,16 @@ func TestManifestRepeatedTableRefused(t *testing.T) {
 	if n > 4<<20 {
 		t.Fatalf("loading the manifest allocated %d bytes", n)
 	}
+	// The prune dry run of the report (a plan) is not sized by it.
+	n = allocatedBy(func() {
+		plan, err := tr.PlanPrune(ctx, PruneOptions{})
+		if err == nil {
+			plan.Close()
+		}
+	})
+	if n > 16<<20 {
+		t.Fatalf("prune plan allocated %d MiB", n>>20)
+	}
 	// The same table repeated within the limits is legitimate (an empty
 	// disk's tables are all alike) and is fetched once.
 	if err := (&Disk{Name: "d", Size: MaxDiskSegments * seg, SegmentSize: seg, Tables: make([]HexID, MaxDiskTables)}).validateLimits(); err != nil {

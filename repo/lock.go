@@ -128,7 +128,7 @@ func thisProcess() processIdentity {
 	return id
 }
 
-// ProvablyDead reports whether the lock's holder is known to be gone:
+// provablyDead reports whether the lock's holder is known to be gone:
 // same host, boot and PID namespace as self, and no such process.
 func (l LockInfo) provablyDead(self processIdentity) bool {
 	if l.Unreadable || l.PID <= 0 || l.Host != self.host || l.BootID == "" || l.BootID != self.bootID ||
@@ -414,12 +414,9 @@ func (l *Lock) release(ctx context.Context, name string) error {
 	return err
 }
 
-// refreshInterval is LockRefresh; tests shorten it.
-var refreshInterval = LockRefresh
-
 func (l *Lock) refreshLoop() {
 	defer close(l.done)
-	t := time.NewTicker(refreshInterval)
+	t := time.NewTicker(l.r.lockRefresh)
 	defer t.Stop()
 	for {
 		select {
@@ -464,9 +461,10 @@ func (l *Lock) refresh() error {
 	return nil
 }
 
-// verify reports whether the lease still holds: not lost, refreshed
+// Verify reports whether the lease still holds: not lost, refreshed
 // within the lease by the local monotonic clock, object still present.
-func (l *Lock) verify(ctx context.Context) error {
+// The error wraps ErrLockLost.
+func (l *Lock) Verify(ctx context.Context) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.lost != nil {
@@ -510,7 +508,7 @@ func (r *Repository) checkLeases(ctx context.Context) error {
 	held := append([]*Lock(nil), r.held...)
 	r.locksMu.Unlock()
 	for _, l := range held {
-		if err := l.verify(ctx); err != nil {
+		if err := l.Verify(ctx); err != nil {
 			return err
 		}
 	}

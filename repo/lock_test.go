@@ -76,7 +76,8 @@ func TestLockLeaseRules(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			name := plantLock(t, tr, c.info, c.mod)
 			defer tr.be.Delete(ctx, name)
-			_, err := tr.Lock(ctx, ExclusiveLock, "prune", 0)
+			l, err := tr.Lock(ctx, ExclusiveLock, "prune", 0)
+			l.Unlock()
 			if c.stale && err != nil {
 				t.Fatalf("stale lock blocks: %v", err)
 			}
@@ -145,8 +146,7 @@ func TestLostLeaseCommitsNothing(t *testing.T) {
 	}
 	l.Unlock()
 
-	refreshInterval = 20 * time.Millisecond
-	defer func() { refreshInterval = LockRefresh }()
+	tr.lockRefresh = 20 * time.Millisecond
 	l, err = tr.Lock(ctx, SharedLock, "backup", 0)
 	if err != nil {
 		t.Fatal(err)
@@ -165,4 +165,52 @@ func TestLostLeaseCommitsNothing(t *testing.T) {
 
 func newTextLogger(w *bytes.Buffer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, nil))
+}
+
+// A held lock is rewritten under a new name at each refresh (nothing is
+// rewritten in place, for append-only stores) and stays valid; a lease
+// whose last write is older than the lease, by the holder's own clock
+// (a process stopped for longer than the lease), is lost.
+func TestLockRefreshAndLapse(t *testing.T) {
+	tr := newTestRepo(t)
+	ctx := context.Background()
+	tr.lockRefresh = 20 * time.Millisecond
+	l, err := tr.Lock(ctx, SharedLock, "backup", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Unlock()
+	first := l.info.Name
+	waitUntil := time.Now().Add(5 * time.Second)
+	for {
+		l.mu.Lock()
+		name := l.info.Name
+		l.mu.Unlock()
+		if name != first {
+			break
+		}
+		if time.Now().After(waitUntil) {
+			t.Fatal("the lock was never refreshed")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := os.Stat(filepath.Join(tr.dir, filepath.FromSlash(first))); !os.IsNotExist(err) {
+		t.Fatalf("the refreshed lock's old object is still there: %v", err)
+	}
+	if err := l.Verify(ctx); err != nil {
+		t.Fatalf("a refreshed lease: %v", err)
+	}
+
+	tr.lockRefresh = LockRefresh
+	l2, err := tr.Lock(ctx, SharedLock, "backup", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l2.Unlock()
+	l2.mu.Lock()
+	l2.written = time.Now().Add(-LockStale)
+	l2.mu.Unlock()
+	if err := l2.Verify(ctx); !errors.Is(err, ErrLockLost) {
+		t.Fatalf("a lapsed lease verifies: %v", err)
+	}
 }

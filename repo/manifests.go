@@ -89,7 +89,7 @@ func (r *Repository) Manifests(ctx context.Context, vm string) ([]*Manifest, err
 		g.Go(func() error {
 			m, err := r.LoadManifest(gctx, id)
 			if err != nil {
-				if gctx.Err() != nil || !errors.Is(err, ErrCorrupt) && !errors.Is(err, crypto.ErrAuth) {
+				if gctx.Err() != nil || !errors.Is(err, ErrCorrupt) && !errors.Is(err, crypto.ErrAuth) && !errors.Is(err, ErrTooLarge) {
 					return err
 				}
 				// A manifest that does not open is no generation to

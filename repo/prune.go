@@ -68,6 +68,7 @@ type PruneStats struct {
 	IndexYoungKept int   `json:"index_young_kept"`      // index objects younger than the margin, left alone
 	LocksRemoved   int   `json:"locks_removed"`         // stale lock objects (and released markers) removed
 	TempRemoved    int   `json:"temporary_removed"`     // leftovers of interrupted uploads (known after execution)
+	Retained       int   `json:"retained"`              // unreferenced objects an S3 object lock still retains, kept (known after execution)
 	MarginSeconds  int64 `json:"safety_margin_seconds"` // the safety margin the plan used
 }
 
@@ -258,6 +259,8 @@ type PrunePlan struct {
 	// StoreNow is the store's clock when the plan was made: the margin
 	// is measured from it against each object's ModTime.
 	StoreNow time.Time
+	// Margin is the safety margin the plan keeps young objects by.
+	Margin time.Duration
 	// OldIndex lists the index objects the new index replaces.
 	OldIndex []string
 	// Locks lists stale lock objects and released markers to remove.
@@ -304,7 +307,7 @@ func (r *Repository) PlanPrune(ctx context.Context, opts PruneOptions) (*PrunePl
 	if err != nil {
 		return nil, fmt.Errorf("prune: mark set: %w", err)
 	}
-	p := &PrunePlan{r: r, marks: marks, StoreNow: now, Forget: opts.Forget}
+	p := &PrunePlan{r: r, marks: marks, StoreNow: now, Margin: opts.Margin, Forget: opts.Forget}
 	p.Stats.Forgotten = len(opts.Forget)
 	p.Stats.MarginSeconds = int64(opts.Margin / time.Second)
 	ok := false
@@ -328,7 +331,13 @@ func (r *Repository) PlanPrune(ctx context.Context, opts PruneOptions) (*PrunePl
 		Chunk:       func(e SegmentEntry, _ Origin) error { return marks.add(e.ID, TypeChunk) },
 	}
 	if err := w.Run(ctx, r); err != nil {
-		return nil, fmt.Errorf("prune stopped, nothing deleted: %w (run check)", err)
+		// A generation prune cannot read may still reference data: it
+		// stops rather than delete that data (restic does the same).
+		hint := "run check"
+		if errors.Is(err, ErrCorrupt) {
+			hint = "run check; a damaged or foreign manifest blocks prune until it is moved out of manifests/"
+		}
+		return nil, fmt.Errorf("prune stopped, nothing deleted: %w (%s)", err, hint)
 	}
 	if err := marks.flush(); err != nil {
 		return nil, err
@@ -428,15 +437,35 @@ func (p *PrunePlan) Execute(ctx context.Context) (*PruneStats, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Old index objects go only now that the new ones are durable.
+	// Old index objects go only now that the new ones are durable. An
+	// object under S3 object-lock retention cannot go (the backend says
+	// so without trying, backend.ErrRetained) and is counted instead.
+	indexRetained := false
 	for _, name := range p.OldIndex {
-		if err := r.be.Delete(ctx, name); err != nil && !errors.Is(err, backend.ErrNotExist) {
+		err := r.be.Delete(ctx, name)
+		switch {
+		case errors.Is(err, backend.ErrRetained):
+			indexRetained = true
+			st.IndexRemoved--
+			st.Retained++
+		case err != nil && !errors.Is(err, backend.ErrNotExist):
 			return nil, fmt.Errorf("remove old index %s: %w", name, err)
 		}
 	}
-	// Then the garbage, which no index lists any more.
-	err = p.Garbage(func(name string, _ int64) error {
-		if err := r.be.Delete(ctx, name); err != nil && !errors.Is(err, backend.ErrNotExist) {
+	// Then the garbage, which no index lists any more — unless an old
+	// index that may list it is retained: then none goes this time, so
+	// no index ever names an object that is gone.
+	err = p.Garbage(func(name string, size int64) error {
+		err := backend.ErrRetained
+		if !indexRetained {
+			err = r.be.Delete(ctx, name)
+		}
+		switch {
+		case errors.Is(err, backend.ErrRetained):
+			st.ObjectsRemoved--
+			st.BytesRemoved -= size
+			st.Retained++
+		case err != nil && !errors.Is(err, backend.ErrNotExist):
 			return fmt.Errorf("remove %s: %w", name, err)
 		}
 		return nil
@@ -444,10 +473,14 @@ func (p *PrunePlan) Execute(ctx context.Context) (*PruneStats, error) {
 	if err != nil {
 		return nil, err
 	}
+	if st.Retained > 0 {
+		r.log.Warn("objects under retention (S3 object lock) kept; a later prune removes them once it has expired", "objects", st.Retained)
+	}
 	if tr, ok := r.be.(interface {
-		RemoveTemporary(context.Context) (int, error)
+		RemoveTemporary(context.Context, time.Time) (int, error)
 	}); ok {
-		n, err := tr.RemoveTemporary(ctx)
+		// Temporary files younger than the margin may be uploads in progress.
+		n, err := tr.RemoveTemporary(ctx, p.StoreNow.Add(-p.Margin))
 		if err != nil {
 			return nil, fmt.Errorf("remove temporary files: %w", err)
 		}

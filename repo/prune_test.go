@@ -27,12 +27,9 @@ func planGarbage(t *testing.T, p *PrunePlan) []string {
 func listData(t *testing.T, root string) map[string]bool {
 	t.Helper()
 	out := map[string]bool{}
-	filepath.Walk(filepath.Join(root, "data"), func(p string, fi os.FileInfo, err error) error {
-		if err == nil && !fi.IsDir() {
-			rel, _ := filepath.Rel(root, p)
-			out[filepath.ToSlash(rel)] = true
-		}
-		return nil
+	eachFile(root, []string{"data"}, func(p string) {
+		rel, _ := filepath.Rel(root, p)
+		out[filepath.ToSlash(rel)] = true
 	})
 	return out
 }

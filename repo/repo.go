@@ -49,10 +49,11 @@ type Repository struct {
 	// segment table: TableSegments, smaller only in tests.
 	tableSegments int
 
-	clock   storeClock // the store's clock, learnt from lock objects
-	locksMu sync.Mutex
-	held    []*Lock  // locks taken through this Repository
-	junk    sync.Map // names of unparsable objects already warned about
+	clock       storeClock    // the store's clock, learnt from lock objects
+	lockRefresh time.Duration // LockRefresh, shorter only in tests
+	locksMu     sync.Mutex
+	held        []*Lock  // locks taken through this Repository
+	junk        sync.Map // names of unparsable objects already warned about
 }
 
 // warnJunk warns once per Repository about an object that does not
@@ -201,7 +202,7 @@ func newRepository(be backend.Backend, mk *crypto.MasterKey, cfg Config, opts Op
 	return &Repository{be: be, cfg: cfg, master: mk, codec: c,
 		chunkH: crypto.NewHasher(mk.ID, "chunk"), segH: crypto.NewHasher(mk.ID, "segment"),
 		imageH: crypto.NewHasher(mk.ID, "image"), tableH: crypto.NewHasher(mk.ID, "table"), log: log,
-		cacheDir: filepath.Join(cacheDir, cfg.ID), tableSegments: TableSegments}, nil
+		cacheDir: filepath.Join(cacheDir, cfg.ID), tableSegments: TableSegments, lockRefresh: LockRefresh}, nil
 }
 
 // Config returns the repository's parameters.

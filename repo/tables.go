@@ -39,13 +39,17 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 	// A table repeated in a disk (long runs of identical segments, such
 	// as an empty disk's) is fetched once.
 	distinct := map[HexID][]byte{}
+	var fetch []HexID // the keys, so goroutines never write a map being iterated
 	for _, tid := range d.Tables {
-		distinct[tid] = nil
+		if _, dup := distinct[tid]; !dup {
+			distinct[tid] = nil
+			fetch = append(fetch, tid)
+		}
 	}
 	var mu sync.Mutex
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
-	for tid := range distinct {
+	for _, tid := range fetch {
 		g.Go(func() error {
 			raw, err := r.getData(gctx, TypeTable, crypto.ID(tid))
 			if err != nil {

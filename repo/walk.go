@@ -155,7 +155,8 @@ func (w *Walk) generation(ctx context.Context, r *Repository, id string) error {
 // parallel, delivering them one at a time.
 func (w *Walk) segments(ctx context.Context, r *Repository, gen string, d *Disk) error {
 	origin := func(i int) Origin {
-		return Origin{Generation: gen, Disk: d.Name, Object: dataName(crypto.ID(d.Tables[i/TableSegments]))}
+		t := min(i/r.tableSegments, len(d.Tables)-1) // the table holding segment i
+		return Origin{Generation: gen, Disk: d.Name, Object: dataName(crypto.ID(d.Tables[t]))}
 	}
 	var load []int
 	queued := map[crypto.ID]bool{}

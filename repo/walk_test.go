@@ -19,10 +19,15 @@ import (
 // if written then (the store's clock judges age by file time).
 func ageRepository(t *testing.T, root string, at time.Time, dirs ...string) {
 	t.Helper()
+	eachFile(root, dirs, func(p string) { os.Chtimes(p, at, at) })
+}
+
+// eachFile calls fn with the path of every file under root/dirs.
+func eachFile(root string, dirs []string, fn func(path string)) {
 	for _, d := range dirs {
 		filepath.Walk(filepath.Join(root, d), func(p string, fi os.FileInfo, err error) error {
 			if err == nil && !fi.IsDir() {
-				os.Chtimes(p, at, at)
+				fn(p)
 			}
 			return nil
 		})

@@ -374,3 +374,63 @@ func TestApplyNilLocationIsLocal(t *testing.T) {
 		}
 	}
 }
+
+// A client that can only add generations dates one a minute after each
+// genuine one; they all arrive now. Against arrival times the forged
+// ones are unverified: kept, in no rule, never the newest, so every
+// genuine generation gets the verdict it gets without the attack.
+func TestApplyUnverifiedByArrival(t *testing.T) {
+	now := mustTime(t, "2030-06-30T12:00:00Z")
+	var genuine, all []Generation
+	// The newest genuine one is two days old: a forgery within the
+	// tolerance (26 h) of its arrival cannot be recognised.
+	for d := 401; d >= 2; d-- {
+		at := now.AddDate(0, 0, -d)
+		g := Generation{ID: at.Format("g-2006-01-02"), Time: at, Arrived: at.Add(10 * time.Minute), Group: "vm01"}
+		genuine = append(genuine, g)
+		all = append(all, g, Generation{ID: at.Format("x-2006-01-02"), Time: at.Add(time.Minute), Arrived: now, Group: "vm01"})
+	}
+	all = append(all, Generation{ID: "future", Time: now.AddDate(1, 0, 0), Arrived: now, Group: "vm01"})
+	pol := Policy{Daily: 7, Weekly: 5, Monthly: 12}
+	want := map[string][]string{}
+	for _, d := range Apply(genuine, pol, now, time.UTC) {
+		want[d.ID] = d.Reasons
+	}
+	unverified := 0
+	for _, d := range Apply(all, pol, now, time.UTC) {
+		switch {
+		case d.ID == "future":
+			if !d.Keep || !d.Future || !slices.Equal(d.Reasons, []string{ReasonFuture}) {
+				t.Errorf("future: %+v", d)
+			}
+		case d.ID[0] == 'x':
+			unverified++
+			if !d.Keep || !d.Unverified || !slices.Equal(d.Reasons, []string{ReasonUnverified}) {
+				t.Errorf("forged %s: %+v", d.ID, d)
+			}
+		default:
+			if d.Unverified || !slices.Equal(d.Reasons, want[d.ID]) {
+				t.Errorf("genuine %s: %v %v, without the attack %v", d.ID, d.Unverified, d.Reasons, want[d.ID])
+			}
+		}
+	}
+	if unverified != 400 {
+		t.Fatalf("%d forged generations unverified, want 400", unverified)
+	}
+	// A genuine backup that took 20 hours is verified; an unknown
+	// arrival verifies nothing and accuses nothing.
+	for _, c := range []struct {
+		rec, arr time.Time
+		want     bool
+	}{
+		{now, now.Add(20 * time.Hour), false},
+		{now, now.Add(27 * time.Hour), true},
+		{now.Add(10 * time.Minute), now, false},
+		{now.Add(20 * time.Minute), now, true},
+		{now, time.Time{}, false},
+	} {
+		if got := Unverified(c.rec, c.arr, 0); got != c.want {
+			t.Errorf("Unverified(%v, %v) = %v", c.rec, c.arr, got)
+		}
+	}
+}

@@ -186,34 +186,17 @@ func (a repoAdapter) Lock(ctx context.Context, command string) (Lease, error) {
 	if err != nil {
 		return nil, err
 	}
-	host, _ := os.Hostname()
-	return &lease{Lock: l, r: a.r, command: command, host: host, pid: os.Getpid()}, nil
+	return &lease{Lock: l}, nil
 }
 
 func (a repoAdapter) Backup(ctx context.Context, req repo.BackupRequest) (*repo.Manifest, error) {
 	return a.r.Backup(ctx, req)
 }
 
-// lease checks that a repository lock is still listed. repo.Lock does not
-// name its object, so the lock is recognised by what it records: this
-// host, this process and the command.
+// lease is a held repository lock; Check applies repo's lease rules
+// (not lost, refreshed within the lease, object still present).
 type lease struct {
 	*repo.Lock
-	r       *repo.Repository
-	command string
-	host    string
-	pid     int
 }
 
-func (l *lease) Check(ctx context.Context) error {
-	locks, err := l.r.Locks(ctx)
-	if err != nil {
-		return fmt.Errorf("check the repository lock: %w", err)
-	}
-	for _, li := range locks {
-		if !li.Exclusive && li.Host == l.host && li.PID == l.pid && li.Command == l.command {
-			return nil
-		}
-	}
-	return fmt.Errorf("%w: the lock of %q is gone (removed by unlock, or judged stale)", ErrLockLost, l.command)
-}
+func (l *lease) Check(ctx context.Context) error { return l.Verify(ctx) }

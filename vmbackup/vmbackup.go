@@ -50,8 +50,9 @@ import (
 var ErrVMLocked = errors.New("VM locked on this host")
 
 // ErrLockLost reports that the repository lock a backup held went away
-// (removed by unlock or judged stale by a prune) before the commit.
-var ErrLockLost = errors.New("repository lock lost")
+// (removed by unlock or judged stale by a prune) before the commit. It is
+// repo.ErrLockLost: the lease rules live in repo/lock.go (exit 11).
+var ErrLockLost = repo.ErrLockLost
 
 // LongRun is how long a backup runs before it warns: the next night's
 // run is due.
@@ -105,6 +106,12 @@ type Snapshotter interface {
 }
 
 // Snapshots are the snapshots of one run.
+//
+// A thin-LVM implementation with change tracking fits here: Open returns a
+// reader that also knows which ranges changed since the base snapshot (the
+// one kept by the previous run), and on success the new snapshot becomes
+// the next base instead of being removed. That needs a hook after the
+// commit, before cleanup, to be added here together with its first user.
 type Snapshots interface {
 	// Open opens the snapshot of disk (the image file inside it when
 	// file is not empty) and returns it and its size.
@@ -223,19 +230,29 @@ func Run(ctx context.Context, r Repository, vm VM, opts Options) (Outcome, error
 	defer slow.Stop()
 	defer b.cleanup(ctx)
 
-	if err := b.freeze(ctx); err != nil {
-		return b.out, err
-	}
-	disks, err := b.open(ctx)
+	m, err := b.run(ctx, r, lease)
 	if err != nil {
-		return b.out, err
-	}
-	m, err := b.commit(ctx, r, lease, disks)
-	if err != nil {
+		// A lease lost mid-run cancels ctx: say so rather than "context
+		// canceled".
+		if cause := context.Cause(ctx); errors.Is(cause, ErrLockLost) && !errors.Is(err, ErrLockLost) {
+			err = fmt.Errorf("VM %s: %w", vm.Name, cause)
+		}
 		return b.out, err
 	}
 	b.out.Manifest = m
 	return b.out, nil
+}
+
+// run holds, snapshots, releases, opens and commits.
+func (b *run) run(ctx context.Context, r Repository, lease Lease) (*repo.Manifest, error) {
+	if err := b.freeze(ctx); err != nil {
+		return nil, err
+	}
+	disks, err := b.open(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return b.commit(ctx, r, lease, disks)
 }
 
 // run is the state of one Run: what must be undone, and the outcome.
@@ -269,28 +286,33 @@ func (b *run) freeze(ctx context.Context) error {
 	if err := b.removeLeftovers(ctx, vols); err != nil {
 		return err
 	}
-	var hold Hold
-	if b.vm.Quiescer != nil {
-		h, err := b.vm.Quiescer.Hold(ctx)
-		if err != nil {
-			return err
-		}
-		hold = h
+	if err := b.snapshotHeld(ctx, vols); err != nil {
+		return err
 	}
-	var err error
-	if len(vols) > 0 {
-		b.snaps, err = b.vm.Snapshotter.Create(ctx, b.vm.Name, vols)
-	}
-	if hold != nil {
-		b.release(ctx, hold)
-	}
-	if err != nil {
-		return fmt.Errorf("VM %s: %w", b.vm.Name, err)
-	}
-	b.out.Snapshotted = b.snaps != nil
 	if b.out.Quiesce.Expired {
 		return fmt.Errorf("VM %s: the quiesce hold expired before the snapshots existed; they are not consistent", b.vm.Name)
 	}
+	return nil
+}
+
+// snapshotHeld creates the snapshots while the guest is held. The release
+// is deferred, so it also happens when creating them fails or panics.
+func (b *run) snapshotHeld(ctx context.Context, vols []snapshot.Disk) error {
+	if b.vm.Quiescer != nil {
+		hold, err := b.vm.Quiescer.Hold(ctx)
+		if err != nil {
+			return err // quiesce names the VM
+		}
+		defer b.release(ctx, hold)
+	}
+	if len(vols) == 0 {
+		return nil
+	}
+	snaps, err := b.vm.Snapshotter.Create(ctx, b.vm.Name, vols)
+	if err != nil {
+		return fmt.Errorf("VM %s: %w", b.vm.Name, err)
+	}
+	b.snaps, b.out.Snapshotted = snaps, true
 	return nil
 }
 
@@ -384,6 +406,11 @@ func (b *run) commit(ctx context.Context, r Repository, lease Lease, disks []rep
 			return nil, fmt.Errorf("VM %s: %w; nothing was committed (%v)", b.vm.Name, oe, err)
 		}
 	}
+	if cause := context.Cause(ctx); err != nil && errors.Is(cause, ErrLockLost) {
+		// The lease went while the disks were read: whichever read saw the
+		// cancellation first, say why (not a bare "context canceled").
+		return nil, fmt.Errorf("VM %s: %w; nothing was committed", b.vm.Name, cause)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: %w", b.vm.Name, err)
 	}
@@ -411,7 +438,7 @@ func (b *run) beforeCommit(ctx context.Context, lease Lease) (json.RawMessage, e
 		rec["snapshots"] = rep
 	}
 	if err := lease.Check(ctx); err != nil {
-		return nil, fmt.Errorf("%w; nothing was committed", err)
+		return nil, err // repo.ErrLockLost says nothing was committed
 	}
 	if len(rec) == 0 {
 		return nil, nil

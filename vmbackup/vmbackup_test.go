@@ -71,6 +71,7 @@ func (q *fakeQuiescer) Release(context.Context) quiesce.Report {
 
 type fakeSnapshotter struct {
 	ev        *events
+	panics    bool
 	createErr error
 	left      []string
 	leftErr   error
@@ -84,6 +85,9 @@ func (s *fakeSnapshotter) RemoveLeftovers(_ context.Context, vg, _ string) ([]st
 
 func (s *fakeSnapshotter) Create(_ context.Context, _ string, disks []snapshot.Disk) (Snapshots, error) {
 	s.ev.add(fmt.Sprintf("create %d", len(disks)))
+	if s.panics {
+		panic("lvcreate wrapper bug")
+	}
 	if s.createErr != nil {
 		return nil, s.createErr
 	}
@@ -444,5 +448,71 @@ func TestRunRejectsBadVMName(t *testing.T) {
 	}
 	if ev := f.ev.list(); len(ev) != 0 {
 		t.Fatalf("steps ran for invalid names: %v", ev)
+	}
+}
+
+// leaseLosing is a repository whose lease is lost (its context cancelled
+// with ErrLockLost, as repo does on a failed refresh) once lose is called.
+type leaseLosing struct {
+	Repository
+	lose func()
+}
+
+type losingLease struct {
+	Lease
+	ctx context.Context
+}
+
+func (l losingLease) Context() context.Context { return l.ctx }
+
+func (r *leaseLosing) Lock(ctx context.Context, command string) (Lease, error) {
+	l, err := r.Repository.Lock(ctx, command)
+	if err != nil {
+		return nil, err
+	}
+	lctx, cancel := context.WithCancelCause(l.Context())
+	r.lose = func() { cancel(fmt.Errorf("%w: refresh failed", ErrLockLost)) }
+	return losingLease{Lease: l, ctx: lctx}, nil
+}
+
+// A lease lost while the disks are read stops the run at once; the error
+// names the lost lock, not a bare "context canceled".
+func TestRunLeaseLostMidway(t *testing.T) {
+	f := newFixture(t)
+	r := &leaseLosing{Repository: Repo(f.r, 0)}
+	f.snaps.read = func(string) error {
+		r.lose()
+		return nil
+	}
+	_, err := Run(context.Background(), r, f.vm, f.opts)
+	f.mustNotCommit(err, "refresh failed")
+	if !errors.Is(err, ErrLockLost) {
+		t.Fatalf("error %v, want ErrLockLost", err)
+	}
+}
+
+// A bug that panics while the guest is held still releases it: a frozen
+// guest file system is the worst outcome of all.
+func TestRunPanicWhileHeldReleasesGuest(t *testing.T) {
+	f := newFixture(t)
+	f.snap.panics = true
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Error("the panic was swallowed")
+			}
+		}()
+		f.run(context.Background())
+	}()
+	if got, want := f.ev.list(), []string{"leftovers vg0", "hold", "create 2", "release"}; !slices.Equal(got, want) {
+		t.Fatalf("steps %v, want %v", got, want)
+	}
+	if f.generations() != 0 {
+		t.Fatal("committed after a panic")
+	}
+	// The host lock went with the panic: the next run is not refused.
+	f.snap.panics = false
+	if _, err := f.run(context.Background()); err != nil {
+		t.Fatalf("run after the panic: %v", err)
 	}
 }

@@ -200,8 +200,10 @@ func testGetRange(t *testing.T, b backend.Backend) {
 		}
 	}
 	// Past the end is an error, never a short read taken for the whole.
-	if got, err := b.Get(ctx, name, n-10, 20); err == nil {
-		t.Fatalf("get past the end returned %d bytes and no error", len(got))
+	for _, r := range []struct{ off, length int64 }{{n - 10, 20}, {n, 1}, {n + 5, 1}, {n + 5, -1}} {
+		if got, err := b.Get(ctx, name, r.off, r.length); err == nil {
+			t.Fatalf("get [%d, +%d) of a %d-byte object returned %d bytes and no error", r.off, r.length, n, len(got))
+		}
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"vmvault/backend"
 )
@@ -106,6 +107,9 @@ func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
 	if err := f.Chmod(0o400); err != nil {
 		return fail(err)
 	}
+	if err := inheritOwner(f, dir); err != nil {
+		return fail(err)
+	}
 	if err := f.Close(); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("put %s: %w", name, err)
@@ -123,6 +127,26 @@ func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
 	return syncDir(dir)
 }
 
+// inheritOwner gives a new object the owner and group of its directory
+// when root writes it: server-side tools (init, prune, key add) run as
+// root against a repository that belongs to an append-only SFTP account,
+// which must be able to read what they write. The object stays 0400, so
+// its owner can read but not change it (and the account may not chmod).
+func inheritOwner(f *os.File, dir string) error {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	ds, ok := st.Sys().(*syscall.Stat_t)
+	if !ok || ds.Uid == 0 && ds.Gid == 0 {
+		return nil
+	}
+	return f.Chown(int(ds.Uid), int(ds.Gid))
+}
+
 func syncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
@@ -136,36 +160,20 @@ func syncDir(dir string) error {
 }
 
 // Get reads part or all of an object.
-// GetAll reads the whole object, refusing it by its size (fstat on the
-// open file) before allocating when it exceeds limit.
-func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	fn, err := b.filename(name)
-	if err != nil {
-		return nil, err
-	}
-	f, err := os.Open(fn)
-	if err != nil {
-		return nil, mapErr("get", name, err)
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, mapErr("get", name, err)
-	}
-	if err := backend.CheckSize(name, st.Size(), limit); err != nil {
-		return nil, err
-	}
-	buf := make([]byte, st.Size())
-	if _, err := io.ReadFull(f, buf); err != nil {
-		return nil, fmt.Errorf("get %s: %w", name, err)
-	}
-	return buf, nil
+func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	return b.read(ctx, name, off, length, -1)
 }
 
-func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+// GetAll reads the whole object, refusing it by its size (fstat on the
+// open handle: no extra round trip) before allocating when it exceeds
+// limit.
+func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
+	return b.read(ctx, name, 0, -1, limit)
+}
+
+// read reads length bytes at off (length < 0: to the end); with limit >=
+// 0 it first refuses an object larger than limit.
+func (b *Backend) read(ctx context.Context, name string, off, length, limit int64) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -178,12 +186,19 @@ func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]by
 		return nil, mapErr("get", name, err)
 	}
 	defer f.Close()
-	if length < 0 {
+	if length < 0 || limit >= 0 {
 		st, err := f.Stat()
 		if err != nil {
 			return nil, mapErr("get", name, err)
 		}
-		length = st.Size() - off
+		if limit >= 0 {
+			if err := backend.CheckSize(name, st.Size(), limit); err != nil {
+				return nil, err
+			}
+		}
+		if length < 0 {
+			length = st.Size() - off
+		}
 		if length < 0 {
 			return nil, fmt.Errorf("get %s: offset %d beyond size %d", name, off, st.Size())
 		}
@@ -266,19 +281,25 @@ func (b *Backend) Delete(ctx context.Context, name string) error {
 }
 
 // RemoveTemporary deletes leftovers of interrupted uploads (temporary files)
-// and returns how many it removed. Prune calls it under an exclusive lock.
-func (b *Backend) RemoveTemporary(ctx context.Context) (int, error) {
+// last written before before, and returns how many it removed. Prune calls
+// it under an exclusive lock, with its safety margin: a younger temporary
+// file may be an upload in progress.
+func (b *Backend) RemoveTemporary(ctx context.Context, before time.Time) (int, error) {
 	n := 0
 	err := filepath.WalkDir(b.root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
-		if !d.IsDir() && strings.HasPrefix(d.Name(), tmpPrefix) {
-			if err := os.Remove(p); err != nil {
-				return err
-			}
-			n++
+		if d.IsDir() || !strings.HasPrefix(d.Name(), tmpPrefix) {
+			return nil
 		}
+		if fi, err := d.Info(); err != nil || !fi.ModTime().Before(before) {
+			return nil
+		}
+		if err := os.Remove(p); err != nil {
+			return err
+		}
+		n++
 		return nil
 	})
 	return n, err

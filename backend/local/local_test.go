@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"vmvault/backend"
 	"vmvault/backend/backendtest"
@@ -115,11 +116,18 @@ func TestReadOnlyDirectory(t *testing.T) {
 
 func TestRemoveTemporary(t *testing.T) {
 	b, dir := newBackend(t)
-	os.WriteFile(filepath.Join(dir, "data", "00", tmpPrefix+"123"), []byte("partial"), 0o600)
+	old := filepath.Join(dir, "data", "00", tmpPrefix+"123")
+	os.WriteFile(old, []byte("partial"), 0o600)
+	os.Chtimes(old, time.Now().Add(-time.Hour), time.Now().Add(-time.Hour))
+	young := filepath.Join(dir, "data", "00", tmpPrefix+"456")
+	os.WriteFile(young, []byte("an upload in progress"), 0o600)
 	b.Put(context.Background(), "data/00/keep", []byte("k"))
-	n, err := b.RemoveTemporary(context.Background())
+	n, err := b.RemoveTemporary(context.Background(), time.Now().Add(-time.Minute))
 	if err != nil || n != 1 {
 		t.Fatalf("RemoveTemporary = %d, %v", n, err)
+	}
+	if _, err := os.Stat(young); err != nil {
+		t.Fatal("RemoveTemporary removed a temporary file younger than its limit")
 	}
 	if _, err := b.Stat(context.Background(), "data/00/keep"); err != nil {
 		t.Fatal("RemoveTemporary removed an object")

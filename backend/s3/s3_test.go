@@ -17,7 +17,7 @@ import (
 
 // rootConfig returns a Config for a fresh bucket (and prefix) on s with
 // the root credentials, the environment's AWS variables cleared.
-func rootConfig(t *testing.T, s *testminio.Server, prefix string) Config {
+func rootConfig(t testing.TB, s *testminio.Server, prefix string) Config {
 	t.Helper()
 	t.Setenv("AWS_ACCESS_KEY_ID", "")
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "")
@@ -26,13 +26,13 @@ func rootConfig(t *testing.T, s *testminio.Server, prefix string) Config {
 		PathStyle: true, Region: "us-east-1", Create: true, Logger: slog.New(slog.DiscardHandler)}
 }
 
-func bucketName(t *testing.T) string {
+func bucketName(t testing.TB) string {
 	b := make([]byte, 6)
 	rand.Read(b)
 	return "t-" + hex.EncodeToString(b)
 }
 
-func open(t *testing.T, cfg Config) *Backend {
+func open(t testing.TB, cfg Config) *Backend {
 	t.Helper()
 	b, err := Open(context.Background(), cfg)
 	if err != nil {

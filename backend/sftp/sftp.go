@@ -419,48 +419,20 @@ func (b *Backend) removeTemp(c *sftplib.Client, tmp string) {
 }
 
 // Get reads length bytes at off (length < 0: to the end).
-// GetAll reads the whole object, refusing it by its size (fstat on the
-// open handle, no extra round trip) before allocating when it exceeds
-// limit.
-func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	p, err := b.remote(name)
-	if err != nil {
-		return nil, err
-	}
-	c, _, err := b.client()
-	if err != nil {
-		return nil, fmt.Errorf("get %s: %w", name, err)
-	}
-	f, err := c.Open(p)
-	if err != nil {
-		return nil, b.mapErr("get", name, err)
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, b.mapErr("get", name, err)
-	}
-	if err := backend.CheckSize(name, st.Size(), limit); err != nil {
-		return nil, err
-	}
-	buf := make([]byte, st.Size())
-	if len(buf) == 0 {
-		return buf, nil
-	}
-	n, err := f.ReadAt(buf, 0)
-	if err != nil && !(errors.Is(err, io.EOF) && n == len(buf)) {
-		if errors.Is(err, io.EOF) {
-			return nil, fmt.Errorf("get %s: short object (%d of %d bytes): %w", name, n, len(buf), io.ErrUnexpectedEOF)
-		}
-		return nil, b.mapErr("get", name, err)
-	}
-	return buf, nil
+func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+	return b.read(ctx, name, off, length, -1)
 }
 
-func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
+// GetAll reads the whole object, refusing it by its size (fstat on the
+// open handle: no extra round trip) before allocating when it exceeds
+// limit.
+func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
+	return b.read(ctx, name, 0, -1, limit)
+}
+
+// read reads length bytes at off (length < 0: to the end); with limit >=
+// 0 it first refuses an object larger than limit.
+func (b *Backend) read(ctx context.Context, name string, off, length, limit int64) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -477,12 +449,19 @@ func (b *Backend) Get(ctx context.Context, name string, off, length int64) ([]by
 		return nil, b.mapErr("get", name, err)
 	}
 	defer f.Close()
-	if length < 0 {
+	if length < 0 || limit >= 0 {
 		st, err := f.Stat()
 		if err != nil {
 			return nil, b.mapErr("get", name, err)
 		}
-		length = st.Size() - off
+		if limit >= 0 {
+			if err := backend.CheckSize(name, st.Size(), limit); err != nil {
+				return nil, err
+			}
+		}
+		if length < 0 {
+			length = st.Size() - off
+		}
 		if length < 0 {
 			return nil, fmt.Errorf("get %s: offset %d beyond size %d", name, off, st.Size())
 		}

@@ -96,6 +96,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 	root.AddCommand(a.initCommand(), a.backupCommand(), a.snapshotsCommand(), a.restoreCommand(),
 		a.checkCommand(), a.repairCommand(), a.keyCommand(), a.versionCommand(), a.dumpCommand(), a.mountCommand(),
 		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand(), a.configCommand(), a.docsCommand())
+	root.AddCommand(a.serveCommand())
 	// Before the built-in commands exist: completion captures the writer.
 	root.SetIn(a.stdin)
 	root.SetOut(a.stdout)
@@ -195,7 +196,7 @@ func (a *app) openBackend(ctx context.Context, mode backendMode) (backend.Backen
 // openS3 opens an s3: repository with the configuration's s3_* keys.
 func (a *app) openS3(ctx context.Context, create bool) (*s3.Backend, error) {
 	cfg := s3.Config{URL: a.repoURL, Create: create, Logger: a.log}
-	if c, err := a.loadConfig(false); err != nil {
+	if c, err := a.loadConfig(configOptional); err != nil {
 		return nil, err
 	} else if c != nil && c.Repository.URL == a.repoURL {
 		r := c.Repository

@@ -45,10 +45,16 @@ func summarize(m *repo.Manifest) backupSummary {
 	return s
 }
 
+// backupFlags are backup's flags.
+type backupFlags struct {
+	sources, tags []string
+	at            string
+	when          time.Time // --time parsed; zero means now
+	sha, all      bool
+}
+
 func (a *app) backupCommand() *cobra.Command {
-	var sources, tags []string
-	var at string
-	var sha, all bool
+	var f backupFlags
 	cmd := &cobra.Command{
 		Use:   "backup VM [--source [DISK=]PATH...] | backup --all",
 		Short: "Back up a VM's disk images as one new generation",
@@ -71,47 +77,46 @@ commits nothing, and the next run reuses what was already uploaded.`,
   vmvault backup vm01 --source vm01.raw --time 2026-01-01T00:00:00Z`,
 		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var when time.Time
-			if at != "" {
-				t, err := time.Parse(time.RFC3339, at)
+			if f.at != "" {
+				t, err := time.Parse(time.RFC3339, f.at)
 				if err != nil {
 					return withCode(exitUsage, fmt.Errorf("--time: %w", err))
 				}
-				when = t
+				f.when = t
 			}
-			if all != (len(args) == 0) {
+			if f.all != (len(args) == 0) {
 				return withCode(exitUsage, fmt.Errorf("name one VM, or give --all"))
 			}
-			if len(sources) == 0 {
-				return a.backupConfigured(cmd.Context(), args, all, tags, when)
+			if len(f.sources) == 0 {
+				return a.backupConfigured(cmd.Context(), args, f)
 			}
-			if all {
+			if f.all {
 				return withCode(exitUsage, fmt.Errorf("--all and --source exclude each other"))
 			}
 			vm := args[0]
+			if err := config.CheckName("VM", vm); err != nil {
+				return withCode(exitUsage, err) // and no metrics for a name that is not one
+			}
 			start := time.Now()
-			err := a.backupSources(cmd.Context(), vm, sources, tags, when, sha)
+			err := a.backupSources(cmd.Context(), vm, f)
 			if err != nil && cmd.Context().Err() == nil {
 				a.recordFailure(vm, err, start)
 			}
 			return err
 		},
 	}
-	cmd.Flags().StringArrayVarP(&sources, "source", "s", nil, "disk image to read: [NAME=]PATH, a file, block device or - for stdin (repeatable)")
-	cmd.Flags().StringArrayVar(&tags, "tag", nil, "tag the generation (repeatable)")
-	cmd.Flags().StringVar(&at, "time", "", "record this time (RFC 3339) instead of now, e.g. for imports")
-	cmd.Flags().BoolVar(&all, "all", false, "back up every VM of the configuration file")
+	cmd.Flags().StringArrayVarP(&f.sources, "source", "s", nil, "disk image to read: [NAME=]PATH, a file, block device or - for stdin (repeatable)")
+	cmd.Flags().StringArrayVar(&f.tags, "tag", nil, "tag the generation (repeatable)")
+	cmd.Flags().StringVar(&f.at, "time", "", "record this time (RFC 3339) instead of now, e.g. for imports")
+	cmd.Flags().BoolVar(&f.all, "all", false, "back up every VM of the configuration file")
 	cmd.Flags().StringVar(&a.metricsFile, "metrics-file", os.Getenv("VMVAULT_METRICS_FILE"), "after each VM, update this Prometheus textfile-collector file (env VMVAULT_METRICS_FILE)")
-	cmd.Flags().BoolVar(&sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum)")
+	cmd.Flags().BoolVar(&f.sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum)")
 	return cmd
 }
 
 // backupSources backs up --source images as one generation of vm.
-func (a *app) backupSources(ctx context.Context, vm string, sources, tags []string, when time.Time, sha bool) error {
-	if err := config.CheckName("VM", vm); err != nil {
-		return withCode(exitUsage, err)
-	}
-	disks, closeAll, err := a.openSources(sources)
+func (a *app) backupSources(ctx context.Context, vm string, f backupFlags) error {
+	disks, closeAll, err := a.openSources(f.sources)
 	if err != nil {
 		return err
 	}
@@ -123,9 +128,7 @@ func (a *app) backupSources(ctx context.Context, vm string, sources, tags []stri
 	defer r.Backend().Close()
 	defer r.Close()
 	plan := vmbackup.VM{Name: vm, Disks: disks}
-	opts := a.runOptions(vm, tags, when)
-	opts.SHA256 = sha
-	o, err := vmbackup.Run(ctx, vmbackup.Repo(r, a.retryLock), plan, opts)
+	o, err := vmbackup.Run(ctx, vmbackup.Repo(r, a.retryLock), plan, a.runOptions(vm, f))
 	if err != nil {
 		return err
 	}
@@ -137,7 +140,7 @@ func (a *app) backupSources(ctx context.Context, vm string, sources, tags []stri
 // They are opened before any lock is taken, so a typo fails at once.
 func (a *app) openSources(specs []string) ([]vmbackup.Disk, func(), error) {
 	var disks []vmbackup.Disk
-	var files []*os.File
+	var files []io.Closer
 	closeAll := func() {
 		for _, f := range files {
 			f.Close()
@@ -156,22 +159,14 @@ func (a *app) openSources(specs []string) ([]vmbackup.Disk, func(), error) {
 			disks = append(disks, vmbackup.Disk{Name: name, Source: vmbackup.Opened(img)})
 			continue
 		}
-		f, err := os.Open(path)
+		img, err := vmbackup.File(path).Open(context.Background())
 		if err != nil {
 			closeAll()
 			return nil, nil, fmt.Errorf("source: %w", err)
 		}
-		files = append(files, f)
-		size, err := f.Seek(0, io.SeekEnd)
-		if err == nil {
-			_, err = f.Seek(0, io.SeekStart)
-		}
-		if err != nil {
-			closeAll()
-			return nil, nil, fmt.Errorf("source %s: %w", path, err)
-		}
-		abs, _ := filepath.Abs(path)
-		disks = append(disks, vmbackup.Disk{Name: name, Source: vmbackup.Opened{Reader: f, Size: size, Desc: abs}})
+		files = append(files, img.Reader)
+		img.Desc, _ = filepath.Abs(path)
+		disks = append(disks, vmbackup.Disk{Name: name, Source: vmbackup.Opened(img)})
 	}
 	return disks, closeAll, nil
 }
@@ -190,19 +185,22 @@ func sourceName(spec string, n int) (name, path string) {
 	return "disk", spec
 }
 
-// keepOpen makes stdin a ReadCloser whose Close leaves it open, keeping
-// an *os.File's SetReadDeadline visible: the backup uses it to stop a
-// read blocked on a stalled pipe when it is cancelled.
+// keepOpen makes stdin a ReadCloser whose Close leaves it open. An
+// *os.File keeps its SetReadDeadline visible (the backup uses it to stop a
+// read blocked on a stalled pipe when it is cancelled) and nothing else:
+// no ReadAt or Seek that would make stdin look like a file.
 func keepOpen(r io.Reader) io.ReadCloser {
 	if f, ok := r.(*os.File); ok {
-		return openFile{f}
+		return stdinFile{f}
 	}
 	return io.NopCloser(r)
 }
 
-type openFile struct{ *os.File }
+type stdinFile struct{ f *os.File }
 
-func (openFile) Close() error { return nil }
+func (s stdinFile) Read(p []byte) (int, error)        { return s.f.Read(p) }
+func (s stdinFile) SetReadDeadline(t time.Time) error { return s.f.SetReadDeadline(t) }
+func (stdinFile) Close() error                        { return nil }
 
 // pollable returns stdin in a form whose reads a cancellation can
 // interrupt: a pipe is switched to non-blocking mode and reopened through

@@ -105,7 +105,7 @@ func (a *app) check(ctx context.Context, r *repo.Repository, opts repo.CheckOpti
 		}
 	} else {
 		for _, d := range rep.Damage {
-			fmt.Fprintln(a.stdout, "damaged: "+d.String())
+			fmt.Fprintln(a.textOut(), "damaged: "+d.String())
 		}
 	}
 	for _, v := range res.VMs {

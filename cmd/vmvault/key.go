@@ -47,7 +47,7 @@ func (a *app) keyCommand() *cobra.Command {
 			if a.jsonOut {
 				return printJSON(a.stdout, keys)
 			}
-			tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+			tw := tabwriter.NewWriter(a.textOut(), 0, 0, 2, ' ', 0)
 			fmt.Fprintln(tw, " \tID\tUSER\tHOST\tCREATED")
 			for _, k := range keys {
 				cur := " "

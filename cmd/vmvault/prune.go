@@ -181,7 +181,7 @@ func (a *app) printDecisions(ds []decisionJSON) {
 		if d.Keep {
 			verdict = "keep (" + strings.Join(d.Reasons, ", ") + ")"
 		}
-		fmt.Fprintf(a.stdout, "%s  %-12s %s  %s\n", d.ID[:8], d.VM, d.Time.Local().Format("2006-01-02 15:04:05 MST"), verdict)
+		fmt.Fprintf(a.textOut(), "%s  %-12s %s  %s\n", d.ID[:8], d.VM, d.Time.Local().Format("2006-01-02 15:04:05 MST"), verdict)
 	}
 }
 
@@ -268,6 +268,9 @@ func (a *app) forgetPrune(ctx context.Context, args []string, pf *policyFlags, m
 	policyFor, havePolicy, err := a.policyFor(pf)
 	if err != nil {
 		return err
+	}
+	if pf.margin < 0 {
+		return withCode(exitUsage, fmt.Errorf("--safety-margin %s: must not be negative", pf.margin))
 	}
 	if !havePolicy && mode == forgetOnly {
 		return withCode(exitUsage, errors.New("forget: no policy given (--keep-daily, --keep-last, … or [retention] in the configuration)"))
@@ -413,7 +416,7 @@ func (a *app) statsCommand() *cobra.Command {
 					return printJSON(a.stdout, st)
 				}
 				for _, s := range st {
-					fmt.Fprintf(a.stdout, "%-12s %4d generation(s)  logical %10s  unique %10s  stored %10s  dedup %.2fx  compression %.2fx\n",
+					fmt.Fprintf(a.textOut(), "%-12s %4d generation(s)  logical %10s  unique %10s  stored %10s  dedup %.2fx  compression %.2fx\n",
 						s.VM, s.Generations, humanBytes(s.LogicalBytes), humanBytes(s.UniqueBytes), humanBytes(s.StoredBytes), s.DedupRatio, s.CompressionRate)
 				}
 				return nil

@@ -241,3 +241,58 @@ disk.hda = { path = %q }
 	// forget without flags and without a configured policy is a usage error.
 	e.fails(exitUsage, "no policy", "forget")
 }
+
+// planLines returns the "plan:" lines of prune's output.
+func planLines(out string) []string {
+	var lines []string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "plan: ") {
+			lines = append(lines, l)
+		}
+	}
+	return lines
+}
+
+// prune --dry-run prints exactly the plan that prune then carries out:
+// the same lines, and the objects it lists are the objects that go.
+func TestPruneDryRunIsThePlan(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "img")
+	for d := range 3 {
+		os.WriteFile(src, dayImage(d), 0o600)
+		backupAt(t, e, "vm01", src, time.Date(2026, 1, 1+d, 12, 0, 0, 0, time.UTC))
+	}
+	args := []string{"prune", "--keep-last", "1", "--safety-margin", "0", "-v"}
+	dry := planLines(e.ok(append(args, "--dry-run")...).stdout)
+	before := map[string]bool{}
+	filepath.Walk(filepath.Join(e.repo, "data"), func(p string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			rel, _ := filepath.Rel(e.repo, p)
+			before[filepath.ToSlash(rel)] = true
+		}
+		return nil
+	})
+	done := planLines(e.ok(args...).stdout)
+	if strings.Join(dry, "\n") != strings.Join(done, "\n") {
+		t.Fatalf("dry run plan:\n%s\nexecuted plan:\n%s", strings.Join(dry, "\n"), strings.Join(done, "\n"))
+	}
+	listed := 0
+	for _, l := range dry {
+		name, ok := strings.CutPrefix(l, "plan: remove data/")
+		if !ok {
+			continue
+		}
+		name = "data/" + strings.Fields(name)[0]
+		listed++
+		if !before[name] {
+			t.Fatalf("plan lists %s, which did not exist", name)
+		}
+		if _, err := os.Stat(filepath.Join(e.repo, name)); !os.IsNotExist(err) {
+			t.Fatalf("planned %s is still there", name)
+		}
+	}
+	after := countFiles(filepath.Join(e.repo, "data"))
+	if listed == 0 || len(before)-after != listed {
+		t.Fatalf("plan listed %d objects, %d went", listed, len(before)-after)
+	}
+}

@@ -73,8 +73,12 @@ func TestCLIRejectsVMNamesTheConfigRejects(t *testing.T) {
 	e := newEnv(t)
 	src := filepath.Join(e.dir, "vm01.raw")
 	writeImage(t, src, 32, 1<<20)
+	prom := filepath.Join(e.dir, "vmvault.prom")
 	for _, name := range []string{"bad/name", "a b", ".hidden", "../vm", "vm\x1b[2J"} {
-		e.fails(exitUsage, "invalid VM name", "backup", name, "--source", src)
+		e.fails(exitUsage, "invalid VM name", "backup", name, "--source", src, "--metrics-file", prom)
+	}
+	if _, err := os.Stat(prom); err == nil {
+		t.Fatal("metrics recorded for a VM name that is refused")
 	}
 	if r := e.ok("snapshots", "--json"); strings.TrimSpace(r.stdout) != "[]" {
 		t.Fatalf("a rejected name was backed up: %s", r.stdout)
@@ -169,6 +173,13 @@ func TestTerminalEscapesAreNeutralised(t *testing.T) {
 	if len(gens) != 2 || !slices.Contains(gens[0].Tags, title) || gens[1].VM != clear {
 		t.Fatalf("JSON does not keep the exact strings: %+v", gens)
 	}
+	// forget's decisions and stats print the name escaped too.
+	for _, args := range [][]string{{"forget", "--keep-last", "1", "--dry-run"}, {"stats"}} {
+		out := e.ok(args...).stdout
+		if strings.ContainsAny(out, "\x1b\u009b") || !strings.Contains(out, `vm\x1b[2J\u009b`) {
+			t.Fatalf("%v: raw or missing name: %q", args, out)
+		}
+	}
 	// Errors that quote such a name are escaped too.
 	r2 := e.run(nil, "restore", clear, "nosuchgeneration")
 	if r2.code == 0 || strings.ContainsRune(r2.stderr, 0x1b) {
@@ -192,5 +203,24 @@ func TestTermSafe(t *testing.T) {
 		if got := termSafe(in); got != want {
 			t.Errorf("termSafe(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// One name for one thing: the command is generations; snapshots (restic
+// users' habit) and list are aliases that print the same.
+func TestGenerationsCommand(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "vm01.raw")
+	writeImage(t, src, 35, 1<<20)
+	e.ok("backup", "vm01", "--source", src)
+	want := e.ok("generations", "vm01", "--json").stdout
+	for _, alias := range []string{"snapshots", "list"} {
+		if got := e.ok(alias, "vm01", "--json").stdout; got != want {
+			t.Fatalf("%s prints %q, generations %q", alias, got, want)
+		}
+	}
+	help := e.ok("--help").stdout
+	if !strings.Contains(help, "\n  generations ") || strings.Contains(help, "\n  snapshots ") {
+		t.Fatalf("root help does not list generations as the command: %s", help)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -96,22 +97,39 @@ func TestSFTPRoundTripAndServerKilled(t *testing.T) {
 	}
 }
 
-func TestSFTPAppendOnly(t *testing.T) {
+// appendOnlyChroot returns a root-owned chroot under /srv (not /tmp:
+// every path component must be root-owned and not group/world-writable)
+// for the Debian user "backup", which it also returns.
+func appendOnlyChroot(t *testing.T) (string, *user.User) {
+	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Fatal("the append-only test needs root (chroot owned by root, sshd as another user); run the suite as root")
+		t.Fatal("the append-only tests need root (chroot owned by root, sshd as another user); run the suite as root")
 	}
-	if _, err := user.Lookup("backup"); err != nil {
-		t.Fatal("the append-only test needs the Debian user 'backup'")
+	acct, err := user.Lookup("backup")
+	if err != nil {
+		t.Fatal("the append-only tests need the Debian user 'backup'")
 	}
-	e := newEnv(t)
-	// A root-owned chroot under /srv (not /tmp: every path component must
-	// be root-owned and not group/world-writable).
 	chroot, err := os.MkdirTemp("/srv", "vmvault-test-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(chroot) })
 	os.Chmod(chroot, 0o755)
+	return chroot, acct
+}
+
+// appendOnlyServer runs sshd with the account docs/server.md sets up.
+func appendOnlyServer(t *testing.T, chroot string) *testsshd.Server {
+	return testsshd.Start(t, testsshd.Options{User: "backup", Config: []string{
+		"Match User backup",
+		"  ChrootDirectory " + chroot,
+		"  ForceCommand internal-sftp -P remove,rmdir,rename,posix-rename,setstat,fsetstat,lsetstat,symlink -u 0222",
+	}})
+}
+
+func TestSFTPAppendOnly(t *testing.T) {
+	chroot, _ := appendOnlyChroot(t)
+	e := newEnv(t)
 	// The admin initialises the repository on the server (local path) and
 	// hands it to the account, as docs/server.md says.
 	repoDir := filepath.Join(chroot, "repo")
@@ -121,11 +139,7 @@ func TestSFTPAppendOnly(t *testing.T) {
 	if out, err := exec.Command("chown", "-R", "backup:backup", repoDir).CombinedOutput(); err != nil {
 		t.Fatalf("chown: %v %s", err, out)
 	}
-	srv := testsshd.Start(t, testsshd.Options{User: "backup", Config: []string{
-		"Match User backup",
-		"  ChrootDirectory " + chroot,
-		"  ForceCommand internal-sftp -P remove,rmdir,rename,posix-rename,setstat,fsetstat,lsetstat,symlink -u 0222",
-	}})
+	srv := appendOnlyServer(t, chroot)
 	base := sftpArgs(srv, "/repo", e)
 	img := writeImage(t, filepath.Join(e.dir, "img"), 22, 9<<20)
 	if r := runArgs(nil, append(base, "backup", "vm01", "--source", filepath.Join(e.dir, "img"))...); r.code != 0 {
@@ -163,11 +177,100 @@ func TestSFTPAppendOnly(t *testing.T) {
 	if r = runArgs(nil, append(local, "prune", "--keep-last", "1")...); r.code != 0 {
 		t.Fatalf("server-side prune: %s", r.stderr)
 	}
-	exec.Command("chown", "-R", "backup:backup", repoDir).Run()
 	if r = runArgs(nil, append(local, "check", "--read-data")...); r.code != 0 {
 		t.Fatalf("server-side check: %s", r.stderr)
 	}
 	if r = runArgs(nil, append(base, "restore", "vm01", "latest")...); r.code != 0 || sum([]byte(r.stdout)) != sum(img2) {
 		t.Fatalf("restore after server-side prune: %d %s", r.code, r.stderr)
 	}
+}
+
+// Issue 9 item 2: the split docs/server.md documents, end to end with a
+// real sshd. The layout is made as the docs say (owned by the account,
+// 0700), the repository initialised and later pruned by root on the
+// server's local path, backups and check run over the append-only
+// account. Before, what root wrote (index objects, keys, config) was
+// root-owned 0400: check over the account reported "permission denied"
+// and the next backup lost deduplication. Now every object root writes
+// takes the owner of its directory; the account reads it and still
+// cannot change or remove it.
+func TestServerSidePruneKeepsAccountWorking(t *testing.T) {
+	chroot, acct := appendOnlyChroot(t)
+	e := newEnv(t)
+	repoDir := filepath.Join(chroot, "repo")
+	// docs/server.md §2, verbatim but for the paths.
+	layout := fmt.Sprintf(`install -d -o backup -g backup -m 0700 %[1]s
+cd %[1]s
+install -d -o backup -g backup -m 0700 keys index manifests locks data
+for i in $(seq 0 255); do install -d -o backup -g backup -m 0700 "data/$(printf %%02x "$i")"; done`, repoDir)
+	if out, err := exec.Command("sh", "-c", layout).CombinedOutput(); err != nil {
+		t.Fatalf("layout: %v %s", err, out)
+	}
+	local := []string{"--repo", repoDir, "--password-file", e.pw, "--cache-dir", filepath.Join(e.dir, "server-cache")}
+	if r := runArgs(nil, append(local, "init", "--kdf-params", "t=1,m=8192,p=1", "--segment-size", "4194304")...); r.code != 0 {
+		t.Fatalf("init on the server: %s", r.stderr)
+	}
+	srv := appendOnlyServer(t, chroot)
+	base := sftpArgs(srv, "/repo", e)
+	src := filepath.Join(e.dir, "img")
+	for i := range 3 {
+		writeImage(t, src, uint64(40+i), 9<<20)
+		if r := runArgs(nil, append(base, "backup", "vm01", "--source", src)...); r.code != 0 {
+			t.Fatalf("backup over the account: %s", r.stderr)
+		}
+	}
+	// Three hours pass (the safety margin is two), then the documented
+	// server cron line runs as root.
+	old := time.Now().Add(-3 * time.Hour)
+	filepath.Walk(repoDir, func(p string, fi os.FileInfo, err error) error {
+		if err == nil && !fi.IsDir() {
+			os.Chtimes(p, old, old)
+		}
+		return nil
+	})
+	if r := runArgs(nil, append(local, "forget", "--keep-daily", "7", "--keep-weekly", "5", "--keep-monthly", "12", "--keep-last", "1")...); r.code != 0 {
+		t.Fatalf("server-side forget: %s", r.stderr)
+	}
+	r := runArgs(nil, append(local, "prune", "--keep-last", "1")...)
+	if r.code != 0 || !strings.Contains(r.stdout, "plan: write 1 index object(s)") {
+		t.Fatalf("server-side prune: %s %s", r.stdout, r.stderr)
+	}
+	uid := fmt.Sprint(os.Geteuid())
+	filepath.Walk(repoDir, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return nil
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		if fmt.Sprint(st.Uid) != acct.Uid || fmt.Sprint(st.Gid) != acct.Gid {
+			t.Errorf("%s owned by %d:%d, want the account's %s:%s (root is %s)", p, st.Uid, st.Gid, acct.Uid, acct.Gid, uid)
+		}
+		if !fi.IsDir() && fi.Mode().Perm() != 0o400 && fi.Mode().Perm() != 0o444 {
+			t.Errorf("%s mode %s: want read-only", p, fi.Mode().Perm())
+		}
+		return nil
+	})
+	if r := runArgs(nil, append(base, "check", "--read-data")...); r.code != 0 {
+		t.Fatalf("check over the account after the server-side prune: %s", r.stderr)
+	}
+	// The next backup of the same image finds everything: nothing new.
+	r = runArgs(nil, append(base, "backup", "vm01", "--source", src, "--json")...)
+	var s backupSummary
+	if err := json.Unmarshal([]byte(r.stdout), &s); r.code != 0 || err != nil || s.BytesNew != 0 || s.SegmentsNew != 0 {
+		t.Fatalf("backup after the server-side prune re-sent data: %+v %s", s, r.stderr)
+	}
+	if r := runArgs(nil, append(base, "restore", "vm01", "latest")...); r.code != 0 || sum([]byte(r.stdout)) != sum(mustRead(t, src)) {
+		t.Fatalf("restore over the account: %d %s", r.code, r.stderr)
+	}
+	// Still append-only: the account cannot remove what root wrote.
+	if r := runArgs(nil, append(base, "prune")...); r.code == 0 || !strings.Contains(r.stderr, "append-only") {
+		t.Fatalf("prune over the account: %d %s", r.code, r.stderr)
+	}
+}
+
+func mustRead(t *testing.T, path string) []byte {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"vmvault/repo"
+	"vmvault/retention"
 )
 
 // generationJSON is one generation in `snapshots --json`.
@@ -19,6 +20,8 @@ type generationJSON struct {
 	ShortID     string    `json:"short_id"`
 	VM          string    `json:"vm"`
 	Time        time.Time `json:"time"`
+	Arrived     time.Time `json:"arrived,omitzero"` // when the repository received it (the store's clock)
+	Unverified  bool      `json:"unverified,omitempty"`
 	Host        string    `json:"host"`
 	Tags        []string  `json:"tags"`
 	Disks       []diskRef `json:"disks"`
@@ -57,7 +60,8 @@ func (a *app) snapshotsCommand() *cobra.Command {
 				out := make([]generationJSON, 0, len(ms))
 				for _, m := range ms {
 					g := generationJSON{ID: m.ID, ShortID: m.ShortID(), VM: m.VM, Time: m.Time, Host: m.Host, Tags: m.Tags,
-						BytesNew: m.Stats.BytesNew, BytesStored: m.Stats.BytesStored}
+						BytesNew: m.Stats.BytesNew, BytesStored: m.Stats.BytesStored, Arrived: m.Arrived,
+						Unverified: retention.Unverified(m.Time, m.Arrived, 0)}
 					if g.Tags == nil {
 						g.Tags = []string{}
 					}
@@ -77,7 +81,11 @@ func (a *app) snapshotsCommand() *cobra.Command {
 					for i, d := range g.Disks {
 						names[i] = d.Name
 					}
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", g.ShortID, g.VM, g.Time.Local().Format("2006-01-02 15:04:05"),
+					when := g.Time.Local().Format("2006-01-02 15:04:05")
+					if g.Unverified {
+						when += " (unverified: arrived " + g.Arrived.Local().Format("2006-01-02 15:04") + ")"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", g.ShortID, g.VM, when,
 						strings.Join(names, ","), humanBytes(g.Size), humanBytes(g.BytesNew), humanBytes(g.BytesStored), strings.Join(g.Tags, ","))
 				}
 				tw.Flush()

@@ -94,7 +94,7 @@ func (a *app) recordFailure(vm string, err error, start time.Time) {
 
 // backupConfigured backs up VMs from the configuration file, each in
 // turn; one VM's failure does not stop the others.
-func (a *app) backupConfigured(ctx context.Context, names []string, all bool, tags []string, when time.Time) error {
+func (a *app) backupConfigured(ctx context.Context, names []string, f backupFlags) error {
 	if a.configPath == "" {
 		if _, err := os.Stat(config.DefaultPath); err != nil {
 			return withCode(exitUsage, fmt.Errorf("no --source given and no configuration file %s: give --source PATH or --config FILE", config.DefaultPath))
@@ -104,7 +104,7 @@ func (a *app) backupConfigured(ctx context.Context, names []string, all bool, ta
 	if err != nil {
 		return err
 	}
-	if all {
+	if f.all {
 		names = cfg.VMNames()
 		if len(names) == 0 {
 			return fmt.Errorf("configuration %s lists no VMs", cfg.Path)
@@ -132,7 +132,7 @@ func (a *app) backupConfigured(ctx context.Context, names []string, all bool, ta
 	var firstErr error
 	for _, n := range names {
 		start := time.Now()
-		o, err := a.backupVM(ctx, r, cfg.VMs[n], tags, when)
+		o, err := a.backupVM(ctx, r, cfg.VMs[n], f)
 		if err != nil {
 			if ctx.Err() != nil {
 				return err
@@ -164,12 +164,12 @@ func (a *app) backupConfigured(ctx context.Context, names []string, all bool, ta
 }
 
 // backupVM backs up one configured VM (see package vmbackup).
-func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, tags []string, when time.Time) (vmOutcome, error) {
+func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, f backupFlags) (vmOutcome, error) {
 	plan, err := vmbackup.FromConfig(vm, a.log) // quiesce adds the vm field itself
 	if err != nil {
 		return vmOutcome{}, err
 	}
-	o, err := vmbackup.Run(ctx, vmbackup.Repo(r, a.retryLock), plan, a.runOptions(vm.Name, tags, when))
+	o, err := vmbackup.Run(ctx, vmbackup.Repo(r, a.retryLock), plan, a.runOptions(vm.Name, f))
 	if err != nil {
 		return vmOutcome{}, err
 	}
@@ -177,12 +177,12 @@ func (a *app) backupVM(ctx context.Context, r *repo.Repository, vm *config.VM, t
 }
 
 // runOptions are the settings every backup run shares.
-func (a *app) runOptions(vm string, tags []string, when time.Time) vmbackup.Options {
+func (a *app) runOptions(vm string, f backupFlags) vmbackup.Options {
 	cacheDir := a.cacheDir
 	if cacheDir == "" {
 		cacheDir = repo.DefaultCacheDir()
 	}
-	return vmbackup.Options{Locks: vmbackup.FileLocks{Dir: cacheDir}, Time: when, Tags: tags, Logger: a.log,
+	return vmbackup.Options{Locks: vmbackup.FileLocks{Dir: cacheDir}, Time: f.when, Tags: f.tags, SHA256: f.sha, Logger: a.log,
 		Progress: func(disks []repo.DiskSource) (func(string, int64), func()) {
 			return a.progress(vm, disks)
 		}}

@@ -15,9 +15,16 @@
 package testminio
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -96,8 +103,14 @@ type Server struct {
 	RootUser, RootPassword string
 	// Dir is the data directory.
 	Dir string
+	// CAFile is the PEM certificate of the CA that signed the server's
+	// certificate (TLS only).
+	CAFile string
 
 	t       testing.TB
+	scheme  string
+	client  *http.Client
+	certDir string
 	cmd     *exec.Cmd
 	logFile string
 	mcDir   string
@@ -108,6 +121,9 @@ type Server struct {
 type Options struct {
 	// Drives is the number of drives (directories); 0 or 1 means one.
 	Drives int
+	// TLS serves https with a certificate for 127.0.0.1 signed by a CA
+	// made for this server (Server.CAFile).
+	TLS bool
 }
 
 // freePort asks the kernel for an unused loopback port.
@@ -129,7 +145,10 @@ func Start(t testing.TB, opts Options) *Server {
 	pw := make([]byte, 16)
 	rand.Read(pw)
 	s := &Server{RootUser: "vmvaultadmin", RootPassword: hex.EncodeToString(pw), Dir: filepath.Join(dir, "data"),
-		t: t, logFile: filepath.Join(dir, "minio.log"), mcDir: filepath.Join(dir, "mc")}
+		t: t, logFile: filepath.Join(dir, "minio.log"), mcDir: filepath.Join(dir, "mc"), scheme: "http", client: http.DefaultClient}
+	if opts.TLS {
+		s.makeCerts(t, filepath.Join(dir, "certs"))
+	}
 	drives := s.Dir
 	if opts.Drives > 1 {
 		drives = fmt.Sprintf("%s/d{1...%d}", s.Dir, opts.Drives)
@@ -158,10 +177,17 @@ func (s *Server) start(bin, drives, console string) error {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command(bin, "server", "--quiet", "--address", s.Endpoint, "--console-address", console, drives)
+	args := []string{"server", "--quiet", "--address", s.Endpoint, "--console-address", console}
+	if s.certDir != "" {
+		args = append(args, "--certs-dir", s.certDir)
+	}
+	cmd := exec.Command(bin, append(args, drives)...)
 	cmd.Env = append(os.Environ(), "MINIO_ROOT_USER="+s.RootUser, "MINIO_ROOT_PASSWORD="+s.RootPassword,
 		"MINIO_BROWSER=off", "MINIO_UPDATE=off", "MINIO_CI_CD=1")
 	cmd.Stdout, cmd.Stderr = logf, logf
+	// Should the test binary die without its cleanup (a panic, a
+	// timeout), the server dies with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return err
 	}
@@ -174,7 +200,7 @@ func (s *Server) start(bin, drives, console string) error {
 			return fmt.Errorf("minio exited: %v", err)
 		case <-time.After(100 * time.Millisecond):
 		}
-		resp, err := http.Get("http://" + s.Endpoint + "/minio/health/cluster")
+		resp, err := s.client.Get(s.scheme + "://" + s.Endpoint + "/minio/health/cluster")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
@@ -219,7 +245,7 @@ func (s *Server) Log() string {
 
 // URL is the repository URL of bucket/prefix on this server.
 func (s *Server) URL(bucketAndPrefix string) string {
-	return "s3:http://" + s.Endpoint + "/" + bucketAndPrefix
+	return "s3:" + s.scheme + "://" + s.Endpoint + "/" + bucketAndPrefix
 }
 
 // MC runs the mc client against this server as the root user (alias
@@ -237,7 +263,60 @@ func (s *Server) MC(t testing.TB, args ...string) string {
 func (s *Server) TryMC(t testing.TB, args ...string) (string, error) {
 	t.Helper()
 	cmd := exec.Command(Binary(t, "mc"), append([]string{"--config-dir", s.mcDir, "--no-color"}, args...)...)
-	cmd.Env = append(os.Environ(), fmt.Sprintf("MC_HOST_t=http://%s:%s@%s", s.RootUser, s.RootPassword, s.Endpoint))
+	cmd.Env = append(os.Environ(), fmt.Sprintf("MC_HOST_t=%s://%s:%s@%s", s.scheme, s.RootUser, s.RootPassword, s.Endpoint))
+	if s.certDir != "" {
+		cmd.Args = append(cmd.Args[:1], append([]string{"--insecure"}, cmd.Args[1:]...)...)
+	}
 	out, err := cmd.CombinedOutput()
 	return string(out), err
+}
+
+// makeCerts writes a CA and a certificate for 127.0.0.1 it signed, the
+// way MinIO's --certs-dir wants them (public.crt, private.key).
+func (s *Server) makeCerts(t testing.TB, dir string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "vmvault test CA"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.CAFile = filepath.Join(dir, "ca.pem")
+	write := func(name, typ string, b []byte) {
+		if err := os.WriteFile(name, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(s.CAFile, "CERTIFICATE", caDER)
+	write(filepath.Join(dir, "public.crt"), "CERTIFICATE", der)
+	write(filepath.Join(dir, "private.key"), "PRIVATE KEY", keyDER)
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	s.scheme, s.certDir = "https", dir
+	s.client = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 }

@@ -89,10 +89,11 @@ no_snapshots_left() {
 		fail "a snapshot is still mounted: $(grep vmvault-snap /proc/mounts | tr '\n' ' ')"
 	fi
 }
-# gens VM: how many generations the repository holds for VM.
+# gens VM: how many generations the repository holds for VM. All VMs are
+# listed: asked for one VM that has none, vmvault exits 1 by design.
 gens() {
-	if out=$(vmvault -c "$CFG" snapshots "$1" --json 2>/tmp/gens.err); then
-		echo "$out" | grep -o '"id":' | wc -l
+	if out=$(vmvault -c "$CFG" generations --json 2>/tmp/gens.err); then
+		echo "$out" | grep -o "\"vm\":\"$1\"" | wc -l
 	else
 		echo "error($(lastline /tmp/gens.err))"
 	fi

@@ -549,3 +549,93 @@ func TestManyHosts(t *testing.T) {
 		}
 	}
 }
+
+// killBackup starts a backup of src and kills it with SIGKILL once it has
+// uploaded some data, leaving unreferenced objects behind.
+func (e *env) killBackup(h host, vm, src string, extra ...string) {
+	e.t.Helper()
+	before, _ := e.stored("data/")
+	cmd := e.command(h, append(extra, "backup", vm, "--source", src)...)
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		if n, _ := e.stored("data/"); n >= before+10 {
+			break
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			cmd.Wait()
+			e.t.Fatal("backup uploaded nothing in 2 minutes")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cmd.Process.Kill()
+	if cmd.Wait() == nil {
+		e.t.Fatal("backup finished before it could be killed: make the image larger")
+	}
+}
+
+// With s3_object_lock_days, init creates the bucket with object lock and
+// every object is written under retention: prune keeps (and reports)
+// unreferenced objects it may not delete yet, forget refuses a retained
+// generation with one line, and the repository stays whole.
+func TestObjectLock(t *testing.T) {
+	e := newEnv(t)
+	conf := filepath.Join(e.dir, "vmvault.toml")
+	text := fmt.Sprintf("[repository]\nurl = %q\npassword_file = %q\ns3_object_lock_days = 1\n", e.repo, e.pw)
+	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h := e.host("", e.root)
+	cfgArg := []string{"--config", conf}
+	e.ok(h, append(cfgArg, initArgs...)...)
+	if out := e.srv.MC(t, "stat", "t/vmvault"); !strings.Contains(out, "Versioning: Enabled") {
+		t.Fatalf("init did not create the bucket with object lock (which needs versioning):\n%s", out)
+	}
+	src := filepath.Join(e.dir, "vm01.raw")
+	image(t, src, 7, 8<<20)
+	e.ok(h, append(cfgArg, "backup", "vm01", "--source", src)...)
+	img := image(t, src, 5, 8<<20)
+	e.ok(h, append(cfgArg, "backup", "vm01", "--source", src)...)
+	big := filepath.Join(e.dir, "vm02.raw")
+	image(t, big, 6, 96<<20)
+	e.killBackup(h, "vm02", big, cfgArg...)
+	dataBefore, _ := e.stored("data/")
+
+	r := e.run(h, nil, append(cfgArg, "prune", "--safety-margin", "0")...)
+	if r.code != 0 || !strings.Contains(r.stderr, "retention") {
+		t.Fatalf("prune of a locked repository: exit %d, want 0 and a notice of retained objects:\n%s", r.code, r.stderr)
+	}
+	if dataAfter, _ := e.stored("data/"); dataAfter != dataBefore {
+		t.Fatalf("prune removed %d retained data objects", dataBefore-dataAfter)
+	}
+	r = e.run(h, nil, append(cfgArg, "forget", "--keep-last", "1")...)
+	if r.code == 0 || !strings.Contains(r.stderr, "retained until") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		t.Fatalf("forget of a retained generation: exit %d, stderr %q; want one line naming the retention", r.code, r.stderr)
+	}
+	if out := e.ok(h, "restore", "vm01", "latest").stdout; sum([]byte(out)) != sum(img) {
+		t.Fatal("restore from the locked repository differs")
+	}
+	e.ok(h, "check", "--read-data")
+}
+
+// docs/server.md shows exactly the policy and the mc commands these tests
+// use.
+func TestDocumentedPolicy(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/server.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(doc)
+	if !strings.Contains(text, "```json\n"+appendOnlyPolicy+"\n```") {
+		t.Fatal("docs/server.md does not show the tested append-only policy (appendOnlyPolicy)")
+	}
+	for _, cmd := range []string{"mc mb --with-lock t/vmvault", "mc admin user add t vmhost1", "mc admin policy create t vmvault-append vmvault-append.json",
+		"mc admin policy attach t vmvault-append --user vmhost1", "mc retention set --default compliance"} {
+		if !strings.Contains(text, cmd) {
+			t.Errorf("docs/server.md lacks the tested command %q", cmd)
+		}
+	}
+}
