@@ -274,9 +274,10 @@ func TestDiskReaderCacheBound(t *testing.T) {
 	}
 }
 
-// stallBackend holds Get and GetAll of one object until the caller's context is
-// cancelled, and completes every read whatever its context: a backend
-// whose reads in flight finish after an interrupt, as a local disk does.
+// stallBackend holds Get and GetAll of one object until the caller's
+// context is cancelled, and completes every read whatever its context: a
+// backend whose reads in flight finish after an interrupt, as a local
+// disk does.
 type stallBackend struct {
 	backend.Backend
 	name    string
@@ -284,19 +285,20 @@ type stallBackend struct {
 }
 
 func (b *stallBackend) Get(ctx context.Context, name string, off, length int64) ([]byte, error) {
-	if name == b.name {
-		close(b.stalled)
-		<-ctx.Done()
-	}
+	b.stall(ctx, name)
 	return b.Backend.Get(context.Background(), name, off, length)
 }
 
 func (b *stallBackend) GetAll(ctx context.Context, name string, limit int64) ([]byte, error) {
+	b.stall(ctx, name)
+	return b.Backend.GetAll(context.Background(), name, limit)
+}
+
+func (b *stallBackend) stall(ctx context.Context, name string) {
 	if name == b.name {
 		close(b.stalled)
 		<-ctx.Done()
 	}
-	return b.Backend.GetAll(context.Background(), name, limit)
 }
 
 // Issue 9 item 1: a restore cancelled (SIGINT/SIGTERM) while its fetches

@@ -30,8 +30,12 @@ type restoredSegment struct {
 	data  []byte
 }
 
-// fetchSegment assembles segment i of d and verifies it against its keyed
-// segment ID before returning it: nothing unauthenticated leaves here.
+// fetchSegment assembles segment i of d, authenticated before it is
+// returned: nothing unauthenticated leaves here. The segment list is
+// sealed under its name, the segment ID (which the image digest covers);
+// each chunk is sealed under its name and checked against its keyed chunk
+// ID. Hashing chunks rather than the assembled segment skips the segment's
+// zero runs: a sparse image's partly empty segments cost only their data.
 func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byte) (restoredSegment, error) {
 	seg := restoredSegment{index: i, off: d.segmentStart(i), size: d.segmentLen(i)}
 	id, zero := d.SegmentID(i)
@@ -74,15 +78,15 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 			if len(data) != len(part) {
 				return fmt.Errorf("chunk %s: %d bytes, segment list says %d: %w", dataName(e.ID), len(data), len(part), ErrCorrupt)
 			}
+			if r.chunkH.Sum(data) != e.ID {
+				return fmt.Errorf("chunk %s: content does not match its ID: %w", dataName(e.ID), ErrCorrupt)
+			}
 			copy(part, data)
 			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
 		return seg, err
-	}
-	if got := r.segH.Sum(buf); got != id {
-		return seg, fmt.Errorf("segment %s: content does not match its ID: %w", dataName(id), ErrCorrupt)
 	}
 	seg.data = buf
 	return seg, nil
@@ -136,8 +140,47 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 		}
 		return nil
 	})
+	// Unordered: fetch workers hand segments to writers, so a worker
+	// never waits for the disk while it could be fetching (over SFTP the
+	// fetches are what keeps the restore busy). writeq holds at most the
+	// window's nw segments.
+	type queuedSegment struct {
+		seg restoredSegment
+		buf []byte // back to free once written
+	}
+	writeq := make(chan queuedSegment, nw)
+	var fetching sync.WaitGroup
+	if !inOrder {
+		fetching.Add(nw)
+		g.Go(func() error {
+			fetching.Wait()
+			close(writeq)
+			return nil
+		})
+		for range workers() {
+			g.Go(func() error {
+				// Drain even after a failure elsewhere, writing nothing
+				// more, so no fetch worker waits on a full queue.
+				for q := range writeq {
+					var err error
+					if ctx.Err() == nil {
+						err = emit(q.seg)
+					}
+					free <- q.buf
+					<-window
+					if err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		}
+	}
 	for range nw {
 		g.Go(func() error {
+			if !inOrder {
+				defer fetching.Done()
+			}
 			for i := range next {
 				buf := <-free
 				if size := int(d.segmentLen(i)); cap(buf) < size {
@@ -148,12 +191,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 					return fmt.Errorf("restore %s at offset %d: %w", d.Name, seg.off, err)
 				}
 				if !inOrder {
-					err := emit(seg)
-					free <- buf
-					<-window
-					if err != nil {
-						return err
-					}
+					writeq <- queuedSegment{seg, buf}
 					continue
 				}
 				if seg.data == nil {
