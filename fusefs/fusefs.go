@@ -281,6 +281,7 @@ var (
 	_ = (fs.NodeOpener)((*diskNode)(nil))
 	_ = (fs.NodeReader)((*diskNode)(nil))
 	_ = (fs.NodeReleaser)((*diskNode)(nil))
+	_ = (fs.NodeLseeker)((*diskNode)(nil))
 )
 
 // Getattr reports the image size; mode 0400: disk images hold the guest's
@@ -331,6 +332,39 @@ func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 		return nil, syscall.EIO
 	}
 	return fuse.ReadResultData(dest[:k]), 0
+}
+
+// Lseek answers SEEK_DATA and SEEK_HOLE from the reader's extents, so
+// cp --sparse, qemu-img and other hole-aware readers skip zero ranges
+// without reading them.
+func (n *diskNode) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, whence uint32) (uint64, syscall.Errno) {
+	n.mu.Lock()
+	dr := n.dr
+	n.mu.Unlock()
+	if dr == nil {
+		return 0, syscall.EBADF
+	}
+	if whence != unix.SEEK_DATA && whence != unix.SEEK_HOLE {
+		return 0, syscall.EINVAL
+	}
+	if int64(off) >= dr.Size() {
+		return 0, syscall.ENXIO
+	}
+	ext, err := dr.Extents(ctx, int64(off), dr.Size()-int64(off))
+	if err != nil {
+		n.root.log.Error("seek failed", "disk", dr.Name(), "offset", off, "err", err)
+		return 0, syscall.EIO
+	}
+	wantZero := whence == unix.SEEK_HOLE
+	for _, e := range ext {
+		if e.Zero == wantZero {
+			return uint64(max(e.Off, int64(off))), 0
+		}
+	}
+	if wantZero {
+		return uint64(dr.Size()), 0 // the end counts as a hole
+	}
+	return 0, syscall.ENXIO
 }
 
 // Release closes the reader with the last handle.
