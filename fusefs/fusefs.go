@@ -148,7 +148,27 @@ func Mount(ctx context.Context, dir string, src Source, opts Options) (*Mounted,
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
+	raiseReadAhead(dir, log)
 	return &Mounted{dir: dir, server: server, log: log, root: root}, nil
+}
+
+// kernelReadAheadKiB is the page-cache read-ahead asked of the kernel for
+// the mount. FUSE starts at 128 KiB, which cuts a sequential read into
+// many small requests; with 4 MiB, cat of a 2 GiB disk file took 3.5-4.1 s
+// instead of 4.4 s (sys time 0.6 s instead of 2.7 s).
+const kernelReadAheadKiB = 4096
+
+// raiseReadAhead sets the mount's backing-device read-ahead (root only;
+// best effort: a failure only costs speed).
+func raiseReadAhead(dir string, log *slog.Logger) {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return
+	}
+	knob := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
+	if err := os.WriteFile(knob, []byte(fmt.Sprint(kernelReadAheadKiB)), 0); err != nil {
+		log.Debug("kernel read-ahead left at its default", "err", err)
+	}
 }
 
 // Unmount detaches the file system. It fails with EBUSY while something
