@@ -35,9 +35,10 @@ func ParseListen(spec string) (network, addr string, err error) {
 	return "tcp", net.JoinHostPort(host, port), nil
 }
 
-// Listen listens on a ParseListen address. A unix socket path left behind
-// by a server that is gone is replaced; one that a server still answers
-// on, or a path that is not a socket, is an error.
+// Listen listens on a ParseListen address. A unix socket is made
+// accessible to its owner only. A socket path left behind by a server
+// that is gone is replaced; one that a server still answers on, or a path
+// that is not a socket, is an error.
 func Listen(spec string) (net.Listener, error) {
 	network, addr, err := ParseListen(spec)
 	if err != nil {
@@ -51,6 +52,14 @@ func Listen(spec string) (net.Listener, error) {
 	l, err := net.Listen(network, addr)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", spec, err)
+	}
+	if network == "unix" {
+		// Whoever can connect reads the disks: only the owner may,
+		// whatever the umask.
+		if err := os.Chmod(addr, 0o600); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("socket %s: %w", addr, err)
+		}
 	}
 	return l, nil
 }

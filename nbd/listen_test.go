@@ -48,6 +48,9 @@ func TestListenSocketPath(t *testing.T) {
 	if err != nil {
 		t.Fatalf("stale socket not replaced: %v", err)
 	}
+	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v, %v; want 0600", fi.Mode(), err)
+	}
 	l2.Close()
 
 	file := filepath.Join(dir, "f")

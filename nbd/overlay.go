@@ -26,18 +26,31 @@ const (
 
 // Overlay is a copy-on-write layer over a read-only Export: writes go to a
 // local sparse file, reads merge that file with the base. The base is
-// never written. The overlay lives for one session: it is created new and
-// removed by Close.
+// never written. An overlay from CreateOverlay lives for one session: it
+// is created new and removed by Close; one from OpenOverlay is kept and
+// can be resumed.
 type Overlay struct {
 	base Export
 	f    *os.File
 	path string
 	size int64
+	// kept overlays save their map (see overlay_keep.go) for identity.
+	kept     bool
+	identity string
+	flushMu  sync.Mutex
 
 	mu sync.RWMutex
 	// data and zero hold one bit per block: set in data means inOverlay,
 	// set in zero means zeroed, neither means inBase.
 	data, zero []uint64
+}
+
+// newOverlay returns an overlay over base with an empty map, in f.
+func newOverlay(base Export, f *os.File, path string) *Overlay {
+	size := base.Size()
+	words := (size/OverlayBlock + 64) / 64
+	return &Overlay{base: base, f: f, path: path, size: size,
+		data: make([]uint64, words), zero: make([]uint64, words)}
 }
 
 // CreateOverlay creates the overlay file at path, which must not exist,
@@ -50,19 +63,24 @@ func CreateOverlay(base Export, path string) (*Overlay, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create overlay: %w", err)
 	}
-	size := base.Size()
-	if err := f.Truncate(size); err != nil {
+	if err := f.Truncate(base.Size()); err != nil {
 		f.Close()
 		os.Remove(path)
 		return nil, fmt.Errorf("size overlay %s: %w", path, err)
 	}
-	words := (size/OverlayBlock + 64) / 64
-	return &Overlay{base: base, f: f, path: path, size: size,
-		data: make([]uint64, words), zero: make([]uint64, words)}, nil
+	return newOverlay(base, f, path), nil
 }
 
-// Close closes and removes the overlay file; the writes are discarded.
+// Close ends the overlay. A kept overlay saves its map and stays; any
+// other is removed, and its writes with it.
 func (o *Overlay) Close() error {
+	if o.kept {
+		err := o.saveMap()
+		if cerr := o.f.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("close overlay %s: %w", o.path, cerr)
+		}
+		return err
+	}
 	err := o.f.Close()
 	if rerr := os.Remove(o.path); err == nil {
 		err = rerr
@@ -188,16 +206,26 @@ func (o *Overlay) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// write does WriteAt's work under o.mu.
-func (o *Overlay) write(p []byte, off int64) error {
-	end := off + int64(len(p))
-	var block []byte
+// eachBlock calls fn for every block overlapping [off, end): the block's
+// number, start and length, and the part of [off, end) inside it.
+func (o *Overlay) eachBlock(off, end int64, fn func(b, bstart, blen, pos, n int64) error) error {
 	for pos := off; pos < end; {
 		b := pos / OverlayBlock
 		bstart, blen := o.blockSpan(b)
-		bend := bstart + blen
-		n := min(bend, end) - pos
-		part := p[pos-off : pos-off+n]
+		n := min(bstart+blen, end) - pos
+		if err := fn(b, bstart, blen, pos, n); err != nil {
+			return err
+		}
+		pos += n
+	}
+	return nil
+}
+
+// write does WriteAt's work under o.mu.
+func (o *Overlay) write(p []byte, off int64) error {
+	var block []byte
+	return o.eachBlock(off, off+int64(len(p)), func(b, bstart, blen, pos, n int64) error {
+		part, at := p[pos-off:pos-off+n], pos
 		if s := o.state(b); s != inOverlay && n < blen {
 			if block == nil {
 				block = make([]byte, OverlayBlock)
@@ -209,15 +237,14 @@ func (o *Overlay) write(p []byte, off int64) error {
 				return fmt.Errorf("copy block at %d from the base: %w", bstart, err)
 			}
 			copy(full[pos-bstart:], part)
-			part, pos = full, bstart
+			part, at = full, bstart
 		}
-		if _, err := o.f.WriteAt(part, pos); err != nil {
+		if _, err := o.f.WriteAt(part, at); err != nil {
 			return fmt.Errorf("write overlay %s: %w", o.path, err)
 		}
 		o.setState(b, inOverlay)
-		pos = min(bend, end)
-	}
-	return nil
+		return nil
+	})
 }
 
 // WriteZeroes makes [off, off+length) read as zeros: whole blocks are
@@ -229,35 +256,30 @@ func (o *Overlay) WriteZeroes(off, length int64) error {
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	end := off + length
 	var zeros []byte
-	for pos := off; pos < end; {
-		b := pos / OverlayBlock
-		bstart, blen := o.blockSpan(b)
-		bend := bstart + blen
-		n := min(bend, end) - pos
-		if n == blen {
-			if o.state(b) == inOverlay {
-				// Releasing space is an optimisation; a filesystem without
-				// hole punching keeps the stale bytes, which are never read.
-				_ = unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, bstart, blen)
-			}
-			o.setState(b, zeroed)
-		} else {
+	return o.eachBlock(off, off+length, func(b, bstart, blen, pos, n int64) error {
+		if n < blen {
 			if zeros == nil {
 				zeros = make([]byte, OverlayBlock)
 			}
-			if err := o.write(zeros[:n], pos); err != nil {
-				return err
-			}
+			return o.write(zeros[:n], pos)
 		}
-		pos += n
-	}
-	return nil
+		if o.state(b) == inOverlay {
+			// Releasing space is an optimisation; a filesystem without
+			// hole punching keeps the stale bytes, which are never read.
+			_ = unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, bstart, blen)
+		}
+		o.setState(b, zeroed)
+		return nil
+	})
 }
 
-// Flush makes the overlay file durable.
+// Flush makes the completed writes durable; a kept overlay also saves its
+// map, so they survive a crash.
 func (o *Overlay) Flush() error {
+	if o.kept {
+		return o.saveMap()
+	}
 	if err := o.f.Sync(); err != nil {
 		return fmt.Errorf("sync overlay %s: %w", o.path, err)
 	}

@@ -2,9 +2,11 @@ package nbd
 
 import (
 	"bytes"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -94,4 +96,87 @@ func TestCreateOverlayRefusesExisting(t *testing.T) {
 	if b, _ := os.ReadFile(path); string(b) != "keep" {
 		t.Fatalf("existing file changed to %q", b)
 	}
+}
+
+// TestKeptOverlay: a kept overlay resumes with what was flushed; a write
+// after the last flush is gone after a crash (the file closed without
+// Close), as on a disk that lost power, and the neighbouring base data is
+// intact; another identity, or a second opener, is refused.
+func TestKeptOverlay(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	base := &memExport{data: make([]byte, 4*OverlayBlock+100)}
+	for i := range base.data {
+		base.data[i] = byte(rng.Uint32())
+	}
+	path := filepath.Join(t.TempDir(), "ov")
+	ov, err := OpenOverlay(base, path, "vm01/abc/hda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenOverlay(base, path, "vm01/abc/hda"); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second opener: %v", err)
+	}
+	flushed := bytes.Repeat([]byte{0xab}, 1000)
+	ov.WriteAt(flushed, 10)
+	ov.WriteZeroes(OverlayBlock, OverlayBlock)
+	if err := ov.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ov.WriteAt(bytes.Repeat([]byte{0xcd}, 1000), 2*OverlayBlock+10) // never flushed
+	ov.f.Close()                                                    // the crash
+
+	want := bytes.Clone(base.data)
+	copy(want[10:], flushed)
+	clear(want[OverlayBlock : 2*OverlayBlock])
+	ov, err = OpenOverlay(base, path, "vm01/abc/hda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(want))
+	if _, err := ov.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("resumed overlay differs from what was flushed: %v", err)
+	}
+	if err := ov.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("kept overlay removed: %v", err)
+	}
+	if _, err := OpenOverlay(base, path, "vm01/def/hda"); !errors.Is(err, errBadMap) {
+		t.Fatalf("overlay of another generation: %v", err)
+	}
+	other := &memExport{data: make([]byte, 8*OverlayBlock)}
+	if _, err := OpenOverlay(other, path, "vm01/abc/hda"); !errors.Is(err, errBadMap) {
+		t.Fatalf("overlay of another size: %v", err)
+	}
+	// A data file that no longer matches its map is refused.
+	os.Truncate(path, 100)
+	if _, err := OpenOverlay(base, path, "vm01/abc/hda"); !errors.Is(err, errBadMap) {
+		t.Fatalf("truncated overlay: %v", err)
+	}
+	os.Truncate(path, int64(len(base.data)))
+	// A damaged map is refused, never read as a different map.
+	raw, _ := os.ReadFile(path + ".map")
+	raw[len(overlayMagic)+20] ^= 1
+	os.WriteFile(path+".map", raw, 0o600)
+	if _, err := OpenOverlay(base, path, "vm01/abc/hda"); !errors.Is(err, errBadMap) {
+		t.Fatalf("damaged map: %v", err)
+	}
+}
+
+// FuzzOverlayMap: decodeMap never panics, and a map it accepts re-encodes
+// to the same bytes.
+func FuzzOverlayMap(f *testing.F) {
+	o := newOverlay(&memExport{data: make([]byte, 3*OverlayBlock)}, nil, "")
+	o.identity = "vm01/abc/hda"
+	o.data[0], o.zero[0] = 0b001, 0b100
+	f.Add(o.encodeMap(o.data, o.zero))
+	f.Add([]byte(overlayMagic))
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		p := newOverlay(&memExport{data: make([]byte, 3*OverlayBlock)}, nil, "")
+		p.identity = "vm01/abc/hda"
+		if p.decodeMap(raw) == nil && !bytes.Equal(p.encodeMap(p.data, p.zero), raw) {
+			t.Fatalf("accepted map %x does not round-trip", raw)
+		}
+	})
 }

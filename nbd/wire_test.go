@@ -203,9 +203,11 @@ func (m *memExport) Extents(off, length int64) ([]Extent, error) {
 	return []Extent{{Offset: off, Length: length}}, nil
 }
 
-// TestServeStopsOnCancel: cancelling the context closes open connections
-// and Serve returns nil.
-func TestServeStopsOnCancel(t *testing.T) {
+// serveMem serves a small in-memory export on a loopback TCP listener,
+// wrapped by wrap, and returns the address, Serve's result channel and the
+// function that stops it.
+func serveMem(t *testing.T, wrap func(net.Listener) net.Listener) (string, <-chan error, context.CancelFunc) {
+	t.Helper()
 	srv, err := NewServer(slog.New(slog.DiscardHandler), "hda", map[string]Export{"hda": &memExport{data: make([]byte, 4096)}})
 	if err != nil {
 		t.Fatal(err)
@@ -216,8 +218,15 @@ func TestServeStopsOnCancel(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, l) }()
-	c, err := net.Dial("tcp", l.Addr().String())
+	go func() { done <- srv.Serve(ctx, wrap(l)) }()
+	return l.Addr().String(), done, cancel
+}
+
+// TestServeStopsOnCancel: cancelling the context closes open connections
+// and Serve returns nil.
+func TestServeStopsOnCancel(t *testing.T) {
+	addr, done, cancel := serveMem(t, func(l net.Listener) net.Listener { return l })
+	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -258,19 +267,9 @@ func (f *flakyListener) Accept() (net.Conn, error) {
 
 // TestServeRetriesAccept: a failed accept does not stop the server.
 func TestServeRetriesAccept(t *testing.T) {
-	srv, err := NewServer(slog.New(slog.DiscardHandler), "hda", map[string]Export{"hda": &memExport{data: make([]byte, 4096)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, &flakyListener{Listener: l}) }()
+	addr, done, cancel := serveMem(t, func(l net.Listener) net.Listener { return &flakyListener{Listener: l} })
 	defer func() { cancel(); <-done }()
-	c, err := net.Dial("tcp", l.Addr().String())
+	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

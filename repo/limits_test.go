@@ -37,6 +37,7 @@ func TestDecodeSegmentListAllocationBounded(t *testing.T) {
 	if err == nil || !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("hostile list accepted: %v", err)
 	}
+	t.Logf("hostile segment list: %d bytes allocated", n)
 	if n > 1<<20 {
 		t.Fatalf("decoding a hostile segment list allocated %d bytes", n)
 	}
@@ -66,8 +67,8 @@ func TestManifestRepeatedTableRefused(t *testing.T) {
 		tables[i] = tid
 	}
 	seg := int64(DefaultSegmentSize)
-	m := map[string]any{"version": 1, "vm": "vm01", "time": "2026-11-30T00:00:00Z",
-		"disks": []map[string]any{{"name": "d", "size": 4096 * TableSegments * seg, "segment_size": seg,
+	m := map[string]any{"version": FormatVersion, "vm": "vm01", "time": "2026-11-30T00:00:00Z",
+		"disks": []map[string]any{{"name": "d", "size": 4096 * TableSegments * seg, "segment_size": seg, "segment_count": 4096 * TableSegments,
 			"segment_tables": tables, "digest": strings.Repeat("00", 32)}}}
 	raw, _ := json.Marshal(m)
 	id := randomID()
@@ -80,6 +81,7 @@ func TestManifestRepeatedTableRefused(t *testing.T) {
 	if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), hex.EncodeToString(id[:])[:8]) {
 		t.Fatalf("oversized manifest: %v", err)
 	}
+	t.Logf("manifest naming one table 4096 times: %d bytes allocated", n)
 	if n > 4<<20 {
 		t.Fatalf("loading the manifest allocated %d bytes", n)
 	}
@@ -90,15 +92,16 @@ func TestManifestRepeatedTableRefused(t *testing.T) {
 			plan.Close()
 		}
 	})
+	t.Logf("prune plan over it: %d bytes allocated", n)
 	if n > 16<<20 {
 		t.Fatalf("prune plan allocated %d MiB", n>>20)
 	}
 	// The same table repeated within the limits is legitimate (an empty
 	// disk's tables are all alike) and is fetched once.
-	if err := (&Disk{Name: "d", Size: MaxDiskSegments * seg, SegmentSize: seg, Tables: make([]HexID, MaxDiskTables)}).validateLimits(); err != nil {
+	if err := (&Disk{Name: "d", Size: MaxDiskSegments * seg, SegmentSize: seg, SegmentCount: MaxDiskSegments, Tables: make([]HexID, MaxDiskTables)}).validateLimits(); err != nil {
 		t.Fatalf("disk at the limit refused: %v", err)
 	}
-	if err := (&Disk{Name: "d", Size: MaxDiskSegments*seg + 1, SegmentSize: seg, Tables: make([]HexID, MaxDiskTables)}).validateLimits(); err == nil {
+	if err := (&Disk{Name: "d", Size: MaxDiskSegments*seg + 1, SegmentSize: seg, SegmentCount: MaxDiskSegments + 1, Tables: make([]HexID, MaxDiskTables+1)}).validateLimits(); err == nil {
 		t.Fatal("disk beyond the limit accepted")
 	}
 }
@@ -137,6 +140,7 @@ func TestSparseTebibyteObjectRefused(t *testing.T) {
 	if !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), dataName(victim)) {
 		t.Fatalf("1 TiB object: %v", err)
 	}
+	t.Logf("1 TiB sparse object: %d bytes allocated", n)
 	if n > 1<<20 {
 		t.Fatalf("refusing the object allocated %d bytes", n)
 	}

@@ -16,10 +16,39 @@ import (
 	"vmvault/repo"
 )
 
+// serveFlags are the options of `vmvault serve`.
+type serveFlags struct {
+	listen, disk, overlayDir string
+	writable, keep           bool
+	cacheMiB, readAheadMiB   int64
+}
+
+// check validates the flags and returns the reader options they ask for.
+func (f *serveFlags) check() (repo.ReaderOptions, error) {
+	if f.listen == "" {
+		return repo.ReaderOptions{}, withCode(exitUsage, errors.New("serve needs --listen unix:PATH or HOST:PORT"))
+	}
+	if _, _, err := nbd.ParseListen(f.listen); err != nil {
+		return repo.ReaderOptions{}, withCode(exitUsage, err)
+	}
+	if (f.overlayDir != "" || f.keep) && !f.writable {
+		return repo.ReaderOptions{}, withCode(exitUsage, errors.New("--overlay and --keep-overlay need --writable"))
+	}
+	if f.writable && f.overlayDir == "" {
+		f.overlayDir = os.TempDir()
+	}
+	if f.cacheMiB <= 0 || f.readAheadMiB < 0 {
+		return repo.ReaderOptions{}, withCode(exitUsage, errors.New("--cache-mib must be positive and --read-ahead-mib not negative"))
+	}
+	ropts := repo.ReaderOptions{CacheSize: f.cacheMiB << 20, ReadAhead: f.readAheadMiB << 20}
+	if f.readAheadMiB == 0 {
+		ropts.ReadAhead = -1
+	}
+	return ropts, nil
+}
+
 func (a *app) serveCommand() *cobra.Command {
-	var listen, disk, overlayDir string
-	var writable bool
-	var cacheMiB, readAheadMiB int64
+	var f serveFlags
 	cmd := &cobra.Command{
 		Use:   "serve VM latest|ID --listen unix:PATH|HOST:PORT",
 		Short: "Serve a generation's disks over NBD (instant recovery)",
@@ -40,79 +69,72 @@ or reach it through an SSH tunnel.
 
 Without --writable every write is refused (EPERM). With --writable writes
 go to a copy-on-write overlay: one sparse file per disk in --overlay DIR
-(default: the temporary directory), removed when serve stops. The
-repository is never written. To keep what a VM wrote, copy the disk out
-through NBD (qemu-img convert) before stopping serve.
+(default: the temporary directory), removed when serve stops. With
+--keep-overlay the overlay stays, and serving the same generation again with
+--keep-overlay resumes it: what the client had flushed survives a restart,
+even a crash. The repository is never written. To make a VM's changes
+permanent, copy its disk out through NBD (qemu-img convert).
 
 serve runs until SIGINT or SIGTERM, then closes the connections and exits 0.`,
 		Example: `  vmvault serve vm01 latest --listen unix:/run/vmvault/vm01.sock
   qemu-img convert -f raw -O raw 'nbd+unix:///?socket=/run/vmvault/vm01.sock' vm01.raw
-  vmvault serve vm01 latest --listen unix:/run/vm01.sock --writable --overlay /var/tmp
+  vmvault serve vm01 latest --listen unix:/run/vm01.sock --writable --overlay /var/tmp --keep-overlay
   qemu-system-x86_64 -m 2048 -drive 'file=nbd+unix:///?socket=/run/vm01.sock,format=raw,if=virtio'
   vmvault serve vm01 3f2a9c1b --disk hdb --listen :10809`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			ropts, err := f.check()
+			if err != nil {
+				return err
+			}
 			ctx := cmd.Context()
-			if listen == "" {
-				return withCode(exitUsage, errors.New("serve needs --listen unix:PATH or HOST:PORT"))
-			}
-			if _, _, err := nbd.ParseListen(listen); err != nil {
-				return withCode(exitUsage, err)
-			}
-			if overlayDir != "" && !writable {
-				return withCode(exitUsage, errors.New("--overlay needs --writable"))
-			}
-			if writable && overlayDir == "" {
-				overlayDir = os.TempDir()
-			}
-			if cacheMiB <= 0 || readAheadMiB < 0 {
-				return withCode(exitUsage, errors.New("--cache-mib must be positive and --read-ahead-mib not negative"))
-			}
-			ropts := repo.ReaderOptions{CacheSize: cacheMiB << 20, ReadAhead: readAheadMiB << 20}
-			if readAheadMiB == 0 {
-				ropts.ReadAhead = -1
-			}
 			return a.withRepo(ctx, repo.SharedLock, "serve "+args[0], func(r *repo.Repository) error {
-				m, err := r.FindManifest(ctx, args[0], args[1])
-				if err != nil {
-					return err
-				}
-				sd, err := openExports(ctx, a.log, r, m, disk, overlayDir, ropts)
-				defer sd.close()
-				if err != nil {
-					return err
-				}
-				srv, err := nbd.NewServer(a.log, sd.def, sd.exports)
-				if err != nil {
-					return err
-				}
-				l, err := nbd.Listen(listen)
-				if err != nil {
-					return err
-				}
-				a.log.Info("serving", "vm", m.VM, "generation", m.ShortID(), "listen", l.Addr().String(),
-					"default", sd.def, "exports", strings.Join(sd.names, ","), "writable", writable)
-				if err := srv.Serve(ctx, l); err != nil {
-					return err
-				}
-				var read, fetched int64
-				for _, dr := range sd.readers {
-					st := dr.Stats()
-					read += st.BytesRead
-					fetched += st.FetchedBytes
-				}
-				a.log.Info("stopped serving", "vm", m.VM, "generation", m.ShortID(), "read", read, "fetched", fetched)
-				return nil
+				return a.serve(ctx, r, args[0], args[1], &f, ropts)
 			})
 		},
 	}
-	cmd.Flags().StringVar(&listen, "listen", "", "unix:PATH or HOST:PORT (a missing host means 127.0.0.1)")
-	cmd.Flags().StringVar(&disk, "disk", "", "the disk served as the default export (default: the first)")
-	cmd.Flags().BoolVar(&writable, "writable", false, "accept writes into a local copy-on-write overlay (the repository is never written)")
-	cmd.Flags().StringVar(&overlayDir, "overlay", "", "directory for the overlay files of --writable (default: the temporary directory)")
-	cmd.Flags().Int64Var(&cacheMiB, "cache-mib", repo.DefaultReaderCache>>20, "decoded chunk cache per disk, in MiB")
-	cmd.Flags().Int64Var(&readAheadMiB, "read-ahead-mib", repo.DefaultReaderReadAhead>>20, "fetch this many MiB ahead of sequential reads (0: off)")
+	cmd.Flags().StringVar(&f.listen, "listen", "", "unix:PATH or HOST:PORT (a missing host means 127.0.0.1)")
+	cmd.Flags().StringVar(&f.disk, "disk", "", "the disk served as the default export (default: the first)")
+	cmd.Flags().BoolVar(&f.writable, "writable", false, "accept writes into a local copy-on-write overlay (the repository is never written)")
+	cmd.Flags().StringVar(&f.overlayDir, "overlay", "", "directory for the overlay files of --writable (default: the temporary directory)")
+	cmd.Flags().BoolVar(&f.keep, "keep-overlay", false, "keep the overlay files when serve stops, and resume them when this generation is served again")
+	cmd.Flags().Int64Var(&f.cacheMiB, "cache-mib", repo.DefaultReaderCache>>20, "decoded chunk cache per disk, in MiB")
+	cmd.Flags().Int64Var(&f.readAheadMiB, "read-ahead-mib", repo.DefaultReaderReadAhead>>20, "fetch this many MiB ahead of sequential reads (0: off)")
 	return cmd
+}
+
+// serve exports the disks of generation gen of vm until ctx ends.
+func (a *app) serve(ctx context.Context, r *repo.Repository, vm, gen string, f *serveFlags, ropts repo.ReaderOptions) error {
+	m, err := r.FindManifest(ctx, vm, gen)
+	if err != nil {
+		return err
+	}
+	sd, err := openExports(ctx, a.log, r, m, f.disk, f.overlayDir, f.keep, ropts)
+	defer sd.close()
+	if err != nil {
+		return err
+	}
+	srv, err := nbd.NewServer(a.log, sd.def, sd.exports)
+	if err != nil {
+		return err
+	}
+	l, err := nbd.Listen(f.listen)
+	if err != nil {
+		return err
+	}
+	a.log.Info("serving", "vm", m.VM, "generation", m.ShortID(), "listen", l.Addr().String(),
+		"default", sd.def, "exports", strings.Join(sd.names, ","), "writable", f.writable)
+	if err := srv.Serve(ctx, l); err != nil {
+		return err
+	}
+	var read, fetched int64
+	for _, dr := range sd.readers {
+		st := dr.Stats()
+		read += st.BytesRead
+		fetched += st.FetchedBytes
+	}
+	a.log.Info("stopped serving", "vm", m.VM, "generation", m.ShortID(), "read", read, "fetched", fetched)
+	return nil
 }
 
 // servedDisks are the exports of one generation and what backs them.
@@ -132,9 +154,9 @@ func (sd *servedDisks) close() {
 }
 
 // openExports opens every disk of m as an export, with an overlay each
-// when overlayDir is set. The default export is disk, or the first. The
+// when overlayDir is set (kept ones if keep). The default export is disk, or the first. The
 // result must be closed, also on error.
-func openExports(ctx context.Context, log *slog.Logger, r *repo.Repository, m *repo.Manifest, disk, overlayDir string, opts repo.ReaderOptions) (*servedDisks, error) {
+func openExports(ctx context.Context, log *slog.Logger, r *repo.Repository, m *repo.Manifest, disk, overlayDir string, keep bool, opts repo.ReaderOptions) (*servedDisks, error) {
 	sd := &servedDisks{exports: make(map[string]nbd.Export, len(m.Disks))}
 	if len(m.Disks) == 0 {
 		return sd, fmt.Errorf("generation %s of %s has no disks", m.ShortID(), m.VM)
@@ -156,9 +178,18 @@ func openExports(ctx context.Context, log *slog.Logger, r *repo.Repository, m *r
 		sd.closers = append(sd.closers, func() { dr.Close() })
 		var e nbd.Export = diskExport{ctx: ctx, dr: dr}
 		if overlayDir != "" {
-			path := filepath.Join(overlayDir, fmt.Sprintf("vmvault-%s-%s-%s-%d.overlay",
-				safeName(m.VM), m.ShortID(), safeName(d.Name), os.Getpid()))
-			ov, err := nbd.CreateOverlay(e, path)
+			name := fmt.Sprintf("vmvault-%s-%s-%s", safeName(m.VM), m.ShortID(), safeName(d.Name))
+			var ov *nbd.Overlay
+			var err error
+			if keep {
+				path := filepath.Join(overlayDir, name+".overlay")
+				if _, serr := os.Stat(path + ".map"); serr == nil {
+					log.Info("resuming kept overlay", "disk", d.Name, "overlay", path)
+				}
+				ov, err = nbd.OpenOverlay(e, path, m.VM+"/"+m.ID+"/"+d.Name)
+			} else {
+				ov, err = nbd.CreateOverlay(e, filepath.Join(overlayDir, fmt.Sprintf("%s-%d.overlay", name, os.Getpid())))
+			}
 			if err != nil {
 				return sd, err
 			}

@@ -275,37 +275,57 @@ func TestServeWritable(t *testing.T) {
 // log names the object.
 func TestServeDamagedChunk(t *testing.T) {
 	e, src, _ := backedUp(t)
-	var victim string
-	var size int64
-	filepath.WalkDir(filepath.Join(e.repo, "data"), func(p string, d fs.DirEntry, err error) error {
-		if fi, err := d.Info(); err == nil && !d.IsDir() && fi.Size() > size {
-			victim, size = p, fi.Size()
-		}
-		return nil
-	})
-	data, _ := os.ReadFile(victim)
-	data[size/2] ^= 1
-	os.Chmod(victim, 0o600)
-	os.WriteFile(victim, data, 0o600)
-
+	victim := damageLargestObject(t, e.repo)
 	sock := filepath.Join(e.dir, "nbd.sock")
 	s := startServe(t, sock, "--repo", e.repo, "--password-file", e.pw, "--cache-dir", e.cache, "serve", "vm01", "latest", "--listen", "unix:"+sock)
-	out, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", src, s.url("")).CombinedOutput()
-	if err == nil || strings.Contains(string(out), "Content mismatch") || !strings.Contains(string(out), "Input/output error") {
-		t.Fatalf("compare against a damaged backup: %v %s", err, out)
-	}
+	checkDamageIsEIO(t, s, src, victim)
 	conv := filepath.Join(e.dir, "out.raw")
 	if out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "raw", s.url(""), conv).CombinedOutput(); err == nil {
 		t.Fatalf("convert of a damaged backup succeeded: %s", out)
 	}
 	s.stop()
-	if !strings.Contains(s.stderr.String(), filepath.Base(victim)) {
-		t.Fatalf("serve log does not name the damaged object %s:\n%s", filepath.Base(victim), s.stderr)
+	if !strings.Contains(s.stderr.String(), victim) {
+		t.Fatalf("serve log does not name the damaged object %s:\n%s", victim, s.stderr)
+	}
+}
+
+// damageLargestObject flips a byte in the middle of the largest object
+// under repo/data (a chunk) and returns its file name.
+func damageLargestObject(t *testing.T, repo string) string {
+	t.Helper()
+	var victim string
+	var size int64
+	filepath.WalkDir(filepath.Join(repo, "data"), func(p string, d fs.DirEntry, err error) error {
+		if fi, err := d.Info(); err == nil && !d.IsDir() && fi.Size() > size {
+			victim, size = p, fi.Size()
+		}
+		return nil
+	})
+	data, err := os.ReadFile(victim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data[size/2] ^= 1
+	os.Chmod(victim, 0o600)
+	if err := os.WriteFile(victim, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Base(victim)
+}
+
+// checkDamageIsEIO compares the export with the image it was backed up
+// from: the damaged range must fail with an I/O error, never differ.
+func checkDamageIsEIO(t *testing.T, s *serveChild, src, victim string) {
+	t.Helper()
+	out, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", src, s.url("")).CombinedOutput()
+	if err == nil || strings.Contains(string(out), "Content mismatch") || !strings.Contains(string(out), "Input/output error") {
+		t.Fatalf("compare against a backup with %s damaged: %v %s", victim, err, out)
 	}
 }
 
 // TestServeSFTP: the same export, writable, over an SFTP repository, and
-// reached through an SSH tunnel to its unix socket.
+// reached through an SSH tunnel to its unix socket; then a damaged chunk
+// on the server gives EIO.
 func TestServeSFTP(t *testing.T) {
 	needQemuUtils(t)
 	e := newEnv(t)
@@ -351,6 +371,15 @@ func TestServeSFTP(t *testing.T) {
 	if treeHash(t, repoDir) != before {
 		t.Fatal("serving over sftp changed the repository")
 	}
+
+	// A flipped byte in a chunk on the server: EIO, never other bytes.
+	victim := damageLargestObject(t, repoDir)
+	s = startServe(t, sock, append(base, "serve", "vm01", "latest", "--listen", "unix:"+sock)...)
+	checkDamageIsEIO(t, s, src, victim)
+	s.stop()
+	if !strings.Contains(s.stderr.String(), victim) {
+		t.Fatalf("serve log does not name the damaged object %s:\n%s", victim, s.stderr)
+	}
 }
 
 // TestServeBadInput: bad flags and names fail at once with a one-line
@@ -363,7 +392,8 @@ func TestServeBadInput(t *testing.T) {
 	sock := "unix:" + filepath.Join(e.dir, "s")
 	e.fails(exitUsage, "serve needs --listen", "serve", "vm01", "latest")
 	e.fails(exitUsage, "bad listen address", "serve", "vm01", "latest", "--listen", "10809")
-	e.fails(exitUsage, "--overlay needs --writable", "serve", "vm01", "latest", "--listen", sock, "--overlay", e.dir)
+	e.fails(exitUsage, "need --writable", "serve", "vm01", "latest", "--listen", sock, "--overlay", e.dir)
+	e.fails(exitUsage, "need --writable", "serve", "vm01", "latest", "--listen", sock, "--keep-overlay")
 	e.fails(exitUsage, "--cache-mib must be positive", "serve", "vm01", "latest", "--listen", sock, "--cache-mib", "0")
 	e.fails(exitError, "has no generations", "serve", "vm99", "latest", "--listen", sock)
 	e.fails(exitError, `no disk "nope"`, "serve", "vm01", "latest", "--listen", sock, "--disk", "nope")
@@ -437,4 +467,45 @@ func TestServeDisks(t *testing.T) {
 	qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", b, s.url(""))
 	qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", a, s.url("hda"))
 	s.stop()
+}
+
+// TestServeKeepOverlay: with --keep-overlay what the client flushed
+// survives serve being killed (kill -9) and a clean restart; without it
+// the next session starts from the backup; the repository is unchanged
+// throughout.
+func TestServeKeepOverlay(t *testing.T) {
+	e, src, _ := backedUp(t)
+	before := treeHash(t, e.repo)
+	ovDir := filepath.Join(e.dir, "ov")
+	os.Mkdir(ovDir, 0o700)
+	sock := filepath.Join(e.dir, "nbd.sock")
+	args := []string{"--repo", e.repo, "--password-file", e.pw, "--cache-dir", e.cache,
+		"serve", "vm01", "latest", "--listen", "unix:" + sock, "--writable", "--overlay", ovDir}
+	kept := append(args, "--keep-overlay")
+
+	s := startServe(t, sock, kept...)
+	qemu(t, "qemu-io", "-f", "raw", "-c", "write -P 0xab 1M 1M", "-c", "flush", s.url(""))
+	s.cmd.Process.Kill()
+	<-s.done
+	if ents, _ := os.ReadDir(ovDir); len(ents) != 2 {
+		t.Fatalf("kept overlay: %d files, want the overlay and its map", len(ents))
+	}
+
+	// The killed server left its socket behind: the next one replaces it.
+	s = startServe(t, sock, kept...)
+	qemu(t, "qemu-io", "-f", "raw", "-c", "read -P 0xab 1M 1M", "-c", "write -P 0xcd 3M 64k", s.url(""))
+	s.stop()
+	if !strings.Contains(s.stderr.String(), "resuming kept overlay") {
+		t.Fatalf("second session did not say it resumed:\n%s", s.stderr)
+	}
+	s = startServe(t, sock, kept...)
+	qemu(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0xab 1M 1M", "-c", "read -P 0xcd 3M 64k", s.url(""))
+	s.stop()
+
+	s = startServe(t, sock, args...)
+	qemu(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, s.url(""))
+	s.stop()
+	if treeHash(t, e.repo) != before {
+		t.Fatal("the repository changed")
+	}
 }
