@@ -118,7 +118,7 @@ func (d *doc) s3Keys(t *table, r *Repository, s3 bool) {
 // repositoryURL checks an sftp:// URL or a local path and reports whether
 // it is SFTP.
 func (d *doc) repositoryURL(n node, s string) bool {
-	if rest, ok := strings.CutPrefix(s, "s3:"); ok && !strings.HasPrefix(rest, "//") {
+	if rest, ok := strings.CutPrefix(s, "s3:"); ok {
 		if u, err := url.Parse(rest); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.Trim(u.Path, "/") == "" {
 			d.errorf(n, "%q: want s3:https://HOST[:PORT]/BUCKET[/PREFIX] or s3:http://…", s)
 		}

@@ -122,10 +122,24 @@ type namedKeyFile struct {
 	kf   *keyFile
 }
 
+// badKeyFile is a file in keys/ that is not a usable key file.
+type badKeyFile struct {
+	name string
+	err  error
+}
+
+// joinBad joins errs and one error per bad key file, naming it.
+func joinBad(errs []error, bad []badKeyFile) error {
+	for _, b := range bad {
+		errs = append(errs, fmt.Errorf("%s: %w", b.name, b.err))
+	}
+	return errors.Join(errs...)
+}
+
 // readKeyFiles lists and parses keys/. A file that does not parse (junk
 // anyone with add access can create) is returned in bad with its error
 // and otherwise ignored.
-func readKeyFiles(ctx context.Context, be backend.Backend) (good []namedKeyFile, bad []error, err error) {
+func readKeyFiles(ctx context.Context, be backend.Backend) (good []namedKeyFile, bad []badKeyFile, err error) {
 	var names []string
 	err = be.List(ctx, "keys/", func(o backend.ObjectInfo) error {
 		names = append(names, o.Name)
@@ -148,7 +162,7 @@ func readKeyFiles(ctx context.Context, be backend.Backend) (good []namedKeyFile,
 			kf, err = parseKeyFile(data)
 		}
 		if err != nil {
-			bad = append(bad, fmt.Errorf("%s: %w", n, err))
+			bad = append(bad, badKeyFile{name: n, err: err})
 			continue
 		}
 		good = append(good, namedKeyFile{name: n, kf: kf})
@@ -214,7 +228,7 @@ func unlock(ctx context.Context, be backend.Backend, password []byte, hintPath s
 		return nil, "", fmt.Errorf("%s: no key files: %w", be.Location(), ErrNotRepository)
 	}
 	if len(files) == 0 {
-		return nil, "", fmt.Errorf("no usable key file: %w", errors.Join(bad...))
+		return nil, "", fmt.Errorf("no usable key file: %w", joinBad(nil, bad))
 	}
 	orderKeyFiles(files, hintPath)
 	var errs []error
@@ -231,7 +245,7 @@ func unlock(ctx context.Context, be backend.Backend, password []byte, hintPath s
 		}
 	}
 	if len(errs) == len(files) {
-		return nil, "", fmt.Errorf("no usable key file: %w", errors.Join(append(errs, bad...)...))
+		return nil, "", fmt.Errorf("no usable key file: %w", joinBad(errs, bad))
 	}
 	return nil, "", ErrWrongPassword
 }
@@ -303,7 +317,7 @@ func (r *Repository) Keys(ctx context.Context) ([]KeyInfo, error) {
 		return nil, err
 	}
 	for _, e := range bad {
-		r.log.Warn("ignoring a file in keys/ that is not a key file", "err", e)
+		r.warnJunk(e.name, e.err)
 	}
 	out := make([]KeyInfo, 0, len(files))
 	for _, f := range files {

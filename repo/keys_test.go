@@ -69,6 +69,7 @@ func TestPlantedExpensiveKeyRefusedByParameters(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("open with planted key files: %d MiB allocated", n>>20)
 	if n > 256<<20 {
 		t.Fatalf("opening with planted expensive key files allocated %d MiB", n>>20)
 	}
@@ -139,6 +140,7 @@ func TestKeyHintTriedFirst(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("open: cold %d MiB, with the hint %d MiB allocated", cold>>20, warm>>20)
 	if cold < 46<<20 || warm > 40<<20 {
 		t.Fatalf("cold open allocated %d MiB, warm %d MiB: the hint was not used", cold>>20, warm>>20)
 	}

@@ -37,6 +37,7 @@ func TestDecodeSegmentListAllocationBounded(t *testing.T) {
 	if err == nil || !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("hostile list accepted: %v", err)
 	}
+	t.Logf("hostile segment list: %d bytes allocated", n)
 	if n > 1<<20 {
 		t.Fatalf("decoding a hostile segment list allocated %d bytes", n)
 	}
@@ -80,6 +81,7 @@ func TestManifestRepeatedTableRefused(t *testing.T) {
 	if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), hex.EncodeToString(id[:])[:8]) {
 		t.Fatalf("oversized manifest: %v", err)
 	}
+	t.Logf("manifest naming one table 4096 times: %d bytes allocated", n)
 	if n > 4<<20 {
 		t.Fatalf("loading the manifest allocated %d bytes", n)
 	}
@@ -90,6 +92,7 @@ func TestManifestRepeatedTableRefused(t *testing.T) {
 			plan.Close()
 		}
 	})
+	t.Logf("prune plan over it: %d bytes allocated", n)
 	if n > 16<<20 {
 		t.Fatalf("prune plan allocated %d MiB", n>>20)
 	}
@@ -137,6 +140,7 @@ func TestSparseTebibyteObjectRefused(t *testing.T) {
 	if !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), dataName(victim)) {
 		t.Fatalf("1 TiB object: %v", err)
 	}
+	t.Logf("1 TiB sparse object: %d bytes allocated", n)
 	if n > 1<<20 {
 		t.Fatalf("refusing the object allocated %d bytes", n)
 	}

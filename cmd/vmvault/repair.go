@@ -45,25 +45,26 @@ generations stay damaged.`,
 						return err
 					}
 				} else {
+					out := a.textOut() // generation names come from the repository
 					verb := "quarantined"
 					if opts.DryRun {
 						verb = "would quarantine"
 					}
 					for _, q := range rep.Quarantined {
 						if q.To == "" {
-							fmt.Fprintf(a.stdout, "%s: missing, removed from the index (%s)\n", q.Object, q.Problem)
+							fmt.Fprintf(out, "%s: missing, removed from the index (%s)\n", q.Object, q.Problem)
 						} else {
-							fmt.Fprintf(a.stdout, "%s %s -> %s (%s)\n", verb, q.Object, q.To, q.Problem)
+							fmt.Fprintf(out, "%s %s -> %s (%s)\n", verb, q.Object, q.To, q.Problem)
 						}
 					}
 					for _, s := range rep.Sound {
-						fmt.Fprintf(a.stdout, "sound, left alone: %s\n", s)
+						fmt.Fprintf(out, "sound, left alone: %s\n", s)
 					}
 					for _, d := range rep.Unhandled {
-						fmt.Fprintf(a.stdout, "not repaired: %s\n", d.String())
+						fmt.Fprintf(out, "not repaired: %s\n", d.String())
 					}
 					for _, g := range rep.Damaged {
-						fmt.Fprintf(a.stdout, "damaged generation: %s\n", g)
+						fmt.Fprintf(out, "damaged generation: %s\n", g)
 					}
 				}
 				a.report(slog.LevelInfo, fmt.Sprintf("repair: %d object(s) quarantined, %d index entries removed, %d generation(s) stay damaged until the next backup of their data",

@@ -60,6 +60,15 @@ func nsBackup(t *testing.T, e *env, vm string, pid int) (*exec.Cmd, io.WriteClos
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	// A test that fails half-way must not leave the backup waiting on
+	// its stdin forever: EOF lets it finish, and unshare is killed.
+	t.Cleanup(func() {
+		stdin.Close()
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
 	t.Cleanup(func() {
 		if cmd.ProcessState == nil {
 			cmd.Process.Kill()
@@ -100,14 +109,19 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // margin keeps its uploads.
 func TestPruneDuringBackupInOtherPIDNamespace(t *testing.T) {
 	e := newEnv(t)
-	img := dayImage(3)
-	img = append(img, dayImage(4)...) // 6 MiB: more than one segment
+	// Content-defined segments of 4 MiB on average are cut after up to
+	// 6 MiB: 13 MiB written up front always completes (and uploads) at
+	// least one segment while the backup still waits for the rest.
+	var img []byte
+	for d := 3; d <= 8; d++ {
+		img = append(img, dayImage(d)...) // 18 MiB in all
+	}
 	data := filepath.Join(e.repo, "data")
 	base := countFiles(data)
 
 	pid := pidFreeOnHost(t)
 	child, stdin, errb := nsBackup(t, e, "vm01", pid)
-	stdin.Write(img[:5<<20])
+	stdin.Write(img[:13<<20])
 	waitFor(t, "the namespaced backup's uploads", func() bool { return countFiles(data) > base })
 	r := e.run(nil, "prune", "--safety-margin", "0")
 	if r.code != exitLocked || !strings.Contains(r.stderr, fmt.Sprintf("PID %d", pid)) {
@@ -117,7 +131,7 @@ func TestPruneDuringBackupInOtherPIDNamespace(t *testing.T) {
 	if !strings.Contains(r.stdout, "plan: remove 0 unreferenced object(s)") || strings.Contains(r.stdout, "plan: remove data/") {
 		t.Fatalf("dry run lists the running backup's objects: %s", r.stdout)
 	}
-	stdin.Write(img[5<<20:])
+	stdin.Write(img[13<<20:])
 	stdin.Close()
 	if err := child.Wait(); err != nil {
 		t.Fatalf("backup: %v: %s", err, errb)
@@ -129,10 +143,13 @@ func TestPruneDuringBackupInOtherPIDNamespace(t *testing.T) {
 
 	// The lock removed while the backup runs: prune cannot see it, its
 	// margin keeps the uploads, and the backup does not commit.
-	img2 := append(dayImage(5), dayImage(6)...)
+	var img2 []byte
+	for d := 9; d <= 14; d++ {
+		img2 = append(img2, dayImage(d)...)
+	}
 	before := countFiles(data)
 	child, stdin, errb = nsBackup(t, e, "vm02", pidFreeOnHost(t))
-	stdin.Write(img2[:5<<20])
+	stdin.Write(img2[:13<<20])
 	waitFor(t, "the second backup's uploads", func() bool { return countFiles(data) > before })
 	if r := e.ok("unlock", "--remove-all"); !strings.Contains(r.stderr, "removed 1 lock(s)") {
 		t.Fatalf("unlock: %s", r.stderr)
@@ -142,7 +159,7 @@ func TestPruneDuringBackupInOtherPIDNamespace(t *testing.T) {
 	if countFiles(data) < uploaded || !strings.Contains(r.stdout, "plan: remove 0 unreferenced object(s)") {
 		t.Fatalf("prune removed a running backup's uploads: %d → %d\n%s", uploaded, countFiles(data), r.stdout)
 	}
-	stdin.Write(img2[5<<20:])
+	stdin.Write(img2[13<<20:])
 	stdin.Close()
 	err := child.Wait()
 	var ee *exec.ExitError
