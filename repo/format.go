@@ -305,7 +305,7 @@ type Disk struct {
 	// order, TableSegments per table (the last may hold fewer). Tables
 	// are deduplicated like data, so an incremental generation stores
 	// only the tables whose segments changed, and a manifest stays small
-	// (a 1 TiB disk with 8 MiB segments: 64 table IDs).
+	// (a 1 TiB disk with 8 MiB segments on average: about 70 table IDs).
 	Tables []HexID `json:"segment_tables"`
 	// Segments holds one 32-byte segment ID per segment, concatenated; an
 	// all-zero ID marks an all-zero segment (nothing stored). It is not
