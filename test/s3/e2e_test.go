@@ -472,7 +472,7 @@ func TestManyHosts(t *testing.T) {
 	e := newEnv(t)
 	admin := e.host("", e.root)
 	e.ok(admin, initArgs...)
-	base := image(t, filepath.Join(e.dir, "base.raw"), 10, 32<<20)
+	base := image(t, filepath.Join(e.dir, "base.raw"), 10, 64<<20)
 	hosts := []host{e.host("host-a", e.root), e.host("host-b", e.root)}
 	imgs := make([][]byte, len(hosts))
 	for i := range hosts {
@@ -512,10 +512,15 @@ func TestManyHosts(t *testing.T) {
 		}
 	}
 	_, dataBytes := e.stored("data/")
-	if dataBytes > 46<<20 {
-		t.Fatalf("two 32 MiB images sharing 28 MiB stored %d MiB of data: the base was not deduplicated across hosts", dataBytes>>20)
+	// Ideal: 60 + 2 × 4 = 68 MiB; each host's own region also disturbs the
+	// chunks and keyed segment boundaries next to it, by an amount that
+	// varies with the repository's keys (74–77 MiB seen; with a 32 MiB base
+	// 52 MiB was once seen against a 46 MiB bound); without dedup across
+	// hosts it is 128 MiB.
+	if dataBytes > 96<<20 {
+		t.Fatalf("two 64 MiB images sharing 60 MiB stored %d MiB of data: the base was not deduplicated across hosts", dataBytes>>20)
 	}
-	t.Logf("two hosts, 2 × 32 MiB sharing a 28 MiB base: %.1f MiB stored", float64(dataBytes)/(1<<20))
+	t.Logf("two hosts, 2 × 64 MiB sharing a 60 MiB base: %.1f MiB stored", float64(dataBytes)/(1<<20))
 	out := e.ok(admin, "snapshots", "--json").stdout
 	for _, h := range hosts {
 		if !strings.Contains(out, `"host": "`+h.name+`"`) && !strings.Contains(out, `"host":"`+h.name+`"`) {
