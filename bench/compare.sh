@@ -6,6 +6,17 @@
 #   full backup of the image, incremental backup of the next-day image,
 #   restore of the latest generation to stdout (/dev/null), timed; and once,
 #   untimed, a restore piped into sha256sum to prove it is byte-identical.
+# Further scenarios (--scenarios), each timed with its repository growth:
+#   blocks  a "block writes" next day: random 4 KiB blocks of the image
+#           overwritten below the file system (bench/blockwrite, the same
+#           share as the file-system next day), backed up into the same
+#           repository (step blk);
+#   qcow2   the image and its next day converted to qcow2 by qemu-img
+#           convert, so content moves by whole clusters: full and
+#           incremental into a new repository (steps qfull, qincr);
+#   sparse  a 64 GiB sparse image holding the image twice (at 0 and at
+#           32 GiB): vmvault backs it up once untimed, then again unchanged
+#           (step sparse), against `cat IMAGE > /dev/null` (tool cat).
 # Reports wall time, CPU time (user+sys) and peak RSS (GNU time), the bytes
 # each repository grew by (du -sb), and the ratios vmvault/restic against the
 # targets in docs/performance.md. It never fails on timings; it fails when a
@@ -15,7 +26,15 @@
 #   --size SIZE     image size (default 4G)
 #   --quick         smoke run: 512M image, plain minbase root filesystem,
 #                   48 MiB random data, 16 MiB log
-#   --tools LIST    comma-separated subset of restic,vmvault (default both)
+#   --tools LIST    comma-separated subset of restic,vmvault (default both;
+#                   restic019 is added when its binary exists)
+#   --restic019 BIN restic 0.19.1 for a second comparison (default
+#                   /tmp/restic019/restic, built by: GOBIN=/tmp/restic019 go
+#                   install github.com/restic/restic/cmd/restic@v0.19.1)
+#   --scenarios L   comma-separated subset of blocks,qcow2,sparse (default all;
+#                   "" for only the file-system next day)
+#   --image-opts S  extra bench/mkimage.sh options (shell syntax), for a
+#                   second, different image
 #   --runs N        repeat everything N times with fresh repositories, tools
 #                   interleaved; report medians (peak RSS: the maximum) (default 1)
 #   --vmvault BIN   use this vmvault binary instead of building ./cmd/vmvault
@@ -42,6 +61,9 @@ cache="${XDG_CACHE_HOME:-$HOME/.cache}/vmvault-bench"
 rebuild=
 vmvault_bin=
 runs=1
+restic019=/tmp/restic019/restic
+scenarios=blocks,qcow2,sparse
+image_opts=
 
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -50,6 +72,9 @@ while [ $# -gt 0 ]; do
 	--tools) tools=$2; shift 2 ;;
 	--runs) runs=$2; shift 2 ;;
 	--vmvault) vmvault_bin=$2; shift 2 ;;
+	--restic019) restic019=$2; shift 2 ;;
+	--scenarios) scenarios=$2; shift 2 ;;
+	--image-opts) image_opts=$2; shift 2 ;;
 	--sftp) sftp=1; shift ;;
 	--workdir) workdir=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
@@ -63,9 +88,13 @@ done
 say() { printf '%s\n' "$*" >&2; }
 die() { printf 'compare: error: %s\n' "$*" >&2; exit 1; }
 has_tool() { [[ ",$tools," == *",$1,"* ]]; }
+has_scenario() { [[ ",$scenarios," == *",$1,"* ]]; }
 export PATH="$PATH:/usr/sbin:/sbin"
 
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "--runs needs a positive number"
+if [ -x "$restic019" ] && has_tool restic && ! has_tool restic019; then
+	tools="$tools,restic019"
+fi
 if [ -n "$sftp" ]; then
 	tools="$tools,$(sed 's/\([a-z]*\)/\1-sftp/g' <<<"$tools")"
 fi
@@ -141,11 +170,40 @@ fi
 if [ -n "$quick" ]; then
 	mk+=(--packages "" --random-mib 48 --log-mib 16 --db-mib 8 --tar-usr no)
 fi
+# Parsed like a shell command line, so quotes work: --image-opts '--packages ""'.
+[ -z "$image_opts" ] || eval "mk+=($image_opts)"
 imgdir=$("$repo_root/bench/mkimage.sh" "${mk[@]}") || die "bench/mkimage.sh failed"
 base="$imgdir/base.raw"
 next="$imgdir/next.raw"
 info() { sed -n "s/^$1=//p" "$imgdir/info"; }
 sha_next=$(info sha256_next)
+
+# --- Scenario images, cached beside the image. ---
+blocks_img="$imgdir/blocks.raw"
+if has_scenario blocks && [ ! -e "$imgdir/blocks.done" ]; then
+	say "block-writes next day: $(info changed_pct) % of blocks overwritten in place"
+	cp --sparse=always "$base" "$blocks_img.tmp"
+	(cd "$repo_root" && go run ./bench/blockwrite -pct "$(info changed_pct)" -seed 1 "$blocks_img.tmp") >"$imgdir/blocks.count" ||
+		die "bench/blockwrite failed"
+	mv "$blocks_img.tmp" "$blocks_img"
+	touch "$imgdir/blocks.done"
+fi
+if has_scenario qcow2 && [ ! -e "$imgdir/qcow2.done" ]; then
+	need qemu-img qemu-utils
+	say "qcow2 images (qemu-img convert)"
+	qemu-img convert -f raw -O qcow2 "$base" "$imgdir/base.qcow2" || die "qemu-img convert failed"
+	qemu-img convert -f raw -O qcow2 "$next" "$imgdir/next.qcow2" || die "qemu-img convert failed"
+	touch "$imgdir/qcow2.done"
+fi
+sparse_img="$imgdir/sparse64.raw"
+if has_scenario sparse && [ ! -e "$imgdir/sparse.done" ]; then
+	say "64 GiB sparse image (the image at 0 and at 32 GiB)"
+	rm -f "$sparse_img"
+	truncate -s 64G "$sparse_img"
+	dd if="$base" of="$sparse_img" bs=4M conv=sparse,notrunc status=none
+	dd if="$next" of="$sparse_img" bs=4M seek=$((32 * 256)) conv=sparse,notrunc status=none
+	touch "$imgdir/sparse.done"
+fi
 
 export XDG_CACHE_HOME="$workdir/cache"
 
@@ -182,23 +240,23 @@ measure() {
 # repo_bytes DIR: bytes in a repository.
 repo_bytes() { du -sb "$1" | cut -f1; }
 
-# run_tool TOOL: one round of the three timed steps for one tool, in a new
-# repository; in the first round also the verification.
-run_tool() {
-	local tool=$1 repo="$workdir/repo-$1-$round" pw="$workdir/password-$1"
-	(umask 077 && head -c 24 /dev/urandom | base64 >"$pw")
-	local before backup restore
+# new_repo TOOL REPO: creates a repository for TOOL and sets the arrays
+# backup and restore to its commands.
+new_repo() {
+	local tool=$1 repo=$2 pw="$workdir/password-$1"
+	[ -e "$pw" ] || (umask 077 && head -c 24 /dev/urandom | base64 >"$pw")
 	case "$tool" in
-	restic | restic-sftp)
-		local ropt=()
+	restic | restic-sftp | restic019)
+		local ropt=() bin=restic
+		[ "$tool" != restic019 ] || bin=$restic019
 		export RESTIC_PASSWORD_FILE="$pw" RESTIC_REPOSITORY="$repo"
 		if [ "$tool" = restic-sftp ]; then
 			RESTIC_REPOSITORY="sftp:root@127.0.0.1:$repo"
 			ropt=(-o "sftp.command=$ssh_cmd")
 		fi
-		restic "${ropt[@]}" init >"$workdir/logs/$tool-init.$round.log" 2>&1 || die "$tool init failed"
-		backup=(restic "${ropt[@]}" backup --quiet --stdin --stdin-filename disk.raw)
-		restore=(restic "${ropt[@]}" dump --quiet latest disk.raw)
+		"$bin" "${ropt[@]}" init >"$workdir/logs/$tool-init.$round.log" 2>&1 || die "$tool init failed"
+		backup=("$bin" "${ropt[@]}" backup --quiet --stdin --stdin-filename disk.raw)
+		restore=("$bin" "${ropt[@]}" dump --quiet latest disk.raw)
 		;;
 	vmvault | vmvault-sftp)
 		local vopt=()
@@ -213,6 +271,55 @@ run_tool() {
 		;;
 	*) die "unknown tool $tool" ;;
 	esac
+}
+
+# timed_backup TOOL STEP REPO IMAGE [nowarm]: a timed backup and the
+# repository's growth.
+timed_backup() {
+	local before
+	[ "${5:-}" = nowarm ] || warm "$4"
+	before=$(repo_bytes "$3")
+	measure "$1" "$2" "$4" "${backup[@]}" >/dev/null
+	echo $(($(repo_bytes "$3") - before)) >"$workdir/time/$1-$2.g$round"
+}
+
+# run_scenarios TOOL: the scenarios beyond the file-system next day, for
+# local repositories.
+run_scenarios() {
+	local tool=$1
+	[[ "$tool" != *-sftp ]] || return 0
+	if has_scenario blocks; then
+		say "$tool: block-writes next day"
+		timed_backup "$tool" blk "$workdir/repo-$tool-$round" "$blocks_img"
+	fi
+	if has_scenario qcow2; then
+		local q="$workdir/repo-$tool-q$round"
+		new_repo "$tool" "$q"
+		say "$tool: qcow2 full and incremental (content moved by qemu-img convert)"
+		timed_backup "$tool" qfull "$q" "$imgdir/base.qcow2"
+		timed_backup "$tool" qincr "$q" "$imgdir/next.qcow2"
+		rm -rf "$q"
+	fi
+	if has_scenario sparse && [ "$tool" = vmvault ]; then
+		local sp="$workdir/repo-$tool-s$round"
+		new_repo "$tool" "$sp"
+		say "$tool: 64 GiB sparse image, first backup (untimed), then unchanged (timed)"
+		"${backup[@]//@IMG@/$sparse_img}" </dev/null >/dev/null 2>"$workdir/logs/$tool-sparse-first.log" || die "$tool sparse backup failed"
+		# The first backup read the data into the page cache; warming
+		# with cat would read 60 GiB of holes for nothing.
+		timed_backup "$tool" sparse "$sp" "$sparse_img" nowarm
+		rm -rf "$sp"
+		say "cat: reading the 64 GiB sparse image"
+		measure cat sparse "$sparse_img" cat "$sparse_img" >/dev/null
+	fi
+}
+
+# run_tool TOOL: one round of the three timed steps for one tool, in a new
+# repository; in the first round also the verification; then the scenarios.
+run_tool() {
+	local tool=$1 repo="$workdir/repo-$1-$round"
+	local before backup restore
+	new_repo "$tool" "$repo"
 	say "$tool (run $round of $runs): full backup"
 	warm "$base"
 	before=$(repo_bytes "$repo")
@@ -227,14 +334,13 @@ run_tool() {
 	"${restore[@]}" </dev/null >/dev/null 2>"$workdir/logs/$tool-warmrestore.log" || die "$tool restore failed (warm-up)"
 	measure "$tool" restore "" "${restore[@]}" >/dev/null
 	echo 0 >"$workdir/time/$tool-restore.g$round"
-	if [ "$round" -gt 1 ]; then
-		rm -rf "$repo"
-		return
+	if [ "$round" -eq 1 ]; then
+		say "$tool: verifying the restore (sha256, untimed)"
+		local got
+		got=$("${restore[@]}" </dev/null 2>"$workdir/logs/$tool-verify.log" | sha256sum | cut -d' ' -f1) || die "$tool restore failed (verification)"
+		[ "$got" = "$sha_next" ] || die "$tool restored an image that differs: sha256 $got, want $sha_next"
 	fi
-	say "$tool: verifying the restore (sha256, untimed)"
-	local got
-	got=$("${restore[@]}" </dev/null 2>"$workdir/logs/$tool-verify.log" | sha256sum | cut -d' ' -f1)  || die "$tool restore failed (verification)"
-	[ "$got" = "$sha_next" ] || die "$tool restored an image that differs: sha256 $got, want $sha_next"
+	run_scenarios "$tool"
 	# Later rounds need the disk space more than this repository.
 	[ "$runs" -eq 1 ] || rm -rf "$repo"
 }
@@ -266,7 +372,10 @@ mib() {
 ratio() { [ "$1" = - ] || [ "$2" = - ] && { echo -; return; }; awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 target() { # target STEP FIELD -> the target ratio, or empty
 	case "$1/$2" in
-	full/wall) echo 0.50 ;; incr/wall) echo 0.25 ;; restore/wall) echo 0.50 ;; incr/grew) echo 1.00 ;;
+	full/wall | qfull/wall | restore/wall | qincr/wall) echo 0.50 ;;
+	incr/wall | blk/wall) echo 0.20 ;;
+	incr/grew | blk/grew) echo 1.00 ;;
+	qincr/grew) echo 1.20 ;;
 	esac
 }
 verdict() { # verdict RATIO TARGET
@@ -276,6 +385,10 @@ verdict() { # verdict RATIO TARGET
 	fi
 	awk -v r="$1" -v t="$2" 'BEGIN { print (r <= t ? "met (<= " t ")" : "missed (<= " t ")") }'
 }
+
+steps="full incr restore"
+has_scenario blocks && steps="$steps blk"
+has_scenario qcow2 && steps="$steps qfull qincr"
 
 mkdir -p "$cache/results"
 stamp="$(date +%Y%m%dT%H%M%S)-$(basename "$imgdir")"
@@ -303,15 +416,16 @@ echo "              and each restore ran once, untimed, before the timed one: al
 echo "  restores verified: sha256 of the restored image equals the next-day image's ($sha_next)."
 echo
 printf '%-12s %-8s %9s %9s %9s %13s\n' step tool "wall s" "CPU s" "RSS MiB" "repo grew MiB"
-for step in full incr restore; do
-	for t in restic vmvault restic-sftp vmvault-sftp; do
+for step in $steps sparse; do
+	for t in restic restic019 vmvault restic-sftp vmvault-sftp cat; do
+		[ "$step" != sparse ] || [ "$t" = vmvault ] || [ "$t" = cat ] || continue
 		has_tool "$t" || continue
 		w=$(val "$t" "$step" wall) c=$(val "$t" "$step" cpu) r=$(val "$t" "$step" rss) g=$(val "$t" "$step" grew)
 		printf '%-12s %-8s %9s %9s %9s %13s\n' "$step" "$t" "$w" "$c" "$r" "$(mib "$g")"
 		printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$step" "$t" "$w" "$c" "$r" "$g" >>"$tsv"
 	done
 done
-for step in full incr restore; do
+for step in $steps; do
 	grew_ratio=$(ratio "$(val vmvault "$step" grew)" "$(val restic "$step" grew)")
 	[ "$step" != restore ] || grew_ratio=-
 	printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$step" \
@@ -325,7 +439,7 @@ if has_tool restic && has_tool vmvault; then
 	echo
 	echo "ratios vmvault/restic (lower is better):"
 	printf '%-12s %-24s %-9s %-24s %-24s\n' step wall CPU "peak RSS" "repo growth"
-	for step in full incr restore; do
+	for step in $steps; do
 		cols=()
 		for f in wall cpu rss grew; do
 			r=$(ratio "$(val vmvault "$step" "$f")" "$(val restic "$step" "$f")")
@@ -335,17 +449,35 @@ if has_tool restic && has_tool vmvault; then
 		printf '%-12s %-24s %-9s %-24s %-24s\n' "$step" "${cols[@]}"
 	done
 	peak=0
-	for step in full incr restore; do
+	for step in $steps sparse; do
 		r=$(val vmvault "$step" rss)
 		[ "$r" != - ] && [ "$r" -gt "$peak" ] && peak=$r
 	done
 	echo "vmvault peak RSS over all steps: $peak MiB ($( [ "$peak" -le 200 ] && echo met || echo missed ) (<= 200 MiB))"
+	if has_tool restic019; then
+		echo
+		echo "ratios vmvault/restic 0.19.1 (lower is better):"
+		printf '%-12s %-24s %-9s %-24s\n' step wall CPU "repo growth"
+		for step in $steps; do
+			w=$(ratio "$(val vmvault "$step" wall)" "$(val restic019 "$step" wall)")
+			c=$(ratio "$(val vmvault "$step" cpu)" "$(val restic019 "$step" cpu)")
+			g=$(ratio "$(val vmvault "$step" grew)" "$(val restic019 "$step" grew)")
+			[ "$step" != restore ] || g=-
+			printf '%-12s %-24s %-9s %-24s\n' "$step" "$w" "$c" "$g"
+		done
+	fi
+fi
+if has_scenario sparse && has_tool vmvault; then
+	r=$(ratio "$(val vmvault sparse wall)" "$(val cat sparse wall)")
+	echo
+	echo "64 GiB sparse image, unchanged: vmvault $(val vmvault sparse wall) s, cat $(val cat sparse wall) s:" \
+		"ratio $r $(verdict "$r" 0.10); vmvault grew $(mib "$(val vmvault sparse grew)") MiB"
 fi
 if has_tool vmvault-sftp; then
 	echo
 	echo "SFTP (loopback sshd): wall-time ratios"
 	printf '%-12s %-34s %-34s\n' step "vmvault-sftp / vmvault (local)" "vmvault-sftp / restic-sftp"
-	for step in full incr restore; do
+	for step in $steps; do
 		a=$(ratio "$(val vmvault-sftp "$step" wall)" "$(val vmvault "$step" wall)")
 		b=$(ratio "$(val vmvault-sftp "$step" wall)" "$(val restic-sftp "$step" wall)")
 		ta=; tb=

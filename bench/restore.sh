@@ -14,7 +14,8 @@
 # seconds and peak RSS per case, and the ratios against stdout and restic.
 # Timings never fail the script; a differing restore does.
 #
-# Usage: bench/restore.sh IMAGE [--runs N] [--restic BIN] [--sftp] [--workdir DIR]
+# Usage: bench/restore.sh IMAGE [--runs N] [--restic BIN] [--vmvault BIN] [--sftp] [--workdir DIR]
+#   --vmvault BIN  use this vmvault binary instead of building ./cmd/vmvault
 #   --restic BIN   restic binary (default: restic on PATH; 0.19.1 is the reference:
 #                  GOBIN=/tmp/r go install github.com/restic/restic/cmd/restic@v0.19.1)
 # Page caches stay warm (the machine is shared): every case reads the
@@ -29,11 +30,13 @@ runs=2
 restic_bin=$(command -v restic || true)
 sftp=
 workdir=
+vmvault_bin=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--runs) runs=$2; shift 2 ;;
 	--restic) restic_bin=$2; shift 2 ;;
 	--sftp) sftp=1; shift ;;
+	--vmvault) vmvault_bin=$2; shift 2 ;;
 	--workdir) workdir=$2; shift 2 ;;
 	*) echo "restore.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
@@ -49,7 +52,7 @@ cleanup() {
 trap cleanup EXIT
 
 bin="$workdir/vmvault"
-(cd "$repo_root" && go build -o "$bin" ./cmd/vmvault)
+if [ -n "$vmvault_bin" ]; then cp "$vmvault_bin" "$bin"; else (cd "$repo_root" && go build -o "$bin" ./cmd/vmvault); fi
 echo "benchpass" > "$workdir/pw"
 chmod 600 "$workdir/pw"
 export VMVAULT_PASSWORD_FILE="$workdir/pw" RESTIC_PASSWORD=benchpass
@@ -146,20 +149,23 @@ if [ -n "$sftp" ]; then
 fi
 
 ratio() { awk "BEGIN{ if ($2 > 0) printf \"%.2f\", $1 / $2; else print \"-\" }"; }
+cpu() { awk "BEGIN{ printf \"%.2f\", ${user[$1]} + ${sys[$1]} }"; }
 printf "image %s, %d MiB; best of %d runs; %s\n" "$image" $((size >> 20)) "$runs" "$("$restic_bin" version 2>/dev/null | cut -d' ' -f1-2)"
-printf "%-16s %8s %8s %8s %8s %10s %10s %12s\n" case wall_s user_s sys_s rss_MiB "/stdout" "/restic" "/local-same"
+echo "ratios: wall (cpu = user+sys); on a busy machine the cpu ratios are the steadier"
+printf "%-16s %8s %8s %8s %8s %14s %14s %14s\n" case wall_s user_s sys_s rss_MiB "/stdout" "/restic" "/local-same"
 for name in stdout target-new target-same dump fuse restic-dump restic-sparse sftp-stdout sftp-target-new; do
 	[ -n "${wall[$name]:-}" ] || continue
 	ref=
 	case $name in
-	stdout | dump | fuse) ref=${wall[restic-dump]:-} ;;
-	target-new) ref=${wall[restic-sparse]:-} ;;
+	stdout | dump | fuse) [ -n "${wall[restic-dump]:-}" ] && ref=restic-dump ;;
+	target-new) [ -n "${wall[restic-sparse]:-}" ] && ref=restic-sparse ;;
 	esac
-	local_same=
+	same=
 	case $name in
-	sftp-stdout) local_same=$(ratio "${wall[$name]}" "${wall[stdout]}") ;;
-	sftp-target-new) local_same=$(ratio "${wall[$name]}" "${wall[target-new]}") ;;
+	sftp-stdout) same=stdout ;;
+	sftp-target-new) same=target-new ;;
 	esac
-	printf "%-16s %8s %8s %8s %8s %10s %10s %12s\n" "$name" "${wall[$name]}" "${user[$name]}" "${sys[$name]}" "${rss[$name]}" \
-		"$(ratio "${wall[$name]}" "${wall[stdout]}")" "${ref:+$(ratio "${wall[$name]}" "$ref")}" "$local_same"
+	both() { echo "$(ratio "${wall[$1]}" "${wall[$2]}") ($(ratio "$(cpu "$1")" "$(cpu "$2")"))"; }
+	printf "%-16s %8s %8s %8s %8s %14s %14s %14s\n" "$name" "${wall[$name]}" "${user[$name]}" "${sys[$name]}" "${rss[$name]}" \
+		"$(both "$name" stdout)" "${ref:+$(both "$name" "$ref")}" "${same:+$(both "$name" "$same")}"
 done

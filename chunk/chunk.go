@@ -20,10 +20,17 @@ import (
 // than this, or not aligned to it within the segment, stays inside a chunk.
 const ZeroBlock = 64 << 10
 
-// Default chunk size bounds (restic's): average 1 MiB.
+// Chunk sizes: at least MinSize (except at the end of a data extent), at
+// most MaxSize, AverageSize on average. Measured on two realistic images
+// (docs/performance.md): an average of 512 KiB instead of restic's 1 MiB
+// stored 32 % less on a day of random block writes, 6 % less on file
+// system edits and on moved content, for about the same CPU time. MaxSize is
+// also the format's bound on a chunk that readers accept.
 const (
-	MinSize = 512 << 10
-	MaxSize = 8 << 20
+	MinSize     = 256 << 10
+	AverageSize = 512 << 10
+	MaxSize     = 8 << 20
+	averageBits = 19 // log2(AverageSize)
 )
 
 var zeros [ZeroBlock]byte
@@ -112,6 +119,7 @@ func (s *Splitter) splitData(seg []byte, start, end int, fn func(Piece) error) e
 	} else {
 		s.c.ResetWithBoundaries(&s.rd, s.pol, MinSize, MaxSize)
 	}
+	s.c.SetAverageBits(averageBits)
 	off := start
 	for {
 		c, err := s.c.Next(s.buf)

@@ -37,6 +37,17 @@ type Config struct {
 	// (Retention.Empty()) when the file sets none.
 	Retention retention.Policy
 	VMs       map[string]*VM
+	// Limits pace backups and restores; command-line flags override them.
+	Limits Limits
+}
+
+// Limits are the [limits] table: bandwidth caps in MiB/s (0: none) and
+// the I/O priority of reading disks.
+type Limits struct {
+	ReadMiB     int    // reading the disks (read = …)
+	UploadMiB   int    // to the repository (upload = …)
+	DownloadMiB int    // from the repository (download = …)
+	IOPriority  string // io_priority: "idle" (default), "best-effort" or "none"
 }
 
 // VMNames returns the names of the configured VMs, sorted.

@@ -78,6 +78,11 @@ cache_dir = "/var/cache/vmvault"
 syslog = true
 level = "debug"
 
+[limits]
+read = 50
+upload = 20
+io_priority = "best-effort"
+
 [retention]
 keep_daily = 7
 keep_weekly = 4
@@ -118,6 +123,7 @@ required = true
 		},
 		Log:       Log{Syslog: true, Level: slog.LevelDebug},
 		Retention: retention.Policy{Daily: 7, Weekly: 4, Yearly: -1, Within: 30 * retention.Day, Tags: []string{"keep"}},
+		Limits:    Limits{ReadMiB: 50, UploadMiB: 20, IOPriority: "best-effort"},
 		VMs: map[string]*VM{
 			"vm01": {
 				Name: "vm01", Sudo: true,

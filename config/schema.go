@@ -34,6 +34,10 @@ func (d *doc) config(root *table) *Config {
 	if t := root.sub("retention"); t != nil {
 		cfg.Retention = d.policy(t)
 	}
+	cfg.Limits = Limits{IOPriority: "idle"}
+	if t := root.sub("limits"); t != nil {
+		cfg.Limits = d.limits(t)
+	}
 	if t := root.sub("vm"); t != nil {
 		for _, name := range t.keys() {
 			n, _ := t.get(name)
@@ -114,7 +118,7 @@ func (d *doc) s3Keys(t *table, r *Repository, s3 bool) {
 // repositoryURL checks an sftp:// URL or a local path and reports whether
 // it is SFTP.
 func (d *doc) repositoryURL(n node, s string) bool {
-	if rest, ok := strings.CutPrefix(s, "s3:"); ok && !strings.HasPrefix(rest, "//") {
+	if rest, ok := strings.CutPrefix(s, "s3:"); ok {
 		if u, err := url.Parse(rest); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.Trim(u.Path, "/") == "" {
 			d.errorf(n, "%q: want s3:https://HOST[:PORT]/BUCKET[/PREFIX] or s3:http://…", s)
 		}
@@ -166,6 +170,30 @@ func (d *doc) log(t *table) Log {
 		} else {
 			d.errorf(n, "unknown level %q: want debug, info, warn or error", s)
 		}
+	}
+	t.done()
+	return l
+}
+
+// limits reads a [limits] table.
+func (d *doc) limits(t *table) Limits {
+	l := Limits{IOPriority: "idle"}
+	for _, c := range []struct {
+		key string
+		dst *int
+	}{{"read", &l.ReadMiB}, {"upload", &l.UploadMiB}, {"download", &l.DownloadMiB}} {
+		if v, n, ok := t.integer(c.key); ok {
+			if v < 0 {
+				d.errorf(n, "must be 0 (no limit) or a positive number of MiB/s")
+			}
+			*c.dst = v
+		}
+	}
+	if s, n, ok := t.str("io_priority"); ok {
+		if s != "idle" && s != "best-effort" && s != "none" {
+			d.errorf(n, "unknown I/O priority %q: want idle, best-effort or none", s)
+		}
+		l.IOPriority = s
 	}
 	t.done()
 	return l

@@ -148,7 +148,27 @@ func Mount(ctx context.Context, dir string, src Source, opts Options) (*Mounted,
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
+	raiseReadAhead(dir, log)
 	return &Mounted{dir: dir, server: server, log: log, root: root}, nil
+}
+
+// kernelReadAheadKiB is the page-cache read-ahead asked of the kernel for
+// the mount. FUSE starts at 128 KiB, which cuts a sequential read into
+// many small requests; with 4 MiB, cat of a 2 GiB disk file took 3.5-4.1 s
+// instead of 4.4 s (sys time 0.6 s instead of 2.7 s).
+const kernelReadAheadKiB = 4096
+
+// raiseReadAhead sets the mount's backing-device read-ahead (root only;
+// best effort: a failure only costs speed).
+func raiseReadAhead(dir string, log *slog.Logger) {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return
+	}
+	knob := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
+	if err := os.WriteFile(knob, []byte(fmt.Sprint(kernelReadAheadKiB)), 0); err != nil {
+		log.Debug("kernel read-ahead left at its default", "err", err)
+	}
 }
 
 // Unmount detaches the file system. It fails with EBUSY while something
@@ -281,6 +301,7 @@ var (
 	_ = (fs.NodeOpener)((*diskNode)(nil))
 	_ = (fs.NodeReader)((*diskNode)(nil))
 	_ = (fs.NodeReleaser)((*diskNode)(nil))
+	_ = (fs.NodeLseeker)((*diskNode)(nil))
 )
 
 // Getattr reports the image size; mode 0400: disk images hold the guest's
@@ -331,6 +352,39 @@ func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 		return nil, syscall.EIO
 	}
 	return fuse.ReadResultData(dest[:k]), 0
+}
+
+// Lseek answers SEEK_DATA and SEEK_HOLE from the reader's extents, so
+// cp --sparse, qemu-img and other hole-aware readers skip zero ranges
+// without reading them.
+func (n *diskNode) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, whence uint32) (uint64, syscall.Errno) {
+	n.mu.Lock()
+	dr := n.dr
+	n.mu.Unlock()
+	if dr == nil {
+		return 0, syscall.EBADF
+	}
+	if whence != unix.SEEK_DATA && whence != unix.SEEK_HOLE {
+		return 0, syscall.EINVAL
+	}
+	if int64(off) >= dr.Size() {
+		return 0, syscall.ENXIO
+	}
+	ext, err := dr.Extents(ctx, int64(off), dr.Size()-int64(off))
+	if err != nil {
+		n.root.log.Error("seek failed", "disk", dr.Name(), "offset", off, "err", err)
+		return 0, syscall.EIO
+	}
+	wantZero := whence == unix.SEEK_HOLE
+	for _, e := range ext {
+		if e.Zero == wantZero {
+			return uint64(max(e.Off, int64(off))), 0
+		}
+	}
+	if wantZero {
+		return uint64(dr.Size()), 0 // the end counts as a hole
+	}
+	return 0, syscall.ENXIO
 }
 
 // Release closes the reader with the last handle.

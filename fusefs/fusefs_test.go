@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"vmvault/backend/local"
 	"vmvault/crypto"
 	"vmvault/repo"
@@ -359,5 +361,53 @@ func TestMountPartitionsByOffset(t *testing.T) {
 		if err != nil || string(got) != p.want {
 			t.Fatalf("partition (%s): %q, %v", p.opts, got, err)
 		}
+	}
+}
+
+// SEEK_DATA and SEEK_HOLE on a disk file walk exactly its data: the
+// ranges between them hold the image's non-zero bytes, the holes zeros.
+func TestMountSeekHoles(t *testing.T) {
+	needFUSE(t)
+	r, _ := newRepo(t)
+	img := make([]byte, 40<<20)
+	rng := rand.New(rand.NewPCG(4, 4))
+	for _, at := range []int{3 << 20, 17<<20 + 12345, 33 << 20} {
+		for i := at; i < at+1<<20; i++ {
+			img[i] = byte(rng.Uint32() | 1)
+		}
+	}
+	path := filepath.Join(t.TempDir(), "sparse.raw")
+	os.WriteFile(path, img, 0o600)
+	backupFile(t, r, "vm01", path, time.Time{})
+	dir, _, _ := mountTest(t, r)
+	f, err := os.Open(filepath.Join(dir, "vm01/latest/hda"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd := int(f.Fd())
+	var data int64
+	for off := int64(0); ; {
+		d, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, syscall.ENXIO) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("SEEK_DATA at %d: %v", off, err)
+		}
+		h, err := unix.Seek(fd, d, unix.SEEK_HOLE)
+		if err != nil || h <= d {
+			t.Fatalf("SEEK_HOLE at %d: %d, %v", d, h, err)
+		}
+		if !bytes.Equal(img[off:d], make([]byte, d-off)) {
+			t.Fatalf("hole [%d,%d) is not zero in the image", off, d)
+		}
+		data += h - d
+		off = h
+	}
+	// Data extents cover whole chunks, so they may include some zeros;
+	// but they must cover every non-zero byte and skip most of the holes.
+	if data < 3<<20 || data > 12<<20 {
+		t.Fatalf("SEEK_DATA/SEEK_HOLE report %d bytes of data for 3 MiB", data)
 	}
 }

@@ -18,15 +18,20 @@ import (
 	"golang.org/x/sync/semaphore"
 
 	"vmvault/backend"
+	"vmvault/backend/limit"
 	"vmvault/chunk"
 	"vmvault/crypto"
 )
 
 // DiskSource is one disk image to back up.
 type DiskSource struct {
-	Name   string    // disk name within the VM, e.g. "hda"
-	Source string    // description for the manifest (path, LV), no secrets
-	Reader io.Reader // the image, read sequentially once
+	Name   string // disk name within the VM, e.g. "hda"
+	Source string // description for the manifest (path, LV), no secrets
+	// Reader is the image. An io.ReaderAt of known Size (a file, a block
+	// device) is read in parallel with pread, and if it is also an
+	// io.Seeker that supports SEEK_DATA (a file), its holes are skipped
+	// unread; any other reader is read sequentially once.
+	Reader io.Reader
 	// Size is the expected image size, or -1 if unknown (stdin). A source
 	// that ends early or runs long fails the backup.
 	Size int64
@@ -48,6 +53,9 @@ type BackupRequest struct {
 	BeforeCommit func(ctx context.Context) (json.RawMessage, error)
 	// Progress, if set, is called from the reader with bytes read so far.
 	Progress func(disk string, read int64)
+	// ReadLimit caps reading the disks, in bytes per second (all disks
+	// together); zero means no limit.
+	ReadLimit int64
 }
 
 // uploadWindow bounds the sealed bytes queued for upload. Together with
@@ -72,9 +80,22 @@ type backupState struct {
 	mu    sync.Mutex
 	inFly map[crypto.ID]*pendingObject
 	wg    sync.WaitGroup // uploads and segment-list writers
-	fail  func(error)
-	stats struct {
+	batch *syncBatcher   // nil: every Put is durable on its own
+	// readLimit paces reading the sources (nil: unlimited).
+	readLimit *limit.Bucket
+	fail      func(error)
+	stats     struct {
 		read, zero, bytesNew, stored, chunksNew, segs, segsNew, found atomic.Int64
+	}
+}
+
+// drain waits for every upload and segment-list writer, and for the
+// objects they stored to be durable.
+func (st *backupState) drain() {
+	st.wg.Wait()
+	if st.batch != nil {
+		st.batch.close()
+		st.batch = nil
 	}
 }
 
@@ -95,7 +116,8 @@ func (st *backupState) claim(id crypto.ID) (p *pendingObject, mine bool) {
 }
 
 // upload seals payload and stores it in the background; p.done closes when
-// the object is durable (or the backup has failed).
+// the object is durable and recorded for the index (or the backup has
+// failed).
 func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, payload []byte, p *pendingObject) error {
 	name := dataName(id)
 	sealed := st.r.codec.seal(t, name, payload)
@@ -112,12 +134,23 @@ func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, p
 	st.wg.Add(1)
 	go func() {
 		defer st.wg.Done()
-		defer close(p.done)
-		defer st.sem.Release(int64(len(sealed)))
-		err := st.r.be.Put(ctx, name, sealed)
+		var err error
+		if st.batch != nil {
+			err = st.batch.be.PutDeferred(ctx, name, sealed)
+		} else {
+			err = st.r.be.Put(ctx, name, sealed)
+		}
+		st.sem.Release(int64(len(sealed)))
+		e := IndexEntry{ID: id, Type: t, Size: uint32(len(sealed))}
 		switch {
 		case err == nil:
 			st.stats.stored.Add(int64(len(sealed)))
+			if st.batch != nil {
+				// Durable, indexed and done only after the
+				// batch's Sync.
+				st.batch.add(e, p)
+				return
+			}
 		case errors.Is(err, backend.ErrExist):
 			// Stored by an interrupted earlier run or a concurrent
 			// backup -- or damaged, or planted: confirmed before use.
@@ -128,13 +161,111 @@ func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, p
 			st.stats.found.Add(1)
 		default:
 			st.fail(err)
+			close(p.done)
 			return
 		}
-		if err := st.iw.add(ctx, IndexEntry{ID: id, Type: t, Size: uint32(len(sealed))}); err != nil {
+		if err := st.iw.add(ctx, e); err != nil {
 			st.fail(err)
 		}
+		close(p.done)
 	}()
 	return nil
+}
+
+// deferredSyncer is a backend (local) that can make many objects durable
+// with one Sync instead of an fsync each: PutDeferred's object appears
+// under its name only when Sync returns nil.
+type deferredSyncer interface {
+	PutDeferred(ctx context.Context, name string, data []byte) error
+	Sync(ctx context.Context) error
+}
+
+// syncBatcher group-commits deferred uploads: one goroutine syncs whatever
+// was uploaded while the previous Sync ran, then records those objects for
+// the index and marks them done. So an object reaches the journal, an
+// index object or a segment list that names it only once it is durable,
+// as with a Put that fsyncs (docs/format.md, "Crash safety").
+type syncBatcher struct {
+	be      deferredSyncer
+	st      *backupState
+	mu      sync.Mutex
+	items   []syncItem
+	wake    chan struct{}
+	stopped chan struct{}
+	stop    chan struct{}
+}
+
+type syncItem struct {
+	e IndexEntry
+	p *pendingObject
+}
+
+func newSyncBatcher(ctx context.Context, st *backupState, be deferredSyncer) *syncBatcher {
+	b := &syncBatcher{be: be, st: st, wake: make(chan struct{}, 1), stopped: make(chan struct{}), stop: make(chan struct{})}
+	go b.run(ctx)
+	return b
+}
+
+func (b *syncBatcher) add(e IndexEntry, p *pendingObject) {
+	b.mu.Lock()
+	b.items = append(b.items, syncItem{e, p})
+	b.mu.Unlock()
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (b *syncBatcher) run(ctx context.Context) {
+	defer close(b.stopped)
+	// After a failure, what was uploaded is still made durable and
+	// indexed, for the next run to reuse.
+	ctx = context.WithoutCancel(ctx)
+	for {
+		stopping := false
+		select {
+		case <-b.wake:
+		case <-b.stop:
+			stopping = true
+		}
+		b.mu.Lock()
+		items := b.items
+		b.items = nil
+		b.mu.Unlock()
+		if len(items) > 0 {
+			// Journal the batch before Sync makes it appear under its
+			// names, so a kill in between leaves no object the next run
+			// cannot find in the journal; recovery confirms each journaled
+			// object with the store before indexing it, so journaling an
+			// object that never appears is harmless.
+			for _, it := range items {
+				b.st.iw.j.record(it.e)
+			}
+			// Fail before anything waiting on these objects runs on.
+			err := b.be.Sync(ctx)
+			if err != nil {
+				b.st.fail(err)
+			}
+			for _, it := range items {
+				if err == nil {
+					if err = b.st.iw.addRecorded(ctx, it.e); err != nil {
+						b.st.fail(err)
+					}
+				}
+				close(it.p.done)
+			}
+		}
+		if stopping {
+			return
+		}
+	}
+}
+
+// close syncs what is left and stops the batcher; call it once every
+// upload has returned.
+func (b *syncBatcher) close() {
+	close(b.stop)
+	<-b.stopped
 }
 
 // Backup stores every disk of req and commits one manifest. The caller
@@ -154,11 +285,14 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	st := &backupState{r: r, iw: &indexWriter{r: r, j: r.openJournal()}, sem: semaphore.NewWeighted(uploadWindow),
-		inFly: map[crypto.ID]*pendingObject{}}
+		inFly: map[crypto.ID]*pendingObject{}, readLimit: limit.NewBucket(req.ReadLimit)}
 	var failOnce sync.Once
 	var firstErr error
 	st.fail = func(err error) {
 		failOnce.Do(func() { firstErr = err; cancel(err) })
+	}
+	if ds, ok := r.be.(deferredSyncer); ok {
+		st.batch = newSyncBatcher(ctx, st, ds)
 	}
 	m := &Manifest{Version: FormatVersion, VM: req.VM, Time: req.Time, Host: req.Host, Tags: req.Tags, Started: started.UTC()}
 	if m.Time.IsZero() {
@@ -174,7 +308,7 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 			err = context.Cause(ctx)
 		}
 		if err != nil {
-			st.wg.Wait()
+			st.drain()
 			if firstErr != nil {
 				err = firstErr
 			}
@@ -184,7 +318,7 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 		}
 		m.Disks = append(m.Disks, d)
 	}
-	st.wg.Wait()
+	st.drain()
 	if firstErr != nil {
 		st.iw.finish(context.WithoutCancel(ctx))
 		return nil, firstErr
@@ -252,13 +386,15 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 		stop := context.AfterFunc(ctx, func() { d.SetReadDeadline(time.Now()) })
 		defer stop()
 	}
-	segSize := r.cfg.SegmentSize
+	cut := r.segmenter
 	nw := workers()
-	free := make(chan []byte, nw+1)
-	for range nw + 1 {
+	// Buffers: one per worker, the one being filled, and one to carry a
+	// window's tail into the next segment while the workers are busy.
+	free := make(chan []byte, nw+2)
+	for range nw + 2 {
 		free <- nil // allocated on first use
 	}
-	jobs := make(chan segmentJob, nw)
+	jobs := make(chan segmentJob, 1)
 	var mu sync.Mutex
 	var segIDs [][32]byte
 	setID := func(i int, id crypto.ID) {
@@ -299,47 +435,96 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	if req.SHA256 {
 		sum = sha256.New()
 	}
+	ir := newImageReader(src, nw)
+	ir.limit = st.readLimit
+	var lens []int64
 	var total int64
 	readErr := func() error {
 		defer close(jobs)
-		for i := 0; ; i++ {
-			var buf []byte
+		getBuf := func() ([]byte, error) {
 			select {
-			case buf = <-free:
-			case <-ctx.Done():
-				return context.Cause(ctx)
-			}
-			if buf == nil {
-				buf = make([]byte, segSize)
-			}
-			n, err := io.ReadFull(src.Reader, buf)
-			if n > 0 {
-				total += int64(n)
-				if sum != nil {
-					sum.Write(buf[:n])
+			case buf := <-free:
+				if buf == nil {
+					buf = make([]byte, cut.Max())
 				}
-				st.stats.read.Add(int64(n))
+				return buf, nil
+			case <-ctx.Done():
+				return nil, context.Cause(ctx)
+			}
+		}
+		var buf []byte // holds have bytes of the image from offset total
+		have := 0
+		for {
+			want := cut.Max()
+			if src.Size >= 0 {
+				want = int(min(int64(want), src.Size-total))
+			}
+			if want == 0 {
+				return nil
+			}
+			if have == 0 && ir.isHole(total, int64(want)) {
+				// Never read: zeros, and no boundary falls inside zeros.
+				i := len(lens)
+				lens = append(lens, int64(want))
+				st.stats.segs.Add(1)
+				st.stats.zero.Add(int64(want))
+				setID(i, crypto.ID{})
+				if sum != nil {
+					writeZeros(sum, int64(want))
+				}
+				total += int64(want)
 				if req.Progress != nil {
 					req.Progress(src.Name, total)
 				}
-				if src.Size >= 0 && total > src.Size {
-					return fmt.Errorf("source %s grew while being read (more than %d bytes)", src.Source, src.Size)
-				}
-				select {
-				case jobs <- segmentJob{i: i, buf: buf, n: n}:
-				case <-ctx.Done():
-					return context.Cause(ctx)
+				continue
+			}
+			if buf == nil {
+				var err error
+				if buf, err = getBuf(); err != nil {
+					return err
 				}
 			}
-			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-				return nil
-			}
+			n, err := ir.fill(ctx, buf[have:want], total+int64(have))
+			have += n
 			if err != nil {
-				return fmt.Errorf("read %s at offset %d: %w", src.Source, total, err)
+				return err
+			}
+			if have == 0 {
+				return nil // a stream ended at a segment boundary
+			}
+			eof := ir.eof || (src.Size >= 0 && total+int64(have) == src.Size)
+			c := cut.Cut(buf[:have], eof)
+			var next []byte
+			if c < have {
+				if next, err = getBuf(); err != nil {
+					return err
+				}
+				copy(next, buf[c:have])
+			}
+			if sum != nil {
+				sum.Write(buf[:c])
+			}
+			select {
+			case jobs <- segmentJob{i: len(lens), buf: buf, n: c}:
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			}
+			lens = append(lens, int64(c))
+			total += int64(c)
+			buf, have = next, have-c
+			if req.Progress != nil {
+				req.Progress(src.Name, total)
+			}
+			if ir.eof && have == 0 {
+				return nil
 			}
 		}
 	}()
+	if readErr == nil {
+		readErr = ir.checkStreamEnd()
+	}
 	workersWG.Wait()
+	st.stats.read.Add(ir.read)
 	if readErr != nil {
 		st.fail(readErr)
 		return Disk{}, readErr
@@ -352,24 +537,45 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 		st.fail(err)
 		return Disk{}, err
 	}
-	nseg := int((total + segSize - 1) / segSize)
-	if len(segIDs) != nseg {
-		return Disk{}, fmt.Errorf("internal error: %d segment IDs for %d segments", len(segIDs), nseg)
+	if len(segIDs) != len(lens) {
+		return Disk{}, fmt.Errorf("internal error: %d segment IDs for %d segments", len(segIDs), len(lens))
 	}
-	segs := make([]byte, 0, 32*nseg)
+	segs := make([]byte, 0, 32*len(lens))
 	for _, id := range segIDs {
 		segs = append(segs, id[:]...)
 	}
-	tables, err := st.storeTables(ctx, segs)
+	tables, err := st.storeTables(ctx, segs, lens)
 	if err != nil {
 		return Disk{}, err
 	}
-	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, Segments: segs, Tables: tables}
-	d.Digest = HexID(imageDigest(r.imageH, total, segSize, segs))
+	segSize := r.cfg.SegmentSize
+	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, SegmentCount: len(lens), Tables: tables}
+	if err := d.setSegments(segs, lens); err != nil {
+		return Disk{}, fmt.Errorf("internal error: %w", err)
+	}
+	d.Digest = HexID(imageDigest(r.imageH, total, segSize, segs, lens))
 	if sum != nil {
 		d.SHA256 = hex.EncodeToString(sum.Sum(nil))
 	}
 	return d, nil
+}
+
+// writeZeros writes n zero bytes to w.
+func writeZeros(w io.Writer, n int64) {
+	var z [64 << 10]byte
+	for n > 0 {
+		k := min(n, int64(len(z)))
+		w.Write(z[:k])
+		n -= k
+	}
+}
+
+// newSegmenter returns the repository's segment boundary rule: content
+// defined, around the configured segment size, with a gear table keyed
+// by the ID key (docs/format.md, "Segments").
+func newSegmenter(mk *crypto.MasterKey, segSize int64) *chunk.Segmenter {
+	h := crypto.NewHasher(mk.ID, "segment-gear")
+	return chunk.NewSegmenter(int(segSize), func(b byte) [32]byte { return h.Sum([]byte{b}) })
 }
 
 // storeSegment chunks one segment and queues its new chunks and its

@@ -4,7 +4,9 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"sort"
 	"time"
 
 	"vmvault/chunk"
@@ -12,7 +14,9 @@ import (
 )
 
 // FormatVersion is the repository format this code reads and writes.
-const FormatVersion = 1
+// Version 2 cut segments by content (variable lengths, recorded in the
+// segment tables); version 1 had fixed-size segments.
+const FormatVersion = 2
 
 // Config is the repository's parameters, stored encrypted as "config".
 type Config struct {
@@ -33,7 +37,7 @@ const (
 
 func (c *Config) validate() error {
 	if c.Version != FormatVersion {
-		return fmt.Errorf("repository format version %d is not supported (this vmvault reads version %d)", c.Version, FormatVersion)
+		return fmt.Errorf("repository format version %d is not supported (this vmvault reads version %d): %w", c.Version, FormatVersion, errOldFormat(c.Version))
 	}
 	if len(c.ID) != 64 {
 		return fmt.Errorf("config: bad repository id")
@@ -42,6 +46,14 @@ func (c *Config) validate() error {
 		return fmt.Errorf("config: segment size %d out of range", c.SegmentSize)
 	}
 	return nil
+}
+
+// errOldFormat explains what to do with a repository of another version.
+func errOldFormat(v int) error {
+	if v < FormatVersion {
+		return errors.New("it was written by an older vmvault with fixed-size segments; restore from it with that version, and start a new repository for this one")
+	}
+	return errors.New("it was written by a newer vmvault; upgrade")
 }
 
 // SegmentEntry is one piece of a segment: a chunk (ID set) or a zero run.
@@ -211,18 +223,41 @@ const (
 	MaxDiskTables   = MaxDiskSegments / TableSegments
 )
 
-const tableVersion = 1
+const tableVersion = 2
 
-// encodeTable: version byte, then the 32-byte segment IDs.
-func encodeTable(segs []byte) []byte {
-	return append([]byte{tableVersion}, segs...)
+// tableEntry is one segment in a table: its 32-byte ID, then its length
+// as a little-endian uint32.
+const tableEntry = 36
+
+// encodeTable: version byte, then per segment its ID and length.
+func encodeTable(segs []byte, lens []int64) []byte {
+	b := make([]byte, 0, 1+len(lens)*tableEntry)
+	b = append(b, tableVersion)
+	for i, l := range lens {
+		b = append(b, segs[32*i:32*i+32]...)
+		b = binary.LittleEndian.AppendUint32(b, uint32(l))
+	}
+	return b
 }
 
-func decodeTable(b []byte) ([]byte, error) {
-	if len(b) < 1 || b[0] != tableVersion || (len(b)-1)%32 != 0 || len(b)-1 > 32*TableSegments || len(b) == 1 {
-		return nil, fmt.Errorf("segment table: malformed: %w", ErrCorrupt)
+// decodeTable parses a table into its segment IDs and lengths; lengths are
+// checked against the disk by the caller.
+func decodeTable(b []byte) ([]byte, []int64, error) {
+	if len(b) < 1 || b[0] != tableVersion || (len(b)-1)%tableEntry != 0 || len(b)-1 > tableEntry*TableSegments || len(b) == 1 {
+		return nil, nil, fmt.Errorf("segment table: malformed: %w", ErrCorrupt)
 	}
-	return b[1:], nil
+	n := (len(b) - 1) / tableEntry
+	segs := make([]byte, 0, 32*n)
+	lens := make([]int64, n)
+	for i := range n {
+		e := b[1+i*tableEntry : 1+(i+1)*tableEntry]
+		segs = append(segs, e[:32]...)
+		lens[i] = int64(binary.LittleEndian.Uint32(e[32:]))
+		if lens[i] == 0 {
+			return nil, nil, fmt.Errorf("segment table: empty segment: %w", ErrCorrupt)
+		}
+	}
+	return segs, lens, nil
 }
 
 // HexID is a crypto.ID that marshals as hexadecimal text.
@@ -257,10 +292,15 @@ type Manifest struct {
 
 // Disk is one disk image of a generation.
 type Disk struct {
-	Name        string `json:"name"`
-	Source      string `json:"source,omitempty"`
-	Size        int64  `json:"size"`
-	SegmentSize int64  `json:"segment_size"`
+	Name   string `json:"name"`
+	Source string `json:"source,omitempty"`
+	Size   int64  `json:"size"`
+	// SegmentSize is the average segment size the image was cut with;
+	// segments are between half and one and a half times as long (the
+	// last may be shorter), their lengths are in the segment tables.
+	SegmentSize int64 `json:"segment_size"`
+	// SegmentCount is the number of segments.
+	SegmentCount int `json:"segment_count"`
 	// Tables names the segment tables that hold the disk's segment IDs in
 	// order, TableSegments per table (the last may hold fewer). Tables
 	// are deduplicated like data, so an incremental generation stores
@@ -271,19 +311,17 @@ type Disk struct {
 	// all-zero ID marks an all-zero segment (nothing stored). It is not
 	// stored in the manifest: resolveSegments fills it from Tables.
 	Segments []byte `json:"-"`
+	// offsets holds each segment's start and, last, the image size; filled
+	// with Segments.
+	offsets []int64
 	// Digest is the keyed image digest: see imageDigest.
 	Digest HexID `json:"digest"`
 	// SHA256 is a plain SHA-256 of the image, recorded on request.
 	SHA256 string `json:"sha256,omitempty"`
 }
 
-// segmentCount returns how many segments a disk of this size has.
-func (d *Disk) segmentCount() int {
-	if d.SegmentSize <= 0 {
-		return 0
-	}
-	return int((d.Size + d.SegmentSize - 1) / d.SegmentSize)
-}
+// segmentCount returns how many segments the disk has.
+func (d *Disk) segmentCount() int { return d.SegmentCount }
 
 // SegmentID returns segment i's ID and whether it is an all-zero segment.
 // The disk's segment tables must have been resolved; for a disk that is
@@ -298,14 +336,6 @@ func (d *Disk) SegmentID(i int) (id crypto.ID, zero bool) {
 	return id, id == crypto.ID{}
 }
 
-// segmentStart returns the image offset at which segment i begins.
-// segmentStart, segmentLen and segmentAt are the only places that know
-// how segments are laid out: everything else locates segments through
-// them.
-func (d *Disk) segmentStart(i int) int64 {
-	return int64(i) * d.SegmentSize
-}
-
 // unresolvedSegment is what SegmentID returns for a segment whose ID is
 // not known: all ones, which no keyed hash is expected to produce.
 var unresolvedSegment = func() (id crypto.ID) {
@@ -315,16 +345,54 @@ var unresolvedSegment = func() (id crypto.ID) {
 	return id
 }()
 
-// segmentLen returns the length of segment i (the last may be short).
-func (d *Disk) segmentLen(i int) int64 {
-	return min(d.SegmentSize, d.Size-d.segmentStart(i))
-}
+// segmentStart returns the image offset at which segment i begins.
+// segmentStart, segmentLen and segmentAt are the only places that know
+// how segments are laid out: everything else locates segments through
+// them. They need the disk's segment tables resolved (resolveSegments).
+func (d *Disk) segmentStart(i int) int64 { return d.offsets[i] }
+
+// segmentLen returns the length of segment i.
+func (d *Disk) segmentLen(i int) int64 { return d.offsets[i+1] - d.offsets[i] }
 
 // segmentAt returns the segment holding image offset off (0 <= off <
-// d.Size) and the offset at which that segment begins.
+// d.Size) and the offset at which that segment begins: a binary search
+// over the segments' starts.
 func (d *Disk) segmentAt(off int64) (i int, start int64) {
-	i = int(off / d.SegmentSize)
-	return i, d.segmentStart(i)
+	i = sort.Search(len(d.offsets)-1, func(i int) bool { return d.offsets[i+1] > off })
+	return i, d.offsets[i]
+}
+
+// maxSegmentLen is the longest segment a disk may have: the size of a
+// buffer that holds any of its segments.
+func (d *Disk) maxSegmentLen() int64 { return int64(chunk.MaxSegment(int(d.SegmentSize))) }
+
+// setSegments sets the resolved segment IDs and lengths, checking that the
+// lengths are in bounds and cover the image exactly.
+func (d *Disk) setSegments(segs []byte, lens []int64) error {
+	if len(segs) != 32*len(lens) || len(lens) != d.SegmentCount {
+		return fmt.Errorf("disk %s: %d segments for %d: %w", d.Name, len(lens), d.SegmentCount, ErrCorrupt)
+	}
+	offsets := make([]int64, len(lens)+1)
+	for i, l := range lens {
+		if l <= 0 || l > d.maxSegmentLen() {
+			return fmt.Errorf("disk %s: segment %d is %d bytes long: %w", d.Name, i, l, ErrCorrupt)
+		}
+		offsets[i+1] = offsets[i] + l
+	}
+	if offsets[len(lens)] != d.Size {
+		return fmt.Errorf("disk %s: segments cover %d of %d bytes: %w", d.Name, offsets[len(lens)], d.Size, ErrCorrupt)
+	}
+	d.Segments, d.offsets = segs, offsets
+	return nil
+}
+
+// segmentLens returns the resolved segment lengths.
+func (d *Disk) segmentLens() []int64 {
+	lens := make([]int64, d.SegmentCount)
+	for i := range lens {
+		lens[i] = d.segmentLen(i)
+	}
+	return lens
 }
 
 func (m *Manifest) validate() error {
@@ -346,13 +414,17 @@ func (m *Manifest) validate() error {
 // validateLimits checks a disk's sizes and counts against the format
 // limits before anything is allocated by them.
 func (d *Disk) validateLimits() error {
-	if d.Size < 0 || d.SegmentSize < MinSegmentSize || d.SegmentSize > MaxSegmentSize {
+	if d.Size < 0 || d.SegmentSize < MinSegmentSize || d.SegmentSize > MaxSegmentSize || d.SegmentCount < 0 {
 		return fmt.Errorf("manifest disk %q: bad sizes: %w", d.Name, ErrCorrupt)
 	}
+	if d.SegmentCount > MaxDiskSegments {
+		return fmt.Errorf("manifest disk %q: %d segments is more than %d: %w", d.Name, d.SegmentCount, MaxDiskSegments, ErrCorrupt)
+	}
+	// Every segment holds at least a byte and at most maxSegmentLen.
 	// Divide rather than multiply: d.Size is untrusted and may be near
 	// the int64 limit.
-	if (d.Size-1)/d.SegmentSize >= MaxDiskSegments {
-		return fmt.Errorf("manifest disk %q: %d bytes is more than %d segments: %w", d.Name, d.Size, MaxDiskSegments, ErrCorrupt)
+	if maxLen := d.maxSegmentLen(); int64(d.SegmentCount) > d.Size || d.Size/maxLen+min(1, d.Size%maxLen) > int64(d.SegmentCount) {
+		return fmt.Errorf("manifest disk %q: %d segments cannot hold %d bytes: %w", d.Name, d.SegmentCount, d.Size, ErrCorrupt)
 	}
 	n := d.segmentCount()
 	if len(d.Tables) > min(n, MaxDiskTables) || (n > 0) != (len(d.Tables) > 0) || len(d.Tables)*TableSegments < n {
@@ -391,7 +463,7 @@ func (m *Manifest) ShortID() string {
 
 // BackupStats counts what one backup read and stored.
 type BackupStats struct {
-	BytesRead    int64 `json:"bytes_read"`    // image bytes read
+	BytesRead    int64 `json:"bytes_read"`    // bytes really read from the sources (holes skipped unread are not counted)
 	BytesZero    int64 `json:"bytes_zero"`    // of which zero runs
 	BytesNew     int64 `json:"bytes_new"`     // image bytes in chunks new to the repository
 	BytesStored  int64 `json:"bytes_stored"`  // sealed bytes uploaded (chunks, segment lists, index, manifest)
@@ -402,18 +474,23 @@ type BackupStats struct {
 }
 
 // imageDigest is the keyed digest of a whole disk image: a keyed BLAKE3
-// over the image size and, per segment, its length and segment ID (a keyed
-// hash of the segment's content; all zeros for an all-zero segment). Each
-// segment's ID is verified as the segment is restored, in parallel, so the
-// digest itself costs nothing per byte.
-func imageDigest(h *crypto.Hasher, size, segSize int64, segments []byte) crypto.ID {
+// over the image size, the average segment size, the segment count and, per
+// segment, its segment ID (a keyed hash of the segment's content; all
+// zeros for an all-zero segment) and length, each as little-endian uint64s.
+// Each segment's ID is verified as the segment is restored, in parallel,
+// so the digest itself costs nothing per byte.
+func imageDigest(h *crypto.Hasher, size, segSize int64, segments []byte, lens []int64) crypto.ID {
 	d := h.New()
 	var buf [8]byte
-	binary.LittleEndian.PutUint64(buf[:], uint64(size))
-	d.Write(buf[:])
-	binary.LittleEndian.PutUint64(buf[:], uint64(segSize))
-	d.Write(buf[:])
-	d.Write(segments)
+	for _, v := range []int64{size, segSize, int64(len(lens))} {
+		binary.LittleEndian.PutUint64(buf[:], uint64(v))
+		d.Write(buf[:])
+	}
+	for i, l := range lens {
+		d.Write(segments[32*i : 32*i+32])
+		binary.LittleEndian.PutUint64(buf[:], uint64(l))
+		d.Write(buf[:])
+	}
 	var id crypto.ID
 	d.Sum(id[:0])
 	return id

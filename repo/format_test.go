@@ -67,7 +67,7 @@ func TestVectors(t *testing.T) {
 		add("segment list: one chunk, one 64 KiB zero run", TypeSegment, dataName(crypto.ID{1}), seg)
 		add("index with one entry", TypeIndex, indexName(crypto.ID{2}), idx)
 		add("short object, stored uncompressed", TypeLock, lockName(crypto.ID{3}), []byte("{}"))
-		add("segment table: a chunked segment, then an all-zero one", TypeTable, dataName(crypto.ID{4}), encodeTable(append(bytes.Repeat([]byte{1}, 32), make([]byte, 32)...)))
+		add("segment table: a chunked segment, then an all-zero one", TypeTable, dataName(crypto.ID{4}), encodeTable(append(bytes.Repeat([]byte{1}, 32), make([]byte, 32)...), []int64{6 << 20, 12 << 20}))
 		out, _ := json.MarshalIndent(vs, "", "  ")
 		os.MkdirAll("testdata", 0o755)
 		if err := os.WriteFile(path, append(out, '\n'), 0o644); err != nil {
@@ -137,23 +137,27 @@ func indexSeeds() [][]byte {
 }
 
 func tableSeeds() [][]byte {
-	return [][]byte{encodeTable(make([]byte, 64)), encodeTable(bytes.Repeat([]byte{7}, 32*TableSegments))}
+	full := make([]int64, TableSegments)
+	for i := range full {
+		full[i] = DefaultSegmentSize + int64(i)*4096
+	}
+	return [][]byte{encodeTable(make([]byte, 64), []int64{1, 1 << 20}), encodeTable(bytes.Repeat([]byte{7}, 32*TableSegments), full)}
 }
 
 // manifestSeeds are manifests as Backup writes them, including the one
 // that made Disk.SegmentID panic (a 1-byte disk with one table).
 func manifestSeeds() [][]byte {
-	mk := func(size int64, tables int) []byte {
+	mk := func(size int64, segs, tables int) []byte {
 		m := Manifest{Version: FormatVersion, VM: "vm01", Time: time.Date(2026, 11, 30, 1, 0, 0, 0, time.UTC), Host: "h",
 			Tags: []string{"nightly"}, Disks: []Disk{{Name: "hda", Source: "vg/vm01", Size: size, SegmentSize: DefaultSegmentSize,
-				Tables: make([]HexID, tables), Digest: HexID{1}}}, Quiesce: json.RawMessage(`{"guest":"frozen"}`)}
+				SegmentCount: segs, Tables: make([]HexID, tables), Digest: HexID{1}}}, Quiesce: json.RawMessage(`{"guest":"frozen"}`)}
 		b, err := json.Marshal(&m)
 		if err != nil {
 			panic(err)
 		}
 		return b
 	}
-	return [][]byte{mk(1, 1), mk(0, 0), mk(3*DefaultSegmentSize+5, 1), mk(TableSegments*DefaultSegmentSize+1, 2)}
+	return [][]byte{mk(1, 1, 1), mk(0, 0, 0), mk(3*DefaultSegmentSize+5, 4, 1), mk(TableSegments*DefaultSegmentSize+1, TableSegments+1, 2)}
 }
 
 func TestFuzzSeedsAccepted(t *testing.T) {
@@ -168,7 +172,7 @@ func TestFuzzSeedsAccepted(t *testing.T) {
 		}
 	}
 	for _, b := range tableSeeds() {
-		if _, err := decodeTable(b); err != nil {
+		if _, _, err := decodeTable(b); err != nil {
 			t.Errorf("table seed: %v", err)
 		}
 	}
@@ -276,14 +280,34 @@ func FuzzManifest(f *testing.F) {
 			if n > MaxDiskSegments || len(d.Tables) > MaxDiskTables {
 				t.Fatalf("validated manifest beyond the format limits: %d segments, %d tables", n, len(d.Tables))
 			}
-			for j := range min(n, 4096) {
+			if n > 4096 {
+				continue
+			}
+			for j := range n {
 				// Unresolved (no tables read): must not panic, and must
 				// not pass the segment off as all zeros.
 				if id, zero := d.SegmentID(j); zero || id != unresolvedSegment {
 					t.Fatal("unresolved segment taken for a real one")
 				}
-				if d.segmentLen(j) <= 0 {
-					t.Fatal("validated manifest has an empty segment")
+			}
+			// A validated count can always be filled with segments of
+			// allowed lengths: split the size evenly.
+			lens := make([]int64, n)
+			for j := range lens {
+				lens[j] = d.Size / int64(n)
+				if int64(j) < d.Size%int64(n) {
+					lens[j]++
+				}
+			}
+			if err := d.setSegments(make([]byte, 32*n), lens); err != nil {
+				t.Fatalf("validated manifest: %v", err)
+			}
+			for j := range n {
+				if _, zero := d.SegmentID(j); !zero || d.segmentLen(j) <= 0 {
+					t.Fatalf("segment %d misplaced", j)
+				}
+				if i, start := d.segmentAt(d.segmentStart(j)); i != j || start != d.segmentStart(j) {
+					t.Fatalf("segmentAt(start of %d) = %d", j, i)
 				}
 			}
 		}
@@ -335,11 +359,11 @@ func FuzzDecodeTable(f *testing.F) {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		segs, err := decodeTable(b)
+		segs, lens, err := decodeTable(b)
 		if err != nil {
 			return
 		}
-		if len(segs) == 0 || len(segs)%32 != 0 || !bytes.Equal(encodeTable(segs), b) {
+		if len(segs) == 0 || len(segs) != 32*len(lens) || !bytes.Equal(encodeTable(segs, lens), b) {
 			t.Fatalf("bad table accepted: %x", b)
 		}
 	})

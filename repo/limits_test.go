@@ -67,8 +67,8 @@ func TestManifestRepeatedTableRefused(t *testing.T) {
 		tables[i] = tid
 	}
 	seg := int64(DefaultSegmentSize)
-	m := map[string]any{"version": 1, "vm": "vm01", "time": "2026-11-30T00:00:00Z",
-		"disks": []map[string]any{{"name": "d", "size": 4096 * TableSegments * seg, "segment_size": seg,
+	m := map[string]any{"version": FormatVersion, "vm": "vm01", "time": "2026-11-30T00:00:00Z",
+		"disks": []map[string]any{{"name": "d", "size": 4096 * TableSegments * seg, "segment_size": seg, "segment_count": 4096 * TableSegments,
 			"segment_tables": tables, "digest": strings.Repeat("00", 32)}}}
 	raw, _ := json.Marshal(m)
 	id := randomID()
@@ -98,10 +98,10 @@ func TestManifestRepeatedTableRefused(t *testing.T) {
 	}
 	// The same table repeated within the limits is legitimate (an empty
 	// disk's tables are all alike) and is fetched once.
-	if err := (&Disk{Name: "d", Size: MaxDiskSegments * seg, SegmentSize: seg, Tables: make([]HexID, MaxDiskTables)}).validateLimits(); err != nil {
+	if err := (&Disk{Name: "d", Size: MaxDiskSegments * seg, SegmentSize: seg, SegmentCount: MaxDiskSegments, Tables: make([]HexID, MaxDiskTables)}).validateLimits(); err != nil {
 		t.Fatalf("disk at the limit refused: %v", err)
 	}
-	if err := (&Disk{Name: "d", Size: MaxDiskSegments*seg + 1, SegmentSize: seg, Tables: make([]HexID, MaxDiskTables)}).validateLimits(); err == nil {
+	if err := (&Disk{Name: "d", Size: MaxDiskSegments*seg + 1, SegmentSize: seg, SegmentCount: MaxDiskSegments + 1, Tables: make([]HexID, MaxDiskTables+1)}).validateLimits(); err == nil {
 		t.Fatal("disk beyond the limit accepted")
 	}
 }

@@ -1,11 +1,14 @@
 package repo
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -18,8 +21,10 @@ import (
 )
 
 // ErrAppendOnly means the repository refuses deletion: an append-only
-// account. Prune and unlock must run on the server against the local path.
-var ErrAppendOnly = errors.New("this repository is append-only for this account: run prune/unlock on the backup server against the repository's local path")
+// account (SFTP) or credential (S3). Prune and unlock must run with an
+// account that may delete: on the SFTP server against the local path, or
+// with the bucket administrator's credential.
+var ErrAppendOnly = errors.New("this repository is append-only for this account: run prune/unlock where deletion is allowed (on the backup server against the local path, or with an S3 credential that may delete)")
 
 // CheckDeletable fails with ErrAppendOnly when the backend refuses deletes.
 // It deletes nothing: it asks to delete a name that does not exist.
@@ -134,16 +139,22 @@ func (m *markSet) flush() error {
 	if len(m.batch) == 0 && len(m.garbage) == 0 && len(m.live) == 0 {
 		return nil
 	}
+	// Keys go in in order: bbolt splits nodes only at commit, so random
+	// keys into one transaction's node cost a memmove each, quadratic in
+	// the batch (BenchmarkMarkSet: 200,000 marks took 97 s).
+	ids := slices.SortedFunc(maps.Keys(m.batch), func(a, b crypto.ID) int { return bytes.Compare(a[:], b[:]) })
+	names := slices.Sorted(maps.Keys(m.garbage))
+	slices.SortFunc(m.live, func(a, b IndexEntry) int { return bytes.Compare(a.ID[:], b.ID[:]) })
 	err := m.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketMarks)
-		for id, t := range m.batch {
-			if err := b.Put(id[:], []byte{byte(t)}); err != nil {
+		for _, id := range ids {
+			if err := b.Put(id[:], []byte{byte(m.batch[id])}); err != nil {
 				return err
 			}
 		}
 		g := tx.Bucket(bucketGarbage)
-		for name, size := range m.garbage {
-			if err := g.Put([]byte(name), []byte(strconv.FormatInt(size, 10))); err != nil {
+		for _, name := range names {
+			if err := g.Put([]byte(name), []byte(strconv.FormatInt(m.garbage[name], 10))); err != nil {
 				return err
 			}
 		}

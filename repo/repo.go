@@ -42,6 +42,8 @@ type Repository struct {
 	imageH   *crypto.Hasher
 	tableH   *crypto.Hasher
 	log      *slog.Logger
+	// segmenter cuts images into content-defined segments.
+	segmenter *chunk.Segmenter
 
 	cacheDir string
 	idx      *Index
@@ -202,7 +204,8 @@ func newRepository(be backend.Backend, mk *crypto.MasterKey, cfg Config, opts Op
 	return &Repository{be: be, cfg: cfg, master: mk, codec: c,
 		chunkH: crypto.NewHasher(mk.ID, "chunk"), segH: crypto.NewHasher(mk.ID, "segment"),
 		imageH: crypto.NewHasher(mk.ID, "image"), tableH: crypto.NewHasher(mk.ID, "table"), log: log,
-		cacheDir: filepath.Join(cacheDir, cfg.ID), tableSegments: TableSegments, lockRefresh: LockRefresh}, nil
+		cacheDir: filepath.Join(cacheDir, cfg.ID), tableSegments: TableSegments, lockRefresh: LockRefresh,
+		segmenter: newSegmenter(mk, cfg.SegmentSize)}, nil
 }
 
 // Config returns the repository's parameters.

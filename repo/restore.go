@@ -28,10 +28,30 @@ type restoredSegment struct {
 	off   int64
 	size  int64
 	data  []byte
+	buf   []byte // the pooled buffer data lies in
 }
 
-// fetchSegment assembles segment i of d and verifies it against its keyed
-// segment ID before returning it: nothing unauthenticated leaves here.
+// alignedFor returns size bytes inside raw (grown if too small) placed so
+// that their address is congruent to off modulo directAlign: then a page
+// of the file and a page of memory line up, whatever the segment's start,
+// and the aligned middle of any run can be written with O_DIRECT. raw is
+// returned for the pool.
+func alignedFor(raw []byte, off int64, size int) (data, pooled []byte) {
+	if cap(raw) < size+directAlign {
+		raw = make([]byte, size+directAlign)
+	}
+	raw = raw[:cap(raw)]
+	addr := uint64(uintptr(unsafe.Pointer(unsafe.SliceData(raw))))
+	k := int((uint64(off)%directAlign + directAlign - addr%directAlign) % directAlign)
+	return raw[k : k+size], raw
+}
+
+// fetchSegment assembles segment i of d, authenticated before it is
+// returned: nothing unauthenticated leaves here. The segment list is
+// sealed under its name, the segment ID (which the image digest covers);
+// each chunk is sealed under its name and checked against its keyed chunk
+// ID. Hashing chunks rather than the assembled segment skips the segment's
+// zero runs: a sparse image's partly empty segments cost only their data.
 func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byte) (restoredSegment, error) {
 	seg := restoredSegment{index: i, off: d.segmentStart(i), size: d.segmentLen(i)}
 	id, zero := d.SegmentID(i)
@@ -74,15 +94,15 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 			if len(data) != len(part) {
 				return fmt.Errorf("chunk %s: %d bytes, segment list says %d: %w", dataName(e.ID), len(data), len(part), ErrCorrupt)
 			}
+			if r.chunkH.Sum(data) != e.ID {
+				return fmt.Errorf("chunk %s: content does not match its ID: %w", dataName(e.ID), ErrCorrupt)
+			}
 			copy(part, data)
 			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
 		return seg, err
-	}
-	if got := r.segH.Sum(buf); got != id {
-		return seg, fmt.Errorf("segment %s: content does not match its ID: %w", dataName(id), ErrCorrupt)
 	}
 	seg.data = buf
 	return seg, nil
@@ -96,7 +116,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 	if err := r.resolveSegments(ctx, d); err != nil {
 		return err
 	}
-	id := imageDigest(r.imageH, d.Size, d.SegmentSize, d.Segments)
+	id := imageDigest(r.imageH, d.Size, d.SegmentSize, d.Segments, d.segmentLens())
 	if HexID(id) != d.Digest {
 		return fmt.Errorf("disk %s: segment list does not match the image digest: %w", d.Name, ErrCorrupt)
 	}
@@ -136,24 +156,57 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 		}
 		return nil
 	})
-	for range nw {
+	// Unordered: fetch workers hand segments to writers, so a worker
+	// never waits for the disk while it could be fetching (over SFTP the
+	// fetches are what keeps the restore busy). writeq holds at most the
+	// window's nw segments.
+	type queuedSegment struct {
+		seg restoredSegment
+		buf []byte // back to free once written
+	}
+	writeq := make(chan queuedSegment, nw)
+	var fetching sync.WaitGroup
+	if !inOrder {
+		fetching.Add(nw)
 		g.Go(func() error {
-			for i := range next {
-				buf := <-free
-				if size := int(d.segmentLen(i)); cap(buf) < size {
-					buf = make([]byte, size)
-				}
-				seg, err := r.fetchSegment(ctx, d, i, buf)
-				if err != nil {
-					return fmt.Errorf("restore %s at offset %d: %w", d.Name, seg.off, err)
-				}
-				if !inOrder {
-					err := emit(seg)
-					free <- buf
+			fetching.Wait()
+			close(writeq)
+			return nil
+		})
+		for range workers() {
+			g.Go(func() error {
+				// Drain even after a failure elsewhere, writing nothing
+				// more, so no fetch worker waits on a full queue.
+				for q := range writeq {
+					var err error
+					if ctx.Err() == nil {
+						err = emit(q.seg)
+					}
+					free <- q.buf
 					<-window
 					if err != nil {
 						return err
 					}
+				}
+				return nil
+			})
+		}
+	}
+	for range nw {
+		g.Go(func() error {
+			if !inOrder {
+				defer fetching.Done()
+			}
+			for i := range next {
+				buf := <-free
+				data, buf := alignedFor(buf, d.segmentStart(i), int(d.segmentLen(i)))
+				seg, err := r.fetchSegment(ctx, d, i, data)
+				seg.buf = buf
+				if err != nil {
+					return fmt.Errorf("restore %s at offset %d: %w", d.Name, seg.off, err)
+				}
+				if !inOrder {
+					writeq <- queuedSegment{seg, buf}
 					continue
 				}
 				if seg.data == nil {
@@ -174,7 +227,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 			}
 			err := emit(seg)
 			if seg.data != nil {
-				free <- seg.data[:cap(seg.data)]
+				free <- seg.buf
 			}
 			<-window
 			if err != nil {
@@ -431,21 +484,37 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 // buffer addresses: a page, which covers 512- and 4096-byte sectors.
 const directAlign = 4096
 
-// writeAt writes p at pos, directly when p, pos and len(p) are aligned.
-// A page is then either wholly written directly or touched only by
-// buffered writes (runs never overlap), so the two paths never disagree
-// about a page's content.
+// writeAt writes p at pos: the page-aligned middle with O_DIRECT (when
+// memory and file offset are aligned alike, see alignedFor), the partial
+// pages at either end through the page cache. A page is thus either
+// wholly written directly or touched only by buffered writes (runs never
+// overlap), so the two paths never disagree about a page's content.
 func (tw *targetWriter) writeAt(p []byte, pos int64) error {
-	if tw.direct != nil && !tw.noDirect.Load() && pos%directAlign == 0 && len(p)%directAlign == 0 &&
-		uintptr(unsafe.Pointer(unsafe.SliceData(p)))%directAlign == 0 {
-		_, err := tw.direct.WriteAt(p, pos)
-		if err == nil {
-			return nil
+	if tw.direct != nil && !tw.noDirect.Load() {
+		head := int((directAlign - pos%directAlign) % directAlign)
+		mid := (len(p) - head) / directAlign * directAlign
+		addr := uintptr(unsafe.Pointer(unsafe.SliceData(p)))
+		if head < len(p) && mid > 0 && (addr+uintptr(head))%directAlign == 0 {
+			if err := tw.buffered(p[:head], pos); err != nil {
+				return err
+			}
+			_, err := tw.direct.WriteAt(p[head:head+mid], pos+int64(head))
+			if err != nil && !errors.Is(err, unix.EINVAL) {
+				return fmt.Errorf("write target at %d: %w", pos+int64(head), err)
+			}
+			if err == nil {
+				return tw.buffered(p[head+mid:], pos+int64(head+mid))
+			}
+			tw.noDirect.Store(true) // refused after all: buffered from now on
+			p, pos = p[head:], pos+int64(head)
 		}
-		if !errors.Is(err, unix.EINVAL) {
-			return fmt.Errorf("write target at %d: %w", pos, err)
-		}
-		tw.noDirect.Store(true) // refused after all: buffered from now on
+	}
+	return tw.buffered(p, pos)
+}
+
+func (tw *targetWriter) buffered(p []byte, pos int64) error {
+	if len(p) == 0 {
+		return nil
 	}
 	if _, err := tw.f.WriteAt(p, pos); err != nil {
 		return fmt.Errorf("write target at %d: %w", pos, err)

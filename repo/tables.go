@@ -12,11 +12,12 @@ import (
 
 // storeTables cuts a disk's segment IDs into segment tables and queues the
 // ones the repository lacks for upload. It returns their IDs in order.
-func (st *backupState) storeTables(ctx context.Context, segs []byte) ([]HexID, error) {
+func (st *backupState) storeTables(ctx context.Context, segs []byte, lens []int64) ([]HexID, error) {
 	var ids []HexID
-	per := 32 * st.r.tableSegments
-	for off := 0; off < len(segs); off += per {
-		payload := encodeTable(segs[off:min(len(segs), off+per)])
+	per := st.r.tableSegments
+	for i := 0; i < len(lens); i += per {
+		end := min(len(lens), i+per)
+		payload := encodeTable(segs[32*i:32*end], lens[i:end])
 		id := st.r.tableH.Sum(payload)
 		ids = append(ids, HexID(id))
 		p, mine := st.claim(id)
@@ -30,19 +31,24 @@ func (st *backupState) storeTables(ctx context.Context, segs []byte) ([]HexID, e
 	return ids, nil
 }
 
-// resolveSegments fills d.Segments from its segment tables, verifying
-// each table against its ID and the whole list against the image digest.
+// resolveSegments fills d.Segments and the segment offsets from its
+// segment tables, verifying each table against its ID and the whole list
+// against the image digest.
 func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 	if d.Segments != nil || d.segmentCount() == 0 {
 		return nil
 	}
 	// A table repeated in a disk (long runs of identical segments, such
 	// as an empty disk's) is fetched once.
-	distinct := map[HexID][]byte{}
+	type table struct {
+		segs []byte
+		lens []int64
+	}
+	distinct := map[HexID]table{}
 	var fetch []HexID // the keys, so goroutines never write a map being iterated
 	for _, tid := range d.Tables {
 		if _, dup := distinct[tid]; !dup {
-			distinct[tid] = nil
+			distinct[tid] = table{}
 			fetch = append(fetch, tid)
 		}
 	}
@@ -58,12 +64,12 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 			if r.tableH.Sum(raw) != crypto.ID(tid) {
 				return fmt.Errorf("segment table %s: content does not match its ID: %w", dataName(crypto.ID(tid)), ErrCorrupt)
 			}
-			segs, err := decodeTable(raw)
+			segs, lens, err := decodeTable(raw)
 			if err != nil {
 				return fmt.Errorf("%s: %w", dataName(crypto.ID(tid)), err)
 			}
 			mu.Lock()
-			distinct[tid] = segs
+			distinct[tid] = table{segs, lens}
 			mu.Unlock()
 			return nil
 		})
@@ -73,23 +79,23 @@ func (r *Repository) resolveSegments(ctx context.Context, d *Disk) error {
 	}
 	// The tables must hold exactly the disk's segment count; the sum is
 	// checked before the list (bounded by MaxDiskSegments) is allocated.
-	want := 32 * d.segmentCount()
 	total := 0
 	for _, tid := range d.Tables {
-		total += len(distinct[tid])
+		total += len(distinct[tid].lens)
 	}
-	if total != want {
-		return fmt.Errorf("disk %s: tables hold %d segment IDs for %d segments: %w", d.Name, total/32, d.segmentCount(), ErrCorrupt)
+	if total != d.segmentCount() {
+		return fmt.Errorf("disk %s: tables hold %d segment IDs for %d segments: %w", d.Name, total, d.segmentCount(), ErrCorrupt)
 	}
-	segs := make([]byte, 0, want)
+	segs := make([]byte, 0, 32*total)
+	lens := make([]int64, 0, total)
 	for _, tid := range d.Tables {
-		segs = append(segs, distinct[tid]...)
+		segs = append(segs, distinct[tid].segs...)
+		lens = append(lens, distinct[tid].lens...)
 	}
-	if HexID(imageDigest(r.imageH, d.Size, d.SegmentSize, segs)) != d.Digest {
+	if HexID(imageDigest(r.imageH, d.Size, d.SegmentSize, segs, lens)) != d.Digest {
 		return fmt.Errorf("disk %s: segment tables do not match the image digest: %w", d.Name, ErrCorrupt)
 	}
-	d.Segments = segs
-	return nil
+	return d.setSegments(segs, lens)
 }
 
 // resolveManifest fills every disk's segment IDs.

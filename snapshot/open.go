@@ -49,6 +49,25 @@ func (r *reader) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// ReadAt reads at off (pread), for parallel readers of the snapshot.
+func (r *reader) ReadAt(p []byte, off int64) (int, error) {
+	n, err := r.f.ReadAt(p, off)
+	if err != nil && err != io.EOF {
+		err = fmt.Errorf("read %s at offset %d: %w", r.name, off+int64(n), err)
+	}
+	return n, err
+}
+
+// Seek passes SEEK_DATA and SEEK_HOLE queries to the file, so a backup
+// skips the holes of an image file; it moves the offset Read uses.
+func (r *reader) Seek(off int64, whence int) (int64, error) {
+	n, err := r.f.Seek(off, whence)
+	if err == nil {
+		r.off = n
+	}
+	return n, err
+}
+
 // Close closes the file and, for the file layout, unmounts the snapshot.
 // Calling it again returns the first result.
 func (r *reader) Close() error {

@@ -179,6 +179,8 @@ type Options struct {
 	SHA256 bool
 	// Logger receives progress and warnings; nil discards them.
 	Logger *slog.Logger
+	// ReadLimit caps reading the disks, in bytes per second; 0: none.
+	ReadLimit int64
 	// Progress, if set, is called once the disks are open; it returns
 	// the callback for repo.BackupRequest.Progress and a function called
 	// when reading is over.
@@ -198,10 +200,14 @@ type Outcome struct {
 	Snapshots   snapshot.Report
 	// Warnings are problems that did not stop the backup.
 	Warnings []string
+	// SnapshotWindow is how long the snapshots existed, from just before
+	// they were created until they were removed: the time in which the
+	// guest's writes pay copy-on-write.
+	SnapshotWindow time.Duration
 }
 
 // Run backs up vm as one generation in r.
-func Run(ctx context.Context, r Repository, vm VM, opts Options) (Outcome, error) {
+func Run(ctx context.Context, r Repository, vm VM, opts Options) (out Outcome, err error) {
 	if err := config.CheckName("VM", vm.Name); err != nil {
 		return Outcome{}, err
 	}
@@ -228,7 +234,10 @@ func Run(ctx context.Context, r Repository, vm VM, opts Options) (Outcome, error
 		b.log.Warn("backup has been running for more than 24 hours")
 	})
 	defer slow.Stop()
-	defer b.cleanup(ctx)
+	defer func() {
+		b.cleanup(ctx)
+		out.SnapshotWindow = b.out.SnapshotWindow
+	}()
 
 	m, err := b.run(ctx, r, lease)
 	if err != nil {
@@ -264,6 +273,8 @@ type run struct {
 	snaps   Snapshots
 	readers []io.Closer // readers, closed before the snapshots go
 	out     Outcome
+	// snapStart is when snapshot creation began.
+	snapStart time.Time
 }
 
 // volumes returns the disks to snapshot.
@@ -309,6 +320,7 @@ func (b *run) snapshotHeld(ctx context.Context, vols []snapshot.Disk) error {
 	if len(vols) == 0 {
 		return nil
 	}
+	b.snapStart = time.Now()
 	snaps, err := b.vm.Snapshotter.Create(ctx, b.vm.Name, vols)
 	if err != nil {
 		return fmt.Errorf("VM %s: %w", b.vm.Name, err)
@@ -395,7 +407,7 @@ func (b *run) commit(ctx context.Context, r Repository, lease Lease, disks []rep
 		progress, done = b.opts.Progress(disks)
 	}
 	m, err := r.Backup(ctx, repo.BackupRequest{VM: b.vm.Name, Time: b.opts.Time, Tags: b.opts.Tags, Disks: disks,
-		SHA256: b.opts.SHA256, Progress: progress, BeforeCommit: func(ctx context.Context) (json.RawMessage, error) {
+		SHA256: b.opts.SHA256, Progress: progress, ReadLimit: b.opts.ReadLimit, BeforeCommit: func(ctx context.Context) (json.RawMessage, error) {
 			return b.beforeCommit(ctx, lease)
 		}})
 	done()
@@ -455,6 +467,8 @@ func (b *run) cleanup(ctx context.Context) {
 	if err := b.snaps.RemoveAll(context.WithoutCancel(ctx)); err != nil {
 		b.log.Error("removing snapshots failed: remove them by hand (lvremove)", "err", err)
 	}
+	b.out.SnapshotWindow = time.Since(b.snapStart)
+	b.log.Info("snapshots removed", "window", b.out.SnapshotWindow.Round(time.Millisecond))
 }
 
 // oneLine keeps an error on one line for summaries and syslog.

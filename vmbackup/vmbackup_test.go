@@ -19,6 +19,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"vmvault/backend/local"
 	"vmvault/crypto"
@@ -262,6 +263,21 @@ func TestRunOrder(t *testing.T) {
 	}
 }
 
+// The outcome says how long the snapshots existed: from their creation
+// to their removal, within the run.
+func TestRunSnapshotWindow(t *testing.T) {
+	f := newFixture(t)
+	start := time.Now()
+	o, err := f.run(context.Background())
+	elapsed := time.Since(start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.SnapshotWindow <= 0 || o.SnapshotWindow > elapsed {
+		t.Fatalf("snapshot window %v for a run of %v", o.SnapshotWindow, elapsed)
+	}
+}
+
 // The guest is released before any disk is read, even when a snapshot
 // fails; then nothing is opened.
 func TestRunCreateFailsReleasesGuest(t *testing.T) {
@@ -433,7 +449,7 @@ func TestRunPlainSource(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.Quiesced || o.Snapshotted || o.Manifest.Disks[0].Size != 300000 || len(o.Manifest.Quiesce) != 0 {
+	if o.Quiesced || o.Snapshotted || o.Manifest.Disks[0].Size != 300000 || len(o.Manifest.Quiesce) != 0 || o.SnapshotWindow != 0 {
 		t.Fatalf("outcome %+v", o)
 	}
 }

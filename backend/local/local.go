@@ -4,6 +4,11 @@
 // hard-linked to the final name (link fails if the name exists, so an
 // object is never replaced), and the directory is fsynced. A crash leaves
 // at most a temporary file, which is invisible to List and Get.
+//
+// PutDeferred and Sync batch that durability for many objects: the
+// temporary files are written without fsync and linked to their names
+// only by Sync, after one syncfs made them durable, followed by a second
+// syncfs for the links. So a name still never shows a partial object.
 package local
 
 import (
@@ -16,8 +21,11 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"vmvault/backend"
 )
@@ -28,7 +36,13 @@ const tmpPrefix = ".tmp-"
 // Backend is a repository on a local filesystem path.
 type Backend struct {
 	root string
+
+	mu       sync.Mutex
+	deferred []deferredPut // written by PutDeferred, published by Sync
 }
+
+// deferredPut is an object written to a temporary file, not yet linked.
+type deferredPut struct{ name, tmp, fn string }
 
 // Open returns a backend rooted at dir. It does not create dir.
 func Open(dir string) (*Backend, error) {
@@ -72,16 +86,82 @@ func (b *Backend) filename(name string) (string, error) {
 
 // Put writes data atomically under name, never replacing an existing object.
 func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	fn, err := b.filename(name)
+	tmp, fn, err := b.writeTemp(ctx, name, data, true)
 	if err != nil {
 		return err
 	}
+	if err := link(name, tmp, fn); err != nil {
+		return err
+	}
+	return syncDir(filepath.Dir(fn))
+}
+
+// PutDeferred writes data for name like Put, but the object appears under
+// its name, durable, only when Sync returns nil. It returns ErrExist if
+// the name is already present.
+func (b *Backend) PutDeferred(ctx context.Context, name string, data []byte) error {
+	tmp, fn, err := b.writeTemp(ctx, name, data, false)
+	if err != nil {
+		return err
+	}
+	b.mu.Lock()
+	b.deferred = append(b.deferred, deferredPut{name: name, tmp: tmp, fn: fn})
+	b.mu.Unlock()
+	return nil
+}
+
+// Sync makes every object written by PutDeferred before the call durable
+// and visible under its name. A name that appeared meanwhile (another
+// writer of the same content) is not an error.
+func (b *Backend) Sync(ctx context.Context) error {
+	b.mu.Lock()
+	batch := b.deferred
+	b.deferred = nil
+	b.mu.Unlock()
+	if len(batch) == 0 {
+		return nil
+	}
+	if err := syncFS(b.root); err != nil {
+		return err
+	}
+	var first error
+	for _, p := range batch {
+		if err := link(p.name, p.tmp, p.fn); err != nil && !errors.Is(err, backend.ErrExist) && first == nil {
+			first = err
+		}
+	}
+	if first != nil {
+		return first
+	}
+	return syncFS(b.root)
+}
+
+// syncFS flushes the file system holding dir: one call for a whole batch.
+func syncFS(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := unix.Syncfs(int(d.Fd())); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
+}
+
+// writeTemp writes data to a read-only temporary file beside name's final
+// path, fsynced if sync is set.
+func (b *Backend) writeTemp(ctx context.Context, name string, data []byte, sync bool) (tmp, fn string, err error) {
+	if err := ctx.Err(); err != nil {
+		return "", "", err
+	}
+	fn, err = b.filename(name)
+	if err != nil {
+		return "", "", err
+	}
 	dir := filepath.Dir(fn)
 	if _, err := os.Lstat(fn); err == nil {
-		return fmt.Errorf("put %s: %w", name, backend.ErrExist)
+		return "", "", fmt.Errorf("put %s: %w", name, backend.ErrExist)
 	}
 	f, err := os.CreateTemp(dir, tmpPrefix)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -90,19 +170,21 @@ func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("put %s: %w", name, err)
+		return "", "", fmt.Errorf("put %s: %w", name, err)
 	}
-	tmp := f.Name()
-	fail := func(err error) error {
+	tmp = f.Name()
+	fail := func(err error) (string, string, error) {
 		f.Close()
 		os.Remove(tmp)
-		return fmt.Errorf("put %s: %w", name, err)
+		return "", "", fmt.Errorf("put %s: %w", name, err)
 	}
 	if _, err := f.Write(data); err != nil {
 		return fail(err)
 	}
-	if err := f.Sync(); err != nil {
-		return fail(err)
+	if sync {
+		if err := f.Sync(); err != nil {
+			return fail(err)
+		}
 	}
 	if err := f.Chmod(0o400); err != nil {
 		return fail(err)
@@ -112,11 +194,16 @@ func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
 	}
 	if err := f.Close(); err != nil {
 		os.Remove(tmp)
-		return fmt.Errorf("put %s: %w", name, err)
+		return "", "", fmt.Errorf("put %s: %w", name, err)
 	}
-	// link(2) refuses an existing target: two writers of the same name
-	// cannot replace each other's object.
-	err = os.Link(tmp, fn)
+	return tmp, fn, nil
+}
+
+// link publishes a written temporary file under its final path. link(2)
+// refuses an existing target: two writers of the same name cannot replace
+// each other's object.
+func link(name, tmp, fn string) error {
+	err := os.Link(tmp, fn)
 	os.Remove(tmp)
 	if err != nil {
 		if errors.Is(err, fs.ErrExist) {
@@ -124,7 +211,7 @@ func (b *Backend) Put(ctx context.Context, name string, data []byte) error {
 		}
 		return fmt.Errorf("put %s: %w", name, err)
 	}
-	return syncDir(dir)
+	return nil
 }
 
 // inheritOwner gives a new object the owner and group of its directory

@@ -46,7 +46,8 @@ type app struct {
 	configPath       string
 	metricsFile      string
 
-	cfg *config.Config // loaded configuration, if any
+	cfg        *config.Config // loaded configuration, if any
+	limitFlags limitFlags
 
 	log      *slog.Logger // stderr, and syslog when enabled
 	sys      *slog.Logger // syslog only (nil when off): summaries already printed on stderr
@@ -74,6 +75,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			a.limitFlags.set = cmd.Flags()
 			return a.setup()
 		},
 	}
@@ -93,6 +95,7 @@ The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 	f.MarkHidden("syslog-socket")
 	f.StringVarP(&a.configPath, "config", "c", os.Getenv("VMVAULT_CONFIG"), "configuration file (env VMVAULT_CONFIG; default "+config.DefaultPath+" if it exists)")
 	f.DurationVar(&a.retryLock, "retry-lock", 0, "wait up to this long for a locked repository (e.g. 10m)")
+	a.limitFlags.addGlobal(f)
 	root.AddCommand(a.initCommand(), a.backupCommand(), a.snapshotsCommand(), a.restoreCommand(),
 		a.checkCommand(), a.repairCommand(), a.keyCommand(), a.versionCommand(), a.dumpCommand(), a.mountCommand(),
 		a.forgetCommand(), a.pruneCommand(), a.statsCommand(), a.unlockCommand(), a.configCommand(), a.docsCommand())
@@ -285,6 +288,7 @@ func (a *app) openRepo(ctx context.Context) (*repo.Repository, error) {
 		be.Close()
 		return nil, err
 	}
+	be = a.limitBackend(be)
 	r, err := repo.Open(ctx, be, pw, repo.Options{CacheDir: a.cacheDir, Logger: a.log})
 	if err != nil {
 		be.Close()

@@ -77,6 +77,9 @@ commits nothing, and the next run reuses what was already uploaded.`,
   vmvault backup vm01 --source vm01.raw --time 2026-01-01T00:00:00Z`,
 		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := a.checkLimits(); err != nil {
+				return err
+			}
 			if f.at != "" {
 				t, err := time.Parse(time.RFC3339, f.at)
 				if err != nil {
@@ -111,6 +114,7 @@ commits nothing, and the next run reuses what was already uploaded.`,
 	cmd.Flags().BoolVar(&f.all, "all", false, "back up every VM of the configuration file")
 	cmd.Flags().StringVar(&a.metricsFile, "metrics-file", os.Getenv("VMVAULT_METRICS_FILE"), "after each VM, update this Prometheus textfile-collector file (env VMVAULT_METRICS_FILE)")
 	cmd.Flags().BoolVar(&f.sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum)")
+	a.limitFlags.addBackup(cmd.Flags())
 	return cmd
 }
 

@@ -121,7 +121,9 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	msg := "vmvault: " + oneLine(err)
 	if code == exitInterrupted {
-		msg = "vmvault: interrupted; an unfinished backup commits nothing"
+		// The command's own error says what stays unfinished (a backup
+		// commits no generation, a restore's target is incomplete).
+		msg = "vmvault: interrupted: " + oneLine(err)
 	}
 	fmt.Fprintln(stderr, msg)
 	if app.sys != nil {

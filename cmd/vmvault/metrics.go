@@ -25,6 +25,7 @@ type vmMetrics struct {
 	lastSuccess, lastRun, status, duration float64
 	bytesRead, bytesNew, bytesStored       float64
 	snapshotPeak, guestHeld                float64
+	snapshotWindow                         float64
 }
 
 // metricDefs lists the gauges of the metrics file, in file order.
@@ -40,6 +41,7 @@ var metricDefs = []struct {
 	{"vmvault_backup_new_bytes", "Bytes of new (not deduplicated) data in the last successful backup.", func(m *vmMetrics) *float64 { return &m.bytesNew }},
 	{"vmvault_backup_stored_bytes", "Bytes stored (compressed, encrypted) by the last successful backup.", func(m *vmMetrics) *float64 { return &m.bytesStored }},
 	{"vmvault_backup_snapshot_peak_ratio", "Peak fill of the VM's LVM snapshots during the last successful backup (0 to 1).", func(m *vmMetrics) *float64 { return &m.snapshotPeak }},
+	{"vmvault_backup_snapshot_window_seconds", "How long the VM's snapshots existed (the guest paid copy-on-write) in the last successful backup.", func(m *vmMetrics) *float64 { return &m.snapshotWindow }},
 	{"vmvault_backup_guest_held_seconds", "How long the guest was held (flushed/frozen, databases locked) in the last successful backup.", func(m *vmMetrics) *float64 { return &m.guestHeld }},
 }
 
@@ -80,7 +82,7 @@ func recordMetrics(path string, o vmOutcome, end time.Time) error {
 		}
 		m.lastSuccess = float64(end.Unix())
 		m.bytesRead, m.bytesNew, m.bytesStored = float64(o.BytesRead), float64(o.BytesNew), float64(o.BytesStored)
-		m.snapshotPeak, m.guestHeld = o.SnapshotPeak/100, o.GuestHeld
+		m.snapshotPeak, m.guestHeld, m.snapshotWindow = o.SnapshotPeak/100, o.GuestHeld, o.SnapshotWindow
 	}
 	return writeFileAtomic(path, formatMetrics(all), 0o644)
 }

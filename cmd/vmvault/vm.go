@@ -17,11 +17,13 @@ import (
 // JSON object on stdout (--json), the metrics file.
 type vmOutcome struct {
 	backupSummary
-	Status       string   `json:"status"` // ok, warning, failed
-	Error        string   `json:"error,omitempty"`
-	GuestHeld    float64  `json:"guest_held_seconds"`
-	SnapshotPeak float64  `json:"snapshot_peak_percent"`
-	Warnings     []string `json:"warnings,omitempty"`
+	Status       string  `json:"status"` // ok, warning, failed
+	Error        string  `json:"error,omitempty"`
+	GuestHeld    float64 `json:"guest_held_seconds"`
+	SnapshotPeak float64 `json:"snapshot_peak_percent"`
+	// SnapshotWindow is how long the snapshots existed, in seconds.
+	SnapshotWindow float64  `json:"snapshot_window_seconds"`
+	Warnings       []string `json:"warnings,omitempty"`
 
 	quiesced, snapshotted bool // whether GuestHeld and SnapshotPeak mean anything
 }
@@ -41,7 +43,7 @@ func (o vmOutcome) line() string {
 		s += fmt.Sprintf(", guest held %.1fs", o.GuestHeld)
 	}
 	if o.snapshotted {
-		s += fmt.Sprintf(", snapshot peak %.0f %%", o.SnapshotPeak)
+		s += fmt.Sprintf(", snapshot peak %.0f %% over %.1fs", o.SnapshotPeak, o.SnapshotWindow)
 	}
 	s += ", generation " + o.ID[:8]
 	if len(o.Warnings) > 0 {
@@ -182,7 +184,11 @@ func (a *app) runOptions(vm string, f backupFlags) vmbackup.Options {
 	if cacheDir == "" {
 		cacheDir = repo.DefaultCacheDir()
 	}
-	return vmbackup.Options{Locks: vmbackup.FileLocks{Dir: cacheDir}, Time: f.when, Tags: f.tags, SHA256: f.sha, Logger: a.log,
+	readLimit, err := a.readSettings()
+	if err != nil {
+		a.log.Warn("reading without a limit", "err", err)
+	}
+	return vmbackup.Options{Locks: vmbackup.FileLocks{Dir: cacheDir}, Time: f.when, Tags: f.tags, SHA256: f.sha, Logger: a.log, ReadLimit: readLimit,
 		Progress: func(disks []repo.DiskSource) (func(string, int64), func()) {
 			return a.progress(vm, disks)
 		}}
@@ -199,5 +205,6 @@ func outcome(o vmbackup.Outcome) vmOutcome {
 		out.GuestHeld = o.Quiesce.Held.Seconds()
 	}
 	out.SnapshotPeak = o.Snapshots.Peak
+	out.SnapshotWindow = o.SnapshotWindow.Seconds()
 	return out
 }

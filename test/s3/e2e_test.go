@@ -303,7 +303,8 @@ func TestNoDeleteCredential(t *testing.T) {
 	for _, args := range [][]string{{"forget", "--keep-last", "1"}, {"prune"}} {
 		r := e.run(h, nil, args...)
 		t.Logf("vmvault %v: exit %d: %s", args, r.code, r.stderr)
-		if r.code == 0 || !strings.Contains(r.stderr, "append-only") || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		if r.code == 0 || !strings.Contains(r.stderr, "append-only") || !strings.Contains(r.stderr, "S3 credential that may delete") ||
+			strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
 			t.Fatalf("vmvault %v with a no-delete credential: exit %d, stderr %q; want one line saying append-only", args, r.code, r.stderr)
 		}
 	}

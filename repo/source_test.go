@@ -1,0 +1,132 @@
+package repo
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"vmvault/backend/local"
+)
+
+// streamOnly hides every interface but io.Reader, so the backup reads
+// the image as a stream.
+type streamOnly struct{ io.Reader }
+
+// A sparse image file: its holes are never read (bytes_read counts only
+// the data), it backs up to the same segments and digest as the same bytes
+// read as a stream, and it restores byte-identical.
+func TestBackupSparseFileSkipsHoles(t *testing.T) {
+	tr := newTestRepo(t)
+	const size = 256 << 20
+	path := filepath.Join(t.TempDir(), "sparse.raw")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	data := testImage(7, 3<<20)
+	// Data at an unaligned offset inside a segment, across a segment
+	// boundary, and at the very end.
+	var dataBytes int64
+	for _, off := range []int64{5<<20 + 4096, 64<<20 - 1<<20, size - 2<<20} {
+		n, err := f.WriteAt(data[:2<<20], off)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dataBytes += int64(n)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Blocks*512 >= size/2 {
+		t.Skip("the file system of the test's temp dir does not keep files sparse")
+	}
+	m, err := tr.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Source: path, Reader: f, Size: size}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Filesystems report data at block granularity: allow a little slack.
+	if m.Stats.BytesRead < dataBytes || m.Stats.BytesRead > dataBytes+3<<20 {
+		t.Fatalf("bytes_read %d for %d bytes of data in a %d-byte sparse file", m.Stats.BytesRead, dataBytes, int64(size))
+	}
+	if m.Stats.BytesZero < size-dataBytes-8<<20 { // zero runs inside data segments are found per 64 KiB block
+		t.Fatalf("bytes_zero %d", m.Stats.BytesZero)
+	}
+	img, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms, err := tr.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Reader: streamOnly{bytes.NewReader(img)}, Size: -1}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ms.Stats.BytesRead != size {
+		t.Fatalf("stream: bytes_read %d of %d", ms.Stats.BytesRead, int64(size))
+	}
+	if ms.Disks[0].Digest != m.Disks[0].Digest {
+		t.Fatal("the sparse file and the same bytes as a stream give different segments")
+	}
+	if ms.Stats.SegmentsNew != 0 {
+		t.Fatalf("stream of the same image stored %d new segments", ms.Stats.SegmentsNew)
+	}
+	r := tr.reopen(t)
+	if got := restoreBytes(t, r, mustFind(t, r, "vm", m.ID[:8])); !bytes.Equal(got, img) {
+		t.Fatal("restore of the sparse image differs")
+	}
+}
+
+// Content that moves (here: 64 KiB inserted near the start, as a qcow2
+// rewrite or a file system moves whole blocks) keeps its segments and
+// chunks: the next backup stores a few segments' worth, not the image.
+func TestBackupMovedContentKeepsSegments(t *testing.T) {
+	tr := newTestRepo(t)
+	img := testImage(41, 64<<20)
+	m1 := backupBytes(t, tr.Repository, "vm", img)
+	ins := testImage(42, 64<<10)
+	for i := range ins {
+		ins[i] |= 1 // data, not a zero run
+	}
+	moved := append(append(bytes.Clone(img[:1<<20+8192]), ins...), img[1<<20+8192:]...)
+	m2 := backupBytes(t, tr.Repository, "vm", moved)
+	t.Logf("%d of %d segments new, %d new bytes", m2.Stats.SegmentsNew, m2.Stats.SegmentsSeen, m2.Stats.BytesNew)
+	if m2.Stats.SegmentsNew > 3 || m2.Stats.BytesNew > int64(len(img))/8 {
+		t.Fatalf("after a 64 KiB insertion: %d of %d segments new, %d bytes of chunks new (of %d), %d stored",
+			m2.Stats.SegmentsNew, m2.Stats.SegmentsSeen, m2.Stats.BytesNew, len(img), m2.Stats.BytesStored)
+	}
+	if m1.Stats.SegmentsSeen < 10 {
+		t.Fatalf("only %d segments: the test needs several", m1.Stats.SegmentsSeen)
+	}
+	r := tr.reopen(t)
+	if got := restoreBytes(t, r, mustFind(t, r, "vm", m2.ID[:8])); !bytes.Equal(got, moved) {
+		t.Fatal("restore of the moved image differs")
+	}
+}
+
+// A repository of format version 1 (fixed-size segments) is refused with
+// a message that says what to do, not misread.
+func TestOpenOldFormatFails(t *testing.T) {
+	tr := newTestRepo(t)
+	cfg := tr.cfg
+	cfg.Version = 1
+	raw, _ := json.Marshal(cfg)
+	path := filepath.Join(tr.dir, configName)
+	os.Chmod(path, 0o600)
+	if err := os.WriteFile(path, tr.codec.seal(TypeConfig, configName, raw), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	be, _ := local.Open(tr.dir)
+	_, err := Open(context.Background(), be, []byte("secret"), Options{CacheDir: t.TempDir()})
+	if err == nil || !strings.Contains(err.Error(), "version 1 is not supported") || !strings.Contains(err.Error(), "older vmvault") {
+		t.Fatalf("open of a version-1 repository: %v", err)
+	}
+}
