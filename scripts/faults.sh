@@ -126,8 +126,9 @@ verify() {
 
 # backup_run TAG [kill-after-seconds]: one backup, optionally SIGKILLed.
 backup_run() {
-	local tag=$1 after=${2:-} pid id
+	local tag=$1 after=${2:-} pid id t0 took
 	new_image "$tag"
+	t0=$(date +%s%N)
 	VB backup vm01 --source "$work/images/$tag" --tag "$tag" --json >"$work/backup.out" 2>"$work/backup.err"
 	pid=$!
 	if [ -n "$after" ]; then
@@ -140,6 +141,9 @@ backup_run() {
 		id=$(grep -o '"id":"[0-9a-f]*"' "$work/backup.out" | head -1 | cut -d'"' -f4)
 		[ -n "$id" ] && committed[$id]=$tag
 		[ -n "$after" ] && finished_first=$((finished_first + 1))
+		# Kill points are spread over how long a backup takes.
+		took=$((($(date +%s%N) - t0) / 1000000))
+		[ "$took" -gt 20 ] && [ "$took" -lt 1000 ] && bdur=$took
 		;;
 	137) killed=$((killed + 1)) ;;
 	*) log "note: backup $tag failed: $(tail -1 "$work/backup.err")" ;;
@@ -164,13 +168,16 @@ rand_delay() { printf '0.%03d' $((RANDOM % $1)); }
 V init --kdf-params t=1,m=8192,p=1 --segment-size 1048576 >/dev/null 2>&1 || { log "init failed"; exit 1; }
 
 # --- SIGKILL a backup at random points ---------------------------------
-start=$(date +%s%N)
+# Until BACKUP_KILLS backups were really killed (some finish first), at
+# most three times as many attempts.
+bdur=300 # ms: the duration of the last backup that finished
 backup_run base
 verify "first backup"
-dur=$((($(date +%s%N) - start) / 1000000))
-log "backup kills: $BACKUP_KILLS (a backup takes about ${dur} ms with its checks)"
-for i in $(seq 1 "$BACKUP_KILLS"); do
-	backup_run "kb$i" "$(rand_delay 700)"
+log "backup kills: $BACKUP_KILLS"
+i=0
+while [ "$killed" -lt "$BACKUP_KILLS" ] && [ "$i" -lt $((3 * BACKUP_KILLS)) ]; do
+	i=$((i + 1))
+	backup_run "kb$i" "$(rand_delay "$bdur")"
 	V unlock >/dev/null 2>&1
 	verify "backup killed ($i)"
 	[ $((i % 8)) -eq 0 ] && forget_to 4
@@ -179,14 +186,16 @@ done
 # --- SIGKILL a prune at random points ----------------------------------
 log "prune kills: $PRUNE_KILLS"
 pdur=300 # ms
-for i in $(seq 1 "$PRUNE_KILLS"); do
-	backup_run "kp$i" "$(rand_delay 500)" # leaves garbage for prune
+i=0
+while [ "$prune_killed" -lt "$PRUNE_KILLS" ] && [ "$i" -lt $((3 * PRUNE_KILLS)) ]; do
+	i=$((i + 1))
+	backup_run "kp$i" "$(rand_delay "$bdur")" # leaves garbage for prune
 	V unlock >/dev/null 2>&1
 	backup_run "p$i"
 	forget_to 3
 	# No margin: nothing else runs, so prune deletes what the forget and
-	# the killed backup left. The kill point is spread over how long a
-	# prune has been seen to take.
+	# the killed backup left. The kill point is spread over how long the
+	# last prune that finished took.
 	t0=$(date +%s%N)
 	VB prune --safety-margin 0 >/dev/null 2>&1
 	pid=$!
@@ -197,7 +206,7 @@ for i in $(seq 1 "$PRUNE_KILLS"); do
 		prune_killed=$((prune_killed + 1))
 	else
 		took=$((($(date +%s%N) - t0) / 1000000))
-		[ "$took" -gt "$pdur" ] && [ "$took" -lt 1000 ] && pdur=$took
+		[ "$took" -gt 20 ] && [ "$took" -lt 1000 ] && pdur=$took
 	fi
 	runs=$((runs + 1))
 	V unlock >/dev/null 2>&1
