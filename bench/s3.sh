@@ -60,25 +60,27 @@ timed() {
 }
 median() { sort -n "$1" | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
+n=0
 for img in "${images[@]}"; do
+	n=$((n + 1))
 	name=$(basename "$img")
 	for round in $(seq "$runs"); do
 		for kind in local s3; do
 			case $kind in
 			local) repo=$workdir/repo-local ;;
-			s3) repo=s3:http://127.0.0.1:$port/bench$round-$(echo "$name" | tr -c 'a-z0-9\n' '-') ;;
+			s3) repo=s3:http://127.0.0.1:$port/bench$n-$round-$(echo "$name" | tr -c 'a-z0-9\n' '-') ;;
 			esac
 			rm -rf "$workdir/repo-local" "$workdir/cache"
 			v=("$workdir/vmvault" --repo "$repo" --password-file "$workdir/pw" --cache-dir "$workdir/cache" -q)
 			"${v[@]}" init >/dev/null
 			cat "$img" >/dev/null # page cache: both read the same warm image
-			timed "$workdir/$name.$kind.backup" "${v[@]}" backup vm --source "$img"
-			timed "$workdir/$name.$kind.restore" sh -c '"$@" restore vm latest >/dev/null' sh "${v[@]}"
+			timed "$workdir/$n.$name.$kind.backup" "${v[@]}" backup vm --source "$img"
+			timed "$workdir/$n.$name.$kind.restore" sh -c '"$@" restore vm latest >/dev/null' sh "${v[@]}"
 		done
 	done
 	for step in backup restore; do
-		l=$(median "$workdir/$name.local.$step")
-		s=$(median "$workdir/$name.s3.$step")
+		l=$(median "$workdir/$n.$name.local.$step")
+		s=$(median "$workdir/$n.$name.s3.$step")
 		printf '%s %s: local %.1f s, s3 %.1f s, ratio %.2f\n' "$name" "$step" "$l" "$s" "$(echo "$s / $l" | bc -l)"
 	done
 done
