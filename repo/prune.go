@@ -299,8 +299,14 @@ func (p *PrunePlan) Garbage(fn func(name string, size int64) error) error {
 
 // young reports whether an object written at mod is within the margin
 // of now (by the store's clock). A store that cannot tell (zero mod)
-// proves nothing: the object counts as young.
+// proves nothing: the object counts as young. A margin of zero turns the
+// protection off: the store's clock is known only to its resolution (S3
+// LastModified has whole seconds), so an object written a moment ago may
+// seem newer than now, and must not be kept for that.
 func young(mod, now time.Time, margin time.Duration) bool {
+	if margin <= 0 {
+		return false
+	}
 	return mod.IsZero() || now.Sub(mod) < margin
 }
 
