@@ -193,10 +193,8 @@ func (a repoAdapter) Backup(ctx context.Context, req repo.BackupRequest) (*repo.
 	return a.r.Backup(ctx, req)
 }
 
-// lease is a held repository lock; Check applies repo's lease rules
-// (not lost, refreshed within the lease, object still present).
+// lease is a held repository lock (repo's lease rules: refreshed, and
+// verified by the commit).
 type lease struct {
 	*repo.Lock
 }
-
-func (l *lease) Check(ctx context.Context) error { return l.Verify(ctx) }

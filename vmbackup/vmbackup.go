@@ -67,11 +67,10 @@ type Repository interface {
 	Backup(ctx context.Context, req repo.BackupRequest) (*repo.Manifest, error)
 }
 
-// Lease is a held repository lock.
+// Lease is a held repository lock. That it still holds at the commit
+// is verified once, by repo.Repository.Backup just before it writes the
+// manifest (repo's lease rules); a lost lease there is repo.ErrLockLost.
 type Lease interface {
-	// Check returns an error wrapping ErrLockLost when the lock is no
-	// longer held, and other errors when that cannot be told.
-	Check(ctx context.Context) error
 	// Context is cancelled when the lease is lost (a failed refresh), so
 	// the backup stops instead of committing after its lock lapsed.
 	Context() context.Context
@@ -239,7 +238,7 @@ func Run(ctx context.Context, r Repository, vm VM, opts Options) (out Outcome, e
 		out.SnapshotWindow = b.out.SnapshotWindow
 	}()
 
-	m, err := b.run(ctx, r, lease)
+	m, err := b.run(ctx, r)
 	if err != nil {
 		// A lease lost mid-run cancels ctx: whichever step saw the
 		// cancellation first, say why rather than "context canceled"
@@ -254,7 +253,7 @@ func Run(ctx context.Context, r Repository, vm VM, opts Options) (out Outcome, e
 }
 
 // run holds, snapshots, releases, opens and commits.
-func (b *run) run(ctx context.Context, r Repository, lease Lease) (*repo.Manifest, error) {
+func (b *run) run(ctx context.Context, r Repository) (*repo.Manifest, error) {
 	if err := b.freeze(ctx); err != nil {
 		return nil, err
 	}
@@ -262,7 +261,7 @@ func (b *run) run(ctx context.Context, r Repository, lease Lease) (*repo.Manifes
 	if err != nil {
 		return nil, err
 	}
-	return b.commit(ctx, r, lease, disks)
+	return b.commit(ctx, r, disks)
 }
 
 // run is the state of one Run: what must be undone, and the outcome.
@@ -401,14 +400,14 @@ func (b *run) openDisk(ctx context.Context, d Disk) (Image, error) {
 // commit reads the disks into the repository; the generation is written
 // only if, after the last byte, no snapshot overflowed and the lease
 // still holds.
-func (b *run) commit(ctx context.Context, r Repository, lease Lease, disks []repo.DiskSource) (*repo.Manifest, error) {
+func (b *run) commit(ctx context.Context, r Repository, disks []repo.DiskSource) (*repo.Manifest, error) {
 	progress, done := func(string, int64) {}, func() {}
 	if b.opts.Progress != nil {
 		progress, done = b.opts.Progress(disks)
 	}
 	m, err := r.Backup(ctx, repo.BackupRequest{VM: b.vm.Name, Time: b.opts.Time, Tags: b.opts.Tags, Disks: disks,
 		SHA256: b.opts.SHA256, Progress: progress, ReadLimit: b.opts.ReadLimit, BeforeCommit: func(ctx context.Context) (json.RawMessage, error) {
-			return b.beforeCommit(ctx, lease)
+			return b.beforeCommit(ctx)
 		}})
 	done()
 	if err != nil && b.snaps != nil && ctx.Err() == nil {
@@ -426,9 +425,10 @@ func (b *run) commit(ctx context.Context, r Repository, lease Lease, disks []rep
 }
 
 // beforeCommit is the last word before the commit: the snapshots must
-// still be valid and the repository lock still ours. It returns what the
+// still be valid (the lease is verified by repo's commit right after). It
+// returns what the
 // consistency step did, for the generation's record.
-func (b *run) beforeCommit(ctx context.Context, lease Lease) (json.RawMessage, error) {
+func (b *run) beforeCommit(ctx context.Context) (json.RawMessage, error) {
 	rec := map[string]any{}
 	if b.out.Quiesced {
 		rec["quiesce"] = b.out.Quiesce
@@ -444,9 +444,6 @@ func (b *run) beforeCommit(ctx context.Context, lease Lease) (json.RawMessage, e
 			b.warn(fmt.Sprintf("snapshot %.0f%% full", rep.Peak))
 		}
 		rec["snapshots"] = rep
-	}
-	if err := lease.Check(ctx); err != nil {
-		return nil, err // repo.ErrLockLost says nothing was committed
 	}
 	if len(rec) == 0 {
 		return nil, nil
