@@ -581,6 +581,19 @@ func (e *env) killBackup(h host, vm, src string, extra ...string) {
 	if cmd.Wait() == nil {
 		e.t.Fatal("backup finished before it could be killed: make the image larger")
 	}
+	// Requests the killed process had fully sent still complete on the
+	// server afterwards: wait until the store's count settles, so callers
+	// compare against what the kill really left.
+	last, _ := e.stored("data/")
+	for settle := time.Now().Add(30 * time.Second); time.Now().Before(settle); {
+		time.Sleep(300 * time.Millisecond)
+		n, _ := e.stored("data/")
+		if n == last {
+			return
+		}
+		last = n
+	}
+	e.t.Fatal("the store kept changing for 30 s after the backup was killed")
 }
 
 // With s3_object_lock_days, init creates the bucket with object lock and
