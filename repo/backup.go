@@ -35,7 +35,33 @@ type DiskSource struct {
 	// Size is the expected image size, or -1 if unknown (stdin). A source
 	// that ends early or runs long fails the backup.
 	Size int64
+	// Changes, if not nil, says which ranges of the image can differ from
+	// the same disk in an earlier generation (changed-block tracking):
+	// Backup reads only those (plus what it needs to find segment
+	// boundaries again) and takes every other segment from the base.
+	Changes *Changes
+	// Tracker is recorded as the disk's Tracker in the manifest: what the
+	// change tracker needs to find its base next time (e.g. the thin
+	// snapshot kept as base). Opaque to the repository; no secrets.
+	Tracker string
 }
+
+// Changes describes, for one disk, what a change tracker reports as
+// possibly different from a base generation.
+type Changes struct {
+	// Base is the ID of the generation whose disk of the same name holds
+	// every byte outside Ranges.
+	Base string
+	// Ranges are the byte ranges that may differ from the base, sorted by
+	// offset and not overlapping. Every byte outside them equals the
+	// base's byte at the same offset; the image size equals the base's.
+	Ranges []Range
+	// Kind names the tracker for the manifest's cbt field, e.g. "thin".
+	Kind string
+}
+
+// Range is a byte range of a disk image.
+type Range struct{ Off, Len int64 }
 
 // BackupRequest describes one generation to create.
 type BackupRequest struct {
@@ -56,6 +82,10 @@ type BackupRequest struct {
 	// ReadLimit caps reading the disks, in bytes per second (all disks
 	// together); zero means no limit.
 	ReadLimit int64
+	// VerifyUnchanged is the percentage (0-100) of the segments a change
+	// tracker reports unchanged that are read anyway and compared with the
+	// base: a mismatch fails the backup.
+	VerifyUnchanged float64
 }
 
 // uploadWindow bounds the sealed bytes queued for upload. Together with

@@ -318,6 +318,20 @@ type Disk struct {
 	Digest HexID `json:"digest"`
 	// SHA256 is a plain SHA-256 of the image, recorded on request.
 	SHA256 string `json:"sha256,omitempty"`
+	// CBT is the change tracking used: "none" (the image was read whole),
+	// or a DiskSource's Changes.Kind such as "thin". Empty in generations
+	// written before change tracking existed (read whole).
+	CBT string `json:"cbt,omitempty"`
+	// CBTBase is the generation the unchanged segments were taken from.
+	CBTBase string `json:"cbt_base,omitempty"`
+	// BytesRead is the number of image bytes really read from the source.
+	BytesRead int64 `json:"bytes_read"`
+	// FullRead is when this disk was last read whole: this generation's
+	// time for a full read, the base's FullRead otherwise.
+	FullRead time.Time `json:"full_read,omitzero"`
+	// Tracker is the change tracker's note for the next backup (see
+	// DiskSource.Tracker).
+	Tracker string `json:"tracker,omitempty"`
 }
 
 // segmentCount returns how many segments the disk has.
