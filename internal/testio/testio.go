@@ -19,24 +19,31 @@ import (
 	"testing"
 )
 
-// FlipLargestObject flips one bit in the middle of the largest object
-// under repoDir/data (a chunk, in any image of a few MiB) and returns the
-// object's path.
-func FlipLargestObject(t testing.TB, repoDir string) string {
+// LargestObject returns the path of the largest object under
+// repoDir/data: a chunk, in any image of a few MiB.
+func LargestObject(t testing.TB, repoDir string) string {
 	t.Helper()
-	var victim string
+	var best string
 	var size int64
 	filepath.WalkDir(filepath.Join(repoDir, "data"), func(p string, d fs.DirEntry, err error) error {
 		if err == nil && !d.IsDir() {
 			if fi, err := d.Info(); err == nil && fi.Size() > size {
-				victim, size = p, fi.Size()
+				best, size = p, fi.Size()
 			}
 		}
 		return nil
 	})
-	if victim == "" {
+	if best == "" {
 		t.Fatalf("no data objects under %s", repoDir)
 	}
+	return best
+}
+
+// FlipLargestObject flips one bit in the middle of LargestObject and
+// returns the object's path.
+func FlipLargestObject(t testing.TB, repoDir string) string {
+	t.Helper()
+	victim := LargestObject(t, repoDir)
 	b, err := os.ReadFile(victim)
 	if err != nil {
 		t.Fatal(err)
