@@ -32,6 +32,17 @@ type backupSummary struct {
 	Segments     int64    `json:"segments"`
 	ObjectsFound int64    `json:"objects_found"`
 	Duration     float64  `json:"duration_seconds"`
+	// DiskStats says per disk how it was read.
+	DiskStats []diskSummary `json:"disk_stats"`
+}
+
+// diskSummary is how one disk was read: whole ("none") or through a change
+// tracker, and how many bytes really came from the source.
+type diskSummary struct {
+	Name      string `json:"name"`
+	CBT       string `json:"cbt"`
+	CBTBase   string `json:"cbt_base,omitempty"`
+	BytesRead int64  `json:"bytes_read"`
 }
 
 func summarize(m *repo.Manifest) backupSummary {
@@ -41,6 +52,7 @@ func summarize(m *repo.Manifest) backupSummary {
 		Duration: m.Finished.Sub(m.Started).Seconds()}
 	for _, d := range m.Disks {
 		s.Disks = append(s.Disks, d.Name)
+		s.DiskStats = append(s.DiskStats, diskSummary{Name: d.Name, CBT: d.CBT, CBTBase: d.CBTBase, BytesRead: d.BytesRead})
 	}
 	return s
 }
