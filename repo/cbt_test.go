@@ -13,13 +13,14 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"vmvault/chunk"
 )
 
 // writeSparse writes img to a new file at path, leaving every all-zero
 // 64 KiB block a hole, and returns it open.
-func writeSparse(t *testing.T, path string, img []byte) *os.File {
+func writeSparse(t testing.TB, path string, img []byte) *os.File {
 	t.Helper()
 	f, err := os.Create(path)
 	if err != nil {
@@ -235,6 +236,23 @@ func TestBackupChangesChain(t *testing.T) {
 	r := tr.reopen(t)
 	if got := restoreBytes(t, r, mustFind(t, r, "vm", "latest")); !bytes.Equal(got, img) {
 		t.Fatal("the last of a chain of incrementals restores differently")
+	}
+	// A base written before full_read existed was read whole at its time.
+	old := *m
+	old.Disks = slices.Clone(m.Disks)
+	old.Disks[0].FullRead, old.Disks[0].CBT, old.Disks[0].CBTBase = time.Time{}, "", ""
+	old.Time = m.Time.Add(time.Hour)
+	if err := tr.commitManifest(ctx, &old, 0); err != nil {
+		t.Fatal(err)
+	}
+	f := writeSparse(t, filepath.Join(dir, "last"), img)
+	next, err := tr.Backup(ctx, BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "disk", Reader: f, Size: int64(len(img)),
+		Changes: &Changes{Base: old.ID, Kind: "test"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := next.Disks[0]; !d.FullRead.Equal(old.Time) {
+		t.Fatalf("based on a generation without full_read: full_read %v, want its time %v", d.FullRead, old.Time)
 	}
 }
 
