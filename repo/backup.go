@@ -536,6 +536,37 @@ func (w *segmentWorkers) submit(i int, buf []byte, n int) error {
 	}
 }
 
+// submitCut hands the first c of the have bytes in buf to the workers as
+// segment i, and returns a new buffer that holds the have-c bytes after
+// the cut (nil if there are none).
+func (w *segmentWorkers) submitCut(i int, buf []byte, have, c int) ([]byte, error) {
+	var next []byte
+	if c < have {
+		var err error
+		if next, err = w.getBuf(); err != nil {
+			return nil, err
+		}
+		copy(next, buf[c:have])
+	}
+	if err := w.submit(i, buf, c); err != nil {
+		return nil, err
+	}
+	return next, nil
+}
+
+// endRead ends reading a disk of n segments: it waits for the workers,
+// counts the bytes read, and returns the segment IDs or the first error
+// (the reader's, readErr, first).
+func (st *backupState) endRead(w *segmentWorkers, ir *imageReader, n int, readErr error) ([]byte, error) {
+	segs, workErr := w.wait(n)
+	st.stats.read.Add(ir.read)
+	if readErr != nil {
+		st.fail(readErr)
+		return nil, readErr
+	}
+	return segs, workErr
+}
+
 // wait stops the workers once every submitted segment is stored and
 // returns the segment IDs in order (n of them), or the first error.
 func (w *segmentWorkers) wait(n int) ([]byte, error) {
@@ -616,22 +647,15 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			}
 			eof := ir.eof || (src.Size >= 0 && total+int64(have) == src.Size)
 			c := cut.Cut(buf[:have], eof)
-			var next []byte
-			if c < have {
-				if next, err = w.getBuf(); err != nil {
-					return err
-				}
-				copy(next, buf[c:have])
-			}
 			if sum != nil {
 				sum.Write(buf[:c])
 			}
-			if err := w.submit(len(lens), buf, c); err != nil {
+			if buf, err = w.submitCut(len(lens), buf, have, c); err != nil {
 				return err
 			}
 			lens = append(lens, int64(c))
 			total += int64(c)
-			buf, have = next, have-c
+			have -= c
 			if req.Progress != nil {
 				req.Progress(src.Name, total)
 			}
@@ -643,14 +667,9 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	if readErr == nil {
 		readErr = ir.checkStreamEnd()
 	}
-	segs, workErr := w.wait(len(lens))
-	st.stats.read.Add(ir.read)
-	if readErr != nil {
-		st.fail(readErr)
-		return Disk{}, readErr
-	}
-	if workErr != nil {
-		return Disk{}, workErr
+	segs, err := st.endRead(w, ir, len(lens), readErr)
+	if err != nil {
+		return Disk{}, err
 	}
 	if src.Size >= 0 && total != src.Size {
 		err := fmt.Errorf("source %s ended early: read %d of %d bytes", src.Source, total, src.Size)

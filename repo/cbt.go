@@ -231,20 +231,13 @@ func (st *backupState) backupDiskChanged(ctx context.Context, src DiskSource, re
 				}
 				guess = pos + int64(want)
 			}
-			var next []byte
-			if c < have {
-				var err error
-				if next, err = w.getBuf(); err != nil {
-					return err
-				}
-				copy(next, buf[c:have])
-			}
-			if err := w.submit(len(lens), buf, c); err != nil {
+			var err error
+			if buf, err = w.submitCut(len(lens), buf, have, c); err != nil {
 				return err
 			}
 			lens = append(lens, int64(c))
 			pos += int64(c)
-			buf, have = next, have-c
+			have -= c
 			if req.Progress != nil {
 				req.Progress(src.Name, pos)
 			}
@@ -254,14 +247,9 @@ func (st *backupState) backupDiskChanged(ctx context.Context, src DiskSource, re
 		}
 		return st.verifyUnchanged(ctx, w, ir, src, base, taken, req.VerifyUnchanged)
 	}()
-	segs, workErr := w.wait(len(lens))
-	st.stats.read.Add(ir.read)
-	if readErr != nil {
-		st.fail(readErr)
-		return Disk{}, readErr
-	}
-	if workErr != nil {
-		return Disk{}, workErr
+	segs, err := st.endRead(w, ir, len(lens), readErr)
+	if err != nil {
+		return Disk{}, err
 	}
 	d, err := st.finishDisk(ctx, src, size, segs, lens)
 	if err != nil {

@@ -3,6 +3,7 @@ package repo
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"path/filepath"
 	"slices"
@@ -12,11 +13,12 @@ import (
 
 // BenchmarkBackupChanges measures an incremental backup of a 1 GiB image
 // file whose change tracker reports 1 % of it changed, against a full
-// re-read of the same image, interleaved in one run. Both run against a
-// repository that already holds day 2, so both measure reading and
-// hashing, not uploads. It reports the share of the image each read
-// (read-fraction) and the time of the tracked backup over the full
-// read's (time-ratio, from the medians). Run:
+// re-read of the same image, interleaved in one run, at the default
+// segment size and at 2 MiB. Both run against a repository that already
+// holds day 2, so both measure reading and hashing, not uploads. It
+// reports the share of the image each read (read-fraction,
+// full-read-fraction: holes are never read) and the time of the tracked
+// backup over the full read's (time-ratio, from the medians). Run:
 // go test -run X -bench BackupChanges -benchtime 3x ./repo
 func BenchmarkBackupChanges(b *testing.B) {
 	const size = 1 << 30
@@ -26,59 +28,64 @@ func BenchmarkBackupChanges(b *testing.B) {
 		ranges func(rng *rand.Rand) []Range
 	}{
 		// A few files rewritten: 1 % in runs of 1 MiB.
-		{"runs-1MiB", func(rng *rand.Rand) []Range {
-			return changeRanges(rng, size, 1<<20)
-		}},
+		{"runs-1MiB", func(rng *rand.Rand) []Range { return changeRanges(rng, size, 1<<20) }},
 		// Scattered writes as a thin pool reports them: 1 % in 64 KiB
 		// blocks at random.
-		{"blocks-64KiB", func(rng *rand.Rand) []Range {
-			return changeRanges(rng, size, 64<<10)
-		}},
+		{"blocks-64KiB", func(rng *rand.Rand) []Range { return changeRanges(rng, size, 64<<10) }},
 	}
-	for _, p := range patterns {
-		b.Run(p.name, func(b *testing.B) {
-			dir := b.TempDir()
-			r := benchRepo(b, DefaultSegmentSize)
-			day1 := writeSparse(b, filepath.Join(dir, "day1"), img)
-			m1, err := r.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Reader: day1, Size: size}}})
-			if err != nil {
-				b.Fatal(err)
-			}
-			img2 := bytes.Clone(img)
-			rng := rand.New(rand.NewPCG(1, 2))
-			ranges := p.ranges(rng)
-			for _, rg := range ranges {
-				randomWrite(rng, img2, int(rg.Off), int(rg.Len))
-			}
-			day2 := writeSparse(b, filepath.Join(dir, "day2"), img2)
-			backup := func(ch *Changes) (*Manifest, time.Duration) {
-				start := time.Now()
-				m, err := r.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Reader: day2, Size: size, Changes: ch}}})
-				if err != nil {
-					b.Fatal(err)
-				}
-				return m, time.Since(start)
-			}
-			backup(nil) // store day 2's new data once
-			var full, tracked []time.Duration
-			var mFull, mTracked *Manifest
-			for b.Loop() {
-				var d time.Duration
-				mFull, d = backup(nil)
-				full = append(full, d)
-				mTracked, d = backup(&Changes{Base: m1.ID, Ranges: ranges, Kind: "bench"})
-				tracked = append(tracked, d)
-			}
-			if mFull.Disks[0].Digest != mTracked.Disks[0].Digest {
-				b.Fatal("the tracked backup differs from the full read")
-			}
-			b.ReportMetric(float64(mTracked.Disks[0].BytesRead)/size, "read-fraction")
-			b.ReportMetric(float64(mFull.Disks[0].BytesRead)/size, "full-read-fraction")
-			b.ReportMetric(median(tracked).Seconds(), "tracked-s")
-			b.ReportMetric(median(full).Seconds(), "full-s")
-			b.ReportMetric(median(tracked).Seconds()/median(full).Seconds(), "time-ratio")
-		})
+	for _, seg := range []int64{DefaultSegmentSize, 2 << 20} {
+		for _, p := range patterns {
+			b.Run(fmt.Sprintf("%s/seg=%dMiB", p.name, seg>>20), func(b *testing.B) {
+				benchChanges(b, img, seg, p.ranges)
+			})
+		}
 	}
+}
+
+// benchChanges is one case of BenchmarkBackupChanges: a repository of
+// segment size seg, day 1 img, day 2 changed at the ranges chosen.
+func benchChanges(b *testing.B, img []byte, seg int64, choose func(*rand.Rand) []Range) {
+	size := int64(len(img))
+	dir := b.TempDir()
+	r := benchRepo(b, seg)
+	day1 := writeSparse(b, filepath.Join(dir, "day1"), img)
+	m1, err := r.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Reader: day1, Size: size}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	img2 := bytes.Clone(img)
+	rng := rand.New(rand.NewPCG(1, 2))
+	ranges := choose(rng)
+	for _, rg := range ranges {
+		randomWrite(rng, img2, int(rg.Off), int(rg.Len))
+	}
+	day2 := writeSparse(b, filepath.Join(dir, "day2"), img2)
+	backup := func(ch *Changes) (*Manifest, time.Duration) {
+		start := time.Now()
+		m, err := r.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Reader: day2, Size: size, Changes: ch}}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return m, time.Since(start)
+	}
+	backup(nil) // store day 2's new data once
+	var full, tracked []time.Duration
+	var mFull, mTracked *Manifest
+	for b.Loop() {
+		var d time.Duration
+		mFull, d = backup(nil)
+		full = append(full, d)
+		mTracked, d = backup(&Changes{Base: m1.ID, Ranges: ranges, Kind: "bench"})
+		tracked = append(tracked, d)
+	}
+	if mFull.Disks[0].Digest != mTracked.Disks[0].Digest {
+		b.Fatal("the tracked backup differs from the full read")
+	}
+	b.ReportMetric(float64(mTracked.Disks[0].BytesRead)/float64(size), "read-fraction")
+	b.ReportMetric(float64(mFull.Disks[0].BytesRead)/float64(size), "full-read-fraction")
+	b.ReportMetric(median(tracked).Seconds(), "tracked-s")
+	b.ReportMetric(median(full).Seconds(), "full-s")
+	b.ReportMetric(median(tracked).Seconds()/median(full).Seconds(), "time-ratio")
 }
 
 // changeRanges returns ranges of n bytes each (n-aligned, distinct, in
