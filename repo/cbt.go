@@ -153,25 +153,20 @@ func (r *Repository) staleSegments(bd *Disk, ranges []Range) []bool {
 // other segment from the base, and re-reads req.VerifyUnchanged percent
 // of the segments it took.
 func (st *backupState) backupDiskChanged(ctx context.Context, src DiskSource, req BackupRequest, base *cbtBase) (Disk, error) {
-	r := st.r
 	bd := base.disk
-	cut := r.segmenter
 	nw := workers()
-	w := st.startSegmentWorkers(ctx, nw, cut.Max())
+	w := st.startSegmentWorkers(ctx, nw, st.r.segmenter.Max())
 	ir := newImageReader(src, nw)
 	ir.limit = st.readLimit
-	stale := r.staleSegments(bd, src.Changes.Ranges)
+	rc := &recutter{w: w, ir: ir, cut: st.r.segmenter, base: bd, minSeg: st.r.cfg.SegmentSize / 2}
+	stale := st.r.staleSegments(bd, src.Changes.Ranges)
 	n := bd.segmentCount()
-	size := src.Size
-	minSeg := r.cfg.SegmentSize / 2
 
 	var lens []int64
 	var taken []int // base segments taken unread
 	readErr := func() error {
-		var buf []byte // holds have bytes of the image from offset pos
-		have := 0
 		i := 0 // the first base segment starting at or after pos
-		for pos := int64(0); pos < size; {
+		for pos := int64(0); pos < src.Size; {
 			for i < n && bd.segmentStart(i) < pos {
 				i++
 			}
@@ -186,77 +181,101 @@ func (st *backupState) backupDiskChanged(ctx context.Context, src DiskSource, re
 				if zero {
 					st.stats.zero.Add(l)
 				}
+				rc.drop()
 				pos += l
-				if buf != nil {
-					w.putBuf(buf) // read past the cut for nothing
-					buf, have = nil, 0
-				}
-				if req.Progress != nil {
-					req.Progress(src.Name, pos)
-				}
-				continue
-			}
-			want := int(min(int64(cut.Max()), size-pos))
-			if have == 0 && ir.isHole(pos, int64(want)) {
-				// As a full read does: zeros, no boundary inside.
-				w.setID(len(lens), crypto.ID{})
-				lens = append(lens, int64(want))
-				st.stats.segs.Add(1)
-				st.stats.zero.Add(int64(want))
-				pos += int64(want)
-				continue
-			}
-			if buf == nil {
-				var err error
-				if buf, err = w.getBuf(); err != nil {
+			} else {
+				l, err := rc.next(ctx, pos, len(lens))
+				if err != nil {
 					return err
 				}
+				lens = append(lens, l)
+				pos += l
 			}
-			// Read up to one candidate past the first base boundary
-			// where this segment may end: the cut most likely falls
-			// there. A cut before the end of what was read is final;
-			// one at its end may need the rest of the window.
-			guess := min(nextBoundary(bd, pos+minSeg)+chunk.SegmentAlign, pos+int64(want))
-			c := 0
-			for {
-				if target := int(guess - pos); have < target {
-					if _, err := ir.fill(ctx, buf[have:target], pos+int64(have)); err != nil {
-						return err
-					}
-					have = target
-				}
-				c = cut.Cut(buf[:have], pos+int64(have) == size)
-				if c < have || have == want {
-					break
-				}
-				guess = pos + int64(want)
-			}
-			var err error
-			if buf, err = w.submitCut(len(lens), buf, have, c); err != nil {
-				return err
-			}
-			lens = append(lens, int64(c))
-			pos += int64(c)
-			have -= c
 			if req.Progress != nil {
 				req.Progress(src.Name, pos)
 			}
 		}
-		if buf != nil {
-			w.putBuf(buf)
-		}
+		rc.drop()
 		return st.verifyUnchanged(ctx, w, ir, src, base, taken, req.VerifyUnchanged)
 	}()
 	segs, err := st.endRead(w, ir, len(lens), readErr)
 	if err != nil {
 		return Disk{}, err
 	}
-	d, err := st.finishDisk(ctx, src, size, segs, lens)
+	d, err := st.finishDisk(ctx, src, src.Size, segs, lens)
 	if err != nil {
 		return Disk{}, err
 	}
 	d.CBT, d.CBTBase, d.BytesRead, d.FullRead = src.Changes.Kind, base.gen.ID, ir.read, base.fullRead
 	return d, nil
+}
+
+// recutter reads and cuts an image again from given positions, as a full
+// read would cut it, carrying the bytes read past one cut into the next
+// segment.
+type recutter struct {
+	w      *segmentWorkers
+	ir     *imageReader
+	cut    *chunk.Segmenter
+	base   *Disk
+	minSeg int64
+	buf    []byte // holds have bytes of the image from the next position
+	have   int
+}
+
+// next cuts the segment at pos, hands it to the workers as segment i (a
+// hole, as a full read does, records an all-zero segment unread), and
+// returns its length.
+func (rc *recutter) next(ctx context.Context, pos int64, i int) (int64, error) {
+	size := rc.ir.src.Size
+	want := int(min(int64(rc.cut.Max()), size-pos))
+	if rc.have == 0 && rc.ir.isHole(pos, int64(want)) {
+		// Zeros, and no boundary falls inside zeros.
+		rc.w.setID(i, crypto.ID{})
+		rc.w.st.stats.segs.Add(1)
+		rc.w.st.stats.zero.Add(int64(want))
+		return int64(want), nil
+	}
+	if rc.buf == nil {
+		var err error
+		if rc.buf, err = rc.w.getBuf(); err != nil {
+			return 0, err
+		}
+	}
+	// Read up to one candidate past the first base boundary where this
+	// segment may end: the cut most likely falls there. A cut before the
+	// end of what was read is final; one at its end may need the rest of
+	// the window.
+	guess := min(nextBoundary(rc.base, pos+rc.minSeg)+chunk.SegmentAlign, pos+int64(want))
+	var c int
+	for {
+		if target := int(guess - pos); rc.have < target {
+			if _, err := rc.ir.fill(ctx, rc.buf[rc.have:target], pos+int64(rc.have)); err != nil {
+				return 0, err
+			}
+			rc.have = target
+		}
+		c = rc.cut.Cut(rc.buf[:rc.have], pos+int64(rc.have) == size)
+		if c < rc.have || rc.have == want {
+			break
+		}
+		guess = pos + int64(want)
+	}
+	var err error
+	if rc.buf, err = rc.w.submitCut(i, rc.buf, rc.have, c); err != nil {
+		return 0, err
+	}
+	rc.have -= c
+	return int64(c), nil
+}
+
+// drop forgets the bytes read past the last cut: the next position is
+// taken from the base.
+func (rc *recutter) drop() {
+	if rc.buf != nil {
+		rc.w.putBuf(rc.buf)
+		rc.buf, rc.have = nil, 0
+	}
 }
 
 // nextBoundary returns the first segment boundary of bd at or after off
