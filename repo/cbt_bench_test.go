@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"path/filepath"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -60,23 +61,25 @@ func benchChanges(b *testing.B, img []byte, seg int64, choose func(*rand.Rand) [
 		randomWrite(rng, img2, int(rg.Off), int(rg.Len))
 	}
 	day2 := writeSparse(b, filepath.Join(dir, "day2"), img2)
-	backup := func(ch *Changes) (*Manifest, time.Duration) {
-		start := time.Now()
+	// backup returns the wall and the CPU time (user + system, of the
+	// whole process: the machine may be shared) it took.
+	backup := func(ch *Changes) (m *Manifest, wall, cpu time.Duration) {
+		start, cpu0 := time.Now(), cpuTime(b)
 		m, err := r.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Reader: day2, Size: size, Changes: ch}}})
 		if err != nil {
 			b.Fatal(err)
 		}
-		return m, time.Since(start)
+		return m, time.Since(start), cpuTime(b) - cpu0
 	}
 	backup(nil) // store day 2's new data once
-	var full, tracked []time.Duration
+	var full, tracked, fullCPU, trackedCPU []time.Duration
 	var mFull, mTracked *Manifest
 	for b.Loop() {
-		var d time.Duration
-		mFull, d = backup(nil)
-		full = append(full, d)
-		mTracked, d = backup(&Changes{Base: m1.ID, Ranges: ranges, Kind: "bench"})
-		tracked = append(tracked, d)
+		var d, c time.Duration
+		mFull, d, c = backup(nil)
+		full, fullCPU = append(full, d), append(fullCPU, c)
+		mTracked, d, c = backup(&Changes{Base: m1.ID, Ranges: ranges, Kind: "bench"})
+		tracked, trackedCPU = append(tracked, d), append(trackedCPU, c)
 	}
 	if mFull.Disks[0].Digest != mTracked.Disks[0].Digest {
 		b.Fatal("the tracked backup differs from the full read")
@@ -86,6 +89,16 @@ func benchChanges(b *testing.B, img []byte, seg int64, choose func(*rand.Rand) [
 	b.ReportMetric(median(tracked).Seconds(), "tracked-s")
 	b.ReportMetric(median(full).Seconds(), "full-s")
 	b.ReportMetric(median(tracked).Seconds()/median(full).Seconds(), "time-ratio")
+	b.ReportMetric(median(trackedCPU).Seconds()/median(fullCPU).Seconds(), "cpu-ratio")
+}
+
+// cpuTime is the process's user and system time so far.
+func cpuTime(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // changeRanges returns ranges of n bytes each (n-aligned, distinct, in
