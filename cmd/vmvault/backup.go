@@ -125,7 +125,7 @@ commits nothing, and the next run reuses what was already uploaded.`,
 	cmd.Flags().StringVar(&f.at, "time", "", "record this time (RFC 3339) instead of now, e.g. for imports")
 	cmd.Flags().BoolVar(&f.all, "all", false, "back up every VM of the configuration file")
 	cmd.Flags().StringVar(&a.metricsFile, "metrics-file", os.Getenv("VMVAULT_METRICS_FILE"), "after each VM, update this Prometheus textfile-collector file (env VMVAULT_METRICS_FILE)")
-	cmd.Flags().BoolVar(&f.sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum)")
+	cmd.Flags().BoolVar(&f.sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum); it needs every byte, so every disk is read whole, without change tracking")
 	a.limitFlags.addBackup(cmd.Flags())
 	return cmd
 }
