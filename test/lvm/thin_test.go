@@ -51,7 +51,7 @@ func TestThinEndToEnd(t *testing.T) {
 		t.Skip("boots a qemu guest and runs five vmvault backups against thin LVM in it (≈1–2 min); skipped with -short")
 	}
 	requireTools(t)
-	budget := 8 * time.Minute
+	budget := 12 * time.Minute
 	if dl, ok := t.Deadline(); ok {
 		budget = min(budget, time.Until(dl)-45*time.Second)
 	}
