@@ -172,6 +172,8 @@ finish "bytes_read=$READ"
 # ---- a change the pool does not report (thin_delta doctored to drop
 # every changed block): --verify-unchanged 100 must fail loudly and
 # commit nothing, the old base stays; then a normal backup catches up
+# against that base (its restore is not compared again: day 2 did, and
+# comparing 256 MiB twice costs half a minute under TCG)
 begin verify
 ID3=$(base_id)
 n0=$(gens)
@@ -194,7 +196,6 @@ backup day5
 tracked /tmp/day5.err
 # One 64 KiB block changed, plus the default 1 % verify share.
 [ "$READ" -le "$LIMIT" ] || fail "read $READ bytes for one changed block, more than 3 % of the LV ($LIMIT)"
-restored_ok
 one_base
 finish "exit=$RC bytes_read=$READ"
 
