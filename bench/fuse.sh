@@ -62,7 +62,10 @@ load() { cut -d' ' -f1 /proc/loadavg; }
 
 # start_mount mounts the repository on $mnt and waits until it answers.
 start_mount() {
-	"$bin" "${margs[@]}" mount "$mnt" 2>"$workdir/mount.log" &
+	# Emptied here, not only by the child's redirection: the loop below
+	# might otherwise still see the last mount's "mounted".
+	: >"$workdir/mount.log"
+	"$bin" "${margs[@]}" mount "$mnt" 2>>"$workdir/mount.log" &
 	server=$!
 	until grep -q mounted "$workdir/mount.log" 2>/dev/null; do
 		kill -0 "$server" 2>/dev/null || { cat "$workdir/mount.log" >&2; exit 1; }
