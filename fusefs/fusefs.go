@@ -149,7 +149,7 @@ func Mount(ctx context.Context, dir string, src Source, opts Options) (*Mounted,
 		Name:         "vmvault",
 		DirectMount:  os.Geteuid() == 0,
 		MaxReadAhead: 1 << 20,
-		MaxWrite:     1 << 20, // also the largest read request
+		MaxWrite:     maxRead, // also the largest read request
 		Debug:        opts.Debug,
 		Options:      []string{"ro", "default_permissions"},
 		// Direct I/O reads of one request run in parallel, and mmap
@@ -173,6 +173,10 @@ func Mount(ctx context.Context, dir string, src Source, opts Options) (*Mounted,
 	}
 	return &Mounted{dir: dir, server: server, log: log, root: root}, nil
 }
+
+// maxRead is the largest read request the kernel sends (go-fuse's and
+// the kernel's default limit).
+const maxRead = 1 << 20
 
 // kernelReadAheadKiB is the page-cache read-ahead asked of the kernel for
 // the mount when disk files go through the page cache. FUSE starts at
@@ -338,6 +342,9 @@ func (n *diskNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.Attr
 	out.Mode = syscall.S_IFREG | 0o400
 	out.Size = uint64(n.size)
 	out.Blocks = (uint64(n.size) + 511) / 512
+	// The preferred I/O size (st_blksize): cat, cp and other tools size
+	// their reads by it, and with direct I/O each read is one request.
+	out.Blksize = maxRead
 	t := n.m.Time
 	out.SetTimes(&t, &t, &t)
 	return 0

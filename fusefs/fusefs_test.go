@@ -243,6 +243,11 @@ func TestMountReadModes(t *testing.T) {
 			t.Fatalf("PageCache %v, kernel allows mmap on direct I/O %v: DirectIO() = %v", pageCache, kernel, mnt.DirectIO())
 		}
 		disk := filepath.Join(dir, "vm01/latest/hda")
+		// Tools size their reads by st_blksize: one request's worth.
+		var st unix.Stat_t
+		if err := unix.Stat(disk, &st); err != nil || st.Blksize != maxRead {
+			t.Fatalf("PageCache %v: st_blksize %d (%v), want %d", pageCache, st.Blksize, err, maxRead)
+		}
 		for _, block := range []int{4 << 20, 3<<10 + 7} {
 			if testio.ReadExpectEIO(t, disk, want, block) != 0 {
 				t.Fatalf("PageCache %v: a read of an undamaged disk failed", pageCache)

@@ -49,7 +49,7 @@ retries every second. Root mounts directly; other users need fusermount3.`,
 				if err != nil {
 					return err
 				}
-				a.log.Info("mounted; SIGINT or SIGTERM unmounts", "mountpoint", dir)
+				a.log.Info("mounted; SIGINT or SIGTERM unmounts", "mountpoint", dir, "direct_io", m.DirectIO())
 				if err := m.Serve(ctx); err != nil {
 					return err
 				}
