@@ -63,6 +63,9 @@ type backupFlags struct {
 	at            string
 	when          time.Time // --time parsed; zero means now
 	sha, all      bool
+	// verify is --verify-unchanged; verifySet says it was given.
+	verify    float64
+	verifySet bool
 }
 
 func (a *app) backupCommand() *cobra.Command {
@@ -99,6 +102,9 @@ commits nothing, and the next run reuses what was already uploaded.`,
 				}
 				f.when = t
 			}
+			if f.verifySet = cmd.Flags().Changed("verify-unchanged"); f.verifySet && (f.verify < 0 || f.verify > 100) {
+				return withCode(exitUsage, fmt.Errorf("--verify-unchanged %v: want a percentage from 0 to 100", f.verify))
+			}
 			if f.all != (len(args) == 0) {
 				return withCode(exitUsage, fmt.Errorf("name one VM, or give --all"))
 			}
@@ -126,6 +132,8 @@ commits nothing, and the next run reuses what was already uploaded.`,
 	cmd.Flags().BoolVar(&f.all, "all", false, "back up every VM of the configuration file")
 	cmd.Flags().StringVar(&a.metricsFile, "metrics-file", os.Getenv("VMVAULT_METRICS_FILE"), "after each VM, update this Prometheus textfile-collector file (env VMVAULT_METRICS_FILE)")
 	cmd.Flags().BoolVar(&f.sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum); it needs every byte, so every disk is read whole, without change tracking")
+	cmd.Flags().Float64Var(&f.verify, "verify-unchanged", config.DefaultVerifyUnchanged,
+		"with change tracking, re-read this percentage of the segments reported unchanged and compare them (default: [backup] verify_unchanged)")
 	a.limitFlags.addBackup(cmd.Flags())
 	return cmd
 }

@@ -191,7 +191,15 @@ func (a *app) runOptions(vm string, f backupFlags) vmbackup.Options {
 	if err != nil {
 		a.log.Warn("reading without a limit", "err", err)
 	}
+	bk := config.Backup{FullEvery: config.DefaultFullEvery, VerifyUnchanged: config.DefaultVerifyUnchanged}
+	if cfg, err := a.loadConfig(configOptional); err == nil && cfg != nil {
+		bk = cfg.Backup
+	}
+	if f.verifySet {
+		bk.VerifyUnchanged = f.verify
+	}
 	return vmbackup.Options{Locks: vmbackup.FileLocks{Dir: cacheDir}, Time: f.when, Tags: f.tags, SHA256: f.sha, Logger: a.log, ReadLimit: readLimit,
+		VerifyUnchanged: bk.VerifyUnchanged, FullEvery: bk.FullEvery,
 		Progress: func(disks []repo.DiskSource) (func(string, int64), func()) {
 			return a.progress(vm, disks)
 		}}
