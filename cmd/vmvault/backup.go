@@ -32,6 +32,17 @@ type backupSummary struct {
 	Segments     int64    `json:"segments"`
 	ObjectsFound int64    `json:"objects_found"`
 	Duration     float64  `json:"duration_seconds"`
+	// DiskStats says per disk how it was read.
+	DiskStats []diskSummary `json:"disk_stats"`
+}
+
+// diskSummary is how one disk was read: whole ("none") or through a change
+// tracker, and how many bytes really came from the source.
+type diskSummary struct {
+	Name      string `json:"name"`
+	CBT       string `json:"cbt"`
+	CBTBase   string `json:"cbt_base,omitempty"`
+	BytesRead int64  `json:"bytes_read"`
 }
 
 func summarize(m *repo.Manifest) backupSummary {
@@ -41,6 +52,7 @@ func summarize(m *repo.Manifest) backupSummary {
 		Duration: m.Finished.Sub(m.Started).Seconds()}
 	for _, d := range m.Disks {
 		s.Disks = append(s.Disks, d.Name)
+		s.DiskStats = append(s.DiskStats, diskSummary{Name: d.Name, CBT: d.CBT, CBTBase: d.CBTBase, BytesRead: d.BytesRead})
 	}
 	return s
 }
@@ -119,7 +131,7 @@ commits nothing, and the next run reuses what was already uploaded.`,
 	cmd.Flags().StringVar(&f.at, "time", "", "record this time (RFC 3339) instead of now, e.g. for imports")
 	cmd.Flags().BoolVar(&f.all, "all", false, "back up every VM of the configuration file")
 	cmd.Flags().StringVar(&a.metricsFile, "metrics-file", os.Getenv("VMVAULT_METRICS_FILE"), "after each VM, update this Prometheus textfile-collector file (env VMVAULT_METRICS_FILE)")
-	cmd.Flags().BoolVar(&f.sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum)")
+	cmd.Flags().BoolVar(&f.sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum); it needs every byte, so every disk is read whole, without change tracking")
 	cmd.Flags().Float64Var(&f.verify, "verify-unchanged", config.DefaultVerifyUnchanged,
 		"with change tracking, re-read this percentage of the segments reported unchanged and compare them (default: [backup] verify_unchanged)")
 	a.limitFlags.addBackup(cmd.Flags())

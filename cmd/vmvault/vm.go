@@ -58,6 +58,9 @@ func (a *app) finishVM(o vmOutcome) {
 	if o.Disks == nil {
 		o.Disks = []string{}
 	}
+	if o.DiskStats == nil {
+		o.DiskStats = []diskSummary{}
+	}
 	level := slog.LevelInfo
 	switch o.Status {
 	case "warning":
