@@ -431,11 +431,16 @@ func (b *run) commit(ctx context.Context, r Repository, disks []repo.DiskSource)
 	if b.opts.Progress != nil {
 		progress, done = b.opts.Progress(disks)
 	}
-	m, err := r.Backup(ctx, repo.BackupRequest{VM: b.vm.Name, Time: b.opts.Time, Tags: b.opts.Tags, Disks: disks,
+	req := repo.BackupRequest{VM: b.vm.Name, Time: b.opts.Time, Tags: b.opts.Tags, Disks: disks,
 		SHA256: b.opts.SHA256, Progress: progress, ReadLimit: b.opts.ReadLimit, VerifyUnchanged: b.opts.VerifyUnchanged,
 		BeforeCommit: func(ctx context.Context) (json.RawMessage, error) {
 			return b.beforeCommit(ctx)
-		}})
+		}}
+	m, err := r.Backup(ctx, req)
+	if errors.Is(err, repo.ErrNoBase) && b.dropChanges(disks, err) {
+		// The repository refused the base before reading anything.
+		m, err = r.Backup(ctx, req)
+	}
 	done()
 	if err != nil && b.snaps != nil && ctx.Err() == nil {
 		// A snapshot that overflows while it is read makes reads fail
