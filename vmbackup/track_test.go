@@ -359,7 +359,8 @@ func TestTrackKeepFails(t *testing.T) {
 	}
 }
 
-// The repository refuses the base (here: a generation it does not have):
+// The repository refuses the base (here: the fake reader cannot be read
+// at any offset, and the base generation is made up):
 // the backup is asked again without changes, one log line says why, and
 // the generation is committed from a full read.
 func TestTrackRepoRefusesBase(t *testing.T) {
