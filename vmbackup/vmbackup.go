@@ -24,10 +24,11 @@
 // The host-facing steps are small interfaces defined here (Snapshotter,
 // Quiescer, HostLocks, Repository); host.go adapts the real ones: package
 // snapshot (LVM), package quiesce (SSH guest, databases), flock files and
-// package repo. A new kind of disk — a thin-LVM source that knows which
-// ranges changed since a base generation, a libvirt/qemu source reading a
-// dirty bitmap — is a new Source: what it knows travels to the repository
-// in the Image it opens.
+// package repo. Change tracking (thin LVM) is a Snapshotter that also
+// implements ChangeTracker, with Snapshots that implement
+// TrackedSnapshots; its rules are in track.go: a base is trusted only as
+// recorded by the previous generation, replaced only after a commit, and
+// every doubt reads the disk whole with one log line saying why.
 package vmbackup
 
 import (
