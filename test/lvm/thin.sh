@@ -87,6 +87,7 @@ tracked() {
 	CHANGED=$(echo "$line" | grep -o 'changed_bytes=[0-9]*' | cut -d= -f2)
 	RANGES=$(echo "$line" | grep -o 'ranges=[0-9]*' | cut -d= -f2)
 	[ -n "$line" ] || fail "the backup did not use change tracking: $(grep 'change tracking' "$1" | cut -c1-200)"
+	grep -q '"cbt":"thin"' "${1%.err}.out" || fail "--json does not say cbt thin: $(grep -o '"disk_stats":[^]]*' "${1%.err}.out")"
 }
 # whole LOG REASON: exactly one log line says the disk is read whole, for
 # REASON.
@@ -94,6 +95,7 @@ whole() {
 	n=$(grep -c 'reading the whole disk' "$1")
 	[ "$n" = 1 ] || fail "want one line saying the disk is read whole, got $n"
 	grep 'reading the whole disk' "$1" | grep -q "$2" || fail "the full read does not say \"$2\": $(grep 'reading the whole disk' "$1" | cut -c1-200)"
+	grep -q '"cbt":"none"' "${1%.err}.out" || fail "--json does not say cbt none: $(grep -o '"disk_stats":[^]]*' "${1%.err}.out")"
 }
 # restored_ok: restore the newest generation onto the LV restored and
 # compare it with the origin (unchanged since the backup).
