@@ -24,6 +24,7 @@ var guestTests = []string{
 	"TestGuestLeftovers",
 	"TestGuestFileLayoutExt4",
 	"TestGuestFileLayoutXFS",
+	"TestGuestThin",
 }
 
 var guestResultRE = regexp.MustCompile(`(?m)^--- (PASS|FAIL|SKIP): (TestGuest\w+) \(([0-9.]+)s\)`)
@@ -65,8 +66,8 @@ func TestLVMInGuest(t *testing.T) {
 	res, err := lvmguest.Run(ctx, lvmguest.Spec{
 		Script:    script,
 		Binaries:  map[string]string{"/usr/local/bin/snapshot.test": bin},
-		HostTools: []string{"mkfs.xfs"},
-		Modules:   []string{"xfs"},
+		HostTools: []string{"mkfs.xfs", "pdata_tools"},
+		Modules:   []string{"xfs", "dm-thin-pool"},
 		Disks:     []lvmguest.Disk{{Serial: "lvmtest", SizeBytes: 512 << 20}},
 		Timeout:   7 * time.Minute,
 		WorkDir:   work,

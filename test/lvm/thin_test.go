@@ -38,7 +38,7 @@ disk.hda = { lv = "vgt/vm11-hda", snapshot_size = "8M" }
 var thinScenarios = []string{"full", "incremental", "base-lost", "verify"}
 
 // TestThinEndToEnd runs change tracking against a real thin pool in a
-// qemu guest: the first backup reads the 256 MiB thin LV whole and keeps
+// qemu guest: the first backup reads the 512 MiB thin LV whole and keeps
 // its thin snapshot as base; after 1 % of the LV is written at known
 // offsets the pool reports exactly those ranges, the backup reads at most
 // 3 % of the LV and restores byte-identical; a base removed by hand gives
