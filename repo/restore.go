@@ -12,14 +12,26 @@ import (
 	"unsafe"
 
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/sys/unix"
 
 	"vmvault/chunk"
 )
 
-// chunkFetchers bounds concurrent chunk downloads per segment being
-// restored (each holds at most one decoded chunk, ≤ 8 MiB).
-const chunkFetchers = 4
+// A restore keeps restoreWindow segments in assembly at once, and within
+// them fetches chunks in order while their bytes in flight (requested,
+// not yet decoded) stay under fetchBudget. Over a remote backend the
+// budget is the fetch-ahead: with chunks averaging 768 KiB it keeps about
+// 40 requests in flight, spread over every connection, so the server and
+// the link are never idle waiting for one segment; locally it keeps every
+// core decoding. Memory: restoreWindow+1 segment buffers plus the budget.
+const (
+	restoreWindow = 8
+	fetchBudget   = 32 << 20
+	// listWeight is what a segment list (a few KiB) counts against the
+	// budget: it is a request in flight all the same.
+	listWeight = 64 << 10
+)
 
 // restoredSegment is one segment, authenticated, ready to write. data is
 // nil for an all-zero segment.
@@ -52,13 +64,19 @@ func alignedFor(raw []byte, off int64, size int) (data, pooled []byte) {
 // each chunk is sealed under its name and checked against its keyed chunk
 // ID. Hashing chunks rather than the assembled segment skips the segment's
 // zero runs: a sparse image's partly empty segments cost only their data.
-func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byte) (restoredSegment, error) {
+// Chunks are decoded straight into buf; every request first takes its
+// weight from budget, in order.
+func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byte, budget *semaphore.Weighted) (restoredSegment, error) {
 	seg := restoredSegment{index: i, off: d.segmentStart(i), size: d.segmentLen(i)}
 	id, zero := d.SegmentID(i)
 	if zero {
 		return seg, nil
 	}
+	if err := budget.Acquire(ctx, listWeight); err != nil {
+		return seg, err
+	}
 	raw, err := r.getData(ctx, TypeSegment, id)
+	budget.Release(listWeight)
 	if err != nil {
 		return seg, err
 	}
@@ -74,10 +92,7 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 		return seg, fmt.Errorf("segment %s: lists %d bytes, expected %d: %w", dataName(id), total, seg.size, ErrCorrupt)
 	}
 	buf = buf[:seg.size]
-	// Chunks of one segment are fetched concurrently: over SFTP each is a
-	// round trip.
 	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(chunkFetchers)
 	var off int64
 	for _, e := range entries {
 		part := buf[off : off+int64(e.Length)]
@@ -86,22 +101,30 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 			clear(part)
 			continue
 		}
+		w := min(int64(e.Length), fetchBudget)
+		if budget.Acquire(gctx, w) != nil {
+			break // g.Wait or ctx says why
+		}
 		g.Go(func() error {
-			data, err := r.getData(gctx, TypeChunk, e.ID)
+			defer budget.Release(w)
+			name := dataName(e.ID)
+			sealed, err := getBounded(gctx, r.be, name, maxDataObject)
 			if err != nil {
+				return fmt.Errorf("%s %s: %w", TypeChunk, name, err)
+			}
+			if err := r.codec.openInto(TypeChunk, name, sealed, part); err != nil {
 				return err
 			}
-			if len(data) != len(part) {
-				return fmt.Errorf("chunk %s: %d bytes, segment list says %d: %w", dataName(e.ID), len(data), len(part), ErrCorrupt)
+			if r.chunkH.Sum(part) != e.ID {
+				return fmt.Errorf("chunk %s: content does not match its ID: %w", name, ErrCorrupt)
 			}
-			if r.chunkH.Sum(data) != e.ID {
-				return fmt.Errorf("chunk %s: content does not match its ID: %w", dataName(e.ID), ErrCorrupt)
-			}
-			copy(part, data)
 			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
+		return seg, err
+	}
+	if err := ctx.Err(); err != nil {
 		return seg, err
 	}
 	seg.data = buf
@@ -121,7 +144,8 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 		return fmt.Errorf("disk %s: segment list does not match the image digest: %w", d.Name, ErrCorrupt)
 	}
 	n := d.segmentCount()
-	nw := restoreWorkers()
+	nw := restoreWindow
+	budget := semaphore.NewWeighted(fetchBudget)
 	parent := ctx
 	g, ctx := errgroup.WithContext(ctx)
 	// Free segment buffers, allocated on first use: at most nw+1 exist.
@@ -200,7 +224,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 			for i := range next {
 				buf := <-free
 				data, buf := alignedFor(buf, d.segmentStart(i), int(d.segmentLen(i)))
-				seg, err := r.fetchSegment(ctx, d, i, data)
+				seg, err := r.fetchSegment(ctx, d, i, data, budget)
 				seg.buf = buf
 				if err != nil {
 					return fmt.Errorf("restore %s at offset %d: %w", d.Name, seg.off, err)
@@ -243,12 +267,6 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 	// noticed first.
 	return parent.Err()
 }
-
-// restoreWorkers is how many segments a restore fetches at once. Each
-// segment fetches up to chunkFetchers chunks, so over a remote backend
-// (one round trip per chunk) this keeps enough requests in flight to
-// hide latency; locally it keeps every core decrypting.
-func restoreWorkers() int { return 2*workers() + 1 }
 
 // RestoreStats counts what a restore wrote.
 type RestoreStats struct {
