@@ -84,7 +84,8 @@ type Config struct {
 	// BUCKET.HOST (needed by most MinIO and Ceph installations; the SDK
 	// chooses by itself when false).
 	PathStyle bool
-	// Connections bounds the requests in flight (DefaultConnections when
+	// Connections bounds the requests in flight, which is also the
+	// number of connections kept open for reuse (DefaultConnections when
 	// zero).
 	Connections int
 	// ObjectLockDays, when positive, writes every object except locks
@@ -223,8 +224,13 @@ func credentialsFor(cfg Config) (*credentials.Credentials, error) {
 // the configured certificate authorities.
 func transport(cfg Config, conns int) (*http.Transport, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.MaxIdleConns = 2 * conns
-	tr.MaxIdleConnsPerHost = 2 * conns
+	// At most conns connections, every one kept for reuse: a request
+	// beyond them waits for a free connection rather than opening one
+	// that would be closed after a single use (a restore's fetch-ahead
+	// once opened a new connection for every third chunk that way).
+	tr.MaxConnsPerHost = conns
+	tr.MaxIdleConns = conns
+	tr.MaxIdleConnsPerHost = conns
 	tr.ResponseHeaderTimeout = 2 * time.Minute
 	tr.DisableCompression = true // objects are compressed and encrypted already
 	if cfg.CAFile != "" {
