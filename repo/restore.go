@@ -15,7 +15,9 @@ import (
 	"golang.org/x/sync/semaphore"
 	"golang.org/x/sys/unix"
 
+	"vmvault/backend"
 	"vmvault/chunk"
+	"vmvault/crypto"
 )
 
 // A restore keeps restoreWindow segments in assembly at once, and within
@@ -32,6 +34,30 @@ const (
 	// budget: it is a request in flight all the same.
 	listWeight = 64 << 10
 )
+
+// chunkFetcher is what a restore's chunk fetches share: the budget of
+// bytes in flight and the buffers sealed chunks are read into, reused
+// from fetch to fetch rather than allocated (and cleared) for each.
+type chunkFetcher struct {
+	budget *semaphore.Weighted
+	bufs   sync.Pool // *[]byte
+}
+
+func newChunkFetcher() *chunkFetcher {
+	return &chunkFetcher{budget: semaphore.NewWeighted(fetchBudget)}
+}
+
+// buffer returns a pooled buffer of n bytes; put it back with f.bufs.Put.
+// Capacities are rounded up to 256 KiB so that buffers fit many chunks.
+func (f *chunkFetcher) buffer(n int) *[]byte {
+	if bp, _ := f.bufs.Get().(*[]byte); bp != nil && cap(*bp) >= n {
+		*bp = (*bp)[:n]
+		return bp
+	}
+	const step = 256 << 10
+	b := make([]byte, n, (n+step-1)/step*step)
+	return &b
+}
 
 // restoredSegment is one segment, authenticated, ready to write. data is
 // nil for an all-zero segment.
@@ -65,18 +91,18 @@ func alignedFor(raw []byte, off int64, size int) (data, pooled []byte) {
 // ID. Hashing chunks rather than the assembled segment skips the segment's
 // zero runs: a sparse image's partly empty segments cost only their data.
 // Chunks are decoded straight into buf; every request first takes its
-// weight from budget, in order.
-func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byte, budget *semaphore.Weighted) (restoredSegment, error) {
+// weight from the fetcher's budget, in order.
+func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byte, f *chunkFetcher) (restoredSegment, error) {
 	seg := restoredSegment{index: i, off: d.segmentStart(i), size: d.segmentLen(i)}
 	id, zero := d.SegmentID(i)
 	if zero {
 		return seg, nil
 	}
-	if err := budget.Acquire(ctx, listWeight); err != nil {
+	if err := f.budget.Acquire(ctx, listWeight); err != nil {
 		return seg, err
 	}
 	raw, err := r.getData(ctx, TypeSegment, id)
-	budget.Release(listWeight)
+	f.budget.Release(listWeight)
 	if err != nil {
 		return seg, err
 	}
@@ -102,17 +128,24 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 			continue
 		}
 		w := min(int64(e.Length), fetchBudget)
-		if budget.Acquire(gctx, w) != nil {
+		if f.budget.Acquire(gctx, w) != nil {
 			break // g.Wait or ctx says why
 		}
 		g.Go(func() error {
-			defer budget.Release(w)
+			defer f.budget.Release(w)
 			name := dataName(e.ID)
-			sealed, err := getBounded(gctx, r.be, name, maxDataObject)
+			// Sealed, a chunk is at most its length plus the header and
+			// the AEAD's overhead (compressed only when smaller).
+			bp := f.buffer(len(part) + headerSize + crypto.Overhead + 1)
+			defer f.bufs.Put(bp)
+			n, err := backend.GetInto(gctx, r.be, name, *bp)
+			if errors.Is(err, backend.ErrTooLarge) {
+				err = fmt.Errorf("%w: %w", err, ErrCorrupt)
+			}
 			if err != nil {
 				return fmt.Errorf("%s %s: %w", TypeChunk, name, err)
 			}
-			if err := r.codec.openInto(TypeChunk, name, sealed, part); err != nil {
+			if err := r.codec.openInto(TypeChunk, name, (*bp)[:n], part); err != nil {
 				return err
 			}
 			if r.chunkH.Sum(part) != e.ID {
@@ -145,7 +178,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 	}
 	n := d.segmentCount()
 	nw := restoreWindow
-	budget := semaphore.NewWeighted(fetchBudget)
+	fetcher := newChunkFetcher()
 	parent := ctx
 	g, ctx := errgroup.WithContext(ctx)
 	// Free segment buffers, allocated on first use: at most nw+1 exist.
@@ -224,7 +257,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 			for i := range next {
 				buf := <-free
 				data, buf := alignedFor(buf, d.segmentStart(i), int(d.segmentLen(i)))
-				seg, err := r.fetchSegment(ctx, d, i, data, budget)
+				seg, err := r.fetchSegment(ctx, d, i, data, fetcher)
 				seg.buf = buf
 				if err != nil {
 					return fmt.Errorf("restore %s at offset %d: %w", d.Name, seg.off, err)

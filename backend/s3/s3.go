@@ -449,6 +449,29 @@ func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte,
 	return buf, nil
 }
 
+// GetInto reads the whole object into buf in one GET
+// (backend.IntoGetter); the size in the response headers refuses one that
+// does not fit before its body is read.
+func (b *Backend) GetInto(ctx context.Context, name string, buf []byte) (int, error) {
+	key, err := b.key(name)
+	if err != nil {
+		return 0, err
+	}
+	body, info, _, err := minio.Core{Client: b.client}.GetObject(ctx, b.bucket, key, minio.GetObjectOptions{})
+	if err != nil {
+		return 0, b.mapErr("get", name, err)
+	}
+	defer body.Close()
+	if err := backend.CheckSize(name, info.Size, int64(len(buf))-1); err != nil {
+		return 0, err
+	}
+	n, err := io.ReadFull(body, buf[:info.Size])
+	if err != nil {
+		return 0, b.mapErr("get", name, fmt.Errorf("read body: %w", err))
+	}
+	return n, nil
+}
+
 // emptyTail answers a read from off to the end that the store refused
 // as an unsatisfiable range: empty if off is exactly the size.
 func (b *Backend) emptyTail(ctx context.Context, name string, off int64) ([]byte, error) {
