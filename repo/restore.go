@@ -216,7 +216,9 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 	// Unordered: fetch workers hand segments to writers, so a worker
 	// never waits for the disk while it could be fetching (over SFTP the
 	// fetches are what keeps the restore busy). writeq holds at most the
-	// window's nw segments.
+	// window's nw segments. There are twice as many writers as cores: a
+	// direct write waits for the device, and more of them in flight keep
+	// its queue full while the cores decode.
 	type queuedSegment struct {
 		seg restoredSegment
 		buf []byte // back to free once written
@@ -230,7 +232,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 			close(writeq)
 			return nil
 		})
-		for range workers() {
+		for range 2 * workers() {
 			g.Go(func() error {
 				// Drain even after a failure elsewhere, writing nothing
 				// more, so no fetch worker waits on a full queue.
