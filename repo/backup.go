@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"math"
 	"os"
 	"runtime"
 	"sync"
@@ -305,9 +306,28 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	if req.VM == "" || len(req.Disks) == 0 {
 		return nil, errors.New("backup: VM name and at least one disk required")
 	}
+	if math.IsNaN(req.VerifyUnchanged) || req.VerifyUnchanged < 0 || req.VerifyUnchanged > 100 {
+		return nil, fmt.Errorf("backup: verify-unchanged %v: not a percentage between 0 and 100", req.VerifyUnchanged)
+	}
 	ix, err := r.LoadIndex(ctx)
 	if err != nil {
 		return nil, err
+	}
+	// Every disk's change-tracking base is checked before anything is
+	// read or stored, so a refusal (ErrNoBase) costs nothing.
+	bases := make([]*cbtBase, len(req.Disks))
+	for i, src := range req.Disks {
+		if src.Changes == nil {
+			continue
+		}
+		if req.SHA256 {
+			// A plain SHA-256 needs every byte of the image.
+			r.log.Info("reading the disk whole: a plain SHA-256 needs every byte", "vm", req.VM, "disk", src.Name)
+			continue
+		}
+		if bases[i], err = r.loadBase(ctx, req.VM, src); err != nil {
+			return nil, err
+		}
 	}
 	if _, err := r.recoverJournals(ctx, ix); err != nil {
 		r.log.Warn("could not recover an interrupted backup's uploads; they will be sent again", "err", err)
@@ -332,8 +352,15 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	if m.Host == "" {
 		m.Host, _ = os.Hostname()
 	}
-	for _, src := range req.Disks {
-		d, err := st.backupDisk(ctx, src, req)
+	for i, src := range req.Disks {
+		var d Disk
+		var err error
+		if bases[i] != nil {
+			d, err = st.backupDiskChanged(ctx, src, req, bases[i])
+		} else {
+			d, err = st.backupDisk(ctx, src, req)
+			d.FullRead = m.Time
+		}
 		if err == nil {
 			err = context.Cause(ctx)
 		}
@@ -407,8 +434,158 @@ type segmentJob struct {
 	n   int
 }
 
+// segmentWorkers hash and store a disk's segments in parallel: a reader
+// cuts the image into segments and submits each with its index in the
+// disk; the workers record each segment's ID under that index.
+type segmentWorkers struct {
+	st     *backupState
+	ctx    context.Context
+	bufLen int
+	free   chan []byte
+	jobs   chan segmentJob
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	ids    [][32]byte
+	err    error
+}
+
+// startSegmentWorkers starts nw workers; bufLen is the size of the buffers
+// getBuf hands out (the longest segment).
+func (st *backupState) startSegmentWorkers(ctx context.Context, nw, bufLen int) *segmentWorkers {
+	w := &segmentWorkers{st: st, ctx: ctx, bufLen: bufLen, jobs: make(chan segmentJob, 1),
+		// Buffers: one per worker, the one being filled, and one to
+		// carry a window's tail into the next segment while the workers
+		// are busy.
+		free: make(chan []byte, nw+2)}
+	for range nw + 2 {
+		w.free <- nil // allocated on first use
+	}
+	for range nw {
+		w.wg.Add(1)
+		go w.run()
+	}
+	return w
+}
+
+func (w *segmentWorkers) run() {
+	defer w.wg.Done()
+	sp, err := chunk.NewSplitter(w.st.r.cfg.ChunkerPolynomial)
+	if err != nil {
+		w.fail(err)
+		// Drain, so the reader never blocks on a worker that quit.
+		for job := range w.jobs {
+			w.free <- job.buf
+		}
+		return
+	}
+	for job := range w.jobs {
+		id, err := w.st.storeSegment(w.ctx, sp, job.buf[:job.n])
+		w.free <- job.buf
+		if err != nil {
+			w.fail(err)
+			continue
+		}
+		w.setID(job.i, id)
+	}
+}
+
+func (w *segmentWorkers) fail(err error) {
+	w.mu.Lock()
+	if w.err == nil {
+		w.err = err
+	}
+	w.mu.Unlock()
+	w.st.fail(err)
+}
+
+// setID records segment i's ID.
+func (w *segmentWorkers) setID(i int, id crypto.ID) {
+	w.mu.Lock()
+	for len(w.ids) <= i {
+		w.ids = append(w.ids, [32]byte{})
+	}
+	w.ids[i] = id
+	w.mu.Unlock()
+}
+
+// getBuf returns a free segment buffer, waiting for a worker to release
+// one.
+func (w *segmentWorkers) getBuf() ([]byte, error) {
+	select {
+	case buf := <-w.free:
+		if buf == nil {
+			buf = make([]byte, w.bufLen)
+		}
+		return buf, nil
+	case <-w.ctx.Done():
+		return nil, context.Cause(w.ctx)
+	}
+}
+
+// putBuf returns a buffer from getBuf unused.
+func (w *segmentWorkers) putBuf(buf []byte) { w.free <- buf }
+
+// submit hands buf[:n], segment i, to the workers, which own buf from now
+// on.
+func (w *segmentWorkers) submit(i int, buf []byte, n int) error {
+	select {
+	case w.jobs <- segmentJob{i: i, buf: buf, n: n}:
+		return nil
+	case <-w.ctx.Done():
+		return context.Cause(w.ctx)
+	}
+}
+
+// submitCut hands the first c of the have bytes in buf to the workers as
+// segment i, and returns a new buffer that holds the have-c bytes after
+// the cut (nil if there are none).
+func (w *segmentWorkers) submitCut(i int, buf []byte, have, c int) ([]byte, error) {
+	var next []byte
+	if c < have {
+		var err error
+		if next, err = w.getBuf(); err != nil {
+			return nil, err
+		}
+		copy(next, buf[c:have])
+	}
+	if err := w.submit(i, buf, c); err != nil {
+		return nil, err
+	}
+	return next, nil
+}
+
+// endRead ends reading a disk of n segments: it waits for the workers,
+// counts the bytes read, and returns the segment IDs or the first error
+// (the reader's, readErr, first).
+func (st *backupState) endRead(w *segmentWorkers, ir *imageReader, n int, readErr error) ([]byte, error) {
+	segs, workErr := w.wait(n)
+	st.stats.read.Add(ir.read)
+	if readErr != nil {
+		st.fail(readErr)
+		return nil, readErr
+	}
+	return segs, workErr
+}
+
+// wait stops the workers once every submitted segment is stored and
+// returns the segment IDs in order (n of them), or the first error.
+func (w *segmentWorkers) wait(n int) ([]byte, error) {
+	close(w.jobs)
+	w.wg.Wait()
+	if w.err != nil {
+		return nil, w.err
+	}
+	if len(w.ids) != n {
+		return nil, fmt.Errorf("internal error: %d segment IDs for %d segments", len(w.ids), n)
+	}
+	segs := make([]byte, 0, 32*n)
+	for _, id := range w.ids {
+		segs = append(segs, id[:]...)
+	}
+	return segs, nil
+}
+
 func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req BackupRequest) (Disk, error) {
-	r := st.r
 	// A source blocked in Read (a pipe whose writer stalls) would never
 	// see a cancellation; a read deadline wakes it, where the reader
 	// supports one (pollable files: pipes, sockets).
@@ -416,50 +593,9 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 		stop := context.AfterFunc(ctx, func() { d.SetReadDeadline(time.Now()) })
 		defer stop()
 	}
-	cut := r.segmenter
+	cut := st.r.segmenter
 	nw := workers()
-	// Buffers: one per worker, the one being filled, and one to carry a
-	// window's tail into the next segment while the workers are busy.
-	free := make(chan []byte, nw+2)
-	for range nw + 2 {
-		free <- nil // allocated on first use
-	}
-	jobs := make(chan segmentJob, 1)
-	var mu sync.Mutex
-	var segIDs [][32]byte
-	setID := func(i int, id crypto.ID) {
-		mu.Lock()
-		for len(segIDs) <= i {
-			segIDs = append(segIDs, [32]byte{})
-		}
-		segIDs[i] = id
-		mu.Unlock()
-	}
-	var workersWG sync.WaitGroup
-	var workerErr error
-	var werrOnce sync.Once
-	for range nw {
-		workersWG.Add(1)
-		go func() {
-			defer workersWG.Done()
-			sp, err := chunk.NewSplitter(r.cfg.ChunkerPolynomial)
-			if err != nil {
-				werrOnce.Do(func() { workerErr = err })
-				st.fail(err)
-				return
-			}
-			for job := range jobs {
-				id, err := st.storeSegment(ctx, sp, job.buf[:job.n])
-				free <- job.buf
-				if err != nil {
-					werrOnce.Do(func() { workerErr = err })
-					st.fail(err)
-					continue
-				}
-				setID(job.i, id)
-			}
-		}()
-	}
+	w := st.startSegmentWorkers(ctx, nw, cut.Max())
 
 	var sum hash.Hash
 	if req.SHA256 {
@@ -470,18 +606,6 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	var lens []int64
 	var total int64
 	readErr := func() error {
-		defer close(jobs)
-		getBuf := func() ([]byte, error) {
-			select {
-			case buf := <-free:
-				if buf == nil {
-					buf = make([]byte, cut.Max())
-				}
-				return buf, nil
-			case <-ctx.Done():
-				return nil, context.Cause(ctx)
-			}
-		}
 		var buf []byte // holds have bytes of the image from offset total
 		have := 0
 		for {
@@ -494,11 +618,10 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			}
 			if have == 0 && ir.isHole(total, int64(want)) {
 				// Never read: zeros, and no boundary falls inside zeros.
-				i := len(lens)
+				w.setID(len(lens), crypto.ID{})
 				lens = append(lens, int64(want))
 				st.stats.segs.Add(1)
 				st.stats.zero.Add(int64(want))
-				setID(i, crypto.ID{})
 				if sum != nil {
 					writeZeros(sum, int64(want))
 				}
@@ -510,7 +633,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			}
 			if buf == nil {
 				var err error
-				if buf, err = getBuf(); err != nil {
+				if buf, err = w.getBuf(); err != nil {
 					return err
 				}
 			}
@@ -524,24 +647,15 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			}
 			eof := ir.eof || (src.Size >= 0 && total+int64(have) == src.Size)
 			c := cut.Cut(buf[:have], eof)
-			var next []byte
-			if c < have {
-				if next, err = getBuf(); err != nil {
-					return err
-				}
-				copy(next, buf[c:have])
-			}
 			if sum != nil {
 				sum.Write(buf[:c])
 			}
-			select {
-			case jobs <- segmentJob{i: len(lens), buf: buf, n: c}:
-			case <-ctx.Done():
-				return context.Cause(ctx)
+			if buf, err = w.submitCut(len(lens), buf, have, c); err != nil {
+				return err
 			}
 			lens = append(lens, int64(c))
 			total += int64(c)
-			buf, have = next, have-c
+			have -= c
 			if req.Progress != nil {
 				req.Progress(src.Name, total)
 			}
@@ -553,40 +667,42 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	if readErr == nil {
 		readErr = ir.checkStreamEnd()
 	}
-	workersWG.Wait()
-	st.stats.read.Add(ir.read)
-	if readErr != nil {
-		st.fail(readErr)
-		return Disk{}, readErr
-	}
-	if workerErr != nil {
-		return Disk{}, workerErr
+	segs, err := st.endRead(w, ir, len(lens), readErr)
+	if err != nil {
+		return Disk{}, err
 	}
 	if src.Size >= 0 && total != src.Size {
 		err := fmt.Errorf("source %s ended early: read %d of %d bytes", src.Source, total, src.Size)
 		st.fail(err)
 		return Disk{}, err
 	}
-	if len(segIDs) != len(lens) {
-		return Disk{}, fmt.Errorf("internal error: %d segment IDs for %d segments", len(segIDs), len(lens))
+	d, err := st.finishDisk(ctx, src, total, segs, lens)
+	if err != nil {
+		return Disk{}, err
 	}
-	segs := make([]byte, 0, 32*len(lens))
-	for _, id := range segIDs {
-		segs = append(segs, id[:]...)
+	d.CBT, d.BytesRead = CBTNone, ir.read
+	if sum != nil {
+		d.SHA256 = hex.EncodeToString(sum.Sum(nil))
 	}
+	return d, nil
+}
+
+// CBTNone is a disk's CBT when it was read whole.
+const CBTNone = "none"
+
+// finishDisk stores the segment tables of a disk of total bytes whose
+// segments are segs (32-byte IDs) and lens, and returns its manifest entry.
+func (st *backupState) finishDisk(ctx context.Context, src DiskSource, total int64, segs []byte, lens []int64) (Disk, error) {
 	tables, err := st.storeTables(ctx, segs, lens)
 	if err != nil {
 		return Disk{}, err
 	}
-	segSize := r.cfg.SegmentSize
-	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, SegmentCount: len(lens), Tables: tables}
+	segSize := st.r.cfg.SegmentSize
+	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, SegmentCount: len(lens), Tables: tables, Tracker: src.Tracker}
 	if err := d.setSegments(segs, lens); err != nil {
 		return Disk{}, fmt.Errorf("internal error: %w", err)
 	}
-	d.Digest = HexID(imageDigest(r.imageH, total, segSize, segs, lens))
-	if sum != nil {
-		d.SHA256 = hex.EncodeToString(sum.Sum(nil))
-	}
+	d.Digest = HexID(imageDigest(st.r.imageH, total, segSize, segs, lens))
 	return d, nil
 }
 
