@@ -168,6 +168,52 @@ func (c *codec) open(want ObjectType, name string, data []byte) ([]byte, error) 
 	return body, nil
 }
 
+// openInto opens object name, of type want, into dst, which it must fill
+// exactly: the plaintext is decrypted in place in data (which is
+// clobbered) and decompressed straight into dst, or decrypted straight
+// into dst when stored uncompressed, so a restored chunk is never copied
+// or allocated again. An object of another size is ErrCorrupt.
+func (c *codec) openInto(want ObjectType, name string, data, dst []byte) error {
+	hdr, err := parseHeader(data)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", want, name, err)
+	}
+	if hdr.Type != want {
+		return fmt.Errorf("%s %s: is a %s object: %w", want, name, hdr.Type, ErrCorrupt)
+	}
+	ad := associatedData(data[:headerSize], name)
+	sealed := data[headerSize:]
+	// In place: the AEAD allows the plaintext over its own ciphertext.
+	out := sealed[crypto.NonceSize:crypto.NonceSize]
+	if hdr.Compression != compressZstd {
+		if len(sealed)-crypto.Overhead != len(dst) {
+			return fmt.Errorf("%s %s: holds %d bytes, expected %d: %w", want, name, max(0, len(sealed)-crypto.Overhead), len(dst), ErrCorrupt)
+		}
+		out = dst[:0]
+	}
+	body, err := c.sealer.Open(out, sealed, ad)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w: %w", want, name, ErrCorrupt, err)
+	}
+	if hdr.Compression != compressZstd {
+		return nil
+	}
+	// The capacity stops the decoder at dst's end: anything longer goes
+	// to a buffer of its own and fails the length check.
+	got, err := c.dec.DecodeAll(body, dst[:0:len(dst)])
+	if err != nil {
+		return fmt.Errorf("%s %s: decompress: %w: %w", want, name, ErrCorrupt, err)
+	}
+	if len(got) != len(dst) {
+		return fmt.Errorf("%s %s: holds %d bytes, expected %d: %w", want, name, len(got), len(dst), ErrCorrupt)
+	}
+	if len(got) > 0 && &got[0] != &dst[0] {
+		// A frame announcing a larger size made the decoder allocate.
+		copy(dst, got)
+	}
+	return nil
+}
+
 // objectHeader is the cleartext part of a sealed object.
 type objectHeader struct {
 	Type        ObjectType
