@@ -9,8 +9,10 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"math"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -172,6 +174,11 @@ func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, p
 		}
 		st.sem.Release(int64(len(sealed)))
 		e := IndexEntry{ID: id, Type: t, Size: uint32(len(sealed))}
+		if err == nil || errors.Is(err, backend.ErrExist) {
+			// The store has read all of it. (After another error an
+			// HTTP transport may still be reading the body.)
+			st.r.codec.recycle(sealed)
+		}
 		switch {
 		case err == nil:
 			st.stats.stored.Add(int64(len(sealed)))
@@ -401,10 +408,14 @@ func (r *Repository) commitManifest(ctx context.Context, m *Manifest, storedSoFa
 	return nil
 }
 
+// segmentJob is segment i, buf[:n]. A job with release set holds a
+// mapped window: the worker calls release instead of returning buf to the
+// free buffers.
 type segmentJob struct {
-	i   int
-	buf []byte
-	n   int
+	i       int
+	buf     []byte
+	n       int
+	release func()
 }
 
 func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req BackupRequest) (Disk, error) {
@@ -449,8 +460,12 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 				return
 			}
 			for job := range jobs {
-				id, err := st.storeSegment(ctx, sp, job.buf[:job.n])
-				free <- job.buf
+				id, err := st.storeJob(ctx, sp, src.Source, job)
+				if job.release != nil {
+					job.release()
+				} else {
+					free <- job.buf
+				}
 				if err != nil {
 					werrOnce.Do(func() { workerErr = err })
 					st.fail(err)
@@ -467,20 +482,57 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	}
 	ir := newImageReader(src, nw)
 	ir.limit = st.readLimit
+	if ir.mappable() {
+		// Mapped windows take the place of the heap's segment buffers
+		// but are memory the garbage collector does not see: a soft
+		// memory limit (cmd/vmvault sets one) shrinks by their bound
+		// while the disk is read, so the process keeps its bound.
+		if lim := debug.SetMemoryLimit(-1); lim != math.MaxInt64 {
+			defer debug.SetMemoryLimit(debug.SetMemoryLimit(max(lim/2, lim-int64((nw+2)*cut.Max()))))
+		}
+	}
 	var lens []int64
 	var total int64
-	readErr := func() error {
+	readErr := func() (err error) {
 		defer close(jobs)
-		getBuf := func() ([]byte, error) {
+		// The reader touches mapped windows too (cut, SHA-256).
+		defer catchFault(src.Source, &err)()
+		// takeSlot takes one of the nw+2 buffer slots that bound the
+		// windows in flight; the buffer in it may still be nil.
+		takeSlot := func() ([]byte, error) {
 			select {
 			case buf := <-free:
-				if buf == nil {
-					buf = make([]byte, cut.Max())
-				}
 				return buf, nil
 			case <-ctx.Done():
 				return nil, context.Cause(ctx)
 			}
+		}
+		getBuf := func() ([]byte, error) {
+			buf, err := takeSlot()
+			if err == nil && buf == nil {
+				buf = make([]byte, cut.Max())
+			}
+			return buf, err
+		}
+		// emit hands segment buf[:c] to the workers.
+		emit := func(buf []byte, c int, release func()) error {
+			if sum != nil {
+				sum.Write(buf[:c])
+			}
+			select {
+			case jobs <- segmentJob{i: len(lens), buf: buf, n: c, release: release}:
+			case <-ctx.Done():
+				if release != nil {
+					release()
+				}
+				return context.Cause(ctx)
+			}
+			lens = append(lens, int64(c))
+			total += int64(c)
+			if req.Progress != nil {
+				req.Progress(src.Name, total)
+			}
+			return nil
 		}
 		var buf []byte // holds have bytes of the image from offset total
 		have := 0
@@ -508,8 +560,31 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 				}
 				continue
 			}
+			if have == 0 && ir.mappable() {
+				slot, err := takeSlot()
+				if err != nil {
+					return err
+				}
+				mem, ok, err := ir.mapWindow(ctx, total, want)
+				if err != nil {
+					free <- slot
+					return err
+				}
+				if ok {
+					c := cut.Cut(mem, total+int64(want) == src.Size)
+					ir.read += int64(c)
+					if err := emit(mem, c, func() { unmapWindow(mem); free <- slot }); err != nil {
+						return err
+					}
+					continue
+				}
+				// Holes inside: read into the slot's buffer.
+				if slot == nil {
+					slot = make([]byte, cut.Max())
+				}
+				buf = slot
+			}
 			if buf == nil {
-				var err error
 				if buf, err = getBuf(); err != nil {
 					return err
 				}
@@ -525,25 +600,26 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			eof := ir.eof || (src.Size >= 0 && total+int64(have) == src.Size)
 			c := cut.Cut(buf[:have], eof)
 			var next []byte
-			if c < have {
+			if c < have && !ir.mappable() {
 				if next, err = getBuf(); err != nil {
 					return err
 				}
 				copy(next, buf[c:have])
 			}
-			if sum != nil {
-				sum.Write(buf[:c])
+			var release func()
+			if ir.mappable() {
+				ir.read += ir.dataBytes(total, total+int64(c))
+				// Drop the buffer when done: buffers and mapped windows
+				// would otherwise both count against the memory bound.
+				release = func() { free <- nil }
 			}
-			select {
-			case jobs <- segmentJob{i: len(lens), buf: buf, n: c}:
-			case <-ctx.Done():
-				return context.Cause(ctx)
+			if err := emit(buf, c, release); err != nil {
+				return err
 			}
-			lens = append(lens, int64(c))
-			total += int64(c)
+			// A mappable source maps the window's tail again instead.
 			buf, have = next, have-c
-			if req.Progress != nil {
-				req.Progress(src.Name, total)
+			if next == nil {
+				have = 0
 			}
 			if ir.eof && have == 0 {
 				return nil
@@ -606,6 +682,13 @@ func writeZeros(w io.Writer, n int64) {
 func newSegmenter(mk *crypto.MasterKey, segSize int64) *chunk.Segmenter {
 	h := crypto.NewHasher(mk.ID, "segment-gear")
 	return chunk.NewSegmenter(int(segSize), func(b byte) [32]byte { return h.Sum([]byte{b}) })
+}
+
+// storeJob stores one segment job; a memory fault while reading a mapped
+// window becomes an error naming the source.
+func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source string, job segmentJob) (id crypto.ID, err error) {
+	defer catchFault(source, &err)()
+	return st.storeSegment(ctx, sp, job.buf[:job.n])
 }
 
 // storeSegment chunks one segment and queues its new chunks and its
