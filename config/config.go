@@ -39,6 +39,25 @@ type Config struct {
 	VMs       map[string]*VM
 	// Limits pace backups and restores; command-line flags override them.
 	Limits Limits
+	// Backup holds the safety nets of change tracking.
+	Backup Backup
+}
+
+// DefaultFullEvery is full_every when the file does not set it.
+const DefaultFullEvery = 7 * 24 * time.Hour
+
+// DefaultVerifyUnchanged is verify_unchanged when the file does not set it.
+const DefaultVerifyUnchanged = 1.0
+
+// Backup is the [backup] table: how far backups trust change tracking.
+type Backup struct {
+	// FullEvery is how long a disk whose changes are tracked may go
+	// without being read whole (full_every, e.g. "7d").
+	FullEvery time.Duration
+	// VerifyUnchanged is the percentage (0–100) of the segments change
+	// tracking reports unchanged that each backup reads anyway and
+	// compares (verify_unchanged); --verify-unchanged overrides it.
+	VerifyUnchanged float64
 }
 
 // Limits are the [limits] table: bandwidth caps in MiB/s (0: none) and
@@ -137,8 +156,13 @@ type Disk struct {
 	// Path is a plain file or block device read as it is, without a
 	// snapshot: for VMs that are stopped or stores that snapshot themselves.
 	Path string
-	// SnapshotSize is the copy-on-write space of the LVM snapshot in bytes.
+	// SnapshotSize is the copy-on-write space of the LVM snapshot in bytes
+	// (unused when the LV is thin: its snapshot shares the pool).
 	SnapshotSize int64
+	// CBT tracks changes when LV is a thin LV and File is empty (cbt,
+	// default true): the snapshot is kept as the next backup's base, which
+	// then reads only what changed.
+	CBT bool
 }
 
 // LV names an LVM logical volume.

@@ -83,6 +83,10 @@ read = 50
 upload = 20
 io_priority = "best-effort"
 
+[backup]
+full_every = "3d"
+verify_unchanged = 0.5
+
 [retention]
 keep_daily = 7
 keep_weekly = 4
@@ -94,7 +98,7 @@ keep_tag = ["keep"]
 sudo = true
 retention = { keep_daily = 14 }
 guest = { ssh = "root@10.0.0.5", key = %[4]q, known_hosts = %[3]q, before_snapshot = ["rm -rf /tmp/x", "true"], freeze = ["/", "/var"] }
-disk.hdb = { lv = "vg0/media", file = "vm01/vm01-hdb.raw", snapshot_size = "1G" }
+disk.hdb = { lv = "vg0/media", file = "vm01/vm01-hdb.raw", snapshot_size = "1G", cbt = false }
 disk.hda = { lv = "vg0/vm01-hda", snapshot_size = "2G" }
 database.main = { dsn = "backup@tcp(10.0.0.5:3306)/", password_file = %[5]q, required = false }
 
@@ -124,6 +128,7 @@ required = true
 		Log:       Log{Syslog: true, Level: slog.LevelDebug},
 		Retention: retention.Policy{Daily: 7, Weekly: 4, Yearly: -1, Within: 30 * retention.Day, Tags: []string{"keep"}},
 		Limits:    Limits{ReadMiB: 50, UploadMiB: 20, IOPriority: "best-effort"},
+		Backup:    Backup{FullEvery: 3 * retention.Day, VerifyUnchanged: 0.5},
 		VMs: map[string]*VM{
 			"vm01": {
 				Name: "vm01", Sudo: true,
@@ -134,7 +139,7 @@ required = true
 					FreezeTimeout: DefaultFreezeTimeout,
 				},
 				Disks: []Disk{
-					{Name: "hda", LV: LV{VG: "vg0", Name: "vm01-hda"}, SnapshotSize: 2 << 30},
+					{Name: "hda", LV: LV{VG: "vg0", Name: "vm01-hda"}, SnapshotSize: 2 << 30, CBT: true},
 					{Name: "hdb", LV: LV{VG: "vg0", Name: "media"}, File: "vm01/vm01-hdb.raw", SnapshotSize: 1 << 30},
 				},
 				Databases: []Database{{Name: "main", DSN: "backup@tcp(10.0.0.5:3306)/", PasswordFile: f["dbpass"]}},

@@ -38,6 +38,10 @@ func (d *doc) config(root *table) *Config {
 	if t := root.sub("limits"); t != nil {
 		cfg.Limits = d.limits(t)
 	}
+	cfg.Backup = Backup{FullEvery: DefaultFullEvery, VerifyUnchanged: DefaultVerifyUnchanged}
+	if t := root.sub("backup"); t != nil {
+		cfg.Backup = d.backup(t)
+	}
 	if t := root.sub("vm"); t != nil {
 		for _, name := range t.keys() {
 			n, _ := t.get(name)
@@ -197,6 +201,28 @@ func (d *doc) limits(t *table) Limits {
 	}
 	t.done()
 	return l
+}
+
+// backup reads a [backup] table.
+func (d *doc) backup(t *table) Backup {
+	b := Backup{FullEvery: DefaultFullEvery, VerifyUnchanged: DefaultVerifyUnchanged}
+	if s, n, ok := t.str("full_every"); ok {
+		every, err := retention.ParseDuration(s)
+		if err != nil || every <= 0 {
+			d.errorf(n, "%q: want a positive duration such as \"7d\" or \"36h\"", s)
+		} else {
+			b.FullEvery = every
+		}
+	}
+	var pct float64
+	if n, ok := t.decode("verify_unchanged", &pct, "a number (percent)"); ok {
+		if pct < 0 || pct > 100 {
+			d.errorf(n, "%v: want a percentage from 0 to 100", pct)
+		}
+		b.VerifyUnchanged = pct
+	}
+	t.done()
+	return b
 }
 
 // policy reads the keep_* keys of a [retention] table.
@@ -416,6 +442,16 @@ func (d *doc) disk(t *table) Disk {
 			d.errorf(n, "%q: want a clean path relative to the root of the LV's filesystem, e.g. \"images/vm01.raw\"", f)
 		}
 		disk.File = f
+	}
+	disk.CBT = hasLV
+	if n, ok := t.get("cbt"); ok {
+		var on bool
+		if _, ok := t.decode("cbt", &on, "a boolean (true or false)"); ok {
+			if !hasLV {
+				d.errorf(n, "cbt needs lv: change tracking works on thin LVs")
+			}
+			disk.CBT = on && hasLV
+		}
 	}
 	if s, n, ok := t.str("snapshot_size"); ok {
 		size, err := parseSize(s)

@@ -312,9 +312,28 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	if req.VM == "" || len(req.Disks) == 0 {
 		return nil, errors.New("backup: VM name and at least one disk required")
 	}
+	if math.IsNaN(req.VerifyUnchanged) || req.VerifyUnchanged < 0 || req.VerifyUnchanged > 100 {
+		return nil, fmt.Errorf("backup: verify-unchanged %v: not a percentage between 0 and 100", req.VerifyUnchanged)
+	}
 	ix, err := r.LoadIndex(ctx)
 	if err != nil {
 		return nil, err
+	}
+	// Every disk's change-tracking base is checked before anything is
+	// read or stored, so a refusal (ErrNoBase) costs nothing.
+	bases := make([]*cbtBase, len(req.Disks))
+	for i, src := range req.Disks {
+		if src.Changes == nil {
+			continue
+		}
+		if req.SHA256 {
+			// A plain SHA-256 needs every byte of the image.
+			r.log.Info("reading the disk whole: a plain SHA-256 needs every byte", "vm", req.VM, "disk", src.Name)
+			continue
+		}
+		if bases[i], err = r.loadBase(ctx, req.VM, src); err != nil {
+			return nil, err
+		}
 	}
 	if _, err := r.recoverJournals(ctx, ix); err != nil {
 		r.log.Warn("could not recover an interrupted backup's uploads; they will be sent again", "err", err)
@@ -339,8 +358,15 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	if m.Host == "" {
 		m.Host, _ = os.Hostname()
 	}
-	for _, src := range req.Disks {
-		d, err := st.backupDisk(ctx, src, req)
+	for i, src := range req.Disks {
+		var d Disk
+		var err error
+		if bases[i] != nil {
+			d, err = st.backupDiskChanged(ctx, src, req, bases[i])
+		} else {
+			d, err = st.backupDisk(ctx, src, req)
+			d.FullRead = m.Time
+		}
 		if err == nil {
 			err = context.Cause(ctx)
 		}
@@ -418,8 +444,204 @@ type segmentJob struct {
 	release func()
 }
 
+// segmentWorkers hash and store a disk's segments in parallel: a reader
+// cuts the image into segments and submits each with its index in the
+// disk; the workers record each segment's ID under that index.
+type segmentWorkers struct {
+	st     *backupState
+	ctx    context.Context
+	bufLen int
+	free   chan []byte
+	jobs   chan segmentJob
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	ids    [][32]byte
+	err    error
+	source string // names the disk in errors
+}
+
+// startSegmentWorkers starts nw workers; bufLen is the size of the buffers
+// getBuf hands out (the longest segment), source names the disk in errors.
+func (st *backupState) startSegmentWorkers(ctx context.Context, nw, bufLen int, source string) *segmentWorkers {
+	w := &segmentWorkers{st: st, ctx: ctx, bufLen: bufLen, source: source, jobs: make(chan segmentJob, 1),
+		// Buffers: one per worker, the one being filled, and one to
+		// carry a window's tail into the next segment while the workers
+		// are busy.
+		free: make(chan []byte, nw+2)}
+	for range nw + 2 {
+		w.free <- nil // allocated on first use
+	}
+	for range nw {
+		w.wg.Add(1)
+		go w.run()
+	}
+	return w
+}
+
+func (w *segmentWorkers) run() {
+	defer w.wg.Done()
+	sp, err := chunk.NewSplitter(w.st.r.cfg.ChunkerPolynomial)
+	if err != nil {
+		w.fail(err)
+		// Drain, so the reader never blocks on a worker that quit.
+		for job := range w.jobs {
+			if job.release != nil {
+				job.release()
+			} else {
+				w.free <- job.buf
+			}
+		}
+		return
+	}
+	for job := range w.jobs {
+		id, err := w.st.storeJob(w.ctx, sp, w.source, job)
+		if job.release != nil {
+			job.release()
+		} else {
+			w.free <- job.buf
+		}
+		if err != nil {
+			w.fail(err)
+			continue
+		}
+		w.setID(job.i, id)
+	}
+}
+
+func (w *segmentWorkers) fail(err error) {
+	w.mu.Lock()
+	if w.err == nil {
+		w.err = err
+	}
+	w.mu.Unlock()
+	w.st.fail(err)
+}
+
+// setID records segment i's ID.
+func (w *segmentWorkers) setID(i int, id crypto.ID) {
+	w.mu.Lock()
+	for len(w.ids) <= i {
+		w.ids = append(w.ids, [32]byte{})
+	}
+	w.ids[i] = id
+	w.mu.Unlock()
+}
+
+// getBuf returns a free segment buffer, waiting for a worker to release
+// one.
+func (w *segmentWorkers) getBuf() ([]byte, error) {
+	buf, err := w.takeSlot()
+	if err == nil && buf == nil {
+		buf = make([]byte, w.bufLen)
+	}
+	return buf, err
+}
+
+// takeSlot takes one of the slots that bound the windows in flight,
+// waiting for a worker to release one; the buffer in it may be nil (not
+// allocated yet). A mapped window holds a slot instead of a buffer.
+func (w *segmentWorkers) takeSlot() ([]byte, error) {
+	select {
+	case buf := <-w.free:
+		return buf, nil
+	case <-w.ctx.Done():
+		return nil, context.Cause(w.ctx)
+	}
+}
+
+// submitMapped hands segment i, the first c bytes of a window mapped in
+// slot, to the workers, which unmap it and free the slot when done.
+func (w *segmentWorkers) submitMapped(i int, mem []byte, c int, slot []byte) error {
+	job := segmentJob{i: i, buf: mem, n: c, release: func() { unmapWindow(mem); w.free <- slot }}
+	select {
+	case w.jobs <- job:
+		return nil
+	case <-w.ctx.Done():
+		job.release()
+		return context.Cause(w.ctx)
+	}
+}
+
+// submitDropped hands buf[:c], segment i, to the workers, which drop the
+// buffer when done (its slot stays free of a buffer): a reader of mapped
+// windows reads into a buffer only where a window holds holes, and
+// buffers and mapped windows would otherwise both count against the
+// memory bound.
+func (w *segmentWorkers) submitDropped(i int, buf []byte, c int) error {
+	job := segmentJob{i: i, buf: buf, n: c, release: func() { w.free <- nil }}
+	select {
+	case w.jobs <- job:
+		return nil
+	case <-w.ctx.Done():
+		job.release()
+		return context.Cause(w.ctx)
+	}
+}
+
+// putBuf returns a buffer from getBuf unused.
+func (w *segmentWorkers) putBuf(buf []byte) { w.free <- buf }
+
+// submit hands buf[:n], segment i, to the workers, which own buf from now
+// on.
+func (w *segmentWorkers) submit(i int, buf []byte, n int) error {
+	select {
+	case w.jobs <- segmentJob{i: i, buf: buf, n: n}:
+		return nil
+	case <-w.ctx.Done():
+		return context.Cause(w.ctx)
+	}
+}
+
+// submitCut hands the first c of the have bytes in buf to the workers as
+// segment i, and returns a new buffer that holds the have-c bytes after
+// the cut (nil if there are none).
+func (w *segmentWorkers) submitCut(i int, buf []byte, have, c int) ([]byte, error) {
+	var next []byte
+	if c < have {
+		var err error
+		if next, err = w.getBuf(); err != nil {
+			return nil, err
+		}
+		copy(next, buf[c:have])
+	}
+	if err := w.submit(i, buf, c); err != nil {
+		return nil, err
+	}
+	return next, nil
+}
+
+// endRead ends reading a disk of n segments: it waits for the workers,
+// counts the bytes read, and returns the segment IDs or the first error
+// (the reader's, readErr, first).
+func (st *backupState) endRead(w *segmentWorkers, ir *imageReader, n int, readErr error) ([]byte, error) {
+	segs, workErr := w.wait(n)
+	st.stats.read.Add(ir.read)
+	if readErr != nil {
+		st.fail(readErr)
+		return nil, readErr
+	}
+	return segs, workErr
+}
+
+// wait stops the workers once every submitted segment is stored and
+// returns the segment IDs in order (n of them), or the first error.
+func (w *segmentWorkers) wait(n int) ([]byte, error) {
+	close(w.jobs)
+	w.wg.Wait()
+	if w.err != nil {
+		return nil, w.err
+	}
+	if len(w.ids) != n {
+		return nil, fmt.Errorf("internal error: %d segment IDs for %d segments", len(w.ids), n)
+	}
+	segs := make([]byte, 0, 32*n)
+	for _, id := range w.ids {
+		segs = append(segs, id[:]...)
+	}
+	return segs, nil
+}
+
 func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req BackupRequest) (Disk, error) {
-	r := st.r
 	// A source blocked in Read (a pipe whose writer stalls) would never
 	// see a cancellation; a read deadline wakes it, where the reader
 	// supports one (pollable files: pipes, sockets).
@@ -427,54 +649,9 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 		stop := context.AfterFunc(ctx, func() { d.SetReadDeadline(time.Now()) })
 		defer stop()
 	}
-	cut := r.segmenter
+	cut := st.r.segmenter
 	nw := workers()
-	// Buffers: one per worker, the one being filled, and one to carry a
-	// window's tail into the next segment while the workers are busy.
-	free := make(chan []byte, nw+2)
-	for range nw + 2 {
-		free <- nil // allocated on first use
-	}
-	jobs := make(chan segmentJob, 1)
-	var mu sync.Mutex
-	var segIDs [][32]byte
-	setID := func(i int, id crypto.ID) {
-		mu.Lock()
-		for len(segIDs) <= i {
-			segIDs = append(segIDs, [32]byte{})
-		}
-		segIDs[i] = id
-		mu.Unlock()
-	}
-	var workersWG sync.WaitGroup
-	var workerErr error
-	var werrOnce sync.Once
-	for range nw {
-		workersWG.Add(1)
-		go func() {
-			defer workersWG.Done()
-			sp, err := chunk.NewSplitter(r.cfg.ChunkerPolynomial)
-			if err != nil {
-				werrOnce.Do(func() { workerErr = err })
-				st.fail(err)
-				return
-			}
-			for job := range jobs {
-				id, err := st.storeJob(ctx, sp, src.Source, job)
-				if job.release != nil {
-					job.release()
-				} else {
-					free <- job.buf
-				}
-				if err != nil {
-					werrOnce.Do(func() { workerErr = err })
-					st.fail(err)
-					continue
-				}
-				setID(job.i, id)
-			}
-		}()
-	}
+	w := st.startSegmentWorkers(ctx, nw, cut.Max(), src.Source)
 
 	var sum hash.Hash
 	if req.SHA256 {
@@ -494,45 +671,15 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	var lens []int64
 	var total int64
 	readErr := func() (err error) {
-		defer close(jobs)
 		// The reader touches mapped windows too (cut, SHA-256).
 		defer catchFault(src.Source, &err)()
-		// takeSlot takes one of the nw+2 buffer slots that bound the
-		// windows in flight; the buffer in it may still be nil.
-		takeSlot := func() ([]byte, error) {
-			select {
-			case buf := <-free:
-				return buf, nil
-			case <-ctx.Done():
-				return nil, context.Cause(ctx)
-			}
-		}
-		getBuf := func() ([]byte, error) {
-			buf, err := takeSlot()
-			if err == nil && buf == nil {
-				buf = make([]byte, cut.Max())
-			}
-			return buf, err
-		}
-		// emit hands segment buf[:c] to the workers.
-		emit := func(buf []byte, c int, release func()) error {
-			if sum != nil {
-				sum.Write(buf[:c])
-			}
-			select {
-			case jobs <- segmentJob{i: len(lens), buf: buf, n: c, release: release}:
-			case <-ctx.Done():
-				if release != nil {
-					release()
-				}
-				return context.Cause(ctx)
-			}
+		// advance records segment c bytes long, handed to the workers.
+		advance := func(c int) {
 			lens = append(lens, int64(c))
 			total += int64(c)
 			if req.Progress != nil {
 				req.Progress(src.Name, total)
 			}
-			return nil
 		}
 		var buf []byte // holds have bytes of the image from offset total
 		have := 0
@@ -546,46 +693,44 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			}
 			if have == 0 && ir.isHole(total, int64(want)) {
 				// Never read: zeros, and no boundary falls inside zeros.
-				i := len(lens)
-				lens = append(lens, int64(want))
+				w.setID(len(lens), crypto.ID{})
 				st.stats.segs.Add(1)
 				st.stats.zero.Add(int64(want))
-				setID(i, crypto.ID{})
 				if sum != nil {
 					writeZeros(sum, int64(want))
 				}
-				total += int64(want)
-				if req.Progress != nil {
-					req.Progress(src.Name, total)
-				}
+				advance(want)
 				continue
 			}
 			if have == 0 && ir.mappable() {
-				slot, err := takeSlot()
+				slot, err := w.takeSlot()
 				if err != nil {
 					return err
 				}
 				mem, ok, err := ir.mapWindow(ctx, total, want)
 				if err != nil {
-					free <- slot
+					w.putBuf(slot)
 					return err
 				}
 				if ok {
 					c := cut.Cut(mem, total+int64(want) == src.Size)
-					ir.read += int64(c)
-					if err := emit(mem, c, func() { unmapWindow(mem); free <- slot }); err != nil {
+					if sum != nil {
+						sum.Write(mem[:c])
+					}
+					if err := w.submitMapped(len(lens), mem, c, slot); err != nil {
 						return err
 					}
+					ir.read += int64(c) // the tail is mapped again
+					advance(c)
 					continue
 				}
-				// Holes inside: read into the slot's buffer.
-				if slot == nil {
-					slot = make([]byte, cut.Max())
+				// Holes inside: read into a buffer.
+				if buf = slot; buf == nil {
+					buf = make([]byte, cut.Max())
 				}
-				buf = slot
 			}
 			if buf == nil {
-				if buf, err = getBuf(); err != nil {
+				if buf, err = w.getBuf(); err != nil {
 					return err
 				}
 			}
@@ -599,28 +744,24 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			}
 			eof := ir.eof || (src.Size >= 0 && total+int64(have) == src.Size)
 			c := cut.Cut(buf[:have], eof)
-			var next []byte
-			if c < have && !ir.mappable() {
-				if next, err = getBuf(); err != nil {
+			if sum != nil {
+				sum.Write(buf[:c])
+			}
+			if ir.mappable() {
+				// The tail is mapped again, not carried: not read twice.
+				ir.read -= ir.dataBytes(total+int64(c), total+int64(have))
+				if err := w.submitDropped(len(lens), buf, c); err != nil {
 					return err
 				}
-				copy(next, buf[c:have])
+				buf, have = nil, 0
+				advance(c)
+				continue
 			}
-			var release func()
-			if ir.mappable() {
-				ir.read += ir.dataBytes(total, total+int64(c))
-				// Drop the buffer when done: buffers and mapped windows
-				// would otherwise both count against the memory bound.
-				release = func() { free <- nil }
-			}
-			if err := emit(buf, c, release); err != nil {
+			if buf, err = w.submitCut(len(lens), buf, have, c); err != nil {
 				return err
 			}
-			// A mappable source maps the window's tail again instead.
-			buf, have = next, have-c
-			if next == nil {
-				have = 0
-			}
+			have -= c
+			advance(c)
 			if ir.eof && have == 0 {
 				return nil
 			}
@@ -629,40 +770,42 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	if readErr == nil {
 		readErr = ir.checkStreamEnd()
 	}
-	workersWG.Wait()
-	st.stats.read.Add(ir.read)
-	if readErr != nil {
-		st.fail(readErr)
-		return Disk{}, readErr
-	}
-	if workerErr != nil {
-		return Disk{}, workerErr
+	segs, err := st.endRead(w, ir, len(lens), readErr)
+	if err != nil {
+		return Disk{}, err
 	}
 	if src.Size >= 0 && total != src.Size {
 		err := fmt.Errorf("source %s ended early: read %d of %d bytes", src.Source, total, src.Size)
 		st.fail(err)
 		return Disk{}, err
 	}
-	if len(segIDs) != len(lens) {
-		return Disk{}, fmt.Errorf("internal error: %d segment IDs for %d segments", len(segIDs), len(lens))
+	d, err := st.finishDisk(ctx, src, total, segs, lens)
+	if err != nil {
+		return Disk{}, err
 	}
-	segs := make([]byte, 0, 32*len(lens))
-	for _, id := range segIDs {
-		segs = append(segs, id[:]...)
+	d.CBT, d.BytesRead = CBTNone, ir.read
+	if sum != nil {
+		d.SHA256 = hex.EncodeToString(sum.Sum(nil))
 	}
+	return d, nil
+}
+
+// CBTNone is a disk's CBT when it was read whole.
+const CBTNone = "none"
+
+// finishDisk stores the segment tables of a disk of total bytes whose
+// segments are segs (32-byte IDs) and lens, and returns its manifest entry.
+func (st *backupState) finishDisk(ctx context.Context, src DiskSource, total int64, segs []byte, lens []int64) (Disk, error) {
 	tables, err := st.storeTables(ctx, segs, lens)
 	if err != nil {
 		return Disk{}, err
 	}
-	segSize := r.cfg.SegmentSize
-	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, SegmentCount: len(lens), Tables: tables}
+	segSize := st.r.cfg.SegmentSize
+	d := Disk{Name: src.Name, Source: src.Source, Size: total, SegmentSize: segSize, SegmentCount: len(lens), Tables: tables, Tracker: src.Tracker}
 	if err := d.setSegments(segs, lens); err != nil {
 		return Disk{}, fmt.Errorf("internal error: %w", err)
 	}
-	d.Digest = HexID(imageDigest(r.imageH, total, segSize, segs, lens))
-	if sum != nil {
-		d.SHA256 = hex.EncodeToString(sum.Sum(nil))
-	}
+	d.Digest = HexID(imageDigest(st.r.imageH, total, segSize, segs, lens))
 	return d, nil
 }
 

@@ -254,11 +254,7 @@ func (ir *imageReader) fill(ctx context.Context, buf []byte, off int64) (int, er
 				}
 				return fmt.Errorf("read %s at offset %d: %w", ir.src.Source, p+int64(n), err)
 			})
-			if !ir.mappable() {
-				// Else counted per segment (dataBytes): a mappable
-				// source reads a window's tail again.
-				ir.read += int64(len(part))
-			}
+			ir.read += int64(len(part))
 		}
 	}
 	if err := g.Wait(); err != nil {

@@ -130,6 +130,12 @@ func (s Status) IsSnapshot() bool {
 	return len(s.Attr) >= 1 && (s.Attr[0] == 's' || s.Attr[0] == 'S')
 }
 
+// ThinValid reports whether a thin volume is in order: a thin volume
+// ('V'), not failed (health 'F' in the ninth attribute character).
+func (s Status) ThinValid() bool {
+	return len(s.Attr) >= 9 && s.Attr[0] == 'V' && s.Attr[8] != 'F'
+}
+
 // lvsStatusFields are the lvs columns parseStatus reads, in order.
 const lvsStatusFields = "lv_attr,snap_percent,lv_path,lv_size"
 

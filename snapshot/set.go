@@ -28,8 +28,12 @@ type Disk struct {
 	// Origin is the logical volume holding the disk (or the file system
 	// with its image file).
 	Origin LV
-	// Size is the snapshot's copy-on-write space in bytes.
+	// Size is the snapshot's copy-on-write space in bytes; unused for a
+	// thin snapshot.
 	Size int64
+	// Thin makes a thin snapshot of a thin volume (no copy-on-write space
+	// to size: it shares the pool), which can be kept as a base (Keep).
+	Thin bool
 }
 
 // Snapshot is one snapshot in a Set.
@@ -42,6 +46,8 @@ type Snapshot struct {
 	LV LV
 	// Size is the requested copy-on-write space in bytes.
 	Size int64
+	// Thin says it is a thin snapshot.
+	Thin bool
 }
 
 // Set holds the snapshots of one VM. RemoveAll and Close are idempotent
@@ -55,6 +61,7 @@ type Set struct {
 	removed map[LV]bool
 	readers map[*reader]struct{}
 	peak    float64
+	active  map[LV]bool // thin snapshots activated
 }
 
 // CreateSet snapshots every disk of vm back to back, so that the caller can
@@ -80,22 +87,31 @@ func CreateSet(ctx context.Context, r Runner, vm string, disks []Disk) (*Set, er
 		if err := CheckName("snapshot", SnapshotName(vm, d.Name)); err != nil {
 			return nil, fmt.Errorf("VM %s: %w", vm, err)
 		}
-		if d.Size <= 0 {
+		if d.Size <= 0 && !d.Thin {
 			return nil, fmt.Errorf("VM %s disk %s: snapshot size must be positive", vm, d.Name)
 		}
 	}
-	s := &Set{r: r, vm: vm, removed: map[LV]bool{}, readers: map[*reader]struct{}{}}
+	s := &Set{r: r, vm: vm, removed: map[LV]bool{}, readers: map[*reader]struct{}{}, active: map[LV]bool{}}
 	for _, d := range disks {
-		lv, err := Create(ctx, r, d.Origin, SnapshotName(vm, d.Name), d.Size, "vmvault", vmTagPrefix+vm)
+		var lv LV
+		var err error
+		if d.Thin {
+			lv, err = CreateThin(ctx, r, d.Origin, SnapshotName(vm, d.Name), "vmvault", vmTagPrefix+vm)
+		} else {
+			lv, err = Create(ctx, r, d.Origin, SnapshotName(vm, d.Name), d.Size, "vmvault", vmTagPrefix+vm)
+		}
 		if err != nil {
 			return nil, errors.Join(err, s.RemoveAll(ctx))
 		}
 		s.mu.Lock()
-		s.snaps = append(s.snaps, Snapshot{Disk: d.Name, Origin: d.Origin, LV: lv, Size: d.Size})
+		s.snaps = append(s.snaps, Snapshot{Disk: d.Name, Origin: d.Origin, LV: lv, Size: d.Size, Thin: d.Thin})
 		s.mu.Unlock()
 	}
 	return s, nil
 }
+
+// VM returns the name of the VM the set belongs to.
+func (s *Set) VM() string { return s.vm }
 
 // Snapshots returns the set's snapshots in creation order.
 func (s *Set) Snapshots() []Snapshot {
@@ -128,6 +144,9 @@ func (s *Set) Open(ctx context.Context, disk, file string) (io.ReadCloser, int64
 	if err != nil {
 		return nil, 0, err
 	}
+	if err := s.activate(ctx, sn); err != nil {
+		return nil, 0, err
+	}
 	rd, err := open(ctx, s.r, sn.LV, file)
 	if err != nil {
 		return nil, 0, err
@@ -141,6 +160,70 @@ func (s *Set) Open(ctx context.Context, disk, file string) (io.ReadCloser, int64
 		s.mu.Unlock()
 	}
 	return rd, rd.size, nil
+}
+
+// activate makes the device of a thin snapshot, once: it was created
+// inactive (LVM's activation-skip flag), so that creating it inside the
+// quiesce window is one command.
+func (s *Set) activate(ctx context.Context, sn Snapshot) error {
+	s.mu.Lock()
+	done := !sn.Thin || s.active[sn.LV]
+	s.mu.Unlock()
+	if done {
+		return nil
+	}
+	if err := ActivateThin(ctx, s.r, sn.LV); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.active[sn.LV] = true
+	s.mu.Unlock()
+	return nil
+}
+
+// Volume returns what lvs says about the snapshot of disk (a thin
+// snapshot's thin id and uuid, for its ThinBase).
+func (s *Set) Volume(ctx context.Context, disk string) (Volume, error) {
+	s.mu.Lock()
+	sn, err := s.lookup(disk)
+	s.mu.Unlock()
+	if err != nil {
+		return Volume{}, err
+	}
+	return Inspect(ctx, s.r, sn.LV)
+}
+
+// Keep makes the thin snapshot of disk the disk's base, for the next
+// backup to compare against: the previous base (if vm's) is removed, the
+// snapshot renamed to BaseName and deactivated. It leaves the set, so
+// RemoveAll no longer removes it. The caller closes its readers first.
+func (s *Set) Keep(ctx context.Context, disk string) (LV, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sn, err := s.lookup(disk)
+	if err != nil {
+		return LV{}, err
+	}
+	if !sn.Thin {
+		return LV{}, fmt.Errorf("snapshot %s is not thin: it cannot be kept", sn.LV)
+	}
+	base := LV{VG: sn.LV.VG, Name: BaseName(s.vm, disk)}
+	if err := RemoveBase(ctx, s.r, s.vm, base); err != nil {
+		return LV{}, fmt.Errorf("replace base: %w", err)
+	}
+	kept, err := Rename(ctx, s.r, sn.LV, base.Name)
+	if err != nil {
+		return LV{}, err
+	}
+	s.removed[sn.LV] = true
+	// An inactive base has no device anyone could write to by mistake;
+	// thin_delta reads the pool's metadata, not the device.
+	if err := Deactivate(ctx, s.r, kept); err != nil {
+		return kept, err
+	}
+	return kept, nil
 }
 
 // Usage is one snapshot's fill level at a Check.
@@ -190,6 +273,16 @@ func (s *Set) Check(ctx context.Context) (Report, error) {
 		u := Usage{LV: sn.LV, Percent: st.Percent, Size: st.Size}
 		if u.Size == 0 {
 			u.Size = sn.Size
+		}
+		if sn.Thin {
+			// A thin snapshot has no copy-on-write space to fill: it shares
+			// the pool's blocks and cannot overflow; it can only fail.
+			u.Percent, u.Size = 0, 0
+			rep.Snapshots = append(rep.Snapshots, u)
+			if !st.ThinValid() {
+				errs = append(errs, fmt.Errorf("thin snapshot %s failed (attr %s)", sn.LV, st.Attr))
+			}
+			continue
 		}
 		rep.Snapshots = append(rep.Snapshots, u)
 		if st.Invalid() {

@@ -2,6 +2,7 @@ package vmbackup
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -30,7 +31,7 @@ func FromConfig(vm *config.VM, log *slog.Logger) (VM, error) {
 		if d.LV.IsZero() {
 			disk.Source = File(d.Path)
 		} else {
-			disk.Volume = &Volume{Origin: snapshot.LV{VG: d.LV.VG, Name: d.LV.Name}, File: d.File, SnapshotSize: d.SnapshotSize}
+			disk.Volume = &Volume{Origin: snapshot.LV{VG: d.LV.VG, Name: d.LV.Name}, File: d.File, SnapshotSize: d.SnapshotSize, CBT: d.CBT}
 			out.Snapshotter = LVM{Runner: snapshot.Exec{Sudo: vm.Sudo}}
 		}
 		out.Disks = append(out.Disks, disk)
@@ -108,7 +109,94 @@ func (l LVM) Create(ctx context.Context, vm string, disks []snapshot.Disk) (Snap
 	if err != nil {
 		return nil, err
 	}
-	return set, nil
+	return lvmSnapshots{Set: set, r: l.Runner}, nil
+}
+
+// Trackable implements ChangeTracker: a thin LV's changes are tracked.
+func (l LVM) Trackable(ctx context.Context, origin snapshot.LV) (bool, error) {
+	v, err := snapshot.Inspect(ctx, l.Runner, origin)
+	if err != nil {
+		return false, err
+	}
+	return v.Thin(), nil
+}
+
+// CheckBase implements ChangeTracker.
+func (l LVM) CheckBase(ctx context.Context, vm, note string) error {
+	b, err := snapshot.ParseThinBase(note)
+	if err != nil {
+		return err
+	}
+	return snapshot.CheckBase(ctx, l.Runner, vm, b)
+}
+
+// RemoveBases implements ChangeTracker.
+func (l LVM) RemoveBases(ctx context.Context, vg, vm string, keep map[string]bool) ([]string, error) {
+	bases, err := snapshot.FindBases(ctx, l.Runner, vg, vm)
+	if err != nil {
+		return nil, fmt.Errorf("look for base snapshots: %w", err)
+	}
+	var removed []string
+	for disk, lv := range bases {
+		if keep[disk] {
+			continue
+		}
+		if err := snapshot.RemoveBase(ctx, l.Runner, vm, lv); err != nil {
+			return removed, fmt.Errorf("remove base snapshot %s: %w", lv, err)
+		}
+		removed = append(removed, lv.String())
+	}
+	return removed, nil
+}
+
+// lvmSnapshots adds change tracking to a snapshot set.
+type lvmSnapshots struct {
+	*snapshot.Set
+	r snapshot.Runner
+}
+
+// Note implements TrackedSnapshots: the thin id and uuid of disk's
+// snapshot, under the name it will have as base.
+func (s lvmSnapshots) Note(ctx context.Context, disk string) (string, error) {
+	v, err := s.Volume(ctx, disk)
+	if err != nil {
+		return "", err
+	}
+	if !v.Thin() {
+		return "", fmt.Errorf("%s: %w", v.LV, errNoTracker)
+	}
+	return snapshot.ThinBase{LV: snapshot.LV{VG: v.LV.VG, Name: snapshot.BaseName(s.VM(), disk)},
+		Pool: v.PoolLV(), ThinID: v.ThinID, UUID: v.UUID}.Note(), nil
+}
+
+// Changes implements TrackedSnapshots with thin_delta.
+func (s lvmSnapshots) Changes(ctx context.Context, disk, baseNote string, size int64) ([]repo.Range, error) {
+	base, err := snapshot.ParseThinBase(baseNote)
+	if err != nil {
+		return nil, err
+	}
+	v, err := s.Volume(ctx, disk)
+	if err != nil {
+		return nil, err
+	}
+	if !v.Thin() || v.PoolLV() != base.Pool {
+		return nil, fmt.Errorf("snapshot %s is not in the base's pool %s", v.LV, base.Pool)
+	}
+	rs, err := snapshot.ThinDelta(ctx, s.r, base.Pool, base.ThinID, v.ThinID, size)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]repo.Range, len(rs))
+	for i, r := range rs {
+		out[i] = repo.Range{Off: r.Off, Len: r.Len}
+	}
+	return out, nil
+}
+
+// Keep implements TrackedSnapshots.
+func (s lvmSnapshots) Keep(ctx context.Context, disk string) error {
+	_, err := s.Set.Keep(ctx, disk)
+	return err
 }
 
 // File is a Source reading a plain file or block device as it is.
@@ -191,6 +279,14 @@ func (a repoAdapter) Lock(ctx context.Context, command string) (Lease, error) {
 
 func (a repoAdapter) Backup(ctx context.Context, req repo.BackupRequest) (*repo.Manifest, error) {
 	return a.r.Backup(ctx, req)
+}
+
+func (a repoAdapter) Latest(ctx context.Context, vm string) (*repo.Manifest, error) {
+	m, err := a.r.FindManifest(ctx, vm, "latest")
+	if errors.Is(err, repo.ErrNoSnapshot) {
+		return nil, nil
+	}
+	return m, err
 }
 
 // lease is a held repository lock (repo's lease rules: refreshed, and

@@ -65,6 +65,9 @@ type Repository interface {
 	// Backup stores the disks and commits the generation; see
 	// repo.Repository.Backup.
 	Backup(ctx context.Context, req repo.BackupRequest) (*repo.Manifest, error)
+	// Latest returns vm's newest generation (repo's "latest"), or nil
+	// if it has none: change tracking finds its base through it.
+	Latest(ctx context.Context, vm string) (*repo.Manifest, error)
 }
 
 // Lease is a held repository lock. That it still holds at the commit
@@ -104,13 +107,8 @@ type Snapshotter interface {
 	Create(ctx context.Context, vm string, disks []snapshot.Disk) (Snapshots, error)
 }
 
-// Snapshots are the snapshots of one run.
-//
-// A thin-LVM implementation with change tracking fits here: Open returns a
-// reader that also knows which ranges changed since the base snapshot (the
-// one kept by the previous run), and on success the new snapshot becomes
-// the next base instead of being removed. That needs a hook after the
-// commit, before cleanup, to be added here together with its first user.
+// Snapshots are the snapshots of one run. Those that can track changes
+// (thin LVM) also implement TrackedSnapshots; see track.go.
 type Snapshots interface {
 	// Open opens the snapshot of disk (the image file inside it when
 	// file is not empty) and returns it and its size.
@@ -144,8 +142,13 @@ type Volume struct {
 	// File, if not empty, is the image file inside the file system on the
 	// volume; empty means the volume is the disk.
 	File string
-	// SnapshotSize is the snapshot's copy-on-write space in bytes.
+	// SnapshotSize is the snapshot's copy-on-write space in bytes (unused
+	// for a thin snapshot).
 	SnapshotSize int64
+	// CBT tracks changes when the volume is a thin LV and File is empty:
+	// the snapshot is kept as the next backup's base, which then reads
+	// only what changed (see track.go).
+	CBT bool
 }
 
 // Disk is one disk of the VM: a Volume read through its snapshot, or a
@@ -180,6 +183,13 @@ type Options struct {
 	Logger *slog.Logger
 	// ReadLimit caps reading the disks, in bytes per second; 0: none.
 	ReadLimit int64
+	// VerifyUnchanged is the percentage of segments a change tracker
+	// reports unchanged that are read anyway and compared
+	// (repo.BackupRequest.VerifyUnchanged).
+	VerifyUnchanged float64
+	// FullEvery is how long a tracked disk may go without being read
+	// whole; zero means DefaultFullEvery.
+	FullEvery time.Duration
 	// Progress, if set, is called once the disks are open; it returns
 	// the callback for repo.BackupRequest.Progress and a function called
 	// when reading is over.
@@ -254,14 +264,20 @@ func Run(ctx context.Context, r Repository, vm VM, opts Options) (out Outcome, e
 
 // run holds, snapshots, releases, opens and commits.
 func (b *run) run(ctx context.Context, r Repository) (*repo.Manifest, error) {
-	if err := b.freeze(ctx); err != nil {
+	if err := b.freeze(ctx, r); err != nil {
 		return nil, err
 	}
 	disks, err := b.open(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return b.commit(ctx, r, disks)
+	b.track(ctx, disks)
+	m, err := b.commit(ctx, r, disks)
+	if err != nil {
+		return nil, err
+	}
+	b.keepBases(ctx)
+	return m, nil
 }
 
 // run is the state of one Run: what must be undone, and the outcome.
@@ -274,6 +290,8 @@ type run struct {
 	out     Outcome
 	// snapStart is when snapshot creation began.
 	snapStart time.Time
+	// tracked holds the plan of each disk whose changes are tracked.
+	tracked map[string]*tracking
 }
 
 // volumes returns the disks to snapshot.
@@ -287,14 +305,22 @@ func (b *run) volumes() []snapshot.Disk {
 	return ds
 }
 
-// freeze removes leftover snapshots, then holds the guest exactly as long
-// as it takes to create the snapshots.
-func (b *run) freeze(ctx context.Context) error {
+// freeze removes leftover snapshots, decides which disks are tracked
+// (removing the bases of those that are not), then holds the guest
+// exactly as long as it takes to create the snapshots.
+func (b *run) freeze(ctx context.Context, r Repository) error {
 	vols := b.volumes()
 	if len(vols) > 0 && b.vm.Snapshotter == nil {
 		return fmt.Errorf("VM %s: disks to snapshot but no snapshotter", b.vm.Name)
 	}
 	if err := b.removeLeftovers(ctx, vols); err != nil {
+		return err
+	}
+	vols, err := b.planTracking(ctx, r, vols)
+	if err != nil {
+		return err
+	}
+	if err := b.removeBases(ctx, vols); err != nil {
 		return err
 	}
 	if err := b.snapshotHeld(ctx, vols); err != nil {
@@ -406,7 +432,8 @@ func (b *run) commit(ctx context.Context, r Repository, disks []repo.DiskSource)
 		progress, done = b.opts.Progress(disks)
 	}
 	m, err := r.Backup(ctx, repo.BackupRequest{VM: b.vm.Name, Time: b.opts.Time, Tags: b.opts.Tags, Disks: disks,
-		SHA256: b.opts.SHA256, Progress: progress, ReadLimit: b.opts.ReadLimit, BeforeCommit: func(ctx context.Context) (json.RawMessage, error) {
+		SHA256: b.opts.SHA256, Progress: progress, ReadLimit: b.opts.ReadLimit, VerifyUnchanged: b.opts.VerifyUnchanged,
+		BeforeCommit: func(ctx context.Context) (json.RawMessage, error) {
 			return b.beforeCommit(ctx)
 		}})
 	done()
@@ -455,9 +482,7 @@ func (b *run) beforeCommit(ctx context.Context) (json.RawMessage, error) {
 // removes the snapshots, on a context that the caller's cancellation
 // does not reach.
 func (b *run) cleanup(ctx context.Context) {
-	for _, c := range b.readers {
-		c.Close()
-	}
+	b.closeReaders()
 	if b.snaps == nil {
 		return
 	}
@@ -466,6 +491,14 @@ func (b *run) cleanup(ctx context.Context) {
 	}
 	b.out.SnapshotWindow = time.Since(b.snapStart)
 	b.log.Info("snapshots removed", "window", b.out.SnapshotWindow.Round(time.Millisecond))
+}
+
+// closeReaders closes the disks' readers; it may be called again.
+func (b *run) closeReaders() {
+	for _, c := range b.readers {
+		c.Close()
+	}
+	b.readers = nil
 }
 
 // oneLine keeps an error on one line for summaries and syslog.

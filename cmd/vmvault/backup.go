@@ -32,6 +32,17 @@ type backupSummary struct {
 	Segments     int64    `json:"segments"`
 	ObjectsFound int64    `json:"objects_found"`
 	Duration     float64  `json:"duration_seconds"`
+	// DiskStats says per disk how it was read.
+	DiskStats []diskSummary `json:"disk_stats"`
+}
+
+// diskSummary is how one disk was read: whole ("none") or through a change
+// tracker, and how many bytes really came from the source.
+type diskSummary struct {
+	Name      string `json:"name"`
+	CBT       string `json:"cbt"`
+	CBTBase   string `json:"cbt_base,omitempty"`
+	BytesRead int64  `json:"bytes_read"`
 }
 
 func summarize(m *repo.Manifest) backupSummary {
@@ -41,6 +52,7 @@ func summarize(m *repo.Manifest) backupSummary {
 		Duration: m.Finished.Sub(m.Started).Seconds()}
 	for _, d := range m.Disks {
 		s.Disks = append(s.Disks, d.Name)
+		s.DiskStats = append(s.DiskStats, diskSummary{Name: d.Name, CBT: d.CBT, CBTBase: d.CBTBase, BytesRead: d.BytesRead})
 	}
 	return s
 }
@@ -51,6 +63,9 @@ type backupFlags struct {
 	at            string
 	when          time.Time // --time parsed; zero means now
 	sha, all      bool
+	// verify is --verify-unchanged; verifySet says it was given.
+	verify    float64
+	verifySet bool
 }
 
 func (a *app) backupCommand() *cobra.Command {
@@ -87,6 +102,9 @@ commits nothing, and the next run reuses what was already uploaded.`,
 				}
 				f.when = t
 			}
+			if f.verifySet = cmd.Flags().Changed("verify-unchanged"); f.verifySet && (f.verify < 0 || f.verify > 100) {
+				return withCode(exitUsage, fmt.Errorf("--verify-unchanged %v: want a percentage from 0 to 100", f.verify))
+			}
 			if f.all != (len(args) == 0) {
 				return withCode(exitUsage, fmt.Errorf("name one VM, or give --all"))
 			}
@@ -113,7 +131,9 @@ commits nothing, and the next run reuses what was already uploaded.`,
 	cmd.Flags().StringVar(&f.at, "time", "", "record this time (RFC 3339) instead of now, e.g. for imports")
 	cmd.Flags().BoolVar(&f.all, "all", false, "back up every VM of the configuration file")
 	cmd.Flags().StringVar(&a.metricsFile, "metrics-file", os.Getenv("VMVAULT_METRICS_FILE"), "after each VM, update this Prometheus textfile-collector file (env VMVAULT_METRICS_FILE)")
-	cmd.Flags().BoolVar(&f.sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum)")
+	cmd.Flags().BoolVar(&f.sha, "sha256", false, "also record a plain SHA-256 of each image (compare with sha256sum); it needs every byte, so every disk is read whole, without change tracking")
+	cmd.Flags().Float64Var(&f.verify, "verify-unchanged", config.DefaultVerifyUnchanged,
+		"with change tracking, re-read this percentage of the segments reported unchanged and compare them (default: [backup] verify_unchanged)")
 	a.limitFlags.addBackup(cmd.Flags())
 	return cmd
 }

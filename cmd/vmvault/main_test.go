@@ -100,6 +100,11 @@ func TestBackupRestoreCLI(t *testing.T) {
 	if s.VM != "vm01" || s.BytesRead != int64(len(img)) || s.BytesNew == 0 || s.BytesStored == 0 || len(s.ID) != 64 {
 		t.Fatalf("summary %+v", s)
 	}
+	// Per disk: how it was read (whole: cbt "none") and the bytes read.
+	if len(s.DiskStats) != 1 || s.DiskStats[0].Name != s.Disks[0] || s.DiskStats[0].CBT != "none" || s.DiskStats[0].BytesRead != int64(len(img)) ||
+		!strings.Contains(r.stdout, `"cbt":"none"`) {
+		t.Fatalf("disk_stats %+v in %s", s.DiskStats, r.stdout)
+	}
 	// stdin source
 	e.run(img, "backup", "vm02", "--source", "-")
 	r = e.ok("snapshots", "--json")

@@ -58,6 +58,9 @@ func (a *app) finishVM(o vmOutcome) {
 	if o.Disks == nil {
 		o.Disks = []string{}
 	}
+	if o.DiskStats == nil {
+		o.DiskStats = []diskSummary{}
+	}
 	level := slog.LevelInfo
 	switch o.Status {
 	case "warning":
@@ -188,7 +191,15 @@ func (a *app) runOptions(vm string, f backupFlags) vmbackup.Options {
 	if err != nil {
 		a.log.Warn("reading without a limit", "err", err)
 	}
+	bk := config.Backup{FullEvery: config.DefaultFullEvery, VerifyUnchanged: config.DefaultVerifyUnchanged}
+	if cfg, err := a.loadConfig(configOptional); err == nil && cfg != nil {
+		bk = cfg.Backup
+	}
+	if f.verifySet {
+		bk.VerifyUnchanged = f.verify
+	}
 	return vmbackup.Options{Locks: vmbackup.FileLocks{Dir: cacheDir}, Time: f.when, Tags: f.tags, SHA256: f.sha, Logger: a.log, ReadLimit: readLimit,
+		VerifyUnchanged: bk.VerifyUnchanged, FullEvery: bk.FullEvery,
 		Progress: func(disks []repo.DiskSource) (func(string, int64), func()) {
 			return a.progress(vm, disks)
 		}}

@@ -30,6 +30,12 @@ var lvmCommands = []string{
 	"vgdisplay", "lvmconfig",
 }
 
+// pdataCommands are the names thin-provisioning-tools' multi-call binary
+// pdata_tools dispatches on; a guest with the HostTool "pdata_tools" gets
+// them as symlinks (thin LVM: lvm runs thin_check on every pool
+// activation, vmvault runs thin_delta).
+var pdataCommands = []string{"thin_check", "thin_delta", "thin_dump", "thin_ls", "thin_repair", "thin_restore"}
+
 // baseModules are loaded in the guest in dependency order.
 var baseModules = []string{"virtio_pci", "virtio_blk", "virtio_net", "dm-snapshot", "ext4"}
 
@@ -141,6 +147,11 @@ func planBase(ctx context.Context, kver string, tools, modules []string) (*baseL
 		guest := "/usr/sbin/" + filepath.Base(p)
 		l.files = append(l.files, hostFile{guest: guest, host: p})
 		delete(l.symlinks, guest)
+		if filepath.Base(p) == "pdata_tools" {
+			for _, c := range pdataCommands {
+				l.symlinks["/usr/sbin/"+c] = "pdata_tools"
+			}
+		}
 		libs, err := sharedLibs(ctx, p)
 		if err != nil {
 			return nil, err
