@@ -37,7 +37,7 @@ type imageReader struct {
 	ra      io.ReaderAt // nil: a stream
 	seeker  io.Seeker   // nil: no hole information
 	fd      int         // mappable file or device; -1: read into buffers
-	regular bool        // fd is a regular file (its size can be checked)
+	file    *os.File    // a regular file, whose size can change under us
 	readers int
 	eof     bool          // a stream ended
 	read    int64         // bytes really read from the source
@@ -53,7 +53,10 @@ func newImageReader(src DiskSource, readers int) *imageReader {
 		}
 		if f, ok := src.Reader.(*os.File); ok {
 			if fi, err := f.Stat(); err == nil && (fi.Mode().IsRegular() || fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0) {
-				ir.fd, ir.regular = int(f.Fd()), fi.Mode().IsRegular()
+				ir.fd = int(f.Fd())
+				if fi.Mode().IsRegular() {
+					ir.file = f
+				}
 			}
 		}
 	}
@@ -77,13 +80,10 @@ func (ir *imageReader) mapWindow(ctx context.Context, off int64, n int) (mem []b
 	if spans := ir.dataSpans(off, off+int64(n)); len(spans) != 1 || spans[0] != (span{off, off + int64(n)}) {
 		return nil, false, nil
 	}
-	if ir.regular {
+	if ir.shorter(off + int64(n)) {
 		// Touching a mapping past the end of a file is a fault: a file
 		// shorter than announced is read into a buffer, which reports it.
-		var st unix.Stat_t
-		if err := unix.Fstat(ir.fd, &st); err != nil || st.Size < off+int64(n) {
-			return nil, false, nil
-		}
+		return nil, false, nil
 	}
 	mem, err = unix.Mmap(ir.fd, off, n, unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
@@ -206,7 +206,18 @@ func (ir *imageReader) dataBytes(off, end int64) int64 {
 
 // isHole reports whether [off, off+n) holds no data at all.
 func (ir *imageReader) isHole(off, n int64) bool {
-	return ir.seeker != nil && len(ir.dataSpans(off, off+n)) == 0
+	return ir.seeker != nil && !ir.shorter(off+n) && len(ir.dataSpans(off, off+n)) == 0
+}
+
+// shorter reports whether a regular file now ends before end: it shrank
+// after its size was taken, and SEEK_DATA would call what is missing a
+// hole (zeros) instead of an error.
+func (ir *imageReader) shorter(end int64) bool {
+	if ir.file == nil {
+		return false
+	}
+	fi, err := ir.file.Stat()
+	return err == nil && fi.Size() < end
 }
 
 // fill reads the image at off into buf and returns how many bytes it
@@ -228,6 +239,9 @@ func (ir *imageReader) fill(ctx context.Context, buf []byte, off int64) (int, er
 		return n, nil
 	}
 	end := off + int64(len(buf))
+	if ir.shorter(end) {
+		return 0, fmt.Errorf("source %s ended early: it has fewer than the %d bytes announced (did it shrink while being read?)", ir.src.Source, ir.src.Size)
+	}
 	spans := ir.dataSpans(off, end)
 	// Holes are zeros; the buffer is reused, so clear them.
 	at := off

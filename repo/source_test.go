@@ -164,10 +164,17 @@ func TestMapWindow(t *testing.T) {
 	unmapWindow(mem)
 
 	// Announced 12 MiB, has 8: no mapping past the end (a touch there
-	// would fault); the window is read into a buffer instead.
+	// would fault); the window is read into a buffer instead, which says
+	// what happened (before, the missing part read as a hole: zeros).
 	ir = newImageReader(DiskSource{Source: path, Reader: f, Size: 12 << 20}, 2)
 	if _, ok, err := ir.mapWindow(context.Background(), 4<<20, 8<<20); ok || err != nil {
 		t.Fatalf("window past the end of the file: ok %v, %v", ok, err)
+	}
+	if ir.isHole(8<<20, 4<<20) {
+		t.Fatal("the part missing from a file that shrank is a hole")
+	}
+	if _, err := ir.fill(context.Background(), make([]byte, 8<<20), 4<<20); err == nil || !strings.Contains(err.Error(), "ended early") {
+		t.Fatalf("read past the end of the file: %v", err)
 	}
 
 	// A hole inside the window.
@@ -255,5 +262,25 @@ func TestBackupMappedFileMatchesStream(t *testing.T) {
 	r := tr.reopen(t)
 	if got := restoreBytes(t, r, mustFind(t, r, "vm", m.ID[:8])); !bytes.Equal(got, img) {
 		t.Fatal("restore of the mapped image differs")
+	}
+}
+
+// A file shorter than announced (it shrank after its size was taken)
+// fails the backup with a clear error, instead of being stored with
+// zeros where its end went missing.
+func TestBackupShrunkFileFails(t *testing.T) {
+	tr := newTestRepo(t)
+	path := filepath.Join(t.TempDir(), "img.raw")
+	if err := os.WriteFile(path, testImage(14, 20<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	_, err = tr.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Source: path, Reader: f, Size: 48 << 20}}})
+	if err == nil || !strings.Contains(err.Error(), "ended early") || !strings.Contains(err.Error(), path) {
+		t.Fatalf("backup of a file shorter than announced: %v", err)
 	}
 }
