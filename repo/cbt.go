@@ -156,7 +156,7 @@ func (r *Repository) staleSegments(bd *Disk, ranges []Range) []bool {
 func (st *backupState) backupDiskChanged(ctx context.Context, src DiskSource, req BackupRequest, base *cbtBase) (Disk, error) {
 	bd := base.disk
 	nw := workers()
-	w := st.startSegmentWorkers(ctx, nw, st.r.segmenter.Max())
+	w := st.startSegmentWorkers(ctx, nw, st.r.segmenter.Max(), src.Source)
 	ir := newImageReader(src, nw)
 	ir.limit = st.readLimit
 	rc := &recutter{w: w, ir: ir, cut: st.r.segmenter, base: bd, minSeg: st.r.cfg.SegmentSize / 2, ranges: src.Changes.Ranges}
