@@ -40,14 +40,14 @@ func TestLVMInGuest(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots a qemu guest and runs LVM in it (≈1–3 min); skipped with -short")
 	}
-	for _, tool := range []string{"qemu-system-x86_64", "lvm", "busybox", "mkfs.ext4", "mkfs.xfs"} {
+	for _, tool := range []string{"qemu-system-x86_64", "lvm", "busybox", "mkfs.ext4", "mkfs.xfs", "pdata_tools"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			if _, err2 := os.Stat(filepath.Join("/usr/sbin", tool)); err2 != nil {
-				t.Fatalf("%s not found: install qemu-system-x86 linux-image-amd64 busybox-static lvm2 e2fsprogs xfsprogs", tool)
+				t.Fatalf("%s not found: install qemu-system-x86 linux-image-amd64 busybox-static lvm2 e2fsprogs xfsprogs thin-provisioning-tools", tool)
 			}
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
 	defer cancel()
 	work := t.TempDir()
 
@@ -61,7 +61,7 @@ func TestLVMInGuest(t *testing.T) {
 	t.Logf("built %s in %v", filepath.Base(bin), time.Since(start).Round(time.Millisecond))
 
 	script := `VMVAULT_LVM_GUEST=1 VMVAULT_LVM_GUEST_DISK=/dev/disk/by-serial/lvmtest \
-	snapshot.test -test.v -test.count=1 -test.timeout=6m -test.run '^TestGuest'
+	snapshot.test -test.v -test.count=1 -test.timeout=10m -test.run '^TestGuest'
 `
 	res, err := lvmguest.Run(ctx, lvmguest.Spec{
 		Script:    script,
@@ -69,7 +69,7 @@ func TestLVMInGuest(t *testing.T) {
 		HostTools: []string{"mkfs.xfs", "pdata_tools"},
 		Modules:   []string{"xfs", "dm-thin-pool"},
 		Disks:     []lvmguest.Disk{{Serial: "lvmtest", SizeBytes: 512 << 20}},
-		Timeout:   7 * time.Minute,
+		Timeout:   11 * time.Minute,
 		WorkDir:   work,
 		Console:   lvmguest.LineWriter(func(l string) { t.Log("guest: " + l) }),
 	})
