@@ -9,4 +9,4 @@
 # Extra arguments go to go test, e.g. ./run.sh -run TestBackupEndToEnd.
 set -eu
 cd "$(dirname "$0")/../.."
-exec go test -count=1 -v -timeout 20m -run 'TestRunBootsGuest|TestLVMInGuest|TestBackupEndToEnd|TestThinEndToEnd' ./internal/lvmguest/ ./snapshot/ ./test/lvm/ "$@"
+exec go test -count=1 -v -timeout 40m -run 'TestRunBootsGuest|TestLVMInGuest|TestBackupEndToEnd|TestThinEndToEnd' ./internal/lvmguest/ ./snapshot/ ./test/lvm/ "$@"
