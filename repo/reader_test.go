@@ -63,6 +63,17 @@ func TestDiskReaderRandomAccess(t *testing.T) {
 		if !bytes.Equal(p[:k], img[off:off+int64(k)]) {
 			t.Fatalf("ReadAt(%d, %d) returned wrong bytes", n, off)
 		}
+		// ReadSlices gives the same bytes and errors, in slices that
+		// cannot be appended to in place (they are shared).
+		bufs, k2, err2 := dr.ReadSlices(context.Background(), off, n, nil)
+		if k2 != k || err2 != err || !bytes.Equal(bytes.Join(bufs, nil), p[:k]) {
+			t.Fatalf("ReadSlices(%d, %d) = %d bytes, %v; ReadAt %d, %v", off, n, k2, err2, k, err)
+		}
+		for _, b := range bufs {
+			if cap(b) != len(b) {
+				t.Fatalf("ReadSlices(%d, %d): a slice of %d bytes has room for %d", off, n, len(b), cap(b))
+			}
+		}
 	}
 	if k, err := dr.ReadAt(make([]byte, 10), int64(len(img))); k != 0 || err != io.EOF {
 		t.Fatalf("read at the end: %d, %v", k, err)
