@@ -43,6 +43,33 @@ func CheckSize(name string, size, limit int64) error {
 	return nil
 }
 
+// IntoGetter is implemented by backends that can read a whole object into
+// a buffer the caller owns, so a reader that fetches many objects (a
+// restore) reuses its buffers instead of allocating one per object, and
+// the store need not report the size first.
+type IntoGetter interface {
+	// GetInto reads the whole object into buf and returns its size. An
+	// object that does not fit, or fills buf exactly, fails with an
+	// error wrapping ErrTooLarge: callers give buf at least one byte
+	// more than the largest object they accept, so that a filled buffer
+	// proves the object too large without asking for its size. buf's
+	// content is undefined after an error.
+	GetInto(ctx context.Context, name string, buf []byte) (int, error)
+}
+
+// GetInto reads object name into buf by the IntoGetter rule: with be's
+// own GetInto where it has one, else with GetAll and a copy.
+func GetInto(ctx context.Context, be Backend, name string, buf []byte) (int, error) {
+	if g, ok := be.(IntoGetter); ok {
+		return g.GetInto(ctx, name, buf)
+	}
+	data, err := be.GetAll(ctx, name, int64(len(buf))-1)
+	if err != nil {
+		return 0, err
+	}
+	return copy(buf, data), nil
+}
+
 // ObjectInfo describes one stored object.
 type ObjectInfo struct {
 	Name string // full object name, e.g. "data/3f/3f2a…"

@@ -10,8 +10,9 @@
 #   sequential read through vmvault mount (cat)    "fuse"
 #   restic dump (/dev/null) and restore --sparse   "restic-dump", "restic-sparse"
 #   with --sftp, the vmvault restores again over a private sshd on 127.0.0.1
-# and checks each vmvault output once by SHA-256. Prints wall, user and system
-# seconds and peak RSS per case, and the ratios against stdout and restic.
+# and checks each vmvault output once by SHA-256. Prints the load average, wall,
+# user and system seconds, the SFTP server's CPU seconds (sshd and its
+# sftp sessions) and peak RSS per case, and the ratios against stdout and restic.
 # Timings never fail the script; a differing restore does.
 #
 # Usage: bench/restore.sh IMAGE [--runs N] [--restic BIN] [--vmvault BIN] [--sftp] [--workdir DIR]
@@ -67,18 +68,32 @@ if [ -n "$restic_bin" ]; then
 	(cd "$(dirname "$image")" && "$restic_bin" -r "$workdir/restic" backup "$(basename "$image")" >/dev/null)
 fi
 
-declare -A wall user sys rss
+declare -A wall user sys rss server
+# server_cpu: CPU seconds of the private sshd and its finished sessions
+# (0 without --sftp): the SFTP server's share of a remote restore.
+server_cpu() {
+	if [ -n "${sshd_pid:-}" ]; then
+		awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15 + $16 + $17) / hz }' "/proc/$sshd_pid/stat"
+	else
+		echo 0
+	fi
+}
 # timed NAME CMD...: runs CMD (a shell string) $runs times; keeps the fastest.
 timed() {
-	local name=$1 cmd=$2 best= i
+	local name=$1 cmd=$2 best= i s0 s1
 	for ((i = 0; i < runs; i++)); do
+		s0=$(server_cpu)
 		/usr/bin/time -f "%e %U %S %M" -o "$workdir/time" bash -c "$cmd" || { echo "restore.sh: $name failed" >&2; exit 1; }
+		sleep 0.2 # the sessions' sshd processes exit and are counted
+		s1=$(server_cpu)
 		read -r w u s m < "$workdir/time"
 		if [ -z "$best" ] || awk "BEGIN{exit !($w < $best)}"; then
 			best=$w; wall[$name]=$w; user[$name]=$u; sys[$name]=$s; rss[$name]=$((m / 1024))
+			server[$name]=$(awk "BEGIN{ printf \"%.2f\", $s1 - $s0 }")
 		fi
 	done
 }
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 check() { # check NAME FILE
 	local got
 	got=$(sha256sum < "$2" | cut -d' ' -f1)
@@ -149,10 +164,11 @@ if [ -n "$sftp" ]; then
 fi
 
 ratio() { awk "BEGIN{ if ($2 > 0) printf \"%.2f\", $1 / $2; else print \"-\" }"; }
-cpu() { awk "BEGIN{ printf \"%.2f\", ${user[$1]} + ${sys[$1]} }"; }
+cpu() { awk "BEGIN{ printf \"%.2f\", ${user[$1]} + ${sys[$1]} + ${server[$1]} }"; }
 printf "image %s, %d MiB; best of %d runs; %s\n" "$image" $((size >> 20)) "$runs" "$("$restic_bin" version 2>/dev/null | cut -d' ' -f1-2)"
-echo "ratios: wall (cpu = user+sys); on a busy machine the cpu ratios are the steadier"
-printf "%-16s %8s %8s %8s %8s %14s %14s %14s\n" case wall_s user_s sys_s rss_MiB "/stdout" "/restic" "/local-same"
+echo "ratios: wall (cpu = user+sys, plus the sshd's for sftp); on a busy machine the cpu ratios are the steadier"
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf "%-16s %8s %8s %8s %8s %8s %14s %14s %14s\n" case wall_s user_s sys_s sshd_s rss_MiB "/stdout" "/restic" "/local-same"
 for name in stdout target-new target-same dump fuse restic-dump restic-sparse sftp-stdout sftp-target-new; do
 	[ -n "${wall[$name]:-}" ] || continue
 	ref=
@@ -166,6 +182,6 @@ for name in stdout target-new target-same dump fuse restic-dump restic-sparse sf
 	sftp-target-new) same=target-new ;;
 	esac
 	both() { echo "$(ratio "${wall[$1]}" "${wall[$2]}") ($(ratio "$(cpu "$1")" "$(cpu "$2")"))"; }
-	printf "%-16s %8s %8s %8s %8s %14s %14s %14s\n" "$name" "${wall[$name]}" "${user[$name]}" "${sys[$name]}" "${rss[$name]}" \
+	printf "%-16s %8s %8s %8s %8s %8s %14s %14s %14s\n" "$name" "${wall[$name]}" "${user[$name]}" "${sys[$name]}" "${server[$name]}" "${rss[$name]}" \
 		"$(both "$name" stdout)" "${ref:+$(both "$name" "$ref")}" "${same:+$(both "$name" "$same")}"
 done

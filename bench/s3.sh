@@ -10,8 +10,10 @@
 # Usage: bench/s3.sh [--runs N] [--workdir DIR] IMAGE...
 #   IMAGE     raw disk images (e.g. base.raw from bench/mkimage.sh)
 #   --runs N  repeat each measurement N times (median reported; default 1)
-# Prints one line per image and step: seconds on the local path, on S3, and
-# the ratio.
+# Prints the load average before and after, and one line per image and
+# step: seconds on the local path, on S3, and the ratio, with the CPU
+# seconds behind each (vmvault's, and MinIO's own for S3: on a 2-core
+# machine the store's CPU is what the local path does not pay).
 set -euo pipefail
 runs=1
 workdir=
@@ -49,16 +51,22 @@ for _ in $(seq 100); do
 	sleep 0.2
 done
 
-# timed SECONDS-FILE CMD...: wall seconds of CMD into the file.
+# minio_cpu: MinIO's user+system CPU seconds so far.
+minio_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$minio_pid/stat"; }
+# timed FILE CMD...: appends "wall vmvault-cpu minio-cpu" seconds of CMD
+# to FILE.
 timed() {
 	local out=$1; shift
-	local t0 t1
-	t0=$(date +%s.%N)
-	"$@"
-	t1=$(date +%s.%N)
-	echo "$t1 - $t0" | bc >>"$out"
+	local m0 m1 w u s
+	m0=$(minio_cpu)
+	/usr/bin/time -f "%e %U %S" -o "$workdir/time" "$@"
+	m1=$(minio_cpu)
+	read -r w u s <"$workdir/time"
+	echo "$w $(echo "$u + $s" | bc) $(echo "$m1 - $m0" | bc)" >>"$out"
 }
-median() { sort -n "$1" | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+# median FILE COLUMN
+median() { awk -v c="$2" '{ print $c }' "$1" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 n=0
 for img in "${images[@]}"; do
@@ -79,8 +87,13 @@ for img in "${images[@]}"; do
 		done
 	done
 	for step in backup restore; do
-		l=$(median "$workdir/$n.$name.local.$step")
-		s=$(median "$workdir/$n.$name.s3.$step")
-		printf '%s %s: local %.1f s, s3 %.1f s, ratio %.2f\n' "$name" "$step" "$l" "$s" "$(echo "$s / $l" | bc -l)"
+		l=$(median "$workdir/$n.$name.local.$step" 1)
+		s=$(median "$workdir/$n.$name.s3.$step" 1)
+		lc=$(median "$workdir/$n.$name.local.$step" 2)
+		sc=$(median "$workdir/$n.$name.s3.$step" 2)
+		mc=$(median "$workdir/$n.$name.s3.$step" 3)
+		printf '%s %s: local %.1f s, s3 %.1f s, ratio %.2f; cpu local %.1f s, s3 %.1f s + minio %.1f s\n' \
+			"$name" "$step" "$l" "$s" "$(echo "$s / $l" | bc -l)" "$lc" "$sc" "$mc"
 	done
 done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -6,7 +6,9 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -262,7 +264,60 @@ func FuzzOpenObject(f *testing.F) {
 		if w, ok := want[name]; err == nil && (!ok || !bytes.Equal(out, w)) {
 			t.Fatalf("forged object opened: %x as %q", b, name)
 		}
+		// openInto (restore) by the same rule, into a buffer of the size
+		// a segment list promises, never writing past it.
+		if w, ok := want[name]; ok {
+			dst := make([]byte, len(w)+1)
+			dst[len(w)] = 0xee
+			err := c.openInto(TypeChunk, name, bytes.Clone(b), dst[:len(w)])
+			if err == nil && !bytes.Equal(dst[:len(w)], w) || dst[len(w)] != 0xee {
+				t.Fatalf("forged object opened into a buffer: %x as %q", b, name)
+			}
+		}
 	})
+}
+
+// openInto fills its buffer exactly, from compressed and stored objects
+// alike, and refuses an object of another size (ErrCorrupt) without
+// writing outside the buffer: restore decodes chunks of one segment
+// side by side into one buffer, from several goroutines.
+func TestOpenInto(t *testing.T) {
+	c, err := newCodec(vectorKeys().Encrypt[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	random := make([]byte, 300<<10)
+	rand.Read(random)
+	for _, tc := range []struct {
+		name    string
+		payload []byte
+	}{
+		{"compressed", bytes.Repeat([]byte("compressible "), 50000)},
+		{"stored", random},
+	} {
+		sealed := c.seal(TypeChunk, "data/00/x", tc.payload)
+		n := len(tc.payload)
+		for _, size := range []int{n, n - 1, n + 1, 0} {
+			buf := bytes.Repeat([]byte{0xee}, n+64)
+			dst := buf[32 : 32+size]
+			err := c.openInto(TypeChunk, "data/00/x", bytes.Clone(sealed), dst)
+			switch {
+			case size == n && (err != nil || !bytes.Equal(dst, tc.payload)):
+				t.Errorf("%s: open into %d bytes: %v", tc.name, size, err)
+			case size != n && !errors.Is(err, ErrCorrupt):
+				t.Errorf("%s: open %d bytes into %d: %v, want ErrCorrupt", tc.name, n, size, err)
+			}
+			if !bytes.Equal(buf[:32], bytes.Repeat([]byte{0xee}, 32)) || !bytes.Equal(buf[32+size:], bytes.Repeat([]byte{0xee}, len(buf)-32-size)) {
+				t.Errorf("%s: opening into %d bytes wrote outside them", tc.name, size)
+			}
+		}
+		if err := c.openInto(TypeSegment, "data/00/x", bytes.Clone(sealed), make([]byte, n)); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: opened as the wrong type: %v", tc.name, err)
+		}
+		if err := c.openInto(TypeChunk, "data/00/y", bytes.Clone(sealed), make([]byte, n)); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: opened under another name: %v", tc.name, err)
+		}
+	}
 }
 
 func FuzzManifest(f *testing.F) {
@@ -367,4 +422,29 @@ func FuzzDecodeTable(f *testing.F) {
 			t.Fatalf("bad table accepted: %x", b)
 		}
 	})
+}
+
+// Sealing reuses recycled buffers: an object sealed into a recycled
+// buffer opens to its own payload, and a copy of the object whose buffer
+// was recycled still opens to its.
+func TestSealRecycledBuffers(t *testing.T) {
+	c, err := newCodec(make([]byte, 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	compressible := bytes.Repeat([]byte("vmvault segment "), 64<<10) // 1 MiB
+	random := testImage(21, 3<<20)
+	var kept [][]byte
+	for i, payload := range [][]byte{compressible, random, compressible[:300<<10], random[:1<<20]} {
+		name := fmt.Sprintf("data/%02d", i)
+		sealed := c.seal(TypeChunk, name, payload)
+		kept = append(kept, bytes.Clone(sealed))
+		c.recycle(sealed)
+	}
+	for i, payload := range [][]byte{compressible, random, compressible[:300<<10], random[:1<<20]} {
+		got, err := c.open(TypeChunk, fmt.Sprintf("data/%02d", i), kept[i])
+		if err != nil || !bytes.Equal(got, payload) {
+			t.Fatalf("object %d: %v", i, err)
+		}
+	}
 }

@@ -12,14 +12,52 @@ import (
 	"unsafe"
 
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/sys/unix"
 
+	"vmvault/backend"
 	"vmvault/chunk"
+	"vmvault/crypto"
 )
 
-// chunkFetchers bounds concurrent chunk downloads per segment being
-// restored (each holds at most one decoded chunk, ≤ 8 MiB).
-const chunkFetchers = 4
+// A restore keeps restoreWindow segments in assembly at once, and within
+// them fetches chunks in order while their bytes in flight (requested,
+// not yet decoded) stay under fetchBudget. Over a remote backend the
+// budget is the fetch-ahead: with chunks averaging 768 KiB it keeps about
+// 40 requests in flight, spread over every connection, so the server and
+// the link are never idle waiting for one segment; locally it keeps every
+// core decoding. Memory: restoreWindow+1 segment buffers plus the budget.
+const (
+	restoreWindow = 8
+	fetchBudget   = 32 << 20
+	// listWeight is what a segment list (a few KiB) counts against the
+	// budget: it is a request in flight all the same.
+	listWeight = 64 << 10
+)
+
+// chunkFetcher is what a restore's chunk fetches share: the budget of
+// bytes in flight and the buffers sealed chunks are read into, reused
+// from fetch to fetch rather than allocated (and cleared) for each.
+type chunkFetcher struct {
+	budget *semaphore.Weighted
+	bufs   sync.Pool // *[]byte
+}
+
+func newChunkFetcher() *chunkFetcher {
+	return &chunkFetcher{budget: semaphore.NewWeighted(fetchBudget)}
+}
+
+// buffer returns a pooled buffer of n bytes; put it back with f.bufs.Put.
+// Capacities are rounded up to 256 KiB so that buffers fit many chunks.
+func (f *chunkFetcher) buffer(n int) *[]byte {
+	if bp, _ := f.bufs.Get().(*[]byte); bp != nil && cap(*bp) >= n {
+		*bp = (*bp)[:n]
+		return bp
+	}
+	const step = 256 << 10
+	b := make([]byte, n, (n+step-1)/step*step)
+	return &b
+}
 
 // restoredSegment is one segment, authenticated, ready to write. data is
 // nil for an all-zero segment.
@@ -52,13 +90,19 @@ func alignedFor(raw []byte, off int64, size int) (data, pooled []byte) {
 // each chunk is sealed under its name and checked against its keyed chunk
 // ID. Hashing chunks rather than the assembled segment skips the segment's
 // zero runs: a sparse image's partly empty segments cost only their data.
-func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byte) (restoredSegment, error) {
+// Chunks are decoded straight into buf; every request first takes its
+// weight from the fetcher's budget, in order.
+func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byte, f *chunkFetcher) (restoredSegment, error) {
 	seg := restoredSegment{index: i, off: d.segmentStart(i), size: d.segmentLen(i)}
 	id, zero := d.SegmentID(i)
 	if zero {
 		return seg, nil
 	}
+	if err := f.budget.Acquire(ctx, listWeight); err != nil {
+		return seg, err
+	}
 	raw, err := r.getData(ctx, TypeSegment, id)
+	f.budget.Release(listWeight)
 	if err != nil {
 		return seg, err
 	}
@@ -74,10 +118,7 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 		return seg, fmt.Errorf("segment %s: lists %d bytes, expected %d: %w", dataName(id), total, seg.size, ErrCorrupt)
 	}
 	buf = buf[:seg.size]
-	// Chunks of one segment are fetched concurrently: over SFTP each is a
-	// round trip.
 	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(chunkFetchers)
 	var off int64
 	for _, e := range entries {
 		part := buf[off : off+int64(e.Length)]
@@ -86,22 +127,37 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 			clear(part)
 			continue
 		}
+		w := min(int64(e.Length), fetchBudget)
+		if f.budget.Acquire(gctx, w) != nil {
+			break // g.Wait or ctx says why
+		}
 		g.Go(func() error {
-			data, err := r.getData(gctx, TypeChunk, e.ID)
+			defer f.budget.Release(w)
+			name := dataName(e.ID)
+			// Sealed, a chunk is at most its length plus the header and
+			// the AEAD's overhead (compressed only when smaller).
+			bp := f.buffer(len(part) + headerSize + crypto.Overhead + 1)
+			defer f.bufs.Put(bp)
+			n, err := backend.GetInto(gctx, r.be, name, *bp)
+			if errors.Is(err, backend.ErrTooLarge) {
+				err = fmt.Errorf("%w: %w", err, ErrCorrupt)
+			}
 			if err != nil {
+				return fmt.Errorf("%s %s: %w", TypeChunk, name, err)
+			}
+			if err := r.codec.openInto(TypeChunk, name, (*bp)[:n], part); err != nil {
 				return err
 			}
-			if len(data) != len(part) {
-				return fmt.Errorf("chunk %s: %d bytes, segment list says %d: %w", dataName(e.ID), len(data), len(part), ErrCorrupt)
+			if r.chunkH.Sum(part) != e.ID {
+				return fmt.Errorf("chunk %s: content does not match its ID: %w", name, ErrCorrupt)
 			}
-			if r.chunkH.Sum(data) != e.ID {
-				return fmt.Errorf("chunk %s: content does not match its ID: %w", dataName(e.ID), ErrCorrupt)
-			}
-			copy(part, data)
 			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
+		return seg, err
+	}
+	if err := ctx.Err(); err != nil {
 		return seg, err
 	}
 	seg.data = buf
@@ -121,7 +177,8 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 		return fmt.Errorf("disk %s: segment list does not match the image digest: %w", d.Name, ErrCorrupt)
 	}
 	n := d.segmentCount()
-	nw := restoreWorkers()
+	nw := restoreWindow
+	fetcher := newChunkFetcher()
 	parent := ctx
 	g, ctx := errgroup.WithContext(ctx)
 	// Free segment buffers, allocated on first use: at most nw+1 exist.
@@ -159,7 +216,9 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 	// Unordered: fetch workers hand segments to writers, so a worker
 	// never waits for the disk while it could be fetching (over SFTP the
 	// fetches are what keeps the restore busy). writeq holds at most the
-	// window's nw segments.
+	// window's nw segments. There are twice as many writers as cores: a
+	// direct write waits for the device, and more of them in flight keep
+	// its queue full while the cores decode.
 	type queuedSegment struct {
 		seg restoredSegment
 		buf []byte // back to free once written
@@ -173,7 +232,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 			close(writeq)
 			return nil
 		})
-		for range workers() {
+		for range 2 * workers() {
 			g.Go(func() error {
 				// Drain even after a failure elsewhere, writing nothing
 				// more, so no fetch worker waits on a full queue.
@@ -200,7 +259,7 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 			for i := range next {
 				buf := <-free
 				data, buf := alignedFor(buf, d.segmentStart(i), int(d.segmentLen(i)))
-				seg, err := r.fetchSegment(ctx, d, i, data)
+				seg, err := r.fetchSegment(ctx, d, i, data, fetcher)
 				seg.buf = buf
 				if err != nil {
 					return fmt.Errorf("restore %s at offset %d: %w", d.Name, seg.off, err)
@@ -243,12 +302,6 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 	// noticed first.
 	return parent.Err()
 }
-
-// restoreWorkers is how many segments a restore fetches at once. Each
-// segment fetches up to chunkFetchers chunks, so over a remote backend
-// (one round trip per chunk) this keeps enough requests in flight to
-// hide latency; locally it keeps every core decrypting.
-func restoreWorkers() int { return 2*workers() + 1 }
 
 // RestoreStats counts what a restore wrote.
 type RestoreStats struct {

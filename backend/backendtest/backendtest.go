@@ -55,6 +55,7 @@ func Run(t *testing.T, newBackend func(t *testing.T) backend.Backend, opts Optio
 	t.Run("PutRace", func(t *testing.T) { testPutRace(t, newBackend(t)) })
 	t.Run("GetRange", func(t *testing.T) { testGetRange(t, newBackend(t)) })
 	t.Run("GetAll", func(t *testing.T) { testGetAll(t, newBackend(t)) })
+	t.Run("GetInto", func(t *testing.T) { testGetInto(t, newBackend(t)) })
 	t.Run("Stat", func(t *testing.T) { testStat(t, newBackend(t)) })
 	t.Run("List", func(t *testing.T) { testList(t, newBackend(t)) })
 	t.Run("ListMany", func(t *testing.T) { testListMany(t, newBackend(t), opts.ManyObjects) })
@@ -229,6 +230,39 @@ func testGetAll(t *testing.T, b backend.Backend) {
 	}
 	if _, err := b.GetAll(ctx, "data/ff/"+strings.Repeat("f", 64), 10); !errors.Is(err, backend.ErrNotExist) {
 		t.Fatalf("getall of a missing object: %v; want ErrNotExist", err)
+	}
+}
+
+// GetInto (the backend's own, or GetAll and a copy) fills a buffer
+// larger than the object, whatever the object's size relative to a
+// transfer's packets; a buffer the object fills or overflows is
+// ErrTooLarge; a missing object is ErrNotExist.
+func testGetInto(t *testing.T, b backend.Backend) {
+	ctx := context.Background()
+	for _, size := range []int{1, 70000, 600 << 10} {
+		data := RandomBytes(t, size)
+		name := DataName(data)
+		put(t, b, name, data)
+		for _, room := range []int{size + 1, 1 << 20, 3 << 20} {
+			buf := make([]byte, room)
+			n, err := backend.GetInto(ctx, b, name, buf)
+			if err != nil || n != size || !bytes.Equal(buf[:n], data) {
+				t.Fatalf("getinto %d-byte object, %d-byte buffer: %d bytes, %v", size, room, n, err)
+			}
+		}
+		for _, room := range []int{size, size - 1} {
+			if _, err := backend.GetInto(ctx, b, name, make([]byte, room)); !errors.Is(err, backend.ErrTooLarge) {
+				t.Fatalf("getinto %d-byte object, %d-byte buffer: %v; want ErrTooLarge", size, room, err)
+			}
+		}
+	}
+	empty := "data/00/" + strings.Repeat("0", 64)
+	put(t, b, empty, []byte{})
+	if n, err := backend.GetInto(ctx, b, empty, make([]byte, 10)); err != nil || n != 0 {
+		t.Fatalf("getinto of an empty object: %d bytes, %v", n, err)
+	}
+	if _, err := backend.GetInto(ctx, b, "data/ff/"+strings.Repeat("f", 64), make([]byte, 10)); !errors.Is(err, backend.ErrNotExist) {
+		t.Fatalf("getinto of a missing object: %v; want ErrNotExist", err)
 	}
 }
 

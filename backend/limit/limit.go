@@ -126,6 +126,18 @@ func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte,
 	return data, nil
 }
 
+// GetInto implements backend.IntoGetter, paying for the bytes read.
+func (b *Backend) GetInto(ctx context.Context, name string, buf []byte) (int, error) {
+	n, err := backend.GetInto(ctx, b.Backend, name, buf)
+	if err != nil {
+		return 0, err
+	}
+	if err := b.down.Wait(ctx, n); err != nil {
+		return 0, err
+	}
+	return n, nil
+}
+
 // localStore is what the local backend offers beyond backend.Backend.
 type localStore interface {
 	PutDeferred(ctx context.Context, name string, data []byte) error

@@ -301,6 +301,38 @@ func (b *Backend) read(ctx context.Context, name string, off, length, limit int6
 	return buf, nil
 }
 
+// GetInto reads the whole object into buf (backend.IntoGetter); fstat on
+// the open file refuses one that does not fit before reading.
+func (b *Backend) GetInto(ctx context.Context, name string, buf []byte) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	fn, err := b.filename(name)
+	if err != nil {
+		return 0, err
+	}
+	f, err := os.Open(fn)
+	if err != nil {
+		return 0, mapErr("get", name, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return 0, mapErr("get", name, err)
+	}
+	if err := backend.CheckSize(name, st.Size(), int64(len(buf))-1); err != nil {
+		return 0, err
+	}
+	n, err := f.ReadAt(buf[:st.Size()], 0)
+	if err != nil && !(errors.Is(err, io.EOF) && int64(n) == st.Size()) {
+		if errors.Is(err, io.EOF) {
+			return 0, fmt.Errorf("get %s: short object (%d of %d bytes): %w", name, n, st.Size(), io.ErrUnexpectedEOF)
+		}
+		return 0, mapErr("get", name, err)
+	}
+	return n, nil
+}
+
 // Stat returns an object's size.
 func (b *Backend) Stat(ctx context.Context, name string) (backend.ObjectInfo, error) {
 	fn, err := b.filename(name)

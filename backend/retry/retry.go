@@ -150,6 +150,18 @@ func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte,
 	return out, err
 }
 
+// GetInto reads a whole object into buf (backend.IntoGetter);
+// ErrTooLarge is final, not retried.
+func (b *Backend) GetInto(ctx context.Context, name string, buf []byte) (int, error) {
+	var n int
+	err := b.do(ctx, "get", name, func() error {
+		var err error
+		n, err = backend.GetInto(ctx, b.inner, name, buf)
+		return err
+	})
+	return n, err
+}
+
 // Stat returns an object's size.
 func (b *Backend) Stat(ctx context.Context, name string) (backend.ObjectInfo, error) {
 	var out backend.ObjectInfo

@@ -51,6 +51,13 @@ func (f *flaky) List(ctx context.Context, prefix string, fn func(backend.ObjectI
 	return f.Backend.List(ctx, prefix, fn)
 }
 
+func (f *flaky) GetInto(ctx context.Context, name string, buf []byte) (int, error) {
+	if err := f.next(); err != nil {
+		return 0, err
+	}
+	return backend.GetInto(ctx, f.Backend, name, buf)
+}
+
 func (f *flaky) Reconnect(context.Context) error { f.reconnects++; return nil }
 
 type transient struct{}
@@ -160,5 +167,25 @@ func TestCancelDuringBackoff(t *testing.T) {
 	}
 	if time.Since(start) > 10*time.Second || f.calls != 1 {
 		t.Fatalf("cancel did not stop the retries: %d calls in %v", f.calls, time.Since(start))
+	}
+}
+
+// GetInto reaches the store's own GetInto through the wrapper, is retried
+// after a transient failure, and ErrTooLarge is final.
+func TestGetIntoRetried(t *testing.T) {
+	f, r, _ := newFlaky(t)
+	ctx := context.Background()
+	if err := r.Put(ctx, "keys/a", []byte("abcde")); err != nil {
+		t.Fatal(err)
+	}
+	f.fail = []error{transient{}}
+	calls := f.calls
+	buf := make([]byte, 10)
+	if n, err := backend.GetInto(ctx, r, "keys/a", buf); err != nil || string(buf[:n]) != "abcde" || f.calls-calls != 2 {
+		t.Fatalf("getinto after a transient failure: %q, %v, %d calls", buf[:n], err, f.calls-calls)
+	}
+	calls = f.calls
+	if _, err := backend.GetInto(ctx, r, "keys/a", make([]byte, 5)); !errors.Is(err, backend.ErrTooLarge) || f.calls-calls != 1 {
+		t.Fatalf("getinto into a full buffer: %v after %d calls, want ErrTooLarge after 1", err, f.calls-calls)
 	}
 }

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/minio/minio-go/v7"
+
 	"vmvault/backend"
 	"vmvault/internal/testminio"
 )
@@ -80,5 +82,55 @@ func TestObjectLockBucketDefault(t *testing.T) {
 	}
 	if _, err := b.Stat(ctx, "data/00/bb"); err != nil {
 		t.Fatalf("object gone after the refused delete: %v", err)
+	}
+}
+
+// In a versioned bucket (object lock implies versioning) Delete removes
+// the version it found, so no noncurrent copy keeps the space, and prune's
+// permission probe (a delete of a missing name) leaves nothing on MinIO;
+// a plain delete without a version id, as other tools send, only adds a
+// delete marker and keeps the data. docs/server.md states all three.
+func TestVersionedBucketDelete(t *testing.T) {
+	s := testminio.Start(t, testminio.Options{})
+	s.MC(t, "mb", "t/versioned")
+	s.MC(t, "version", "enable", "t/versioned")
+	cfg := rootConfig(t, s, "")
+	cfg.URL = s.URL("versioned")
+	cfg.Create = false
+	b := open(t, cfg)
+	ctx := context.Background()
+	for _, name := range []string{"data/00/cc", "data/00/dd"} {
+		if err := b.Put(ctx, name, []byte("a chunk")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Delete(ctx, "data/00/cc"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Delete(ctx, "locks/probe"); !errors.Is(err, backend.ErrNotExist) {
+		t.Fatalf("delete of a missing name: %v, want ErrNotExist", err)
+	}
+	if err := b.client.RemoveObject(ctx, b.bucket, "data/00/dd", minio.RemoveObjectOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	versions := map[string][]string{}
+	for oi := range b.client.ListObjects(ctx, b.bucket, minio.ListObjectsOptions{Recursive: true, WithVersions: true}) {
+		if oi.Err != nil {
+			t.Fatal(oi.Err)
+		}
+		kind := "version"
+		if oi.IsDeleteMarker {
+			kind = "delete marker"
+		}
+		versions[oi.Key] = append(versions[oi.Key], kind)
+	}
+	if v := versions["data/00/cc"]; len(v) != 0 {
+		t.Errorf("Delete left %v, want nothing", v)
+	}
+	if v := versions["locks/probe"]; len(v) != 0 {
+		t.Errorf("the probe left %v, want nothing", v)
+	}
+	if v := strings.Join(versions["data/00/dd"], ","); v != "delete marker,version" && v != "version,delete marker" {
+		t.Errorf("a delete without version id left %q, want a delete marker and the version", v)
 	}
 }

@@ -84,7 +84,8 @@ type Config struct {
 	// BUCKET.HOST (needed by most MinIO and Ceph installations; the SDK
 	// chooses by itself when false).
 	PathStyle bool
-	// Connections bounds the requests in flight (DefaultConnections when
+	// Connections bounds the requests in flight, which is also the
+	// number of connections kept open for reuse (DefaultConnections when
 	// zero).
 	Connections int
 	// ObjectLockDays, when positive, writes every object except locks
@@ -223,8 +224,13 @@ func credentialsFor(cfg Config) (*credentials.Credentials, error) {
 // the configured certificate authorities.
 func transport(cfg Config, conns int) (*http.Transport, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.MaxIdleConns = 2 * conns
-	tr.MaxIdleConnsPerHost = 2 * conns
+	// At most conns connections, every one kept for reuse: a request
+	// beyond them waits for a free connection rather than opening one
+	// that would be closed after a single use (a restore's fetch-ahead
+	// once opened a new connection for every third chunk that way).
+	tr.MaxConnsPerHost = conns
+	tr.MaxIdleConns = conns
+	tr.MaxIdleConnsPerHost = conns
 	tr.ResponseHeaderTimeout = 2 * time.Minute
 	tr.DisableCompression = true // objects are compressed and encrypted already
 	if cfg.CAFile != "" {
@@ -441,6 +447,29 @@ func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte,
 		return nil, b.mapErr("get", name, fmt.Errorf("read body: %w", err))
 	}
 	return buf, nil
+}
+
+// GetInto reads the whole object into buf in one GET
+// (backend.IntoGetter); the size in the response headers refuses one that
+// does not fit before its body is read.
+func (b *Backend) GetInto(ctx context.Context, name string, buf []byte) (int, error) {
+	key, err := b.key(name)
+	if err != nil {
+		return 0, err
+	}
+	body, info, _, err := minio.Core{Client: b.client}.GetObject(ctx, b.bucket, key, minio.GetObjectOptions{})
+	if err != nil {
+		return 0, b.mapErr("get", name, err)
+	}
+	defer body.Close()
+	if err := backend.CheckSize(name, info.Size, int64(len(buf))-1); err != nil {
+		return 0, err
+	}
+	n, err := io.ReadFull(body, buf[:info.Size])
+	if err != nil {
+		return 0, b.mapErr("get", name, fmt.Errorf("read body: %w", err))
+	}
+	return n, nil
 }
 
 // emptyTail answers a read from off to the end that the store refused

@@ -5,10 +5,15 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
+
+	"golang.org/x/sync/errgroup"
 
 	"vmvault/backend"
 	"vmvault/backend/backendtest"
@@ -116,5 +121,47 @@ func TestURL(t *testing.T) {
 		} else if strings.Contains(err.Error(), "secret") {
 			t.Errorf("error leaks the secret: %v", err)
 		}
+	}
+}
+
+// Requests beyond Config.Connections wait for a free connection rather
+// than each opening one that is closed after a single use: a restore's
+// fetch-ahead, with more requests in flight than idle connections kept,
+// once opened a new TCP connection for every third chunk it fetched.
+func TestConnectionsReused(t *testing.T) {
+	s := testminio.Start(t, testminio.Options{})
+	cfg := rootConfig(t, s, "")
+	cfg.Connections = 4
+	b := open(t, cfg)
+	ctx := context.Background()
+	names := make([]string, 64)
+	for i := range names {
+		data := []byte(fmt.Sprintf("object %d", i))
+		names[i] = backendtest.DataName(data)
+		if err := b.Put(ctx, names[i], data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var dials atomic.Int64
+	dial := b.transport.DialContext
+	b.transport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		dials.Add(1)
+		return dial(ctx, network, addr)
+	}
+	b.transport.CloseIdleConnections()
+	for range 3 {
+		g, gctx := errgroup.WithContext(ctx)
+		for _, name := range names {
+			g.Go(func() error {
+				_, err := b.GetAll(gctx, name, 1<<20)
+				return err
+			})
+		}
+		if err := g.Wait(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := dials.Load(); n > int64(cfg.Connections) {
+		t.Fatalf("%d connections opened for 3 × 64 concurrent reads, want at most %d", n, cfg.Connections)
 	}
 }

@@ -430,6 +430,38 @@ func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte,
 	return b.read(ctx, name, 0, -1, limit)
 }
 
+// GetInto reads the whole object into buf (backend.IntoGetter) without
+// asking for its size: the read requests for all of buf go out at once,
+// and the server's end of file says how long the object is. That saves
+// the fstat round trip of GetAll; a buffer the object fills proves it too
+// large.
+func (b *Backend) GetInto(ctx context.Context, name string, buf []byte) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	p, err := b.remote(name)
+	if err != nil {
+		return 0, err
+	}
+	c, _, err := b.client()
+	if err != nil {
+		return 0, fmt.Errorf("get %s: %w", name, err)
+	}
+	f, err := c.Open(p)
+	if err != nil {
+		return 0, b.mapErr("get", name, err)
+	}
+	defer f.Close()
+	n, err := f.ReadAt(buf, 0)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return 0, b.mapErr("get", name, err)
+	}
+	if n >= len(buf) {
+		return 0, fmt.Errorf("get %s: more than %d bytes: %w", name, len(buf)-1, backend.ErrTooLarge)
+	}
+	return n, nil
+}
+
 // read reads length bytes at off (length < 0: to the end); with limit >=
 // 0 it first refuses an object larger than limit.
 func (b *Backend) read(ctx context.Context, name string, off, length, limit int64) ([]byte, error) {

@@ -247,6 +247,76 @@ func TestMissingRepository(t *testing.T) {
 	}
 }
 
+// The command finds S3 credentials in every documented place, with no
+// AWS_* variable set: the configuration's [repository] s3_* keys, the
+// shared credentials file's profile named by AWS_PROFILE or by
+// s3_profile, and the default file ~/.aws/credentials. Wrong or missing
+// credentials fail with one line naming the fix.
+func TestCredentialSourcesCLI(t *testing.T) {
+	e := newEnv(t)
+	h := e.host("", e.root)
+	e.ok(h, initArgs...)
+	home := filepath.Join(e.dir, "home")
+	secret := filepath.Join(e.dir, "s3-secret")
+	shared := filepath.Join(e.dir, "aws-credentials")
+	write := func(path, text string) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(secret, e.root.secret+"\n")
+	write(shared, fmt.Sprintf("[default]\naws_access_key_id = nobody\naws_secret_access_key = wrong-secret-0123\n\n[vmvault]\naws_access_key_id = %s\naws_secret_access_key = %s\n", e.root.id, e.root.secret))
+	// run writes a configuration with the given extra [repository] keys
+	// and lists the generations with it, without --repo.
+	run := func(keys string, env ...string) result {
+		t.Helper()
+		cfg := filepath.Join(e.dir, "vmvault.toml")
+		write(cfg, fmt.Sprintf("[repository]\nurl = %q\npassword_file = %q\ncache_dir = %q\ns3_path_style = true\n%s", e.repo, e.pw, h.cache, keys))
+		cmd := exec.Command(vmvaultBin, "generations")
+		cmd.Env = append(cleanEnv(), append([]string{"VMVAULT_CONFIG=" + cfg, "HOME=" + home}, env...)...)
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		code := 0
+		if err := cmd.Run(); err != nil {
+			ee, ok := err.(*exec.ExitError)
+			if !ok {
+				t.Fatal(err)
+			}
+			code = ee.ExitCode()
+		}
+		return result{code, out.String(), errb.String()}
+	}
+	keys := fmt.Sprintf("s3_access_key_id = %q\ns3_secret_access_key_file = %q\n", e.root.id, secret)
+	for _, tc := range []struct {
+		name, keys string
+		env        []string
+		fail       string // "" for success, else a piece of the error
+	}{
+		{"configuration keys", keys, nil, ""},
+		{"AWS_PROFILE", "", []string{"AWS_SHARED_CREDENTIALS_FILE=" + shared, "AWS_PROFILE=vmvault"}, ""},
+		{"s3_profile", "s3_profile = \"vmvault\"\n", []string{"AWS_SHARED_CREDENTIALS_FILE=" + shared}, ""},
+		{"file's default profile is wrong", "", []string{"AWS_SHARED_CREDENTIALS_FILE=" + shared}, "a wrong access key or secret"},
+		{"no credentials anywhere", "", nil, "no s3 credentials"},
+	} {
+		r := run(tc.keys, tc.env...)
+		switch {
+		case tc.fail == "" && r.code != 0:
+			t.Errorf("%s: exit %d: %s", tc.name, r.code, r.stderr)
+		case tc.fail != "" && (r.code == 0 || !strings.Contains(r.stderr, tc.fail) || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0):
+			t.Errorf("%s: exit %d, stderr %q; want one line containing %q", tc.name, r.code, r.stderr, tc.fail)
+		}
+	}
+	// The default file, ~/.aws/credentials, with its default profile.
+	write(filepath.Join(home, ".aws", "credentials"), fmt.Sprintf("[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n", e.root.id, e.root.secret))
+	if r := run(""); r.code != 0 {
+		t.Errorf("~/.aws/credentials: exit %d: %s", r.code, r.stderr)
+	}
+}
+
 // appendOnlyPolicy is the bucket policy docs/server.md gives for a host's
 // credential: read, write and list, no delete. (Kept identical to the
 // documentation by TestDocumentedPolicy.)
