@@ -52,6 +52,16 @@ type Extent struct {
 	Hole bool
 }
 
+// SliceExport is an Export that can also hand out a range as read-only
+// slices of its own memory, so that a read is sent without a copy.
+type SliceExport interface {
+	Export
+	// ReadSlices returns the length bytes at off, which lie inside the
+	// image, as slices the caller only reads. Any error fails the
+	// client's request with EIO.
+	ReadSlices(off, length int64) ([][]byte, error)
+}
+
 // WritableExport is an Export that also accepts writes (NBD_CMD_WRITE,
 // WRITE_ZEROES, TRIM and FLUSH).
 type WritableExport interface {
@@ -62,6 +72,26 @@ type WritableExport interface {
 	WriteZeroes(off, length int64) error
 	// Flush makes completed writes durable.
 	Flush() error
+}
+
+// readParts returns the length bytes of e at off: as e's own slices where
+// it is a SliceExport, else read into buf (at least length long).
+func readParts(e Export, buf []byte, off, length int64) ([][]byte, error) {
+	if se, ok := e.(SliceExport); ok {
+		parts, err := se.ReadSlices(off, length)
+		n := int64(0)
+		for _, p := range parts {
+			n += int64(len(p))
+		}
+		if err == nil && n != length {
+			err = io.ErrUnexpectedEOF
+		}
+		return parts, err
+	}
+	if err := readFull(e, buf[:length], off); err != nil {
+		return nil, err
+	}
+	return [][]byte{buf[:length]}, nil
 }
 
 // readFull reads exactly len(p) bytes from e at off: an io.EOF with a full

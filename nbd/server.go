@@ -505,15 +505,16 @@ func (cs *conn) read(e Export, req request) {
 	buf, release := cs.srv.buffer(length)
 	defer release()
 	if !cs.structured || req.flags&cmdFlagDF != 0 {
-		if err := readFull(e, buf, off); err != nil {
+		parts, err := readParts(e, buf, off, length)
+		if err != nil {
 			cs.readError(req, off, err)
 			return
 		}
 		if !cs.structured {
-			cs.send(simpleReply(req.cookie, 0), buf)
+			cs.send(append([][]byte{simpleReply(req.cookie, 0)}, parts...)...)
 			return
 		}
-		cs.send(chunkHeader(req.cookie, replyFlagDone, chunkOffsetData, uint32(8+length)), appendU64(nil, uint64(off)), buf)
+		cs.send(append([][]byte{chunkHeader(req.cookie, replyFlagDone, chunkOffsetData, uint32(8+length)), appendU64(nil, uint64(off))}, parts...)...)
 		return
 	}
 	ext, err := e.Extents(off, length)
@@ -531,12 +532,12 @@ func (cs *conn) read(e Export, req request) {
 			cs.send(chunkHeader(req.cookie, 0, chunkOffsetHole, uint32(len(p))), p)
 			continue
 		}
-		data := buf[:x.Length]
-		if err := readFull(e, data, x.Offset); err != nil {
+		parts, err := readParts(e, buf, x.Offset, x.Length)
+		if err != nil {
 			cs.readError(req, x.Offset, err)
 			return
 		}
-		cs.send(chunkHeader(req.cookie, 0, chunkOffsetData, uint32(8+x.Length)), appendU64(nil, uint64(x.Offset)), data)
+		cs.send(append([][]byte{chunkHeader(req.cookie, 0, chunkOffsetData, uint32(8+x.Length)), appendU64(nil, uint64(x.Offset))}, parts...)...)
 	}
 	cs.send(chunkHeader(req.cookie, replyFlagDone, chunkNone, 0))
 }
