@@ -3,15 +3,24 @@
 //
 // A segment is first cut at runs of all-zero blocks (ZeroBlock-aligned
 // within the segment); the data extents between them are split by
-// github.com/restic/chunker under the repository's secret polynomial. Zero
+// content-defined chunking under the repository's secret polynomial. Zero
 // runs are never chunks: they are stored as lengths and restored as holes.
+//
+// The chunking is restic's (github.com/restic/chunker, with MinSize,
+// MaxSize and AverageSize below), and must cut exactly where restic's
+// chunker cuts the same extent: the Splitter works on the segment in
+// memory instead of through restic's reader (which copied every byte
+// twice), with restic's tables and the same rule (TestSplitMatchesRestic).
+// A chunk's end depends only on where it starts and on its bytes:
+//   - a cut falls at the first p ≥ MinSize (p counted from the chunk's
+//     start) where the Rabin fingerprint of the 64 bytes before p, modulo
+//     the polynomial, has its low log2(AverageSize) bits zero;
+//   - else at MaxSize, or at the extent's end.
 package chunk
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
-	"io"
 
 	"github.com/restic/chunker"
 )
@@ -29,9 +38,8 @@ const ZeroBlock = 64 << 10
 // also the format's bound on a chunk that readers accept.
 const (
 	MinSize     = 256 << 10
-	AverageSize = 512 << 10
+	AverageSize = 512 << 10 // a power of two
 	MaxSize     = 8 << 20
-	averageBits = 19 // log2(AverageSize)
 )
 
 var zeros [ZeroBlock]byte
@@ -59,11 +67,18 @@ type Piece struct {
 // Splitter cuts segments. It is not safe for concurrent use: give each
 // worker its own.
 type Splitter struct {
-	pol chunker.Pol
-	c   *chunker.Chunker
-	buf []byte
-	rd  bytes.Reader
+	// out[b] removes byte b leaving the 64-byte window; mod[i] reduces
+	// the top byte i of a shifted fingerprint (restic's tables).
+	out, mod [256]uint64
+	shift    uint // degree k of the polynomial − 8
+	// For two bytes a step (next): out8[b] is out[b]·x⁸, hi[i] and lo[i]
+	// are i·x^(k+8) and i·x^k, all reduced.
+	out8, hi, lo [256]uint64
+	lowMask      uint64 // the k−16 low bits of a fingerprint
 }
+
+// windowSize is the number of bytes a fingerprint covers.
+const windowSize = 64
 
 // NewSplitter returns a Splitter for the repository's polynomial.
 func NewSplitter(pol uint64) (*Splitter, error) {
@@ -71,7 +86,69 @@ func NewSplitter(pol uint64) (*Splitter, error) {
 	if !p.Irreducible() {
 		return nil, fmt.Errorf("chunker polynomial %#x is not irreducible", pol)
 	}
-	return &Splitter{pol: p, buf: make([]byte, MaxSize)}, nil
+	k := p.Deg()
+	if k < 16 || k > 53 {
+		return nil, fmt.Errorf("chunker polynomial %#x: degree %d, must be 16 to 53", pol, k)
+	}
+	s := &Splitter{shift: uint(k - 8), lowMask: 1<<(k-16) - 1}
+	for b := range 256 {
+		// b followed by 63 zero bytes, reduced.
+		h := chunker.Pol(b).Mod(p)
+		for range windowSize - 1 {
+			h = (h << 8).Mod(p)
+		}
+		s.out[b] = uint64(h)
+		xk := (chunker.Pol(b) << uint(k)).Mod(p)
+		s.mod[b] = uint64(xk | chunker.Pol(b)<<uint(k))
+		s.lo[b] = uint64(xk)
+		s.hi[b] = uint64((xk << 8).Mod(p))
+		s.out8[b] = uint64((h << 8).Mod(p))
+	}
+	return s, nil
+}
+
+// next returns the length of the first chunk of data, the rest of a data
+// extent from a chunk's start.
+func (s *Splitter) next(data []byte) int {
+	if len(data) <= MinSize {
+		return len(data)
+	}
+	end := min(len(data), MaxSize)
+	var d uint64
+	for _, b := range data[MinSize-windowSize : MinSize] {
+		d = (d<<8 | uint64(b)) ^ s.mod[byte(d>>s.shift)]
+	}
+	// in[j] enters the window as leave[j] leaves it; d covers the 64
+	// bytes before MinSize+j.
+	in := data[MinSize:end]
+	leave := data[MinSize-windowSize : end-windowSize]
+	leave = leave[:len(in)]
+	const mask = AverageSize - 1
+	j := 0
+	// Two bytes a step: each fingerprint depends on the one before, and
+	// reducing sixteen bits at once (two table lookups side by side)
+	// halves that chain; the fingerprint in between, needed only for its
+	// test, is computed off the chain.
+	for ; j+1 < len(in); j += 2 {
+		if d&mask == 0 {
+			return MinSize + j
+		}
+		i0, i1, l0, l1 := in[j], in[j+1], leave[j], leave[j+1]
+		e := d ^ s.out[l0]
+		if ((e<<8|uint64(i0))^s.mod[byte(e>>s.shift)])&mask == 0 {
+			return MinSize + j + 1
+		}
+		h := e >> (s.shift - 8)
+		d = (e&s.lowMask)<<16 ^ (uint64(i0)<<8 | uint64(i1)) ^ s.hi[byte(h>>8)] ^ s.lo[byte(h)] ^ s.out8[l1]
+	}
+	for ; j < len(in); j++ {
+		if d&mask == 0 {
+			return MinSize + j
+		}
+		d ^= s.out[leave[j]]
+		d = (d<<8 | uint64(in[j])) ^ s.mod[byte(d>>s.shift)]
+	}
+	return end // MaxSize, or the extent's end
 }
 
 // Split calls fn for each piece of seg in order. The pieces cover seg
@@ -114,31 +191,12 @@ func (s *Splitter) Split(seg []byte, fn func(Piece) error) error {
 }
 
 func (s *Splitter) splitData(seg []byte, start, end int, fn func(Piece) error) error {
-	s.rd.Reset(seg[start:end])
-	if s.c == nil {
-		s.c = chunker.NewWithBoundaries(&s.rd, s.pol, MinSize, MaxSize)
-	} else {
-		s.c.ResetWithBoundaries(&s.rd, s.pol, MinSize, MaxSize)
-	}
-	s.c.SetAverageBits(averageBits)
-	off := start
-	for {
-		c, err := s.c.Next(s.buf)
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
+	for off := start; off < end; {
+		n := s.next(seg[off:end])
+		if err := fn(Piece{Offset: off, Length: n, Data: seg[off : off+n]}); err != nil {
 			return err
 		}
-		// Hand out the segment's own bytes, not the chunker's copy, so
-		// the caller may keep them as long as the segment lives.
-		if err := fn(Piece{Offset: off, Length: int(c.Length), Data: seg[off : off+int(c.Length)]}); err != nil {
-			return err
-		}
-		off += int(c.Length)
-	}
-	if off != end {
-		return fmt.Errorf("chunker covered %d of %d bytes", off-start, end-start)
+		off += n
 	}
 	return nil
 }

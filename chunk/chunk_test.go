@@ -2,8 +2,14 @@ package chunk
 
 import (
 	"bytes"
+	"errors"
+	"io"
+	"math/bits"
 	"math/rand/v2"
+	"slices"
 	"testing"
+
+	"github.com/restic/chunker"
 )
 
 func testPol(t testing.TB) uint64 {
@@ -114,7 +120,7 @@ func TestSplitLocality(t *testing.T) {
 	}
 }
 
-// The chunker cuts with probability 2^-averageBits per byte once a chunk
+// The chunker cuts with probability 1/AverageSize per byte once a chunk
 // has MinSize bytes, so chunks average MinSize + AverageSize (768 KiB):
 // about 85 in 64 MiB of random data. The count varies with the
 // repository's random polynomial (74–100 seen over 25 polynomials), so
@@ -147,5 +153,50 @@ func BenchmarkIsZero(b *testing.B) {
 	b.SetBytes(int64(len(seg)))
 	for b.Loop() {
 		IsZero(seg)
+	}
+}
+
+// restic's chunker is the reference: the Splitter must cut every data
+// extent exactly where chunker.Chunker (with our sizes) cuts it, or
+// repositories would stop deduplicating against what they hold. Extents
+// of random data, of low-entropy data that reaches MaxSize, shorter than
+// MinSize and of exactly MinSize, under several polynomials.
+func TestSplitMatchesRestic(t *testing.T) {
+	repeat := bytes.Repeat([]byte{1, 2, 3, 5, 8, 13, 21}, 3<<20) // 21 MiB, no cut before MaxSize
+	extents := [][]byte{randomBytes(5, 24<<20), repeat, randomBytes(6, MinSize), randomBytes(7, MinSize-1), randomBytes(8, MinSize+1), randomBytes(9, 3<<20+12345)}
+	buf := make([]byte, MaxSize)
+	for range 4 {
+		pol := testPol(t)
+		s, err := NewSplitter(pol)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, ext := range extents {
+			c := chunker.NewWithBoundaries(bytes.NewReader(ext), chunker.Pol(pol), MinSize, MaxSize)
+			c.SetAverageBits(bits.TrailingZeros(AverageSize))
+			var want []int
+			for {
+				ch, err := c.Next(buf)
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				want = append(want, int(ch.Length))
+			}
+			var got []int
+			for off := 0; off < len(ext); {
+				n := s.next(ext[off:])
+				got = append(got, n)
+				off += n
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("polynomial %#x, extent %d (%d bytes): chunks %v, restic's chunker %v", pol, i, len(ext), got, want)
+			}
+			if i == 1 && (len(got) < 2 || got[0] != MaxSize) {
+				t.Fatalf("low-entropy extent: chunks %v, want MaxSize cuts", got)
+			}
+		}
 	}
 }

@@ -22,6 +22,7 @@ import (
 
 	"vmvault/backend/local"
 	"vmvault/crypto"
+	"vmvault/internal/testio"
 	"vmvault/repo"
 )
 
@@ -107,10 +108,14 @@ func backupFile(t testing.TB, r *repo.Repository, vm, path string, at time.Time)
 // mountTest mounts src on a fresh directory and serves it until the test
 // ends (or stop is called); stop returns Serve's error.
 func mountTest(t *testing.T, src Source) (dir string, m *Mounted, stop func() error) {
+	return mountTestOpts(t, src, Options{})
+}
+
+func mountTestOpts(t *testing.T, src Source, opts Options) (dir string, m *Mounted, stop func() error) {
 	t.Helper()
 	dir = t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
-	m, err := Mount(ctx, dir, src, Options{})
+	m, err := Mount(ctx, dir, src, opts)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
@@ -222,6 +227,77 @@ func TestMountTreeAndLoopMount(t *testing.T) {
 	}
 }
 
+// Both ways of serving a disk file give the image's bytes to every kind
+// of reader: large and small reads, a shared and a private mmap, and a
+// loop mount. Direct I/O is used exactly when the kernel also allows mmap
+// on direct I/O files.
+func TestMountReadModes(t *testing.T) {
+	needFUSE(t)
+	r, _ := newRepo(t)
+	img, tree := ext4Image(t, t.TempDir(), 6)
+	backupFile(t, r, "vm01", img, time.Time{})
+	want, _ := os.ReadFile(img)
+	for _, pageCache := range []bool{false, true} {
+		dir, mnt, stop := mountTestOpts(t, r, Options{PageCache: pageCache})
+		if kernel := kernelAllowsDirectIOMmap(); mnt.DirectIO() != (kernel && !pageCache) {
+			t.Fatalf("PageCache %v, kernel allows mmap on direct I/O %v: DirectIO() = %v", pageCache, kernel, mnt.DirectIO())
+		}
+		disk := filepath.Join(dir, "vm01/latest/hda")
+		for _, block := range []int{4 << 20, 3<<10 + 7} {
+			if testio.ReadExpectEIO(t, disk, want, block) != 0 {
+				t.Fatalf("PageCache %v: a read of an undamaged disk failed", pageCache)
+			}
+		}
+		for _, flags := range []int{unix.MAP_SHARED, unix.MAP_PRIVATE} {
+			if err := mmapEqual(disk, want, flags); err != nil {
+				t.Fatalf("PageCache %v: %v", pageCache, err)
+			}
+		}
+		loop := t.TempDir()
+		if out, err := exec.Command("mount", "-o", "ro,loop,noload", disk, loop).CombinedOutput(); err != nil {
+			t.Fatalf("PageCache %v: loop mount: %v: %s", pageCache, err, out)
+		}
+		got, err := os.ReadFile(filepath.Join(loop, "big.bin"))
+		exec.Command("umount", loop).Run()
+		if wantBig, _ := os.ReadFile(filepath.Join(tree, "big.bin")); err != nil || !bytes.Equal(got, wantBig) {
+			t.Fatalf("PageCache %v: big.bin from the loop mount differs (%v)", pageCache, err)
+		}
+		if err := stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// mmapEqual maps the file at path and compares it with want; the file is
+// closed and unmapped before it returns, so a failure leaves nothing open
+// on the mount.
+func mmapEqual(path string, want []byte, flags int) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	b, err := unix.Mmap(int(f.Fd()), 0, len(want), unix.PROT_READ, flags)
+	if err != nil {
+		return fmt.Errorf("mmap (flags %#x): %w", flags, err)
+	}
+	defer unix.Munmap(b)
+	if !bytes.Equal(b, want) {
+		return fmt.Errorf("mmap (flags %#x) differs from the image", flags)
+	}
+	return nil
+}
+
+// kernelAllowsDirectIOMmap tells by the kernel's version, not as Mount
+// does by the FUSE handshake: Linux 6.6 added FUSE_DIRECT_IO_ALLOW_MMAP.
+func kernelAllowsDirectIOMmap() bool {
+	var u unix.Utsname
+	unix.Uname(&u)
+	var major, minor int
+	fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor)
+	return major > 6 || major == 6 && minor >= 6
+}
+
 // A flipped byte in a chunk: reads of that range fail with EIO, never
 // with other bytes; every read that succeeds returns the image's bytes.
 func TestMountDamagedChunkEIO(t *testing.T) {
@@ -229,55 +305,12 @@ func TestMountDamagedChunkEIO(t *testing.T) {
 	r, repoDir := newRepo(t)
 	img, _ := ext4Image(t, t.TempDir(), 3)
 	backupFile(t, r, "vm01", img, time.Time{})
-	flipLargestObject(t, repoDir)
+	testio.FlipLargestObject(t, repoDir)
 
 	dir, _, _ := mountTest(t, r)
 	want, _ := os.ReadFile(img)
-	f, err := os.Open(filepath.Join(dir, "vm01/latest/hda"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	p := make([]byte, 64<<10)
-	failed := 0
-	for off := int64(0); off < int64(len(want)); off += int64(len(p)) {
-		k, err := f.ReadAt(p, off)
-		if err != nil {
-			if !errors.Is(err, syscall.EIO) {
-				t.Fatalf("read at %d: %v, want EIO", off, err)
-			}
-			failed++
-			continue
-		}
-		if !bytes.Equal(p[:k], want[off:off+int64(k)]) {
-			t.Fatalf("read at %d returned wrong bytes", off)
-		}
-	}
-	if failed == 0 {
+	if testio.ReadExpectEIO(t, filepath.Join(dir, "vm01/latest/hda"), want, 64<<10) == 0 {
 		t.Fatal("no read failed although a chunk is damaged")
-	}
-}
-
-func flipLargestObject(t *testing.T, repoDir string) {
-	t.Helper()
-	var best string
-	var size int64
-	filepath.WalkDir(filepath.Join(repoDir, "data"), func(p string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() {
-			if fi, err := d.Info(); err == nil && fi.Size() > size {
-				best, size = p, fi.Size()
-			}
-		}
-		return nil
-	})
-	os.Chmod(best, 0o600)
-	b, err := os.ReadFile(best)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b[len(b)/2] ^= 0x10
-	if err := os.WriteFile(best, b, 0o600); err != nil {
-		t.Fatal(err)
 	}
 }
 
@@ -369,9 +402,11 @@ func TestMountPartitionsByOffset(t *testing.T) {
 func TestMountSeekHoles(t *testing.T) {
 	needFUSE(t)
 	r, _ := newRepo(t)
-	img := make([]byte, 40<<20)
+	// The hole before 120 MiB is longer than the 64 MiB a seek looks at
+	// in one go.
+	img := make([]byte, 140<<20)
 	rng := rand.New(rand.NewPCG(4, 4))
-	for _, at := range []int{3 << 20, 17<<20 + 12345, 33 << 20} {
+	for _, at := range []int{3 << 20, 17<<20 + 12345, 120 << 20} {
 		for i := at; i < at+1<<20; i++ {
 			img[i] = byte(rng.Uint32() | 1)
 		}

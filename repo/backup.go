@@ -12,6 +12,7 @@ import (
 	"math"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -173,6 +174,11 @@ func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, p
 		}
 		st.sem.Release(int64(len(sealed)))
 		e := IndexEntry{ID: id, Type: t, Size: uint32(len(sealed))}
+		if err == nil || errors.Is(err, backend.ErrExist) {
+			// The store has read all of it. (After another error an
+			// HTTP transport may still be reading the body.)
+			st.r.codec.recycle(sealed)
+		}
 		switch {
 		case err == nil:
 			st.stats.stored.Add(int64(len(sealed)))
@@ -428,10 +434,14 @@ func (r *Repository) commitManifest(ctx context.Context, m *Manifest, storedSoFa
 	return nil
 }
 
+// segmentJob is segment i, buf[:n]. A job with release set holds a
+// mapped window: the worker calls release instead of returning buf to the
+// free buffers.
 type segmentJob struct {
-	i   int
-	buf []byte
-	n   int
+	i       int
+	buf     []byte
+	n       int
+	release func()
 }
 
 // segmentWorkers hash and store a disk's segments in parallel: a reader
@@ -447,12 +457,13 @@ type segmentWorkers struct {
 	mu     sync.Mutex
 	ids    [][32]byte
 	err    error
+	source string // names the disk in errors
 }
 
 // startSegmentWorkers starts nw workers; bufLen is the size of the buffers
-// getBuf hands out (the longest segment).
-func (st *backupState) startSegmentWorkers(ctx context.Context, nw, bufLen int) *segmentWorkers {
-	w := &segmentWorkers{st: st, ctx: ctx, bufLen: bufLen, jobs: make(chan segmentJob, 1),
+// getBuf hands out (the longest segment), source names the disk in errors.
+func (st *backupState) startSegmentWorkers(ctx context.Context, nw, bufLen int, source string) *segmentWorkers {
+	w := &segmentWorkers{st: st, ctx: ctx, bufLen: bufLen, source: source, jobs: make(chan segmentJob, 1),
 		// Buffers: one per worker, the one being filled, and one to
 		// carry a window's tail into the next segment while the workers
 		// are busy.
@@ -474,13 +485,21 @@ func (w *segmentWorkers) run() {
 		w.fail(err)
 		// Drain, so the reader never blocks on a worker that quit.
 		for job := range w.jobs {
-			w.free <- job.buf
+			if job.release != nil {
+				job.release()
+			} else {
+				w.free <- job.buf
+			}
 		}
 		return
 	}
 	for job := range w.jobs {
-		id, err := w.st.storeSegment(w.ctx, sp, job.buf[:job.n])
-		w.free <- job.buf
+		id, err := w.st.storeJob(w.ctx, sp, w.source, job)
+		if job.release != nil {
+			job.release()
+		} else {
+			w.free <- job.buf
+		}
 		if err != nil {
 			w.fail(err)
 			continue
@@ -511,14 +530,51 @@ func (w *segmentWorkers) setID(i int, id crypto.ID) {
 // getBuf returns a free segment buffer, waiting for a worker to release
 // one.
 func (w *segmentWorkers) getBuf() ([]byte, error) {
+	buf, err := w.takeSlot()
+	if err == nil && buf == nil {
+		buf = make([]byte, w.bufLen)
+	}
+	return buf, err
+}
+
+// takeSlot takes one of the slots that bound the windows in flight,
+// waiting for a worker to release one; the buffer in it may be nil (not
+// allocated yet). A mapped window holds a slot instead of a buffer.
+func (w *segmentWorkers) takeSlot() ([]byte, error) {
 	select {
 	case buf := <-w.free:
-		if buf == nil {
-			buf = make([]byte, w.bufLen)
-		}
 		return buf, nil
 	case <-w.ctx.Done():
 		return nil, context.Cause(w.ctx)
+	}
+}
+
+// submitMapped hands segment i, the first c bytes of a window mapped in
+// slot, to the workers, which unmap it and free the slot when done.
+func (w *segmentWorkers) submitMapped(i int, mem []byte, c int, slot []byte) error {
+	job := segmentJob{i: i, buf: mem, n: c, release: func() { unmapWindow(mem); w.free <- slot }}
+	select {
+	case w.jobs <- job:
+		return nil
+	case <-w.ctx.Done():
+		job.release()
+		return context.Cause(w.ctx)
+	}
+}
+
+// submitDropped hands buf[:c], segment i, to the workers, which drop the
+// buffer when done (its slot stays free of a buffer): a reader of mapped
+// windows reads into a buffer only where a window holds holes, and
+// buffers and mapped windows would otherwise both count against the
+// memory bound.
+func (w *segmentWorkers) submitDropped(i int, buf []byte, c int) error {
+	job := segmentJob{i: i, buf: buf, n: c, release: func() { w.free <- nil }}
+	select {
+	case w.jobs <- job:
+		return nil
+	case <-w.ctx.Done():
+		job.release()
+		return context.Cause(w.ctx)
 	}
 }
 
@@ -595,7 +651,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	}
 	cut := st.r.segmenter
 	nw := workers()
-	w := st.startSegmentWorkers(ctx, nw, cut.Max())
+	w := st.startSegmentWorkers(ctx, nw, cut.Max(), src.Source)
 
 	var sum hash.Hash
 	if req.SHA256 {
@@ -603,9 +659,28 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	}
 	ir := newImageReader(src, nw)
 	ir.limit = st.readLimit
+	if ir.mappable() {
+		// Mapped windows take the place of the heap's segment buffers
+		// but are memory the garbage collector does not see: a soft
+		// memory limit (cmd/vmvault sets one) shrinks by their bound
+		// while the disk is read, so the process keeps its bound.
+		if lim := debug.SetMemoryLimit(-1); lim != math.MaxInt64 {
+			defer debug.SetMemoryLimit(debug.SetMemoryLimit(max(lim/2, lim-int64((nw+2)*cut.Max()))))
+		}
+	}
 	var lens []int64
 	var total int64
-	readErr := func() error {
+	readErr := func() (err error) {
+		// The reader touches mapped windows too (cut, SHA-256).
+		defer catchFault(src.Source, &err)()
+		// advance records segment c bytes long, handed to the workers.
+		advance := func(c int) {
+			lens = append(lens, int64(c))
+			total += int64(c)
+			if req.Progress != nil {
+				req.Progress(src.Name, total)
+			}
+		}
 		var buf []byte // holds have bytes of the image from offset total
 		have := 0
 		for {
@@ -619,20 +694,42 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			if have == 0 && ir.isHole(total, int64(want)) {
 				// Never read: zeros, and no boundary falls inside zeros.
 				w.setID(len(lens), crypto.ID{})
-				lens = append(lens, int64(want))
 				st.stats.segs.Add(1)
 				st.stats.zero.Add(int64(want))
 				if sum != nil {
 					writeZeros(sum, int64(want))
 				}
-				total += int64(want)
-				if req.Progress != nil {
-					req.Progress(src.Name, total)
-				}
+				advance(want)
 				continue
 			}
+			if have == 0 && ir.mappable() {
+				slot, err := w.takeSlot()
+				if err != nil {
+					return err
+				}
+				mem, ok, err := ir.mapWindow(ctx, total, want)
+				if err != nil {
+					w.putBuf(slot)
+					return err
+				}
+				if ok {
+					c := cut.Cut(mem, total+int64(want) == src.Size)
+					if sum != nil {
+						sum.Write(mem[:c])
+					}
+					if err := w.submitMapped(len(lens), mem, c, slot); err != nil {
+						return err
+					}
+					ir.read += int64(c) // the tail is mapped again
+					advance(c)
+					continue
+				}
+				// Holes inside: read into a buffer.
+				if buf = slot; buf == nil {
+					buf = make([]byte, cut.Max())
+				}
+			}
 			if buf == nil {
-				var err error
 				if buf, err = w.getBuf(); err != nil {
 					return err
 				}
@@ -650,15 +747,21 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			if sum != nil {
 				sum.Write(buf[:c])
 			}
+			if ir.mappable() {
+				// The tail is mapped again, not carried: not read twice.
+				ir.read -= ir.dataBytes(total+int64(c), total+int64(have))
+				if err := w.submitDropped(len(lens), buf, c); err != nil {
+					return err
+				}
+				buf, have = nil, 0
+				advance(c)
+				continue
+			}
 			if buf, err = w.submitCut(len(lens), buf, have, c); err != nil {
 				return err
 			}
-			lens = append(lens, int64(c))
-			total += int64(c)
 			have -= c
-			if req.Progress != nil {
-				req.Progress(src.Name, total)
-			}
+			advance(c)
 			if ir.eof && have == 0 {
 				return nil
 			}
@@ -722,6 +825,13 @@ func writeZeros(w io.Writer, n int64) {
 func newSegmenter(mk *crypto.MasterKey, segSize int64) *chunk.Segmenter {
 	h := crypto.NewHasher(mk.ID, "segment-gear")
 	return chunk.NewSegmenter(int(segSize), func(b byte) [32]byte { return h.Sum([]byte{b}) })
+}
+
+// storeJob stores one segment job; a memory fault while reading a mapped
+// window becomes an error naming the source.
+func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source string, job segmentJob) (id crypto.ID, err error) {
+	defer catchFault(source, &err)()
+	return st.storeSegment(ctx, sp, job.buf[:job.n])
 }
 
 // storeSegment chunks one segment and queues its new chunks and its

@@ -34,6 +34,7 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
+	"sort"
 	"time"
 
 	"vmvault/backend"
@@ -155,10 +156,10 @@ func (r *Repository) staleSegments(bd *Disk, ranges []Range) []bool {
 func (st *backupState) backupDiskChanged(ctx context.Context, src DiskSource, req BackupRequest, base *cbtBase) (Disk, error) {
 	bd := base.disk
 	nw := workers()
-	w := st.startSegmentWorkers(ctx, nw, st.r.segmenter.Max())
+	w := st.startSegmentWorkers(ctx, nw, st.r.segmenter.Max(), src.Source)
 	ir := newImageReader(src, nw)
 	ir.limit = st.readLimit
-	rc := &recutter{w: w, ir: ir, cut: st.r.segmenter, base: bd, minSeg: st.r.cfg.SegmentSize / 2}
+	rc := &recutter{w: w, ir: ir, cut: st.r.segmenter, base: bd, minSeg: st.r.cfg.SegmentSize / 2, ranges: src.Changes.Ranges}
 	stale := st.r.staleSegments(bd, src.Changes.Ranges)
 	n := bd.segmentCount()
 
@@ -219,7 +220,8 @@ type recutter struct {
 	cut    *chunk.Segmenter
 	base   *Disk
 	minSeg int64
-	buf    []byte // holds have bytes of the image from the next position
+	ranges []Range // the changed ranges
+	buf    []byte  // holds have bytes of the image from the next position
 	have   int
 }
 
@@ -229,8 +231,10 @@ type recutter struct {
 func (rc *recutter) next(ctx context.Context, pos int64, i int) (int64, error) {
 	size := rc.ir.src.Size
 	want := int(min(int64(rc.cut.Max()), size-pos))
-	if rc.have == 0 && rc.ir.isHole(pos, int64(want)) {
-		// Zeros, and no boundary falls inside zeros.
+	if rc.have == 0 && rc.ir.isHole(pos, int64(want)) || rc.knownZeros(pos, pos+int64(want)) {
+		// Zeros, and no boundary falls inside zeros: a full read cuts
+		// the whole window as one all-zero segment.
+		rc.drop()
 		rc.w.setID(i, crypto.ID{})
 		rc.w.st.stats.segs.Add(1)
 		rc.w.st.stats.zero.Add(int64(want))
@@ -267,6 +271,28 @@ func (rc *recutter) next(ctx context.Context, pos int64, i int) (int64, error) {
 	}
 	rc.have -= c
 	return int64(c), nil
+}
+
+// knownZeros reports whether the image holds only zeros in [off, end)
+// without reading it: no changed range touches it, and the base's
+// segments there are all zero. Cuts that are out of step with the base's
+// in a long run of zeros (on a thin LV, most of it) fall back into step
+// only where data comes again, so without this they would read every
+// zero up to there.
+func (rc *recutter) knownZeros(off, end int64) bool {
+	rs := rc.ranges
+	k := sort.Search(len(rs), func(k int) bool { return rs[k].Off+rs[k].Len > off })
+	if k < len(rs) && rs[k].Off < end {
+		return false
+	}
+	i, start := rc.base.segmentAt(off)
+	for ; start < end; i++ {
+		if _, zero := rc.base.SegmentID(i); !zero {
+			return false
+		}
+		start += rc.base.segmentLen(i)
+	}
+	return true
 }
 
 // drop forgets the bytes read past the last cut: the next position is

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"sync"
 
 	"github.com/klauspost/compress/zstd"
 
@@ -70,6 +71,10 @@ type codec struct {
 	sealer *crypto.Sealer
 	enc    *zstd.Encoder
 	dec    *zstd.Decoder
+	// bufs recycles the buffers of sealing: a backup seals each chunk
+	// into a new buffer of its size, and allocating (and so zeroing) one
+	// per chunk cost more CPU than encrypting it (docs/performance.md).
+	bufs sync.Pool // of *[]byte
 }
 
 // maxDecoded bounds decompression: no object (chunks ≤ 8 MiB, segment
@@ -81,8 +86,10 @@ func newCodec(encKey []byte) (*codec, error) {
 	if err != nil {
 		return nil, err
 	}
+	// No frame checksum: the AEAD tag authenticates the body already,
+	// and the checksum cost a hash of every compressed byte.
 	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest),
-		zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)), zstd.WithZeroFrames(true))
+		zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)), zstd.WithZeroFrames(true), zstd.WithEncoderCRC(false))
 	if err != nil {
 		return nil, err
 	}
@@ -101,13 +108,15 @@ func associatedData(hdr []byte, name string) []byte {
 }
 
 // seal compresses (when it pays) and encrypts payload as object name.
+// The result may go back to recycle once nothing refers to it.
 func (c *codec) seal(t ObjectType, name string, payload []byte) []byte {
 	comp := byte(compressNone)
 	body := payload
+	var z []byte
 	if len(payload) > 64 && c.compressible(payload) {
 		// Room for the worst case, so incompressible data is not copied
 		// again while the output grows.
-		z := c.enc.EncodeAll(payload, make([]byte, 0, len(payload)+len(payload)/128+64))
+		z = c.enc.EncodeAll(payload, c.buffer(len(payload)+len(payload)/128+64))
 		// Keep the compressed form only if it saves at least 1/32: the
 		// decode cost of barely-compressible data is not worth it.
 		if len(z) < len(payload)-len(payload)/32 {
@@ -115,9 +124,35 @@ func (c *codec) seal(t ObjectType, name string, payload []byte) []byte {
 		}
 	}
 	hdr := []byte{objectMagic, objectVersion, byte(t), comp}
-	out := make([]byte, 0, headerSize+len(body)+crypto.Overhead)
+	out := c.buffer(headerSize + len(body) + crypto.Overhead)
 	out = append(out, hdr...)
-	return c.sealer.Seal(out, body, associatedData(hdr, name))
+	out = c.sealer.Seal(out, body, associatedData(hdr, name))
+	if z != nil {
+		c.recycle(z)
+	}
+	return out
+}
+
+// buffer returns an empty buffer of capacity at least n, recycled where
+// possible. Large capacities are rounded up to whole MiB so that a
+// recycled buffer fits most chunks.
+func (c *codec) buffer(n int) []byte {
+	const unit = 1 << 20
+	if n < unit/4 {
+		return make([]byte, 0, n) // small objects: not worth a MiB
+	}
+	if p, _ := c.bufs.Get().(*[]byte); p != nil && cap(*p) >= n {
+		return (*p)[:0]
+	}
+	return make([]byte, 0, (n+unit-1)/unit*unit)
+}
+
+// recycle hands b, from seal, back for reuse. The caller must not use b
+// afterwards, nor let anything else still read it (a store's upload).
+func (c *codec) recycle(b []byte) {
+	if cap(b) >= 1<<20 {
+		c.bufs.Put(&b)
+	}
 }
 
 // probeSize is how much of a large payload is test-compressed before the

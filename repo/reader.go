@@ -179,71 +179,97 @@ func (dr *DiskReader) ReadAt(p []byte, off int64) (int, error) {
 // io.EOF when the read reaches beyond the end of the image. It is safe
 // for concurrent use.
 func (dr *DiskReader) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("%s: negative offset %d", dr.name, off)
+	bufs, n, err := dr.ReadSlices(ctx, off, len(p), nil)
+	k := 0
+	for _, b := range bufs {
+		k += copy(p[k:], b)
 	}
-	if off >= dr.d.Size {
-		return 0, io.EOF
-	}
-	if err := ctx.Err(); err != nil {
-		return 0, err
-	}
-	want := p
-	if rest := dr.d.Size - off; int64(len(want)) > rest {
-		want = want[:rest]
-	}
-	n := 0
-	for n < len(want) {
-		pos := off + int64(n)
-		k, err := dr.readSegment(ctx, want[n:], pos)
-		n += k
-		if err != nil {
-			dr.stats.bytesRead.Add(int64(n))
-			return n, fmt.Errorf("%s at offset %d: %w", dr.name, pos, err)
-		}
-	}
-	dr.stats.bytesRead.Add(int64(n))
-	dr.noteRead(off, off+int64(n))
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+	return n, err
 }
 
-// readSegment fills p from the one segment holding pos, as far as that
-// segment reaches.
-func (dr *DiskReader) readSegment(ctx context.Context, p []byte, pos int64) (int, error) {
+// ReadSlices returns the length bytes at off without copying them: as
+// slices of the reader's decoded chunks and of a shared block of zeros,
+// appended to bufs, and their total length n. The slices are read-only
+// (other reads share them) and stay valid however long the caller keeps
+// them. Errors are as for ReadAtContext: the slices then hold the n bytes
+// before the failure, and io.EOF means the image ended first.
+func (dr *DiskReader) ReadSlices(ctx context.Context, off int64, length int, bufs [][]byte) ([][]byte, int, error) {
+	if off < 0 {
+		return bufs, 0, fmt.Errorf("%s: negative offset %d", dr.name, off)
+	}
+	if off >= dr.d.Size {
+		return bufs, 0, io.EOF
+	}
+	if err := ctx.Err(); err != nil {
+		return bufs, 0, err
+	}
+	want := min(int64(length), dr.d.Size-off)
+	// Read-ahead is told before the read waits, so the chunks beyond it are
+	// fetched while this one is.
+	dr.noteRead(off, off+want, length)
+	var n int64
+	for n < want {
+		pos := off + n
+		var k int64
+		var err error
+		bufs, k, err = dr.readSegment(ctx, bufs, want-n, pos)
+		n += k
+		if err != nil {
+			dr.stats.bytesRead.Add(n)
+			return bufs, int(n), fmt.Errorf("%s at offset %d: %w", dr.name, pos, err)
+		}
+	}
+	dr.stats.bytesRead.Add(n)
+	if n < int64(length) {
+		return bufs, int(n), io.EOF
+	}
+	return bufs, int(n), nil
+}
+
+// zeroBlock answers zero runs in ReadSlices. Nothing ever writes to it.
+var zeroBlock = make([]byte, 256<<10)
+
+// appendZeros appends n zero bytes to bufs as slices of zeroBlock.
+func appendZeros(bufs [][]byte, n int64) [][]byte {
+	for n > 0 {
+		k := min(n, int64(len(zeroBlock)))
+		bufs = append(bufs, zeroBlock[:k:k])
+		n -= k
+	}
+	return bufs
+}
+
+// readSegment appends up to want bytes at pos, from the one segment
+// holding pos, as far as that segment reaches; it returns how many.
+func (dr *DiskReader) readSegment(ctx context.Context, bufs [][]byte, want, pos int64) ([][]byte, int64, error) {
 	i, start := dr.d.segmentAt(pos)
-	segEnd := start + dr.d.segmentLen(i)
-	p = p[:min(int64(len(p)), segEnd-pos)]
+	want = min(want, start+dr.d.segmentLen(i)-pos)
 	pieces, err := dr.segmentPieces(ctx, i)
 	if err != nil {
-		return 0, err
+		return bufs, 0, err
 	}
 	if pieces == nil { // all-zero segment
-		clear(p)
-		return len(p), nil
+		return appendZeros(bufs, want), want, nil
 	}
 	rel := pos - start
-	n := 0
+	var n int64
 	j := sort.Search(len(pieces), func(j int) bool { return pieces[j].off+pieces[j].len > rel })
-	for ; n < len(p) && j < len(pieces); j++ {
+	for ; n < want && j < len(pieces); j++ {
 		pc := pieces[j]
-		from := rel + int64(n) - pc.off
-		k := min(int64(len(p)-n), pc.len-from)
-		dst := p[n : n+int(k)]
+		from := rel + n - pc.off
+		k := min(want-n, pc.len-from)
 		if pc.zero {
-			clear(dst)
+			bufs = appendZeros(bufs, k)
 		} else {
 			data, err := dr.chunk(ctx, pc.id, pc.len)
 			if err != nil {
-				return n, err
+				return bufs, n, err
 			}
-			copy(dst, data[from:from+k])
+			bufs = append(bufs, data[from:from+k:from+k])
 		}
-		n += int(k)
+		n += k
 	}
-	return n, nil
+	return bufs, n, nil
 }
 
 // Extents describes [off, off+length) as data and zero ranges, adjacent
@@ -424,21 +450,21 @@ func (dr *DiskReader) cached(ctx context.Context, c *lru, id crypto.ID, fetch fu
 	}
 }
 
-// noteRead records a read of [off, end) and, when reads are sequential,
-// extends the read-ahead window past end.
-func (dr *DiskReader) noteRead(off, end int64) {
+// noteRead records a read of [off, end) of a request for length bytes
+// and, when reads are sequential, extends the read-ahead window past end.
+func (dr *DiskReader) noteRead(off, end int64, length int) {
 	if dr.opts.ReadAhead < 0 {
 		return
 	}
 	dr.mu.Lock()
 	defer dr.mu.Unlock()
-	// Concurrent readers (the kernel's own read-ahead, several NBD
-	// requests) arrive slightly out of order: near the last end counts as
-	// sequential. The window starts small and doubles with each
-	// sequential read, as the kernel's does, so scattered small reads (a
-	// file system walking its metadata) fetch little beyond what they
-	// touch.
-	const slack = 256 << 10
+	// Concurrent readers (the kernel's own read-ahead, direct I/O split
+	// into several requests, several NBD requests) arrive slightly out of
+	// order: within a few requests of the last end counts as sequential.
+	// The window starts small and doubles with each sequential read, as
+	// the kernel's does, so scattered small reads (a file system walking
+	// its metadata) fetch little beyond what they touch.
+	slack := max(256<<10, 4*int64(length))
 	if off < dr.seqEnd-slack || off > dr.seqEnd+slack {
 		dr.seqEnd, dr.raDone, dr.raWant, dr.raWindow = end, end, end, 0
 		return
@@ -456,8 +482,9 @@ func (dr *DiskReader) noteRead(off, end int64) {
 }
 
 // readAhead starts fetches for the chunks in [raDone, raWant), one
-// segment at a time, until it catches up with raWant. At most Fetchers
-// fetches run at once; the chunks land in the cache.
+// segment at a time, until it catches up with raWant, which moves on by
+// the zero bytes it passes. At most Fetchers fetches run at once; the
+// chunks land in the cache.
 func (dr *DiskReader) readAhead() {
 	defer dr.wg.Done()
 	var wg sync.WaitGroup
@@ -474,9 +501,17 @@ func (dr *DiskReader) readAhead() {
 		i, start := dr.d.segmentAt(from)
 		segEnd := min(start+dr.d.segmentLen(i), to)
 		pieces, err := dr.segmentPieces(dr.ctx, i)
+		var zeros int64 // bytes of [from, segEnd) that need no fetch
+		if err == nil && pieces == nil {
+			zeros = segEnd - from
+		}
 		if err == nil {
 			for _, pc := range pieces {
-				if pc.zero || start+pc.off+pc.len <= from || start+pc.off >= segEnd {
+				if start+pc.off+pc.len <= from || start+pc.off >= segEnd {
+					continue
+				}
+				if pc.zero {
+					zeros += min(start+pc.off+pc.len, segEnd) - max(start+pc.off, from)
 					continue
 				}
 				dr.mu.Lock()
@@ -508,6 +543,10 @@ func (dr *DiskReader) readAhead() {
 		// A jump elsewhere reset the window meanwhile: start over from it.
 		if dr.raDone == from {
 			dr.raDone = segEnd
+			// Zeros cost the cache nothing and the reader only a copy:
+			// the window counts the bytes to fetch, so fetching runs on
+			// past a hole while the reader is still crossing it.
+			dr.raWant = min(dr.raWant+zeros, dr.d.Size)
 		}
 		dr.mu.Unlock()
 	}

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"runtime/debug"
 	"syscall"
 
 	"golang.org/x/sync/errgroup"
@@ -23,10 +25,19 @@ const readPiece = 2 << 20
 // from several goroutines; if it is also an io.Seeker that supports
 // SEEK_DATA/SEEK_HOLE (a file on Linux), holes are never read: they are
 // zeros by definition. Any other source is read sequentially as a stream.
+//
+// A file or block device is mapped instead where possible (mapWindow): the
+// window's pages are made present by MADV_POPULATE_READ from several
+// goroutines, which reads what is not cached and reports I/O errors as
+// errors, and the workers hash, chunk and compress the page cache's own
+// pages. That saves copying every byte into a buffer, which was the larger
+// part of an incremental backup's CPU time (docs/performance.md).
 type imageReader struct {
 	src     DiskSource
 	ra      io.ReaderAt // nil: a stream
 	seeker  io.Seeker   // nil: no hole information
+	fd      int         // mappable file or device; -1: read into buffers
+	file    *os.File    // a regular file, whose size can change under us
 	readers int
 	eof     bool          // a stream ended
 	read    int64         // bytes really read from the source
@@ -34,14 +45,114 @@ type imageReader struct {
 }
 
 func newImageReader(src DiskSource, readers int) *imageReader {
-	ir := &imageReader{src: src, readers: readers}
+	ir := &imageReader{src: src, readers: readers, fd: -1}
 	if ra, ok := src.Reader.(io.ReaderAt); ok && src.Size >= 0 {
 		ir.ra = ra
 		if s, ok := src.Reader.(io.Seeker); ok {
 			ir.seeker = s
 		}
+		if f, ok := src.Reader.(*os.File); ok {
+			if fi, err := f.Stat(); err == nil && (fi.Mode().IsRegular() || fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0) {
+				ir.fd = int(f.Fd())
+				if fi.Mode().IsRegular() {
+					ir.file = f
+				}
+			}
+		}
 	}
 	return ir
+}
+
+// mappable reports whether windows of the source can be mapped: then the
+// caller never carries a window's tail into a buffer, it maps the next
+// window from where the segment ended.
+func (ir *imageReader) mappable() bool { return ir.fd >= 0 }
+
+// mapWindow maps n bytes of the image at off read-only and makes them
+// present. ok is false, with nothing mapped, when the window holds holes
+// (read them into a buffer instead, never touching the holes) or the
+// source turns out not to be mappable (then mappable is false from now
+// on). The caller owns mem and releases it with unmapWindow.
+func (ir *imageReader) mapWindow(ctx context.Context, off int64, n int) (mem []byte, ok bool, err error) {
+	if ir.fd < 0 || n == 0 || off%int64(os.Getpagesize()) != 0 {
+		return nil, false, nil
+	}
+	if spans := ir.dataSpans(off, off+int64(n)); len(spans) != 1 || spans[0] != (span{off, off + int64(n)}) {
+		return nil, false, nil
+	}
+	if ir.shorter(off + int64(n)) {
+		// Touching a mapping past the end of a file is a fault: a file
+		// shorter than announced is read into a buffer, which reports it.
+		return nil, false, nil
+	}
+	mem, err = unix.Mmap(ir.fd, off, n, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		ir.fd = -1
+		return nil, false, nil
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(ir.readers)
+	for p := 0; p < n; p += readPiece {
+		part := mem[p:min(p+readPiece, n)]
+		g.Go(func() error {
+			if err := ir.limit.Wait(gctx, len(part)); err != nil {
+				return err
+			}
+			if err := unix.Madvise(part, unix.MADV_POPULATE_READ); err != nil {
+				if errors.Is(err, syscall.EINVAL) {
+					return errNoPopulate
+				}
+				return fmt.Errorf("read %s at offset %d: %w", ir.src.Source, off+int64(p), err)
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		unix.Munmap(mem)
+		if errors.Is(err, errNoPopulate) {
+			// A kernel before 5.14: read into buffers.
+			ir.fd = -1
+			return nil, false, nil
+		}
+		return nil, false, err
+	}
+	return mem, true, nil
+}
+
+// errNoPopulate means the kernel does not know MADV_POPULATE_READ.
+var errNoPopulate = errors.New("madvise populate not supported")
+
+// unmapWindow releases a window from mapWindow.
+func unmapWindow(mem []byte) {
+	if err := unix.Munmap(mem); err != nil {
+		// Only for a slice that is not a mapping: a bug, not bad input.
+		panic(fmt.Sprintf("unmap segment window: %v", err))
+	}
+}
+
+// errSourceFault is a memory fault while reading a mapped window: the
+// source shrank, or its device failed after the window was made present
+// (pages reclaimed and read again).
+var errSourceFault = errors.New("source failed while mapped")
+
+// catchFault makes a memory fault in the calling goroutine a panic instead
+// of a crash, and turns that panic into *err. Use it as
+//
+//	defer catchFault(src, &err)()
+//
+// in every goroutine that touches a mapped window.
+func catchFault(src string, err *error) func() {
+	old := debug.SetPanicOnFault(true)
+	return func() {
+		debug.SetPanicOnFault(old)
+		if r := recover(); r != nil {
+			if f, ok := r.(interface{ Addr() uintptr }); ok {
+				*err = fmt.Errorf("read %s: memory fault at %#x: %w", src, f.Addr(), errSourceFault)
+				return
+			}
+			panic(r)
+		}
+	}
 }
 
 // span is a byte range [off, end) of the image.
@@ -84,9 +195,29 @@ func (ir *imageReader) dataSpans(off, end int64) []span {
 	return out
 }
 
+// dataBytes returns how many bytes of [off, end) are not holes.
+func (ir *imageReader) dataBytes(off, end int64) int64 {
+	var n int64
+	for _, s := range ir.dataSpans(off, end) {
+		n += s.end - s.off
+	}
+	return n
+}
+
 // isHole reports whether [off, off+n) holds no data at all.
 func (ir *imageReader) isHole(off, n int64) bool {
-	return ir.seeker != nil && len(ir.dataSpans(off, off+n)) == 0
+	return ir.seeker != nil && !ir.shorter(off+n) && len(ir.dataSpans(off, off+n)) == 0
+}
+
+// shorter reports whether a regular file now ends before end: it shrank
+// after its size was taken, and SEEK_DATA would call what is missing a
+// hole (zeros) instead of an error.
+func (ir *imageReader) shorter(end int64) bool {
+	if ir.file == nil {
+		return false
+	}
+	fi, err := ir.file.Stat()
+	return err == nil && fi.Size() < end
 }
 
 // fill reads the image at off into buf and returns how many bytes it
@@ -108,6 +239,9 @@ func (ir *imageReader) fill(ctx context.Context, buf []byte, off int64) (int, er
 		return n, nil
 	}
 	end := off + int64(len(buf))
+	if ir.shorter(end) {
+		return 0, fmt.Errorf("source %s ended early: it has fewer than the %d bytes announced (did it shrink while being read?)", ir.src.Source, ir.src.Size)
+	}
 	spans := ir.dataSpans(off, end)
 	// Holes are zeros; the buffer is reused, so clear them.
 	at := off

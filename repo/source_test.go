@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -132,5 +133,154 @@ func TestOpenOldFormatFails(t *testing.T) {
 	_, err := Open(context.Background(), be, []byte("secret"), Options{CacheDir: t.TempDir()})
 	if err == nil || !strings.Contains(err.Error(), "version 1 is not supported") || !strings.Contains(err.Error(), "older vmvault") {
 		t.Fatalf("open of a version-1 repository: %v", err)
+	}
+}
+
+// A file is read through mapped windows: the windows hold the file's
+// bytes, a window with a hole inside is left to a buffer (so holes stay
+// unread), and a file shorter than announced is never mapped past its end.
+func TestMapWindow(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "img.raw")
+	img := testImage(11, 8<<20)
+	if err := os.WriteFile(path, img, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ir := newImageReader(DiskSource{Source: path, Reader: f, Size: int64(len(img))}, 2)
+	if !ir.mappable() {
+		t.Fatal("a regular file is not mappable")
+	}
+	mem, ok, err := ir.mapWindow(context.Background(), 1<<20, 5<<20)
+	if err != nil || !ok {
+		t.Fatalf("map a window: ok %v, %v", ok, err)
+	}
+	if !bytes.Equal(mem, img[1<<20:6<<20]) {
+		t.Fatal("the mapped window differs from the file")
+	}
+	unmapWindow(mem)
+
+	// Announced 12 MiB, has 8: no mapping past the end (a touch there
+	// would fault); the window is read into a buffer instead, which says
+	// what happened (before, the missing part read as a hole: zeros).
+	ir = newImageReader(DiskSource{Source: path, Reader: f, Size: 12 << 20}, 2)
+	if _, ok, err := ir.mapWindow(context.Background(), 4<<20, 8<<20); ok || err != nil {
+		t.Fatalf("window past the end of the file: ok %v, %v", ok, err)
+	}
+	if ir.isHole(8<<20, 4<<20) {
+		t.Fatal("the part missing from a file that shrank is a hole")
+	}
+	if _, err := ir.fill(context.Background(), make([]byte, 8<<20), 4<<20); err == nil || !strings.Contains(err.Error(), "ended early") {
+		t.Fatalf("read past the end of the file: %v", err)
+	}
+
+	// A hole inside the window.
+	sparse := filepath.Join(t.TempDir(), "sparse.raw")
+	sf, err := os.Create(sparse)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sf.Close()
+	sf.Truncate(64 << 20)
+	sf.WriteAt(img[:1<<20], 0)
+	ir = newImageReader(DiskSource{Source: sparse, Reader: sf, Size: 64 << 20}, 2)
+	if len(ir.dataSpans(0, 64<<20)) == 1 && ir.dataSpans(0, 64<<20)[0].end == 64<<20 {
+		t.Skip("the file system of the test's temp dir does not keep files sparse")
+	}
+	if _, ok, err := ir.mapWindow(context.Background(), 0, 12<<20); ok || err != nil {
+		t.Fatalf("window with a hole: ok %v, %v", ok, err)
+	}
+}
+
+// A file that shrinks under a mapped window makes the next touch a
+// memory fault: an error naming the source, not a crash.
+func TestCatchFault(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "img.raw")
+	if err := os.WriteFile(path, testImage(12, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ir := newImageReader(DiskSource{Source: path, Reader: f, Size: 1 << 20}, 2)
+	mem, ok, err := ir.mapWindow(context.Background(), 0, 1<<20)
+	if err != nil || !ok {
+		t.Fatalf("map: ok %v, %v", ok, err)
+	}
+	defer unmapWindow(mem)
+	if err := os.Truncate(path, 0); err != nil {
+		t.Fatal(err)
+	}
+	touch := func() (sum byte, err error) {
+		defer catchFault(path, &err)()
+		for i := 0; i < len(mem); i += 4096 {
+			sum += mem[i]
+		}
+		return sum, nil
+	}
+	_, err = touch()
+	if !errors.Is(err, errSourceFault) || !strings.Contains(err.Error(), path) {
+		t.Fatalf("touching a window of a truncated file: %v", err)
+	}
+}
+
+// A backup of a mapped file gives the same generation as the same bytes
+// read as a stream, and bytes_read counts each byte once although the
+// mapped windows overlap.
+func TestBackupMappedFileMatchesStream(t *testing.T) {
+	tr := newTestRepo(t)
+	img := testImage(13, 40<<20)
+	clear(img[9<<20 : 10<<20]) // a zero run inside a data window
+	path := filepath.Join(t.TempDir(), "img.raw")
+	if err := os.WriteFile(path, img, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	m, err := tr.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Source: path, Reader: f, Size: int64(len(img))}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Stats.BytesRead != int64(len(img)) {
+		t.Fatalf("bytes_read %d of %d", m.Stats.BytesRead, len(img))
+	}
+	ms, err := tr.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Reader: streamOnly{bytes.NewReader(img)}, Size: -1}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ms.Disks[0].Digest != m.Disks[0].Digest || ms.Stats.SegmentsNew != 0 {
+		t.Fatalf("the mapped file and the stream differ: %d new segments", ms.Stats.SegmentsNew)
+	}
+	r := tr.reopen(t)
+	if got := restoreBytes(t, r, mustFind(t, r, "vm", m.ID[:8])); !bytes.Equal(got, img) {
+		t.Fatal("restore of the mapped image differs")
+	}
+}
+
+// A file shorter than announced (it shrank after its size was taken)
+// fails the backup with a clear error, instead of being stored with
+// zeros where its end went missing.
+func TestBackupShrunkFileFails(t *testing.T) {
+	tr := newTestRepo(t)
+	path := filepath.Join(t.TempDir(), "img.raw")
+	if err := os.WriteFile(path, testImage(14, 20<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	_, err = tr.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Source: path, Reader: f, Size: 48 << 20}}})
+	if err == nil || !strings.Contains(err.Error(), "ended early") || !strings.Contains(err.Error(), path) {
+		t.Fatalf("backup of a file shorter than announced: %v", err)
 	}
 }

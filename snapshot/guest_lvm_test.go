@@ -15,6 +15,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -411,4 +412,140 @@ func readMounts(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// TestGuestThin: on a real thin pool, a thin snapshot set reads the
+// origin's content, Keep turns it into an inactive base, thin_delta
+// reports exactly the blocks written and discarded since, the metadata
+// snapshot is released after success and after failure, a base replaced
+// by another volume of the same name is not trusted, and volumes without
+// vmvault's tags are neither listed nor removed.
+func TestGuestThin(t *testing.T) {
+	r := guestRunner(t)
+	ctx := t.Context()
+	const kib = 1024
+	run(t, r, "lvcreate", "-y", "--type", "thin-pool", "-L", "32m", "-n", "tpool", guestVG)
+	pool := LV{VG: guestVG, Name: "tpool"}
+	run(t, r, "lvcreate", "-y", "-V", "16m", "-T", pool.String(), "-n", "thin1")
+	origin := LV{VG: guestVG, Name: "thin1"}
+	t.Cleanup(func() {
+		out, _ := r.Run(context.Background(), "lvs", "--noheadings", "-o", "lv_name", "-S", "pool_lv=tpool", guestVG)
+		for _, name := range strings.Fields(string(out)) {
+			_ = Remove(context.Background(), r, LV{VG: guestVG, Name: name})
+		}
+		_ = Remove(context.Background(), r, pool)
+	})
+	writePattern(t, origin.DevicePath(), 0, 4*mib, 1)
+
+	v, err := Inspect(ctx, r, origin)
+	if err != nil || !v.Thin() || v.PoolLV() != pool {
+		t.Fatalf("Inspect(%s) = %+v, %v; want a thin LV of %s", origin, v, err, pool)
+	}
+	// take snapshots the origin and checks the snapshot reads what the
+	// origin holds.
+	take := func() (*Set, Volume) {
+		t.Helper()
+		want := hashFile(t, origin.DevicePath())
+		set, err := CreateSet(ctx, r, "tv", []Disk{{Name: "hda", Origin: origin, Thin: true}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { set.Close() })
+		rd, _, err := set.Open(ctx, "hda", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _, err := hashReader(rd)
+		rd.Close()
+		if err != nil || got != want {
+			t.Fatalf("thin snapshot reads %x (%v), origin %x", got, err, want)
+		}
+		if _, err := set.Check(ctx); err != nil {
+			t.Fatalf("Check of a thin snapshot: %v", err)
+		}
+		sv, err := set.Volume(ctx, "hda")
+		if err != nil || !sv.Thin() {
+			t.Fatalf("the snapshot is %+v (%v), not thin", sv, err)
+		}
+		return set, sv
+	}
+	// keep keeps the snapshot as base and returns its ThinBase.
+	keep := func(set *Set, sv Volume) ThinBase {
+		t.Helper()
+		kept, err := set.Keep(ctx, "hda")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := set.RemoveAll(ctx); err != nil {
+			t.Fatal(err)
+		}
+		kv, err := Inspect(ctx, r, kept)
+		if err != nil || kept.Name != "tv-hda-vmvault-base" || kv.ThinID != sv.ThinID || kv.UUID != sv.UUID || !kv.OwnedBy("tv") || kv.Attr[4] == 'a' {
+			t.Fatalf("kept %s as %+v (%v); the snapshot was %+v", kept, kv, err, sv)
+		}
+		return ThinBase{LV: kept, Pool: pool, ThinID: kv.ThinID, UUID: kv.UUID}
+	}
+	// released: the metadata snapshot can be reserved again.
+	released := func() {
+		t.Helper()
+		run(t, r, "dmsetup", "message", dmName(pool)+"-tpool", "0", "reserve_metadata_snap")
+		run(t, r, "dmsetup", "message", dmName(pool)+"-tpool", "0", "release_metadata_snap")
+	}
+
+	b1 := keep(take())
+	if err := CheckBase(ctx, r, "tv", b1); err != nil {
+		t.Fatalf("CheckBase of the base just kept: %v", err)
+	}
+	writePattern(t, origin.DevicePath(), 1*mib, 1*mib, 2)                         // rewrites mapped blocks: different
+	writePattern(t, origin.DevicePath(), 10*mib, 4*kib, 3)                        // an unmapped block: right_only
+	run(t, r, "blkdiscard", "-o", "3145728", "-l", "524288", origin.DevicePath()) // left_only
+	set2, sv2 := take()
+	rs, err := ThinDelta(ctx, r, pool, b1.ThinID, sv2.ThinID, 16*mib)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Range{{Off: 1 * mib, Len: 1 * mib}, {Off: 3 * mib, Len: 512 * kib}, {Off: 10 * mib, Len: 64 * kib}}
+	if !slices.Equal(rs, want) {
+		t.Fatalf("thin_delta ranges %v, want %v", rs, want)
+	}
+	released()
+	if _, err := ThinDelta(ctx, r, pool, b1.ThinID, 999, 16*mib); err == nil {
+		t.Fatal("thin_delta of a device that does not exist succeeded")
+	}
+	released()
+	b2 := keep(set2, sv2)
+
+	// b1's volume was replaced by b2 under the same name.
+	if err := CheckBase(ctx, r, "tv", b1); err == nil || !strings.Contains(err.Error(), "not the snapshot recorded") {
+		t.Fatalf("CheckBase of a replaced base: %v", err)
+	}
+	if err := CheckBase(ctx, r, "other", b2); err == nil || !strings.Contains(err.Error(), "tags") {
+		t.Fatalf("CheckBase for another VM: %v", err)
+	}
+	// A volume with a base's name but not made by vmvault.
+	run(t, r, "lvcreate", "-y", "--type", "thin", "-n", "tv-hdb-vmvault-base", origin.String())
+	foreign := LV{VG: guestVG, Name: "tv-hdb-vmvault-base"}
+	fv, err := Inspect(ctx, r, foreign)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := CheckBase(ctx, r, "tv", ThinBase{LV: foreign, Pool: pool, ThinID: fv.ThinID, UUID: fv.UUID}); err == nil {
+		t.Fatal("a base without vmvault's tags was trusted")
+	}
+	bases, err := FindBases(ctx, r, guestVG, "tv")
+	if err != nil || len(bases) != 1 || bases["hda"] != b2.LV {
+		t.Fatalf("FindBases = %v, %v; want only hda's", bases, err)
+	}
+	if err := RemoveBase(ctx, r, "tv", foreign); err == nil {
+		t.Fatal("RemoveBase removed a volume without vmvault's tags")
+	}
+	if _, err := Inspect(ctx, r, foreign); err != nil {
+		t.Fatalf("the foreign volume is gone: %v", err)
+	}
+	if err := RemoveBase(ctx, r, "tv", b2.LV); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Inspect(ctx, r, b2.LV); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("base still there after RemoveBase: %v", err)
+	}
 }

@@ -2,7 +2,9 @@
 // creates them for all disks of a VM back to back (inside the quiesce
 // window), opens them for reading (the block device, or an image file inside a
 // file system on it), checks before the commit that none overflowed, and
-// removes them on every exit path.
+// removes them on every exit path. The one exception is a thin snapshot
+// the caller keeps as the base of the next backup (Set.Keep); thin.go
+// states the rules for bases and thin_delta.
 package snapshot
 
 import (

@@ -341,7 +341,7 @@ func ThinDelta(ctx context.Context, r Runner, pool LV, baseID, newID, size int64
 		return nil, err
 	}
 	dm := dmName(pool)
-	if err := reserveMetadata(ctx, r, pool, dm); err != nil {
+	if err := reserveMetadata(ctx, r, pool, dm, reserveWait); err != nil {
 		return nil, err
 	}
 	out, err := r.Run(ctx, "thin_delta", "-m", "--snap1", strconv.FormatInt(baseID, 10),
@@ -361,10 +361,10 @@ func ThinDelta(ctx context.Context, r Runner, pool LV, baseID, newID, size int64
 	return ranges, nil
 }
 
-// reserveMetadata reserves the pool's metadata snapshot, waiting a while
-// if another process holds it.
-func reserveMetadata(ctx context.Context, r Runner, pool LV, dm string) error {
-	deadline := time.Now().Add(reserveWait)
+// reserveMetadata reserves the pool's metadata snapshot, waiting up to
+// wait if another process holds it.
+func reserveMetadata(ctx context.Context, r Runner, pool LV, dm string, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
 	for {
 		_, err := r.Run(ctx, "dmsetup", "message", dm+"-tpool", "0", "reserve_metadata_snap")
 		if err == nil {

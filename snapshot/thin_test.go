@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 const mib = 1 << 20
@@ -277,5 +278,31 @@ func TestThinDeltaReleases(t *testing.T) {
 	}}
 	if _, err := ThinDelta(context.Background(), r, pool, 2, 3, mib); err == nil || len(r.calls) != 1 {
 		t.Errorf("reserve failing: err %v, commands %v", err, r.calls)
+	}
+}
+
+// A metadata snapshot another process holds: vmvault waits for it, and
+// when it stays reserved says how to release it.
+func TestReserveMetadataBusy(t *testing.T) {
+	busy := func() ([]byte, error) {
+		return nil, &CommandError{Err: fmt.Errorf("exit status 1"), Stderr: "device-mapper: message ioctl on vg-pool-tpool  failed: Device or resource busy"}
+	}
+	pool := LV{VG: "vg", Name: "pool"}
+	n := 0
+	r := &scriptRunner{answers: map[string]func() ([]byte, error){
+		"dmsetup message vg-pool-tpool 0 reserve": func() ([]byte, error) {
+			if n++; n < 3 {
+				return busy()
+			}
+			return nil, nil
+		},
+	}}
+	if err := reserveMetadata(context.Background(), r, pool, "vg-pool", time.Minute); err != nil || n != 3 {
+		t.Fatalf("after two busy answers: %v (%d tries)", err, n)
+	}
+	r = &scriptRunner{answers: map[string]func() ([]byte, error){"dmsetup": busy}}
+	err := reserveMetadata(context.Background(), r, pool, "vg-pool", 0)
+	if err == nil || !strings.Contains(err.Error(), "dmsetup message vg-pool-tpool 0 release_metadata_snap") {
+		t.Fatalf("a reservation that stays: %v", err)
 	}
 }

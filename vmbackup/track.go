@@ -231,6 +231,21 @@ func (b *run) track(ctx context.Context, disks []repo.DiskSource) {
 	}
 }
 
+// dropChanges turns every disk's changes off after the repository
+// refused a base (repo.ErrNoBase), with one log line each, and reports
+// whether there were any.
+func (b *run) dropChanges(disks []repo.DiskSource, why error) bool {
+	dropped := false
+	for i := range disks {
+		if disks[i].Changes != nil {
+			disks[i].Changes = nil
+			dropped = true
+			b.log.Info("change tracking: reading the whole disk", "disk", disks[i].Name, "reason", oneLine(why))
+		}
+	}
+	return dropped
+}
+
 // keepBases makes the tracked disks' new snapshots their bases, after the
 // commit. A failure costs the next backup a full read, nothing more: the
 // generation is committed.

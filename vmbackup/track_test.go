@@ -92,8 +92,10 @@ func (t *thinSnaps) Keep(_ context.Context, disk string) error {
 type recordingRepo struct {
 	Repository
 	latest *repo.Manifest
-	mu     sync.Mutex
-	reqs   []repo.BackupRequest
+	// passChanges hands the changes on to the repository as they are.
+	passChanges bool
+	mu          sync.Mutex
+	reqs        []repo.BackupRequest
 }
 
 func (r *recordingRepo) Latest(ctx context.Context, vm string) (*repo.Manifest, error) {
@@ -109,8 +111,10 @@ func (r *recordingRepo) Backup(ctx context.Context, req repo.BackupRequest) (*re
 	clone.Disks = slices.Clone(req.Disks)
 	r.reqs = append(r.reqs, clone)
 	r.mu.Unlock()
-	for i := range req.Disks {
-		req.Disks[i].Changes = nil
+	if !r.passChanges {
+		for i := range req.Disks {
+			req.Disks[i].Changes = nil
+		}
 	}
 	return r.Repository.Backup(ctx, req)
 }
@@ -149,13 +153,14 @@ func (f *thinFixture) withBase(fullRead time.Time) {
 	f.ts.bases = []string{"hda"}
 }
 
-// hdaRequest returns what the backup asked of the repository for hda.
+// hdaRequest returns what the backup asked of the repository for hda
+// (the last request).
 func (f *thinFixture) hdaRequest() repo.DiskSource {
 	f.t.Helper()
-	if len(f.rr.reqs) != 1 {
+	if len(f.rr.reqs) != 1 && !f.rr.passChanges {
 		f.t.Fatalf("%d backup requests, want 1", len(f.rr.reqs))
 	}
-	for _, d := range f.rr.reqs[0].Disks {
+	for _, d := range f.rr.reqs[len(f.rr.reqs)-1].Disks {
 		if d.Name == "hda" {
 			return d
 		}
@@ -351,5 +356,29 @@ func TestTrackKeepFails(t *testing.T) {
 	}
 	if f.snaps.removes != 1 {
 		t.Fatalf("snapshots removed %d times", f.snaps.removes)
+	}
+}
+
+// The repository refuses the base (here: the fake reader cannot be read
+// at any offset, and the base generation is made up):
+// the backup is asked again without changes, one log line says why, and
+// the generation is committed from a full read.
+func TestTrackRepoRefusesBase(t *testing.T) {
+	f := newThinFixture(t)
+	f.withBase(time.Now().Add(-time.Hour))
+	f.rr.passChanges = true
+	o, err := f.run(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(f.rr.reqs) != 2 || f.rr.reqs[0].Disks[0].Changes == nil {
+		t.Fatalf("%d requests; want one with changes, then one without", len(f.rr.reqs))
+	}
+	f.fullReadLogged("read the disk whole")
+	if d, _ := o.Manifest.Disk("hda"); d == nil || d.CBT != "none" || d.BytesRead != d.Size || d.Tracker != "note-hda-new" {
+		t.Fatalf("hda recorded as %+v", d)
+	}
+	if !slices.Equal(f.ts.kept, []string{"hda"}) {
+		t.Fatalf("kept %v", f.ts.kept)
 	}
 }

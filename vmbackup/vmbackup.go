@@ -24,10 +24,11 @@
 // The host-facing steps are small interfaces defined here (Snapshotter,
 // Quiescer, HostLocks, Repository); host.go adapts the real ones: package
 // snapshot (LVM), package quiesce (SSH guest, databases), flock files and
-// package repo. A new kind of disk — a thin-LVM source that knows which
-// ranges changed since a base generation, a libvirt/qemu source reading a
-// dirty bitmap — is a new Source: what it knows travels to the repository
-// in the Image it opens.
+// package repo. Change tracking (thin LVM) is a Snapshotter that also
+// implements ChangeTracker, with Snapshots that implement
+// TrackedSnapshots; its rules are in track.go: a base is trusted only as
+// recorded by the previous generation, replaced only after a commit, and
+// every doubt reads the disk whole with one log line saying why.
 package vmbackup
 
 import (
@@ -431,11 +432,16 @@ func (b *run) commit(ctx context.Context, r Repository, disks []repo.DiskSource)
 	if b.opts.Progress != nil {
 		progress, done = b.opts.Progress(disks)
 	}
-	m, err := r.Backup(ctx, repo.BackupRequest{VM: b.vm.Name, Time: b.opts.Time, Tags: b.opts.Tags, Disks: disks,
+	req := repo.BackupRequest{VM: b.vm.Name, Time: b.opts.Time, Tags: b.opts.Tags, Disks: disks,
 		SHA256: b.opts.SHA256, Progress: progress, ReadLimit: b.opts.ReadLimit, VerifyUnchanged: b.opts.VerifyUnchanged,
 		BeforeCommit: func(ctx context.Context) (json.RawMessage, error) {
 			return b.beforeCommit(ctx)
-		}})
+		}}
+	m, err := r.Backup(ctx, req)
+	if errors.Is(err, repo.ErrNoBase) && b.dropChanges(disks, err) {
+		// The repository refused the base before reading anything.
+		m, err = r.Backup(ctx, req)
+	}
 	done()
 	if err != nil && b.snaps != nil && ctx.Err() == nil {
 		// A snapshot that overflows while it is read makes reads fail

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"vmvault/internal/testio"
 	"vmvault/internal/testsshd"
 )
 
@@ -227,46 +228,16 @@ func TestMountSFTP(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, stderr.String())
 	}
 
-	flipLargest(t, repoDir)
+	testio.FlipLargestObject(t, repoDir)
 	child, stderr = startMount(t, base, dir)
 	defer func() {
 		child.Process.Signal(syscall.SIGTERM)
 		waitExit(t, child, 20*time.Second)
 	}()
 	want, _ := os.ReadFile(img)
-	f, err := os.Open(filepath.Join(dir, "vm01/latest/hda"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	p := make([]byte, 128<<10)
-	failed := 0
-	for off := int64(0); off < int64(len(want)); off += int64(len(p)) {
-		k, err := f.ReadAt(p, off)
-		if err != nil {
-			if !errors.Is(err, syscall.EIO) {
-				t.Fatalf("read at %d: %v, want EIO", off, err)
-			}
-			failed++
-			continue
-		}
-		if !bytes.Equal(p[:k], want[off:off+int64(k)]) {
-			t.Fatalf("read at %d over sftp returned wrong bytes", off)
-		}
-	}
+	failed := testio.ReadExpectEIO(t, filepath.Join(dir, "vm01/latest/hda"), want, 128<<10)
 	if failed == 0 || !strings.Contains(stderr.String(), "object failed authentication") || !strings.Contains(stderr.String(), "data/") {
 		t.Fatalf("damaged chunk: %d reads failed; log %s", failed, stderr.String())
-	}
-}
-
-func flipLargest(t *testing.T, repoDir string) {
-	t.Helper()
-	obj := largestObject(t, repoDir)
-	os.Chmod(obj, 0o600)
-	b, _ := os.ReadFile(obj)
-	b[len(b)/2] ^= 0x08
-	if err := os.WriteFile(obj, b, 0o600); err != nil {
-		t.Fatal(err)
 	}
 }
 

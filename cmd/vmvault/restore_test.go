@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,27 +10,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
-)
 
-// largestObject returns the path of the largest file under repo/data: a
-// chunk of random data.
-func largestObject(t *testing.T, repo string) string {
-	t.Helper()
-	var best string
-	var size int64
-	filepath.WalkDir(filepath.Join(repo, "data"), func(p string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() {
-			if fi, err := d.Info(); err == nil && fi.Size() > size {
-				best, size = p, fi.Size()
-			}
-		}
-		return nil
-	})
-	if best == "" {
-		t.Fatal("no data objects")
-	}
-	return best
-}
+	"vmvault/internal/testio"
+)
 
 // interruptWhen polls ready until it holds, then stops the child,
 // queues sig and lets it continue, so the signal lands in the middle of
@@ -160,7 +141,7 @@ func TestRestoreFailedKeepsTarget(t *testing.T) {
 	src := filepath.Join(e.dir, "vm01.raw")
 	img := writeImage(t, src, 10, 12<<20)
 	e.ok("backup", "vm01", "--source", src)
-	obj := largestObject(t, e.repo)
+	obj := testio.LargestObject(t, e.repo)
 	os.Chmod(obj, 0o600)
 	b, _ := os.ReadFile(obj)
 	b[len(b)/2] ^= 1

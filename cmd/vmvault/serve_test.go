@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"vmvault/internal/testio"
 	"vmvault/internal/testsshd"
 	"vmvault/nbd"
 )
@@ -275,7 +276,7 @@ func TestServeWritable(t *testing.T) {
 // log names the object.
 func TestServeDamagedChunk(t *testing.T) {
 	e, src, _ := backedUp(t)
-	victim := damageLargestObject(t, e.repo)
+	victim := filepath.Base(testio.FlipLargestObject(t, e.repo))
 	sock := filepath.Join(e.dir, "nbd.sock")
 	s := startServe(t, sock, "--repo", e.repo, "--password-file", e.pw, "--cache-dir", e.cache, "serve", "vm01", "latest", "--listen", "unix:"+sock)
 	checkDamageIsEIO(t, s, src, victim)
@@ -287,30 +288,6 @@ func TestServeDamagedChunk(t *testing.T) {
 	if !strings.Contains(s.stderr.String(), victim) {
 		t.Fatalf("serve log does not name the damaged object %s:\n%s", victim, s.stderr)
 	}
-}
-
-// damageLargestObject flips a byte in the middle of the largest object
-// under repo/data (a chunk) and returns its file name.
-func damageLargestObject(t *testing.T, repo string) string {
-	t.Helper()
-	var victim string
-	var size int64
-	filepath.WalkDir(filepath.Join(repo, "data"), func(p string, d fs.DirEntry, err error) error {
-		if fi, err := d.Info(); err == nil && !d.IsDir() && fi.Size() > size {
-			victim, size = p, fi.Size()
-		}
-		return nil
-	})
-	data, err := os.ReadFile(victim)
-	if err != nil {
-		t.Fatal(err)
-	}
-	data[size/2] ^= 1
-	os.Chmod(victim, 0o600)
-	if err := os.WriteFile(victim, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return filepath.Base(victim)
 }
 
 // checkDamageIsEIO compares the export with the image it was backed up
@@ -373,7 +350,7 @@ func TestServeSFTP(t *testing.T) {
 	}
 
 	// A flipped byte in a chunk on the server: EIO, never other bytes.
-	victim := damageLargestObject(t, repoDir)
+	victim := filepath.Base(testio.FlipLargestObject(t, repoDir))
 	s = startServe(t, sock, append(base, "serve", "vm01", "latest", "--listen", "unix:"+sock)...)
 	checkDamageIsEIO(t, s, src, victim)
 	s.stop()

@@ -3,6 +3,7 @@ package lvm_test
 import (
 	"context"
 	_ "embed"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -38,7 +39,7 @@ disk.hda = { lv = "vgt/vm11-hda", snapshot_size = "8M" }
 var thinScenarios = []string{"full", "incremental", "base-lost", "verify"}
 
 // TestThinEndToEnd runs change tracking against a real thin pool in a
-// qemu guest: the first backup reads the 256 MiB thin LV whole and keeps
+// qemu guest: the first backup reads the 512 MiB thin LV whole and keeps
 // its thin snapshot as base; after 1 % of the LV is written at known
 // offsets the pool reports exactly those ranges, the backup reads at most
 // 3 % of the LV and restores byte-identical; a base removed by hand gives
@@ -51,6 +52,9 @@ func TestThinEndToEnd(t *testing.T) {
 		t.Skip("boots a qemu guest and runs five vmvault backups against thin LVM in it (≈1–2 min); skipped with -short")
 	}
 	requireTools(t)
+	if _, err := os.Stat("/usr/sbin/pdata_tools"); err != nil {
+		t.Fatal("thin_delta (/usr/sbin/pdata_tools) not found: install thin-provisioning-tools")
+	}
 	budget := 12 * time.Minute
 	if dl, ok := t.Deadline(); ok {
 		budget = min(budget, time.Until(dl)-45*time.Second)
