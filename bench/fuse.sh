@@ -6,16 +6,24 @@
 # the mounted disk file has the image's SHA-256, then runs --runs rounds, each
 # interleaving (so both see the same load):
 #   restore   vmvault restore VM latest > /dev/null
-#   dd        dd bs=4M of the mounted disk file to /dev/null (fresh mount)
-#   cat       cat of the mounted disk file to /dev/null (fresh mount; 128 KiB reads)
+#   dd        dd bs=4M of the mounted disk file to /dev/null: every byte,
+#             holes included (fresh mount)
+#   cat       the same with cat (128 KiB reads)
+#   copy      qemu-img convert of the mounted disk file to qemu's null device:
+#             skips holes through SEEK_DATA/SEEK_HOLE, as a client copying a
+#             disk does (bench/nbd.sh's "convert" through NBD)
 # and prints per round the wall seconds, the CPU seconds (user + system; for
 # the mount cases the vmvault process's plus the reader's) and the load
-# average, then the medians and the ratios restore/dd and restore/cat (wall).
+# average, then the medians and the ratios restore/case (wall).
 # Every mount is fresh (cold reader cache); the page cache holds the
 # repository for every case. Timings never fail the script; a wrong byte or a
 # failed command does. Needs root (direct FUSE mount) and GNU time.
 #
-# Usage: bench/fuse.sh IMAGE... [--runs N] [--vmvault BIN] [--workdir DIR]
+# --rt runs every timed command at real-time round-robin priority (chrt -r 10)
+# so that other load on a shared machine disturbs the comparison less; the
+# kernel still leaves 5 % of each second to other tasks.
+#
+# Usage: bench/fuse.sh IMAGE... [--runs N] [--rt] [--vmvault BIN] [--workdir DIR]
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,16 +31,19 @@ runs=3
 images=()
 vmvault_bin=
 workdir=
+rt=()
 while (($#)); do
 	case $1 in
 	--runs) runs=$2; shift 2 ;;
+	--rt) rt=(chrt -r 10); shift ;;
 	--vmvault) vmvault_bin=$2; shift 2 ;;
 	--workdir) workdir=$2; shift 2 ;;
 	-*) echo "fuse.sh: unknown option $1" >&2; exit 2 ;;
 	*) images+=("$1"); shift ;;
 	esac
 done
-((${#images[@]})) || { echo "usage: bench/fuse.sh IMAGE... [--runs N] [--vmvault BIN] [--workdir DIR]" >&2; exit 2; }
+((${#images[@]})) || { echo "usage: bench/fuse.sh IMAGE... [--runs N] [--rt] [--vmvault BIN] [--workdir DIR]" >&2; exit 2; }
+command -v qemu-img >/dev/null || { echo "fuse.sh: qemu-img not found (scripts/deps.sh installs qemu-utils)" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "fuse.sh: needs root (direct FUSE mount)" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "fuse.sh: needs GNU time (/usr/bin/time)" >&2; exit 1; }
 [ -n "$workdir" ] || workdir=$(mktemp -d /var/tmp/vmvault-fuse-bench.XXXXXX)
@@ -62,7 +73,10 @@ load() { cut -d' ' -f1 /proc/loadavg; }
 
 # start_mount mounts the repository on $mnt and waits until it answers.
 start_mount() {
-	"$bin" "${margs[@]}" mount "$mnt" 2>"$workdir/mount.log" &
+	# Emptied here, not only by the child's redirection: the loop below
+	# might otherwise still see the last mount's "mounted".
+	: >"$workdir/mount.log"
+	"${rt[@]}" "$bin" "${margs[@]}" mount "$mnt" 2>>"$workdir/mount.log" &
 	server=$!
 	until grep -q mounted "$workdir/mount.log" 2>/dev/null; do
 		kill -0 "$server" 2>/dev/null || { cat "$workdir/mount.log" >&2; exit 1; }
@@ -75,15 +89,17 @@ stop_mount() {
 	server=
 }
 
-# mount_read READER: mounts, reads the disk file with READER (dd or cat),
-# unmounts; prints "wall cpu".
+# mount_read READER: mounts, reads the disk file with READER (dd, cat or
+# copy), unmounts; prints "wall cpu".
 mount_read() {
 	start_mount
 	local t0 t1 ticks
 	t0=$(now)
+	local timed=("${rt[@]}" /usr/bin/time -f '%U %S' -o "$workdir/reader.t")
 	case $1 in
-	dd) /usr/bin/time -f '%U %S' -o "$workdir/reader.t" dd if="$disk" of=/dev/null bs=4M status=none ;;
-	cat) /usr/bin/time -f '%U %S' -o "$workdir/reader.t" cat "$disk" >/dev/null ;;
+	dd) "${timed[@]}" dd if="$disk" of=/dev/null bs=4M status=none ;;
+	cat) "${timed[@]}" cat "$disk" >/dev/null ;;
+	copy) "${timed[@]}" qemu-img convert -n -f raw --target-image-opts "$disk" "driver=null-co,size=$(stat -c %s "$disk")" ;;
 	esac
 	t1=$(now)
 	# utime and stime of the vmvault process, in clock ticks.
@@ -109,27 +125,30 @@ for image in "${images[@]}"; do
 	stop_mount
 	[ "$got" = "$want" ] || { echo "fuse.sh: $name: mounted disk file differs from the image" >&2; exit 1; }
 
-	: >"$workdir/restore.w"; : >"$workdir/dd.w"; : >"$workdir/cat.w"
-	: >"$workdir/restore.c"; : >"$workdir/dd.c"; : >"$workdir/cat.c"
+	cases=(restore dd cat copy)
+	for c in "${cases[@]}"; do : >"$workdir/$c.w"; : >"$workdir/$c.c"; done
 	for ((i = 1; i <= runs; i++)); do
 		l0=$(load)
 		t0=$(now)
-		/usr/bin/time -f '%U %S' -o "$workdir/restore.t" "$bin" "${vvargs[@]}" restore vm01 latest >/dev/null
+		"${rt[@]}" /usr/bin/time -f '%U %S' -o "$workdir/restore.t" "$bin" "${vvargs[@]}" restore vm01 latest >/dev/null
 		t1=$(now)
-		rw=$(echo "$t1 - $t0" | bc)
-		rc=$(awk '{print $1 + $2}' "$workdir/restore.t")
-		mount_read dd >"$workdir/m.out"
-		read -r dw dc <"$workdir/m.out"
-		mount_read cat >"$workdir/m.out"
-		read -r cw cc <"$workdir/m.out"
-		echo "$rw" >>"$workdir/restore.w"; echo "$rc" >>"$workdir/restore.c"
-		echo "$dw" >>"$workdir/dd.w"; echo "$dc" >>"$workdir/dd.c"
-		echo "$cw" >>"$workdir/cat.w"; echo "$cc" >>"$workdir/cat.c"
-		printf '%s round %d (load %s-%s): restore %.2f s (cpu %.2f)  dd %.2f s (cpu %.2f)  cat %.2f s (cpu %.2f)\n' \
-			"$name" "$i" "$l0" "$(load)" "$rw" "$rc" "$dw" "$dc" "$cw" "$cc"
+		echo "$t1 - $t0" | bc >>"$workdir/restore.w"
+		awk '{print $1 + $2}' "$workdir/restore.t" >>"$workdir/restore.c"
+		line=$(printf 'restore %.2f s (cpu %.2f)' "$(tail -1 "$workdir/restore.w")" "$(tail -1 "$workdir/restore.c")")
+		for c in "${cases[@]:1}"; do
+			mount_read "$c" >"$workdir/m.out"
+			read -r w cpu <"$workdir/m.out"
+			echo "$w" >>"$workdir/$c.w"
+			echo "$cpu" >>"$workdir/$c.c"
+			line+=$(printf '  %s %.2f s (cpu %.2f)' "$c" "$w" "$cpu")
+		done
+		echo "$name round $i (load $l0-$(load)): $line"
 	done
-	r=$(median <"$workdir/restore.w"); d=$(median <"$workdir/dd.w"); c=$(median <"$workdir/cat.w")
-	printf '%s median of %d: restore %.2f s (cpu %.2f), dd %.2f s (cpu %.2f) ratio %.2f, cat %.2f s (cpu %.2f) ratio %.2f\n' \
-		"$name" "$runs" "$r" "$(median <"$workdir/restore.c")" "$d" "$(median <"$workdir/dd.c")" "$(echo "$r / $d" | bc -l)" \
-		"$c" "$(median <"$workdir/cat.c")" "$(echo "$r / $c" | bc -l)"
+	r=$(median <"$workdir/restore.w")
+	line=$(printf 'restore %.2f s (cpu %.2f)' "$r" "$(median <"$workdir/restore.c")")
+	for c in "${cases[@]:1}"; do
+		w=$(median <"$workdir/$c.w")
+		line+=$(printf ', %s %.2f s (cpu %.2f) ratio %.2f' "$c" "$w" "$(median <"$workdir/$c.c")" "$(echo "$r / $w" | bc -l)")
+	done
+	echo "$name median of $runs: $line"
 done

@@ -402,15 +402,21 @@ func (n *diskNode) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, when
 	if int64(off) >= dr.Size() {
 		return 0, syscall.ENXIO
 	}
-	ext, err := dr.Extents(ctx, int64(off), dr.Size()-int64(off))
-	if err != nil {
-		n.root.log.Error("seek failed", "disk", dr.Name(), "offset", off, "err", err)
-		return 0, syscall.EIO
-	}
+	// Extents a window at a time: a hole-aware copier seeks once per
+	// extent, and each seek should cost the extents up to the answer,
+	// not those up to the end of the disk.
 	wantZero := whence == unix.SEEK_HOLE
-	for _, e := range ext {
-		if e.Zero == wantZero {
-			return uint64(max(e.Off, int64(off))), 0
+	const window = 64 << 20
+	for pos := int64(off); pos < dr.Size(); pos += window {
+		ext, err := dr.Extents(ctx, pos, window)
+		if err != nil {
+			n.root.log.Error("seek failed", "disk", dr.Name(), "offset", off, "err", err)
+			return 0, syscall.EIO
+		}
+		for _, e := range ext {
+			if e.Zero == wantZero {
+				return uint64(max(e.Off, int64(off))), 0
+			}
 		}
 	}
 	if wantZero {

@@ -402,9 +402,11 @@ func TestMountPartitionsByOffset(t *testing.T) {
 func TestMountSeekHoles(t *testing.T) {
 	needFUSE(t)
 	r, _ := newRepo(t)
-	img := make([]byte, 40<<20)
+	// The hole before 120 MiB is longer than the 64 MiB a seek looks at
+	// in one go.
+	img := make([]byte, 140<<20)
 	rng := rand.New(rand.NewPCG(4, 4))
-	for _, at := range []int{3 << 20, 17<<20 + 12345, 33 << 20} {
+	for _, at := range []int{3 << 20, 17<<20 + 12345, 120 << 20} {
 		for i := at; i < at+1<<20; i++ {
 			img[i] = byte(rng.Uint32() | 1)
 		}

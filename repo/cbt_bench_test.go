@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"path/filepath"
 	"slices"
@@ -37,15 +38,23 @@ func BenchmarkBackupChanges(b *testing.B) {
 	for _, seg := range []int64{DefaultSegmentSize, 2 << 20} {
 		for _, p := range patterns {
 			b.Run(fmt.Sprintf("%s/seg=%dMiB", p.name, seg>>20), func(b *testing.B) {
-				benchChanges(b, img, seg, p.ranges)
+				benchChanges(b, img, seg, p.ranges, false)
 			})
 		}
+	}
+	// A source without hole information, as a thin LV is: the full read
+	// reads every byte.
+	for _, p := range patterns {
+		b.Run(fmt.Sprintf("%s/seg=%dMiB/device", p.name, DefaultSegmentSize>>20), func(b *testing.B) {
+			benchChanges(b, img, DefaultSegmentSize, p.ranges, true)
+		})
 	}
 }
 
 // benchChanges is one case of BenchmarkBackupChanges: a repository of
-// segment size seg, day 1 img, day 2 changed at the ranges chosen.
-func benchChanges(b *testing.B, img []byte, seg int64, choose func(*rand.Rand) []Range) {
+// segment size seg, day 1 img, day 2 changed at the ranges chosen, read
+// from a sparse file or (device) as from a block device.
+func benchChanges(b *testing.B, img []byte, seg int64, choose func(*rand.Rand) []Range, device bool) {
 	size := int64(len(img))
 	dir := b.TempDir()
 	r := benchRepo(b, seg)
@@ -60,7 +69,10 @@ func benchChanges(b *testing.B, img []byte, seg int64, choose func(*rand.Rand) [
 	for _, rg := range ranges {
 		randomWrite(rng, img2, int(rg.Off), int(rg.Len))
 	}
-	day2 := writeSparse(b, filepath.Join(dir, "day2"), img2)
+	var day2 io.Reader = writeSparse(b, filepath.Join(dir, "day2"), img2)
+	if device {
+		day2 = readerAtOnly{bytes.NewReader(img2)}
+	}
 	// backup returns the wall and the CPU time (user + system, of the
 	// whole process: the machine may be shared) it took.
 	backup := func(ch *Changes) (m *Manifest, wall, cpu time.Duration) {

@@ -482,8 +482,9 @@ func (dr *DiskReader) noteRead(off, end int64, length int) {
 }
 
 // readAhead starts fetches for the chunks in [raDone, raWant), one
-// segment at a time, until it catches up with raWant. At most Fetchers
-// fetches run at once; the chunks land in the cache.
+// segment at a time, until it catches up with raWant, which moves on by
+// the zero bytes it passes. At most Fetchers fetches run at once; the
+// chunks land in the cache.
 func (dr *DiskReader) readAhead() {
 	defer dr.wg.Done()
 	var wg sync.WaitGroup
@@ -500,9 +501,17 @@ func (dr *DiskReader) readAhead() {
 		i, start := dr.d.segmentAt(from)
 		segEnd := min(start+dr.d.segmentLen(i), to)
 		pieces, err := dr.segmentPieces(dr.ctx, i)
+		var zeros int64 // bytes of [from, segEnd) that need no fetch
+		if err == nil && pieces == nil {
+			zeros = segEnd - from
+		}
 		if err == nil {
 			for _, pc := range pieces {
-				if pc.zero || start+pc.off+pc.len <= from || start+pc.off >= segEnd {
+				if start+pc.off+pc.len <= from || start+pc.off >= segEnd {
+					continue
+				}
+				if pc.zero {
+					zeros += min(start+pc.off+pc.len, segEnd) - max(start+pc.off, from)
 					continue
 				}
 				dr.mu.Lock()
@@ -534,6 +543,10 @@ func (dr *DiskReader) readAhead() {
 		// A jump elsewhere reset the window meanwhile: start over from it.
 		if dr.raDone == from {
 			dr.raDone = segEnd
+			// Zeros cost the cache nothing and the reader only a copy:
+			// the window counts the bytes to fetch, so fetching runs on
+			// past a hole while the reader is still crossing it.
+			dr.raWant = min(dr.raWant+zeros, dr.d.Size)
 		}
 		dr.mu.Unlock()
 	}

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"vmvault/backend"
 	"vmvault/backend/local"
@@ -129,6 +130,49 @@ func TestDiskReaderSequential(t *testing.T) {
 	}
 	if dr.Stats().ChunksFetched != again.ChunksFetched {
 		t.Fatal("a re-read of a cached range fetched again")
+	}
+}
+
+// Read-ahead counts the bytes it must fetch, not the bytes it passes: a
+// sequential reader about to cross a hole longer than the window already
+// has the data behind the hole on its way.
+func TestDiskReaderReadAheadCrossesHoles(t *testing.T) {
+	tr := newTestRepo(t)
+	img := make([]byte, 28<<20)
+	rng := rand.New(rand.NewPCG(5, 5))
+	for _, r := range [][2]int{{0, 4 << 20}, {24 << 20, 28 << 20}} {
+		for i := r[0]; i < r[1]; i++ {
+			img[i] = byte(rng.Uint32())
+		}
+	}
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	const head = 5 << 20 // the data and the first MiB of the hole
+	// How many chunks the head alone needs.
+	plain := openTestReader(t, tr.Repository, m, ReaderOptions{ReadAhead: -1})
+	if _, err := plain.ReadAt(make([]byte, head), 0); err != nil {
+		t.Fatal(err)
+	}
+	headChunks := plain.Stats().ChunksFetched
+
+	dr := openTestReader(t, tr.Repository, m, ReaderOptions{ReadAhead: 2 << 20, CacheSize: 16 << 20})
+	p := make([]byte, 1<<20)
+	for off := int64(0); off < head; off += int64(len(p)) {
+		if _, err := dr.ReadAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The window (2 MiB) ends inside the 20 MiB hole if it counts bytes
+	// passed; counting bytes to fetch, it reaches the data at 24 MiB.
+	deadline := time.Now().Add(10 * time.Second)
+	for dr.Stats().ChunksFetched <= headChunks {
+		if time.Now().After(deadline) {
+			t.Fatalf("read-ahead fetched %d chunks, the head alone needs %d: it stopped in the hole", dr.Stats().ChunksFetched, headChunks)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	got := make([]byte, 4<<20)
+	if _, err := dr.ReadAt(got, 24<<20); err != nil || !bytes.Equal(got, img[24<<20:]) {
+		t.Fatalf("data behind the hole: %v", err)
 	}
 }
 

@@ -5,6 +5,7 @@ set -euo pipefail
 pkgs=(openssh-server mariadb-server qemu-system-x86 linux-image-amd64 busybox-static lvm2
       restic debootstrap socat cpio e2fsprogs xfsprogs time)
 pkgs+=(qemu-utils) # qemu-img, qemu-io, qemu-nbd: the NBD clients of the nbd and serve tests
+pkgs+=(thin-provisioning-tools) # thin_delta, thin_check: change tracking on thin LVs in the test guest
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,6 +3,7 @@ package lvm_test
 import (
 	"context"
 	_ "embed"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -51,6 +52,9 @@ func TestThinEndToEnd(t *testing.T) {
 		t.Skip("boots a qemu guest and runs five vmvault backups against thin LVM in it (≈1–2 min); skipped with -short")
 	}
 	requireTools(t)
+	if _, err := os.Stat("/usr/sbin/pdata_tools"); err != nil {
+		t.Fatal("thin_delta (/usr/sbin/pdata_tools) not found: install thin-provisioning-tools")
+	}
 	budget := 12 * time.Minute
 	if dl, ok := t.Deadline(); ok {
 		budget = min(budget, time.Until(dl)-45*time.Second)
