@@ -131,6 +131,17 @@ func (st *backupState) drain() {
 	}
 }
 
+// known reports whether id is stored or being stored (a hint: claim decides).
+func (st *backupState) known(id crypto.ID) bool {
+	if st.r.idx.Has(id) {
+		return true
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	_, ok := st.inFly[id]
+	return ok
+}
+
 // claim returns nil and registers id if the caller must store it, or the
 // pending upload (possibly already done) to wait for.
 func (st *backupState) claim(id crypto.ID) (p *pendingObject, mine bool) {
@@ -436,12 +447,17 @@ func (r *Repository) commitManifest(ctx context.Context, m *Manifest, storedSoFa
 
 // segmentJob is segment i, buf[:n]. A job with release set holds a
 // mapped window: the worker calls release instead of returning buf to the
-// free buffers.
+// free buffers. A mapped job's slot is the buffer its window holds the
+// place of (nil until needed): a new segment is copied into it before it
+// is stored (see storeSegment).
 type segmentJob struct {
 	i       int
 	buf     []byte
 	n       int
 	release func()
+	mapped  bool
+	slot    *[]byte
+	slotLen int // the size of a buffer to allocate for the slot
 }
 
 // segmentWorkers hash and store a disk's segments in parallel: a reader
@@ -552,7 +568,8 @@ func (w *segmentWorkers) takeSlot() ([]byte, error) {
 // submitMapped hands segment i, the first c bytes of a window mapped in
 // slot, to the workers, which unmap it and free the slot when done.
 func (w *segmentWorkers) submitMapped(i int, mem []byte, c int, slot []byte) error {
-	job := segmentJob{i: i, buf: mem, n: c, release: func() { unmapWindow(mem); w.free <- slot }}
+	job := segmentJob{i: i, buf: mem, n: c, mapped: true, slot: &slot, slotLen: w.bufLen}
+	job.release = func() { unmapWindow(mem); w.free <- slot }
 	select {
 	case w.jobs <- job:
 		return nil
@@ -831,13 +848,34 @@ func newSegmenter(mk *crypto.MasterKey, segSize int64) *chunk.Segmenter {
 // window becomes an error naming the source.
 func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source string, job segmentJob) (id crypto.ID, err error) {
 	defer catchFault(source, &err)()
-	return st.storeSegment(ctx, sp, job.buf[:job.n])
+	var private func() []byte
+	if job.mapped {
+		private = func() []byte {
+			if len(*job.slot) < job.n {
+				*job.slot = make([]byte, max(job.n, job.slotLen))
+			}
+			b := (*job.slot)[:job.n]
+			copy(b, job.buf[:job.n])
+			return b
+		}
+	}
+	return st.storeSegment(ctx, sp, job.buf[:job.n], private)
 }
 
 // storeSegment chunks one segment and queues its new chunks and its
 // segment list for upload. It returns the segment ID (all zeros for an
 // all-zero segment). seg may be reused by the caller once it returns.
-func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte) (crypto.ID, error) {
+//
+// private is nil when seg is the caller's own memory. Otherwise seg can
+// change while it is read (a mapped window of a file someone writes), and
+// private returns a private copy of it: a segment that is not known
+// already is stored from that copy, with its ID computed again over the
+// copy, so that its ID, its chunks' IDs and the sealed chunks all describe
+// the same bytes. An ID over other bytes than its content would poison
+// deduplication for every later backup (TestBackupMappedFileWrittenMeanwhile).
+// A segment found known by the first hash is reused whole, as with a
+// buffer: a torn read of a changing source, never an inconsistent object.
+func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, private func() []byte) (crypto.ID, error) {
 	r := st.r
 	st.stats.segs.Add(1)
 	if chunk.IsZero(seg) {
@@ -845,6 +883,14 @@ func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg
 		return crypto.ID{}, nil
 	}
 	segID := r.segH.Sum(seg)
+	if private != nil && !st.known(segID) {
+		seg = private()
+		if chunk.IsZero(seg) {
+			st.stats.zero.Add(int64(len(seg)))
+			return crypto.ID{}, nil
+		}
+		segID = r.segH.Sum(seg)
+	}
 	segPending, mine := st.claim(segID)
 	if !mine {
 		// Stored before, or being stored by another worker: reuse whole.
