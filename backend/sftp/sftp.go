@@ -430,6 +430,10 @@ func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte,
 	return b.read(ctx, name, 0, -1, limit)
 }
 
+// firstReadStep is what GetInto asks for first; each further step asks for
+// four times more.
+const firstReadStep = 1 << 20
+
 // GetInto reads the whole object into buf (backend.IntoGetter) without
 // asking for its size: the read requests for all of buf go out at once,
 // and the server's end of file says how long the object is. That saves
@@ -452,9 +456,22 @@ func (b *Backend) GetInto(ctx context.Context, name string, buf []byte) (int, er
 		return 0, b.mapErr("get", name, err)
 	}
 	defer f.Close()
-	n, err := f.ReadAt(buf, 0)
-	if err != nil && !errors.Is(err, io.EOF) {
-		return 0, b.mapErr("get", name, err)
+	// Read in steps: a ReadAt sends read requests for all of its buffer at
+	// once, and the restore's buffers fit the largest object (MiBs) while a
+	// typical chunk is far smaller; asking for all of it cost hundreds of
+	// requests answered with EOF per object and made an SFTP restore 2.3
+	// times slower. Most objects end within the first step.
+	n := 0
+	for step := firstReadStep; n < len(buf); step *= 4 {
+		end := min(len(buf), n+step)
+		k, err := f.ReadAt(buf[n:end], int64(n))
+		n += k
+		if err != nil && !errors.Is(err, io.EOF) {
+			return 0, b.mapErr("get", name, err)
+		}
+		if n < end {
+			break // the server's end of file
+		}
 	}
 	if n >= len(buf) {
 		return 0, fmt.Errorf("get %s: more than %d bytes: %w", name, len(buf)-1, backend.ErrTooLarge)
