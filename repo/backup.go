@@ -570,13 +570,7 @@ func (w *segmentWorkers) takeSlot() ([]byte, error) {
 func (w *segmentWorkers) submitMapped(i int, mem []byte, c int, slot []byte) error {
 	job := segmentJob{i: i, buf: mem, n: c, mapped: true, slot: &slot, slotLen: w.bufLen}
 	job.release = func() { unmapWindow(mem); w.free <- slot }
-	select {
-	case w.jobs <- job:
-		return nil
-	case <-w.ctx.Done():
-		job.release()
-		return context.Cause(w.ctx)
-	}
+	return w.send(job)
 }
 
 // submitDropped hands buf[:c], segment i, to the workers, which drop the
@@ -585,12 +579,19 @@ func (w *segmentWorkers) submitMapped(i int, mem []byte, c int, slot []byte) err
 // buffers and mapped windows would otherwise both count against the
 // memory bound.
 func (w *segmentWorkers) submitDropped(i int, buf []byte, c int) error {
-	job := segmentJob{i: i, buf: buf, n: c, release: func() { w.free <- nil }}
+	return w.send(segmentJob{i: i, buf: buf, n: c, release: func() { w.free <- nil }})
+}
+
+// send hands job to the workers; if the backup ends first, it releases
+// what the job holds.
+func (w *segmentWorkers) send(job segmentJob) error {
 	select {
 	case w.jobs <- job:
 		return nil
 	case <-w.ctx.Done():
-		job.release()
+		if job.release != nil {
+			job.release()
+		}
 		return context.Cause(w.ctx)
 	}
 }
@@ -601,12 +602,7 @@ func (w *segmentWorkers) putBuf(buf []byte) { w.free <- buf }
 // submit hands buf[:n], segment i, to the workers, which own buf from now
 // on.
 func (w *segmentWorkers) submit(i int, buf []byte, n int) error {
-	select {
-	case w.jobs <- segmentJob{i: i, buf: buf, n: n}:
-		return nil
-	case <-w.ctx.Done():
-		return context.Cause(w.ctx)
-	}
+	return w.send(segmentJob{i: i, buf: buf, n: n})
 }
 
 // submitCut hands the first c of the have bytes in buf to the workers as

@@ -290,7 +290,7 @@ func TestBackupShrunkFileFails(t *testing.T) {
 // is backed up (a running VM's image backed up without a snapshot) changes
 // under the workers. Whatever the generation records must then still be
 // self-consistent: every segment ID is the keyed hash of exactly the bytes
-// its chunks restore, or the backup fails naming the source. A segment ID
+// its chunks restore (a torn image, as a read into buffers gives). A segment ID
 // over other bytes than its chunks would poison deduplication: a later
 // backup of the hashed bytes would reuse it and restore different data.
 func TestBackupMappedFileWrittenMeanwhile(t *testing.T) {
@@ -305,7 +305,6 @@ func TestBackupMappedFileWrittenMeanwhile(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer w.Close()
-	failed := 0
 	for round := range 4 {
 		f, err := os.Open(path)
 		if err != nil {
@@ -334,11 +333,7 @@ func TestBackupMappedFileWrittenMeanwhile(t *testing.T) {
 		<-done
 		f.Close()
 		if err != nil {
-			if !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "changed while") {
-				t.Fatalf("round %d: a backup of a changing file failed without saying so: %v", round, err)
-			}
-			failed++
-			continue
+			t.Fatalf("round %d: backup of a file written meanwhile: %v", round, err)
 		}
 		r := tr.reopen(t)
 		m = mustFind(t, r, "vm", m.ID[:8])
@@ -358,5 +353,4 @@ func TestBackupMappedFileWrittenMeanwhile(t *testing.T) {
 			}
 		}
 	}
-	t.Logf("%d of 4 backups of a file written meanwhile failed as changed", failed)
 }

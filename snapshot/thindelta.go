@@ -65,6 +65,16 @@ func contains(list []string, s string) bool {
 }
 
 // number parses a non-negative decimal attribute value.
+// numbers parses the two attributes a and b of e as numbers.
+func numbers(e xml.StartElement, m map[string]string, a, b string) (int64, int64, error) {
+	x, err := number(e, m, a)
+	if err != nil {
+		return 0, 0, err
+	}
+	y, err := number(e, m, b)
+	return x, y, err
+}
+
 func number(e xml.StartElement, m map[string]string, key string) (int64, error) {
 	s, ok := m[key]
 	if !ok {
@@ -170,11 +180,7 @@ func (p *deltaParser) diff(e xml.StartElement) error {
 	if err != nil {
 		return err
 	}
-	l, err := number(e, m, "left")
-	if err != nil {
-		return err
-	}
-	r, err := number(e, m, "right")
+	l, r, err := numbers(e, m, "left", "right")
 	if err != nil {
 		return err
 	}
@@ -207,11 +213,7 @@ func (p *deltaParser) entry(e xml.StartElement) error {
 	if err != nil {
 		return err
 	}
-	begin, err := number(e, m, "begin")
-	if err != nil {
-		return err
-	}
-	length, err := number(e, m, "length")
+	begin, length, err := numbers(e, m, "begin", "length")
 	if err != nil {
 		return err
 	}
