@@ -136,3 +136,24 @@ func (h *Hasher) Sum(data []byte) ID {
 
 // New returns a streaming keyed hash for this domain.
 func (h *Hasher) New() *blake3.Hasher { return h.base.Clone() }
+
+// copyPiece is how much CopySum copies before hashing it: small enough
+// that the copy is still in the core's cache when the hash reads it.
+const copyPiece = 128 << 10
+
+// CopySum copies src into dst (which must be at least as long) and
+// returns the keyed hash of the copy, reading src once: each piece is
+// hashed from the copy while it is in cache. The ID describes dst even if
+// src changes meanwhile (a mapped file someone writes).
+func (h *Hasher) CopySum(dst, src []byte) ID {
+	dst = dst[:len(src)]
+	d := h.base.Clone()
+	for off := 0; off < len(src); off += copyPiece {
+		end := min(off+copyPiece, len(src))
+		copy(dst[off:end], src[off:end])
+		d.Write(dst[off:end])
+	}
+	var id ID
+	d.Sum(id[:0])
+	return id
+}

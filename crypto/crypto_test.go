@@ -144,3 +144,46 @@ func BenchmarkSeal(b *testing.B) {
 		buf = s.Seal(buf[:0], data, []byte("ad"))
 	}
 }
+
+// CopySum copies exactly and hashes to what Sum gives for the same bytes,
+// at every size around its piece boundaries.
+func TestCopySum(t *testing.T) {
+	var key [32]byte
+	key[0] = 7
+	h := NewHasher(key, "segment")
+	src := make([]byte, 3*copyPiece+17)
+	rand.Read(src)
+	for _, n := range []int{0, 1, 1023, 1024, 1025, copyPiece - 1, copyPiece, copyPiece + 1, 2 * copyPiece, len(src)} {
+		dst := make([]byte, n+5)
+		if got, want := h.CopySum(dst, src[:n]), h.Sum(src[:n]); got != want {
+			t.Errorf("%d bytes: CopySum %x, Sum %x", n, got, want)
+		}
+		if !bytes.Equal(dst[:n], src[:n]) || !bytes.Equal(dst[n:], make([]byte, 5)) {
+			t.Errorf("%d bytes: the copy differs or ran past the input", n)
+		}
+	}
+}
+
+// A new segment of a mapped file: hashed in place, copied and hashed
+// again (hash-copy-hash), against CopySum. Run with -bench CopySum.
+func BenchmarkCopySum(b *testing.B) {
+	src := make([]byte, 8<<20)
+	rand.Read(src)
+	dst := make([]byte, len(src))
+	var key [32]byte
+	h := NewHasher(key, "segment")
+	b.Run("hash-copy-hash", func(b *testing.B) {
+		b.SetBytes(int64(len(src)))
+		for b.Loop() {
+			h.Sum(src)
+			copy(dst, src)
+			h.Sum(dst)
+		}
+	})
+	b.Run("copysum", func(b *testing.B) {
+		b.SetBytes(int64(len(src)))
+		for b.Loop() {
+			h.CopySum(dst, src)
+		}
+	})
+}
