@@ -465,6 +465,8 @@ func addStats(a, b repo.ReaderStats) repo.ReaderStats {
 	a.ChunksFetched += b.ChunksFetched
 	a.ListsFetched += b.ListsFetched
 	a.CacheHits += b.CacheHits
+	a.Waits += b.Waits
+	a.WaitTime += b.WaitTime
 	return a
 }
 

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"vmvault/backend"
 	"vmvault/crypto"
@@ -101,10 +102,14 @@ type ReaderStats struct {
 	ChunksFetched int64 // chunk objects fetched
 	ListsFetched  int64 // segment list objects fetched
 	CacheHits     int64 // chunk lookups answered from the cache
+	// Waits counts the chunks a read found missing (not fetched ahead)
+	// and had to wait for; WaitTime is the time reads spent waiting.
+	Waits    int64
+	WaitTime time.Duration
 }
 
 type readerCounters struct {
-	bytesRead, fetchedBytes, chunksFetched, listsFetched, cacheHits atomic.Int64
+	bytesRead, fetchedBytes, chunksFetched, listsFetched, cacheHits, waits, waitNanos atomic.Int64
 }
 
 // Extent is a range of a disk image: data, or zeros that need no fetch.
@@ -159,7 +164,8 @@ func (dr *DiskReader) Name() string { return dr.name }
 func (dr *DiskReader) Stats() ReaderStats {
 	c := &dr.stats
 	return ReaderStats{BytesRead: c.bytesRead.Load(), FetchedBytes: c.fetchedBytes.Load(),
-		ChunksFetched: c.chunksFetched.Load(), ListsFetched: c.listsFetched.Load(), CacheHits: c.cacheHits.Load()}
+		ChunksFetched: c.chunksFetched.Load(), ListsFetched: c.listsFetched.Load(), CacheHits: c.cacheHits.Load(),
+		Waits: c.waits.Load(), WaitTime: time.Duration(c.waitNanos.Load())}
 }
 
 // Close stops read-ahead and drops the cache. Reads after Close fail.
@@ -229,8 +235,24 @@ func (dr *DiskReader) ReadSlices(ctx context.Context, off int64, length int, buf
 	return bufs, int(n), nil
 }
 
-// zeroBlock answers zero runs in ReadSlices. Nothing ever writes to it.
-var zeroBlock = make([]byte, 256<<10)
+// zeroBlock answers zero runs in ReadSlices. Nothing writes to it after
+// newZeroBlock.
+var zeroBlock = newZeroBlock(256 << 10)
+
+// newZeroBlock returns n zero bytes backed by memory of their own. Fresh
+// memory that was never written is mapped to the kernel's shared zero
+// page, and a write of it to a FUSE device (or a socket, or anything that
+// pins the source pages) then takes the kernel's slow path under the
+// process's page-table lock for every page: with several replies at once
+// that lock, not the copy, limited a read of zeros through the mount.
+func newZeroBlock(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = 1
+	}
+	clear(b)
+	return b
+}
 
 // appendZeros appends n zero bytes to bufs as slices of zeroBlock.
 func appendZeros(bufs [][]byte, n int64) [][]byte {
@@ -264,7 +286,7 @@ func (dr *DiskReader) readSegment(ctx context.Context, bufs [][]byte, want, pos 
 		if pc.zero {
 			bufs = appendZeros(bufs, k)
 		} else {
-			data, err := dr.chunk(ctx, pc.id, pc.len)
+			data, err := dr.demandChunk(ctx, pc.id, pc.len)
 			if err != nil {
 				return bufs, n, err
 			}
@@ -359,6 +381,23 @@ func (dr *DiskReader) chunk(ctx context.Context, id crypto.ID, length int64) ([]
 		return nil, err
 	}
 	return v.([]byte), nil
+}
+
+// demandChunk is chunk for a caller's read: the time it waits for a
+// chunk that was not in the cache counts in the reader's stats.
+func (dr *DiskReader) demandChunk(ctx context.Context, id crypto.ID, length int64) ([]byte, error) {
+	dr.mu.Lock()
+	v, ok := dr.chunks.get(id)
+	dr.mu.Unlock()
+	if ok {
+		dr.stats.cacheHits.Add(1)
+		return v.([]byte), nil
+	}
+	t := time.Now()
+	data, err := dr.chunk(ctx, id, length)
+	dr.stats.waits.Add(1)
+	dr.stats.waitNanos.Add(int64(time.Since(t)))
+	return data, err
 }
 
 func (dr *DiskReader) fetchChunk(id crypto.ID, length int64) ([]byte, any, error) {

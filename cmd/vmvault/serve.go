@@ -127,13 +127,16 @@ func (a *app) serve(ctx context.Context, r *repo.Repository, vm, gen string, f *
 	if err := srv.Serve(ctx, l); err != nil {
 		return err
 	}
-	var read, fetched int64
+	var st repo.ReaderStats
 	for _, dr := range sd.readers {
-		st := dr.Stats()
-		read += st.BytesRead
-		fetched += st.FetchedBytes
+		s := dr.Stats()
+		st.BytesRead += s.BytesRead
+		st.FetchedBytes += s.FetchedBytes
+		st.Waits += s.Waits
+		st.WaitTime += s.WaitTime
 	}
-	a.log.Info("stopped serving", "vm", m.VM, "generation", m.ShortID(), "read", read, "fetched", fetched)
+	a.log.Info("stopped serving", "vm", m.VM, "generation", m.ShortID(), "read", st.BytesRead, "fetched", st.FetchedBytes,
+		"waits", st.Waits, "wait_time", st.WaitTime)
 	return nil
 }
 
