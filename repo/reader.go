@@ -30,6 +30,11 @@ import (
 //     ReaderOptions.CacheSize bytes, segment lists in a small LRU by count.
 //     Nothing is cached on failure, so a transient backend error is
 //     retried by the next read.
+//   - A chunk's buffer is reused for another chunk only once nothing refers
+//     to it: it counts one reference for the cache and one for every View
+//     that hands out slices of it, and goes back to the free list when the
+//     last is dropped (see chunkBuf). A reply being sent from a View never
+//     sees its bytes change, however the cache moves meanwhile.
 //   - The repository is never written.
 //
 // Segments are located only through Disk.segmentAt, segmentStart and
@@ -44,7 +49,7 @@ type DiskReader struct {
 	wg      sync.WaitGroup // read-ahead goroutines
 	sem     chan struct{}  // bounds concurrent fetches
 	raSlots chan struct{}  // bounds read-ahead goroutines
-	sealed  *chunkFetcher  // only its buffers: sealed chunks are read into them
+	free    *freeBuffers   // buffers for sealed and decoded chunks, for reuse
 
 	mu     sync.Mutex
 	chunks lru // decoded chunks, bounded by bytes
@@ -106,6 +111,9 @@ type ReaderStats struct {
 	// and had to wait for; WaitTime is the time reads spent waiting.
 	Waits    int64
 	WaitTime time.Duration
+	// BuffersReused counts chunks decoded into a buffer an earlier chunk
+	// had given back, rather than into a new one.
+	BuffersReused int64
 }
 
 type readerCounters struct {
@@ -126,11 +134,113 @@ type piece struct {
 	id       crypto.ID
 }
 
-// fetchCall is a fetch in progress that later callers wait for.
+// fetchCall is a fetch in progress that later callers wait for. The
+// reader's mutex guards waiters and finished.
 type fetchCall struct {
 	done  chan struct{}
 	value any
 	err   error
+	// waiters counts the callers that take a reference to the value
+	// (a *chunkBuf) when it arrives; finished is set when it has.
+	waiters  int32
+	finished bool
+}
+
+// A chunkBuf is one decoded chunk in a buffer that is reused once nothing
+// refers to it. refs counts the cache's reference (while the chunk is
+// cached) and one per View holding slices of it; whoever drops the last
+// returns data to the free list.
+type chunkBuf struct {
+	data []byte
+	refs atomic.Int32
+	free *freeBuffers
+}
+
+// release drops one reference.
+func (b *chunkBuf) release() {
+	switch n := b.refs.Add(-1); {
+	case n == 0:
+		b.free.put(b.data)
+	case n < 0:
+		panic("repo: chunk buffer released more often than referenced")
+	}
+}
+
+// freeBuffers keeps decoded chunk buffers for reuse, by capacity class,
+// up to max bytes in all.
+type freeBuffers struct {
+	mu        sync.Mutex
+	byClass   map[int][][]byte
+	size, max int64
+	reused    atomic.Int64
+}
+
+// minFreeBuffers is the least the free list may keep: enough for a few
+// buffers of each size a sequential read cycles through, even with a small
+// cache.
+const minFreeBuffers = 16 << 20
+
+// bufferStep is the capacity granularity of chunk buffers: chunks are at
+// least 256 KiB (chunk.MinSize), so a buffer wastes under half its size.
+const bufferStep = 128 << 10
+
+func newFreeBuffers(max int64) *freeBuffers {
+	return &freeBuffers{byClass: make(map[int][][]byte), max: max}
+}
+
+// get returns a buffer of n bytes, reused when one of its class (or up to
+// twice its size) is free. Its content is arbitrary.
+func (f *freeBuffers) get(n int) []byte {
+	class := (n + bufferStep - 1) / bufferStep
+	f.mu.Lock()
+	for c := class; c <= class+1; c++ {
+		if l := f.byClass[c]; len(l) > 0 {
+			b := l[len(l)-1]
+			l[len(l)-1] = nil
+			f.byClass[c] = l[:len(l)-1]
+			f.size -= int64(cap(b))
+			f.mu.Unlock()
+			f.reused.Add(1)
+			return b[:n]
+		}
+	}
+	f.mu.Unlock()
+	return make([]byte, n, class*bufferStep)
+}
+
+// put keeps b for reuse, or leaves it to the garbage collector when the
+// list is full.
+func (f *freeBuffers) put(b []byte) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.size+int64(cap(b)) > f.max {
+		return
+	}
+	c := cap(b) / bufferStep
+	f.byClass[c] = append(f.byClass[c], b[:0])
+	f.size += int64(cap(b))
+}
+
+// A View is the result of ReadSlices: bytes of the image as read-only
+// slices of the reader's buffers, valid until Release. Release must be
+// called exactly once, also after an error; until then no buffer a slice
+// lies in is reused.
+type View struct {
+	// Bufs holds the bytes in order; N is their total length.
+	Bufs [][]byte
+	N    int
+	held []*chunkBuf
+}
+
+// Release gives the view's buffers back to the reader. The slices must
+// not be used afterwards.
+func (v *View) Release() {
+	for i, b := range v.held {
+		b.release()
+		v.held[i] = nil
+	}
+	v.held = v.held[:0]
+	v.Bufs = nil
 }
 
 // OpenDisk opens disk diskName of generation m (the only disk when the
@@ -149,7 +259,7 @@ func (r *Repository) OpenDisk(ctx context.Context, m *Manifest, diskName string,
 	rctx, cancel := context.WithCancel(context.Background())
 	dr := &DiskReader{r: r, d: dc, name: m.VM + "/" + m.ShortID() + "/" + dc.Name, opts: opts,
 		ctx: rctx, cancel: cancel, sem: make(chan struct{}, opts.Fetchers), raSlots: make(chan struct{}, opts.Fetchers),
-		sealed: &chunkFetcher{},
+		free:   newFreeBuffers(max(opts.CacheSize/4, minFreeBuffers)),
 		chunks: newLRU(opts.CacheSize), lists: newLRU(segmentListCache)}
 	return dr, nil
 }
@@ -165,7 +275,7 @@ func (dr *DiskReader) Stats() ReaderStats {
 	c := &dr.stats
 	return ReaderStats{BytesRead: c.bytesRead.Load(), FetchedBytes: c.fetchedBytes.Load(),
 		ChunksFetched: c.chunksFetched.Load(), ListsFetched: c.listsFetched.Load(), CacheHits: c.cacheHits.Load(),
-		Waits: c.waits.Load(), WaitTime: time.Duration(c.waitNanos.Load())}
+		Waits: c.waits.Load(), WaitTime: time.Duration(c.waitNanos.Load()), BuffersReused: dr.free.reused.Load()}
 }
 
 // Close stops read-ahead and drops the cache. Reads after Close fail.
@@ -188,29 +298,31 @@ func (dr *DiskReader) ReadAt(p []byte, off int64) (int, error) {
 // io.EOF when the read reaches beyond the end of the image. It is safe
 // for concurrent use.
 func (dr *DiskReader) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
-	bufs, n, err := dr.ReadSlices(ctx, off, len(p), nil)
+	v, err := dr.ReadSlices(ctx, off, len(p))
 	k := 0
-	for _, b := range bufs {
+	for _, b := range v.Bufs {
 		k += copy(p[k:], b)
 	}
-	return n, err
+	v.Release()
+	return k, err
 }
 
 // ReadSlices returns the length bytes at off without copying them: as
-// slices of the reader's decoded chunks and of a shared block of zeros,
-// appended to bufs, and their total length n. The slices are read-only
-// (other reads share them) and stay valid however long the caller keeps
-// them. Errors are as for ReadAtContext: the slices then hold the n bytes
-// before the failure, and io.EOF means the image ended first.
-func (dr *DiskReader) ReadSlices(ctx context.Context, off int64, length int, bufs [][]byte) ([][]byte, int, error) {
+// slices of the reader's decoded chunks and of a shared block of zeros.
+// The slices are read-only (other reads share them) and stay valid until
+// the view is released, which the caller must do, also after an error.
+// Errors are as for ReadAtContext: the view then holds the bytes before
+// the failure, and io.EOF means the image ended first.
+func (dr *DiskReader) ReadSlices(ctx context.Context, off int64, length int) (*View, error) {
+	v := &View{}
 	if off < 0 {
-		return bufs, 0, fmt.Errorf("%s: negative offset %d", dr.name, off)
+		return v, fmt.Errorf("%s: negative offset %d", dr.name, off)
 	}
 	if off >= dr.d.Size {
-		return bufs, 0, io.EOF
+		return v, io.EOF
 	}
 	if err := ctx.Err(); err != nil {
-		return bufs, 0, err
+		return v, err
 	}
 	want := min(int64(length), dr.d.Size-off)
 	// Read-ahead is told before the read waits, so the chunks beyond it are
@@ -219,20 +331,20 @@ func (dr *DiskReader) ReadSlices(ctx context.Context, off int64, length int, buf
 	var n int64
 	for n < want {
 		pos := off + n
-		var k int64
-		var err error
-		bufs, k, err = dr.readSegment(ctx, bufs, want-n, pos)
+		k, err := dr.readSegment(ctx, v, want-n, pos)
 		n += k
 		if err != nil {
+			v.N = int(n)
 			dr.stats.bytesRead.Add(n)
-			return bufs, int(n), fmt.Errorf("%s at offset %d: %w", dr.name, pos, err)
+			return v, fmt.Errorf("%s at offset %d: %w", dr.name, pos, err)
 		}
 	}
+	v.N = int(n)
 	dr.stats.bytesRead.Add(n)
 	if n < int64(length) {
-		return bufs, int(n), io.EOF
+		return v, io.EOF
 	}
-	return bufs, int(n), nil
+	return v, nil
 }
 
 // zeroBlock answers zero runs in ReadSlices. Nothing writes to it after
@@ -264,17 +376,18 @@ func appendZeros(bufs [][]byte, n int64) [][]byte {
 	return bufs
 }
 
-// readSegment appends up to want bytes at pos, from the one segment
+// readSegment appends up to want bytes at pos to v, from the one segment
 // holding pos, as far as that segment reaches; it returns how many.
-func (dr *DiskReader) readSegment(ctx context.Context, bufs [][]byte, want, pos int64) ([][]byte, int64, error) {
+func (dr *DiskReader) readSegment(ctx context.Context, v *View, want, pos int64) (int64, error) {
 	i, start := dr.d.segmentAt(pos)
 	want = min(want, start+dr.d.segmentLen(i)-pos)
 	pieces, err := dr.segmentPieces(ctx, i)
 	if err != nil {
-		return bufs, 0, err
+		return 0, err
 	}
 	if pieces == nil { // all-zero segment
-		return appendZeros(bufs, want), want, nil
+		v.Bufs = appendZeros(v.Bufs, want)
+		return want, nil
 	}
 	rel := pos - start
 	var n int64
@@ -284,17 +397,18 @@ func (dr *DiskReader) readSegment(ctx context.Context, bufs [][]byte, want, pos 
 		from := rel + n - pc.off
 		k := min(want-n, pc.len-from)
 		if pc.zero {
-			bufs = appendZeros(bufs, k)
+			v.Bufs = appendZeros(v.Bufs, k)
 		} else {
-			data, err := dr.demandChunk(ctx, pc.id, pc.len)
+			b, err := dr.demandChunk(ctx, pc.id, pc.len)
 			if err != nil {
-				return bufs, n, err
+				return n, err
 			}
-			bufs = append(bufs, data[from:from+k:from+k])
+			v.held = append(v.held, b)
+			v.Bufs = append(v.Bufs, b.data[from:from+k:from+k])
 		}
 		n += k
 	}
-	return bufs, n, nil
+	return n, nil
 }
 
 // Extents describes [off, off+length) as data and zero ranges, adjacent
@@ -341,7 +455,7 @@ func (dr *DiskReader) segmentPieces(ctx context.Context, i int) ([]piece, error)
 	if zero {
 		return nil, nil
 	}
-	v, err := dr.cached(ctx, &dr.lists, id, func() ([]byte, any, error) {
+	v, err := dr.cached(ctx, &dr.lists, id, false, func() (int64, any, error) {
 		return dr.fetchSegmentList(id, dr.d.segmentLen(i))
 	})
 	if err != nil {
@@ -350,15 +464,15 @@ func (dr *DiskReader) segmentPieces(ctx context.Context, i int) ([]piece, error)
 	return v.([]piece), nil
 }
 
-func (dr *DiskReader) fetchSegmentList(id crypto.ID, size int64) ([]byte, any, error) {
+func (dr *DiskReader) fetchSegmentList(id crypto.ID, size int64) (int64, any, error) {
 	raw, err := dr.fetch(TypeSegment, id)
 	if err != nil {
-		return nil, nil, err
+		return 0, nil, err
 	}
 	dr.stats.listsFetched.Add(1)
 	entries, err := decodeSegmentList(raw)
 	if err != nil {
-		return nil, nil, dr.damaged(id, fmt.Errorf("segment %s: %w", dataName(id), err))
+		return 0, nil, dr.damaged(id, fmt.Errorf("segment %s: %w", dataName(id), err))
 	}
 	pieces := make([]piece, len(entries))
 	var off int64
@@ -367,67 +481,79 @@ func (dr *DiskReader) fetchSegmentList(id crypto.ID, size int64) ([]byte, any, e
 		off += int64(e.Length)
 	}
 	if off != size {
-		return nil, nil, dr.damaged(id, fmt.Errorf("segment %s: lists %d bytes, expected %d: %w", dataName(id), off, size, ErrCorrupt))
+		return 0, nil, dr.damaged(id, fmt.Errorf("segment %s: lists %d bytes, expected %d: %w", dataName(id), off, size, ErrCorrupt))
 	}
-	return nil, pieces, nil
+	return 1, pieces, nil
 }
 
-// chunk returns chunk id's authenticated plaintext, length bytes.
-func (dr *DiskReader) chunk(ctx context.Context, id crypto.ID, length int64) ([]byte, error) {
-	v, err := dr.cached(ctx, &dr.chunks, id, func() ([]byte, any, error) {
+// demandChunk returns chunk id's authenticated plaintext, length bytes,
+// with a reference the caller must release. The time a read waits for a
+// chunk that was not in the cache counts in the reader's stats.
+func (dr *DiskReader) demandChunk(ctx context.Context, id crypto.ID, length int64) (*chunkBuf, error) {
+	dr.mu.Lock()
+	v, ok := dr.chunks.get(id)
+	if ok {
+		b := v.(*chunkBuf)
+		b.refs.Add(1)
+		dr.mu.Unlock()
+		dr.stats.cacheHits.Add(1)
+		return b, nil
+	}
+	dr.mu.Unlock()
+	t := time.Now()
+	v, err := dr.cached(ctx, &dr.chunks, id, true, func() (int64, any, error) {
 		return dr.fetchChunk(id, length)
 	})
+	dr.stats.waits.Add(1)
+	dr.stats.waitNanos.Add(int64(time.Since(t)))
 	if err != nil {
 		return nil, err
 	}
-	return v.([]byte), nil
+	return v.(*chunkBuf), nil
 }
 
-// demandChunk is chunk for a caller's read: the time it waits for a
-// chunk that was not in the cache counts in the reader's stats.
-func (dr *DiskReader) demandChunk(ctx context.Context, id crypto.ID, length int64) ([]byte, error) {
-	dr.mu.Lock()
-	v, ok := dr.chunks.get(id)
-	dr.mu.Unlock()
-	if ok {
-		dr.stats.cacheHits.Add(1)
-		return v.([]byte), nil
-	}
-	t := time.Now()
-	data, err := dr.chunk(ctx, id, length)
-	dr.stats.waits.Add(1)
-	dr.stats.waitNanos.Add(int64(time.Since(t)))
-	return data, err
+// prefetch fetches chunk id into the cache unless it is there or on its
+// way, and returns once it is (or failed: the read of the range will say
+// why).
+func (dr *DiskReader) prefetch(id crypto.ID, length int64) {
+	dr.cached(dr.ctx, &dr.chunks, id, false, func() (int64, any, error) {
+		return dr.fetchChunk(id, length)
+	})
 }
 
-func (dr *DiskReader) fetchChunk(id crypto.ID, length int64) ([]byte, any, error) {
+func (dr *DiskReader) fetchChunk(id crypto.ID, length int64) (int64, any, error) {
 	if err := dr.acquire(); err != nil {
-		return nil, nil, err
+		return 0, nil, err
 	}
 	defer dr.release()
 	// As restore does: the sealed chunk is read into a recycled buffer,
 	// decrypted in place and decoded straight into the chunk's own
-	// buffer, the one the cache keeps, so a chunk costs one allocation.
+	// buffer, itself recycled once no one refers to it. Sealed, a chunk
+	// is at most its length plus the header and the AEAD's overhead.
 	name := dataName(id)
-	bp := dr.sealed.buffer(int(length) + headerSize + crypto.Overhead + 1)
-	defer dr.sealed.bufs.Put(bp)
-	n, err := backend.GetInto(dr.ctx, dr.r.be, name, *bp)
+	sealed := dr.free.get(int(length) + headerSize + crypto.Overhead + 1)
+	defer dr.free.put(sealed)
+	n, err := backend.GetInto(dr.ctx, dr.r.be, name, sealed)
 	if errors.Is(err, backend.ErrTooLarge) {
 		err = fmt.Errorf("%w: %w", err, ErrCorrupt)
 	}
 	if err != nil {
-		return nil, nil, dr.damaged(id, fmt.Errorf("%s %s: %w", TypeChunk, name, err))
+		return 0, nil, dr.damaged(id, fmt.Errorf("%s %s: %w", TypeChunk, name, err))
 	}
 	dr.stats.fetchedBytes.Add(int64(n))
 	dr.stats.chunksFetched.Add(1)
-	data := make([]byte, length)
-	if err := dr.r.codec.openInto(TypeChunk, name, (*bp)[:n], data); err != nil {
-		return nil, nil, dr.damaged(id, err)
+	data := dr.free.get(int(length))
+	if err := dr.r.codec.openInto(TypeChunk, name, sealed[:n], data); err != nil {
+		dr.free.put(data)
+		return 0, nil, dr.damaged(id, err)
 	}
 	if dr.r.chunkH.Sum(data) != id {
-		return nil, nil, dr.damaged(id, fmt.Errorf("chunk %s: content does not match its ID: %w", name, ErrCorrupt))
+		dr.free.put(data)
+		return 0, nil, dr.damaged(id, fmt.Errorf("chunk %s: content does not match its ID: %w", name, ErrCorrupt))
 	}
-	return data, data, nil
+	b := &chunkBuf{data: data, free: dr.free}
+	b.refs.Store(1) // the cache's
+	return int64(len(data)), b, nil
 }
 
 // acquire takes one of the reader's fetch slots; release gives it back.
@@ -471,49 +597,75 @@ func (dr *DiskReader) damaged(id crypto.ID, err error) error {
 }
 
 // cached returns the value for id from c, fetching it once however many
-// callers ask at the same time. fetch returns the value and, for chunks,
-// the bytes that count against the cache's size (nil counts 1). The fetch
-// runs under the reader's lifetime, not a caller's ctx.
-func (dr *DiskReader) cached(ctx context.Context, c *lru, id crypto.ID, fetch func() ([]byte, any, error)) (any, error) {
+// callers ask at the same time. fetch returns the value and what it
+// counts against the cache's size. The fetch runs under the reader's
+// lifetime, not a caller's ctx. With take, the value is a *chunkBuf and
+// the caller gets a reference to it, to release.
+func (dr *DiskReader) cached(ctx context.Context, c *lru, id crypto.ID, take bool, fetch func() (int64, any, error)) (any, error) {
 	dr.mu.Lock()
 	if v, ok := c.get(id); ok {
-		if c == &dr.chunks {
-			dr.stats.cacheHits.Add(1)
+		if take {
+			v.(*chunkBuf).refs.Add(1)
 		}
 		dr.mu.Unlock()
 		return v, nil
 	}
 	call, ok := c.inflight[id]
-	if ok {
-		dr.mu.Unlock()
-		select {
-		case <-call.done:
-			return call.value, call.err
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+	if !ok {
+		call = &fetchCall{done: make(chan struct{})}
+		c.inflight[id] = call
+		// The fetch runs on its own, so a caller that gives up returns at
+		// once while the fetch completes for the cache and other waiters.
+		go func() {
+			cost, v, err := fetch()
+			dr.mu.Lock()
+			delete(c.inflight, id)
+			call.value, call.err, call.finished = v, err, true
+			if err == nil {
+				b, counted := v.(*chunkBuf)
+				if counted {
+					// One reference per waiter, handed over with the value.
+					b.refs.Add(call.waiters)
+				}
+				stored, evicted := c.put(id, v, cost)
+				dr.releaseAll(evicted)
+				if counted && !stored {
+					b.release() // the cache's, which it did not take
+				}
+			}
+			dr.mu.Unlock()
+			close(call.done)
+		}()
 	}
-	call = &fetchCall{done: make(chan struct{})}
-	c.inflight[id] = call
+	if take {
+		call.waiters++
+	}
 	dr.mu.Unlock()
-	// The fetch runs on its own, so a caller that gives up returns at
-	// once while the fetch completes for the cache and other waiters.
-	go func() {
-		b, v, err := fetch()
-		call.value, call.err = v, err
-		dr.mu.Lock()
-		delete(c.inflight, id)
-		if err == nil {
-			c.put(id, v, int64(max(len(b), 1)))
-		}
-		dr.mu.Unlock()
-		close(call.done)
-	}()
 	select {
 	case <-call.done:
 		return call.value, call.err
 	case <-ctx.Done():
-		return nil, ctx.Err()
+	}
+	if take {
+		// Given up: the reference counted for this caller is dropped now
+		// if the value came meanwhile, or never handed out.
+		dr.mu.Lock()
+		if !call.finished {
+			call.waiters--
+		} else if call.err == nil {
+			call.value.(*chunkBuf).release()
+		}
+		dr.mu.Unlock()
+	}
+	return nil, ctx.Err()
+}
+
+// releaseAll drops the cache's reference to every chunk in evicted.
+func (dr *DiskReader) releaseAll(evicted []any) {
+	for _, v := range evicted {
+		if b, ok := v.(*chunkBuf); ok {
+			b.release()
+		}
 	}
 }
 
@@ -602,7 +754,7 @@ func (dr *DiskReader) readAhead() {
 				go func() {
 					defer wg.Done()
 					defer func() { <-dr.raSlots }()
-					dr.chunk(dr.ctx, pc.id, pc.len) // errors surface when the range is read
+					dr.prefetch(pc.id, pc.len) // errors surface when the range is read
 				}()
 			}
 		}
@@ -648,10 +800,12 @@ func (c *lru) get(id crypto.ID) (any, bool) {
 	return e.Value.(*lruEntry).value, true
 }
 
-func (c *lru) put(id crypto.ID, v any, cost int64) {
+// put adds v under id unless id is there already (stored is false then)
+// and returns the values it evicted to stay within its bound.
+func (c *lru) put(id crypto.ID, v any, cost int64) (stored bool, evicted []any) {
 	if e, ok := c.items[id]; ok {
 		c.ll.MoveToFront(e)
-		return
+		return false, nil
 	}
 	c.items[id] = c.ll.PushFront(&lruEntry{id: id, value: v, cost: cost})
 	c.size += cost
@@ -661,5 +815,7 @@ func (c *lru) put(id crypto.ID, v any, cost int64) {
 		c.ll.Remove(e)
 		delete(c.items, le.id)
 		c.size -= le.cost
+		evicted = append(evicted, le.value)
 	}
+	return true, evicted
 }

@@ -232,10 +232,11 @@ func (d diskExport) ReadAt(p []byte, off int64) (int, error) {
 	return d.dr.ReadAtContext(d.ctx, p, off)
 }
 
-// ReadSlices sends the reader's cached chunks without copying them.
-func (d diskExport) ReadSlices(off, length int64) ([][]byte, error) {
-	parts, _, err := d.dr.ReadSlices(d.ctx, off, int(length), nil)
-	return parts, err
+// ReadSlices sends the reader's cached chunks without copying them; done
+// hands them back to the reader.
+func (d diskExport) ReadSlices(off, length int64) ([][]byte, func(), error) {
+	v, err := d.dr.ReadSlices(d.ctx, off, int(length))
+	return v.Bufs, v.Release, err
 }
 
 func (d diskExport) Extents(off, length int64) ([]nbd.Extent, error) {
