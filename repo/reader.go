@@ -683,8 +683,13 @@ func (dr *DiskReader) noteRead(off, end int64, length int) {
 	// The window starts small and doubles with each sequential read, as
 	// the kernel's does, so scattered small reads (a file system walking
 	// its metadata) fetch little beyond what they touch.
+	// A client reading with several requests at once (qemu-img runs 8)
+	// lands anywhere in the window; and a reader that skips holes
+	// (SEEK_DATA, NBD block status) jumps over zeros. Both are still
+	// sequential, and the window stays.
 	slack := max(256<<10, 4*int64(length))
-	if off < dr.seqEnd-slack || off > dr.seqEnd+slack {
+	ahead := max(dr.seqEnd+slack, dr.raWant)
+	if off < dr.seqEnd-max(slack, dr.raWindow) || off > ahead && !dr.knownZeroLocked(ahead, off) {
 		dr.seqEnd, dr.raDone, dr.raWant, dr.raWindow = end, end, end, 0
 		return
 	}
@@ -698,6 +703,34 @@ func (dr *DiskReader) noteRead(off, end int64, length int) {
 	dr.raRunning = true
 	dr.wg.Add(1)
 	go dr.readAhead()
+}
+
+// knownZeroLocked reports whether [from, to) holds only zeros, judged
+// from the segment table and the segment lists already cached (it never
+// fetches): where it cannot tell, it says no. Called with dr.mu held.
+func (dr *DiskReader) knownZeroLocked(from, to int64) bool {
+	// A bound on the work under the lock: a jump over more segments than
+	// this counts as a jump elsewhere.
+	const maxSegments = 1 << 14
+	pos := from
+	for n := 0; pos < to && n < maxSegments; n++ {
+		i, start := dr.d.segmentAt(pos)
+		end := min(start+dr.d.segmentLen(i), to)
+		id, zero := dr.d.SegmentID(i)
+		if !zero {
+			v, ok := dr.lists.get(id)
+			if !ok {
+				return false
+			}
+			for _, pc := range v.([]piece) {
+				if !pc.zero && start+pc.off < end && start+pc.off+pc.len > pos {
+					return false
+				}
+			}
+		}
+		pos = end
+	}
+	return pos >= to
 }
 
 // readAhead starts fetches for the chunks in [raDone, raWant), one
