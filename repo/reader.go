@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -78,7 +79,7 @@ type ReaderOptions struct {
 // fetched ahead are still there when the reader arrives.
 const (
 	DefaultReaderCache     = 64 << 20
-	DefaultReaderReadAhead = 24 << 20
+	DefaultReaderReadAhead = 16 << 20
 	DefaultReaderFetchers  = 8
 	// segmentListCache is how many decoded segment lists a reader keeps
 	// (each a few KiB).
@@ -92,8 +93,13 @@ func (o ReaderOptions) withDefaults() ReaderOptions {
 	if o.ReadAhead == 0 {
 		o.ReadAhead = DefaultReaderReadAhead
 	}
-	// Read-ahead beyond half the cache would evict what it fetched.
-	o.ReadAhead = min(o.ReadAhead, o.CacheSize/2)
+	// Read-ahead beyond a quarter of the cache would evict what it
+	// fetched before it is read: the cache also holds what clients still
+	// read behind the newest request (qemu-img keeps 16 MiB in flight), and
+	// it counts buffer capacities, up to 1.5 times the chunks' lengths.
+	// With a 64 MiB cache and a 24 MiB window, qemu-img convert of image B
+	// fetched 62 chunks twice.
+	o.ReadAhead = min(o.ReadAhead, o.CacheSize/4)
 	if o.Fetchers <= 0 {
 		o.Fetchers = DefaultReaderFetchers
 	}
@@ -166,11 +172,12 @@ func (b *chunkBuf) release() {
 	}
 }
 
-// freeBuffers keeps decoded chunk buffers for reuse, by capacity class,
-// up to max bytes in all.
+// freeBuffers keeps chunk buffers for reuse, up to max bytes in all; when
+// full, the oldest go to the garbage collector, so the list follows the
+// chunk sizes in use.
 type freeBuffers struct {
 	mu        sync.Mutex
-	byClass   map[int][][]byte
+	bufs      [][]byte // oldest first
 	size, max int64
 	reused    atomic.Int64
 }
@@ -180,45 +187,48 @@ type freeBuffers struct {
 // cache.
 const minFreeBuffers = 16 << 20
 
-// bufferStep is the capacity granularity of chunk buffers: chunks are at
-// least 256 KiB (chunk.MinSize), so a buffer wastes under half its size.
+// bufferStep is the capacity granularity of chunk buffers. A free buffer
+// is reused for any length it holds with at most a third of it unused, and
+// the cache counts capacities, not lengths.
 const bufferStep = 128 << 10
 
 func newFreeBuffers(max int64) *freeBuffers {
-	return &freeBuffers{byClass: make(map[int][][]byte), max: max}
+	return &freeBuffers{max: max}
 }
 
-// get returns a buffer of n bytes, reused when one of its class (or up to
-// twice its size) is free. Its content is arbitrary.
+// get returns a buffer of n bytes, reused when a free one fits. Its
+// content is arbitrary.
 func (f *freeBuffers) get(n int) []byte {
-	class := (n + bufferStep - 1) / bufferStep
+	want := (n + bufferStep - 1) / bufferStep * bufferStep
 	f.mu.Lock()
-	for c := class; c <= class+1; c++ {
-		if l := f.byClass[c]; len(l) > 0 {
-			b := l[len(l)-1]
-			l[len(l)-1] = nil
-			f.byClass[c] = l[:len(l)-1]
-			f.size -= int64(cap(b))
-			f.mu.Unlock()
-			f.reused.Add(1)
-			return b[:n]
+	best := -1
+	for i, b := range f.bufs {
+		if c := cap(b); c >= want && c <= want+want/2 && (best < 0 || c < cap(f.bufs[best])) {
+			best = i
 		}
 	}
+	if best < 0 {
+		f.mu.Unlock()
+		return make([]byte, n, want)
+	}
+	b := f.bufs[best]
+	f.bufs = slices.Delete(f.bufs, best, best+1)
+	f.size -= int64(cap(b))
 	f.mu.Unlock()
-	return make([]byte, n, class*bufferStep)
+	f.reused.Add(1)
+	return b[:n]
 }
 
-// put keeps b for reuse, or leaves it to the garbage collector when the
-// list is full.
+// put keeps b for reuse.
 func (f *freeBuffers) put(b []byte) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.size+int64(cap(b)) > f.max {
-		return
-	}
-	c := cap(b) / bufferStep
-	f.byClass[c] = append(f.byClass[c], b[:0])
+	f.bufs = append(f.bufs, b[:0])
 	f.size += int64(cap(b))
+	for f.size > f.max {
+		f.size -= int64(cap(f.bufs[0]))
+		f.bufs = slices.Delete(f.bufs, 0, 1)
+	}
 }
 
 // A View is the result of ReadSlices: bytes of the image as read-only
@@ -553,7 +563,7 @@ func (dr *DiskReader) fetchChunk(id crypto.ID, length int64) (int64, any, error)
 	}
 	b := &chunkBuf{data: data, free: dr.free}
 	b.refs.Store(1) // the cache's
-	return int64(len(data)), b, nil
+	return int64(cap(data)), b, nil
 }
 
 // acquire takes one of the reader's fetch slots; release gives it back.
