@@ -120,7 +120,7 @@ type backupState struct {
 	// and −1 for a known one, within ±freshLimit (copyFirst).
 	fresh atomic.Int32
 	stats struct {
-		read, zero, bytesNew, stored, chunksNew, segs, segsNew, found atomic.Int64
+		read, zero, bytesNew, stored, chunksNew, segs, segsNew, found, chunked atomic.Int64
 	}
 }
 
@@ -372,13 +372,14 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	if m.Host == "" {
 		m.Host, _ = os.Hostname()
 	}
+	prev := r.startPreviousGen(ctx, req.VM)
 	for i, src := range req.Disks {
 		var d Disk
 		var err error
 		if bases[i] != nil {
 			d, err = st.backupDiskChanged(ctx, src, req, bases[i])
 		} else {
-			d, err = st.backupDisk(ctx, src, req)
+			d, err = st.backupDisk(ctx, src, req, prev.disk(src.Name))
 			d.FullRead = m.Time
 		}
 		if err == nil {
@@ -414,7 +415,8 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	m.Finished = time.Now().UTC()
 	m.Stats = BackupStats{BytesRead: st.stats.read.Load(), BytesZero: st.stats.zero.Load(),
 		BytesNew: st.stats.bytesNew.Load(), ChunksNew: st.stats.chunksNew.Load(),
-		SegmentsSeen: st.stats.segs.Load(), SegmentsNew: st.stats.segsNew.Load(), ObjectsFound: st.stats.found.Load()}
+		SegmentsSeen: st.stats.segs.Load(), SegmentsNew: st.stats.segsNew.Load(), ObjectsFound: st.stats.found.Load(),
+		BytesChunked: st.stats.chunked.Load()}
 	if err := r.commitManifest(ctx, m, st.stats.stored.Load()); err != nil {
 		return nil, err
 	}
@@ -455,6 +457,7 @@ func (r *Repository) commitManifest(ctx context.Context, m *Manifest, storedSoFa
 // is stored (see storeSegment).
 type segmentJob struct {
 	i       int
+	off     int64 // the segment's image offset
 	buf     []byte
 	n       int
 	release func()
@@ -477,6 +480,8 @@ type segmentWorkers struct {
 	ids    [][32]byte
 	err    error
 	source string // names the disk in errors
+	// prev guides the splitting of new segments (nil: plain splits).
+	prev *prevDisk
 }
 
 // startSegmentWorkers starts nw workers; bufLen is the size of the buffers
@@ -513,7 +518,7 @@ func (w *segmentWorkers) run() {
 		return
 	}
 	for job := range w.jobs {
-		id, err := w.st.storeJob(w.ctx, sp, w.source, job)
+		id, err := w.st.storeJob(w.ctx, sp, w.source, job, w.prev)
 		if job.release != nil {
 			job.release()
 		} else {
@@ -568,10 +573,11 @@ func (w *segmentWorkers) takeSlot() ([]byte, error) {
 	}
 }
 
-// submitMapped hands segment i, the first c bytes of a window mapped in
-// slot, to the workers, which unmap it and free the slot when done.
-func (w *segmentWorkers) submitMapped(i int, mem []byte, c int, slot []byte) error {
-	job := segmentJob{i: i, buf: mem, n: c, mapped: true, slot: &slot, slotLen: w.bufLen}
+// submitMapped hands segment i at image offset off, the first c bytes of
+// a window mapped in slot, to the workers, which unmap it and free the
+// slot when done.
+func (w *segmentWorkers) submitMapped(i int, off int64, mem []byte, c int, slot []byte) error {
+	job := segmentJob{i: i, off: off, buf: mem, n: c, mapped: true, slot: &slot, slotLen: w.bufLen}
 	job.release = func() { unmapWindow(mem); w.free <- slot }
 	return w.send(job)
 }
@@ -581,8 +587,8 @@ func (w *segmentWorkers) submitMapped(i int, mem []byte, c int, slot []byte) err
 // windows reads into a buffer only where a window holds holes, and
 // buffers and mapped windows would otherwise both count against the
 // memory bound.
-func (w *segmentWorkers) submitDropped(i int, buf []byte, c int) error {
-	return w.send(segmentJob{i: i, buf: buf, n: c, release: func() { w.free <- nil }})
+func (w *segmentWorkers) submitDropped(i int, off int64, buf []byte, c int) error {
+	return w.send(segmentJob{i: i, off: off, buf: buf, n: c, release: func() { w.free <- nil }})
 }
 
 // send hands job to the workers; if the backup ends first, it releases
@@ -602,16 +608,16 @@ func (w *segmentWorkers) send(job segmentJob) error {
 // putBuf returns a buffer from getBuf unused.
 func (w *segmentWorkers) putBuf(buf []byte) { w.free <- buf }
 
-// submit hands buf[:n], segment i, to the workers, which own buf from now
-// on.
-func (w *segmentWorkers) submit(i int, buf []byte, n int) error {
-	return w.send(segmentJob{i: i, buf: buf, n: n})
+// submit hands buf[:n], segment i at image offset off, to the workers,
+// which own buf from now on.
+func (w *segmentWorkers) submit(i int, off int64, buf []byte, n int) error {
+	return w.send(segmentJob{i: i, off: off, buf: buf, n: n})
 }
 
 // submitCut hands the first c of the have bytes in buf to the workers as
-// segment i, and returns a new buffer that holds the have-c bytes after
-// the cut (nil if there are none).
-func (w *segmentWorkers) submitCut(i int, buf []byte, have, c int) ([]byte, error) {
+// segment i at image offset off, and returns a new buffer that holds the
+// have-c bytes after the cut (nil if there are none).
+func (w *segmentWorkers) submitCut(i int, off int64, buf []byte, have, c int) ([]byte, error) {
 	var next []byte
 	if c < have {
 		var err error
@@ -620,7 +626,7 @@ func (w *segmentWorkers) submitCut(i int, buf []byte, have, c int) ([]byte, erro
 		}
 		copy(next, buf[c:have])
 	}
-	if err := w.submit(i, buf, c); err != nil {
+	if err := w.submit(i, off, buf, c); err != nil {
 		return nil, err
 	}
 	return next, nil
@@ -657,7 +663,7 @@ func (w *segmentWorkers) wait(n int) ([]byte, error) {
 	return segs, nil
 }
 
-func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req BackupRequest) (Disk, error) {
+func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req BackupRequest, prev *prevDisk) (Disk, error) {
 	// A source blocked in Read (a pipe whose writer stalls) would never
 	// see a cancellation; a read deadline wakes it, where the reader
 	// supports one (pollable files: pipes, sockets).
@@ -668,6 +674,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	cut := st.r.segmenter
 	nw := workers()
 	w := st.startSegmentWorkers(ctx, nw, cut.Max(), src.Source)
+	w.prev = prev
 
 	var sum hash.Hash
 	if req.SHA256 {
@@ -733,7 +740,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 					if sum != nil {
 						sum.Write(mem[:c])
 					}
-					if err := w.submitMapped(len(lens), mem, c, slot); err != nil {
+					if err := w.submitMapped(len(lens), total, mem, c, slot); err != nil {
 						return err
 					}
 					ir.read += int64(c) // the tail is mapped again
@@ -766,14 +773,14 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			if ir.mappable() {
 				// The tail is mapped again, not carried: not read twice.
 				ir.read -= ir.dataBytes(total+int64(c), total+int64(have))
-				if err := w.submitDropped(len(lens), buf, c); err != nil {
+				if err := w.submitDropped(len(lens), total, buf, c); err != nil {
 					return err
 				}
 				buf, have = nil, 0
 				advance(c)
 				continue
 			}
-			if buf, err = w.submitCut(len(lens), buf, have, c); err != nil {
+			if buf, err = w.submitCut(len(lens), total, buf, have, c); err != nil {
 				return err
 			}
 			have -= c
@@ -845,7 +852,7 @@ func newSegmenter(mk *crypto.MasterKey, segSize int64) *chunk.Segmenter {
 
 // storeJob stores one segment job; a memory fault while reading a mapped
 // window becomes an error naming the source.
-func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source string, job segmentJob) (id crypto.ID, err error) {
+func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source string, job segmentJob, prev *prevDisk) (id crypto.ID, err error) {
 	defer catchFault(source, &err)()
 	var private func() []byte
 	if job.mapped {
@@ -857,7 +864,7 @@ func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source 
 			return (*job.slot)[:job.n]
 		}
 	}
-	return st.storeSegment(ctx, sp, job.buf[:job.n], private)
+	return st.storeSegment(ctx, sp, job.buf[:job.n], private, prev, job.off)
 }
 
 // Ways of taking a segment from memory that can change while it is read
@@ -948,12 +955,13 @@ func (st *backupState) segmentID(seg []byte, private func() []byte) (_ []byte, _
 	return b, r.segH.Sum(b), false
 }
 
-// storeSegment chunks one segment and queues its new chunks and its
-// segment list for upload. It returns the segment ID (all zeros for an
-// all-zero segment). seg may be reused by the caller once it returns.
+// storeSegment chunks one segment, at image offset off, and queues its
+// new chunks and its segment list for upload. It returns the segment ID
+// (all zeros for an all-zero segment). seg may be reused by the caller
+// once it returns. A new segment is split guided by prev's chunks
+// (repo/reuse.go).
 // private is as for segmentID.
-func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, private func() []byte) (crypto.ID, error) {
-	r := st.r
+func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, private func() []byte, prev *prevDisk, off int64) (crypto.ID, error) {
 	st.stats.segs.Add(1)
 	seg, segID, zero := st.segmentID(seg, private)
 	if zero {
@@ -968,13 +976,12 @@ func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg
 	st.stats.segsNew.Add(1)
 	var entries []SegmentEntry
 	var waits []*pendingObject
-	err := sp.Split(seg, func(p chunk.Piece) error {
+	err := st.splitGuided(sp, seg, prev.guide(ctx, off, seg), func(p chunk.Piece, id crypto.ID) error {
 		if p.Zero {
 			st.stats.zero.Add(int64(p.Length))
 			entries = append(entries, SegmentEntry{Zero: true, Length: uint32(p.Length)})
 			return nil
 		}
-		id := r.chunkH.Sum(p.Data)
 		entries = append(entries, SegmentEntry{Length: uint32(p.Length), ID: id})
 		pend, mine := st.claim(id)
 		if !mine {

@@ -33,13 +33,16 @@ type Damage struct {
 
 // CheckReport is the outcome of Check.
 type CheckReport struct {
-	Manifests    int      `json:"manifests"`
-	Tables       int      `json:"tables"`
-	Segments     int      `json:"segments"`
-	Chunks       int      `json:"chunks"`
-	Objects      int      `json:"objects"`
-	ChunksRead   int      `json:"chunks_read"`
-	BytesRead    int64    `json:"bytes_read"`
+	Manifests  int   `json:"manifests"`
+	Tables     int   `json:"tables"`
+	Segments   int   `json:"segments"`
+	Chunks     int   `json:"chunks"`
+	Objects    int   `json:"objects"`
+	ChunksRead int   `json:"chunks_read"`
+	BytesRead  int64 `json:"bytes_read"`
+	// SegmentsRead counts the segment lists whose assembled content was
+	// hashed and compared with their ID (ReadData only).
+	SegmentsRead int      `json:"segments_read"`
 	Unreferenced int      `json:"unreferenced"`
 	Damage       []Damage `json:"damage"`
 }
@@ -57,6 +60,12 @@ type checker struct {
 	// Who references what, for naming the generations damage affects.
 	segGens   map[crypto.ID][]string // segment list → generations
 	chunkSegs map[crypto.ID][]crypto.ID
+
+	// With ReadData: each loaded segment list's entries, in walk order,
+	// and which chunks were verified (true) or found damaged (false).
+	segOrder   []crypto.ID
+	segEntries map[crypto.ID][]SegmentEntry
+	chunkOK    map[crypto.ID]bool
 }
 
 func (c *checker) report(object, problem string, gens ...string) {
@@ -86,7 +95,8 @@ func (c *checker) chunkGens(id crypto.ID) []string {
 // The caller holds a shared lock.
 func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport, error) {
 	c := &checker{r: r, damage: map[string]*Damage{}, objects: map[string]int64{}, tablesSeen: map[crypto.ID]bool{},
-		segGens: map[crypto.ID][]string{}, chunkSegs: map[crypto.ID][]crypto.ID{}}
+		segGens: map[crypto.ID][]string{}, chunkSegs: map[crypto.ID][]crypto.ID{},
+		segEntries: map[crypto.ID][]SegmentEntry{}, chunkOK: map[crypto.ID]bool{}}
 	rep := &CheckReport{}
 	if err := r.be.List(ctx, "data/", func(o backend.ObjectInfo) error {
 		c.objects[o.Name] = o.Size
@@ -139,6 +149,15 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 			}
 			return true, nil
 		},
+		SegmentList: func(id crypto.ID, entries []SegmentEntry, _ Origin) error {
+			if opts.ReadData {
+				if _, seen := c.segEntries[id]; !seen {
+					c.segOrder = append(c.segOrder, id)
+					c.segEntries[id] = entries
+				}
+			}
+			return nil
+		},
 		Chunk: func(e SegmentEntry, from Origin) error {
 			sid, _ := parseID(shortName(from.Object))
 			segs, seen := c.chunkSegs[e.ID]
@@ -162,52 +181,15 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 	rep.Segments = len(c.segGens)
 	rep.Chunks = len(chunkOrder)
 
-	verify := make([]bool, len(chunkOrder))
-	picked := false
-	for i := range verify {
-		verify[i] = opts.ReadData || (opts.Subset > 0 && rand.Float64() < opts.Subset)
-		picked = picked || verify[i]
+	var err2 error
+	if opts.ReadData {
+		rep.ChunksRead, rep.BytesRead, rep.SegmentsRead, err2 = c.readSegments(ctx, chunkOrder)
+	} else {
+		rep.ChunksRead, rep.BytesRead, err2 = c.readChunks(ctx, chunkOrder, opts.Subset)
 	}
-	if !picked && opts.Subset > 0 && len(verify) > 0 {
-		verify[rand.IntN(len(verify))] = true // a subset reads at least one chunk
+	if err2 != nil {
+		return nil, err2
 	}
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(8)
-	var cmu sync.Mutex
-	var read, readBytes int64
-	for i, cid := range chunkOrder {
-		name := dataName(cid)
-		if _, ok := c.objects[name]; !ok {
-			c.report(name, "missing chunk")
-			continue
-		}
-		g.Go(func() error {
-			if !verify[i] {
-				c.header(gctx, name, TypeChunk)
-				return gctx.Err()
-			}
-			data, err := r.getData(gctx, TypeChunk, cid)
-			if err != nil {
-				if gctx.Err() != nil {
-					return gctx.Err()
-				}
-				c.report(name, err.Error())
-				return nil
-			}
-			if r.chunkH.Sum(data) != cid {
-				c.report(name, "content does not match its ID")
-			}
-			cmu.Lock()
-			read++
-			readBytes += int64(len(data))
-			cmu.Unlock()
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return nil, err
-	}
-	rep.ChunksRead, rep.BytesRead = int(read), readBytes
 	rep.Unreferenced = max(0, len(c.objects)-rep.Segments-rep.Chunks-len(c.tablesSeen))
 	for _, d := range c.damage {
 		// Segment lists and chunks affect every generation that
@@ -268,4 +250,139 @@ func (d Damage) String() string {
 		s += " (affects " + strings.Join(d.Generations, ", ") + ")"
 	}
 	return s
+}
+
+// readChunks checks every referenced chunk's header, and decrypts and
+// verifies a random subset (a fraction, 0 for none) of them.
+func (c *checker) readChunks(ctx context.Context, chunkOrder []crypto.ID, subset float64) (chunks int, bytes int64, err error) {
+	verify := make([]bool, len(chunkOrder))
+	picked := false
+	for i := range verify {
+		verify[i] = subset > 0 && rand.Float64() < subset
+		picked = picked || verify[i]
+	}
+	if !picked && subset > 0 && len(verify) > 0 {
+		verify[rand.IntN(len(verify))] = true // a subset reads at least one chunk
+	}
+	r := c.r
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	var cmu sync.Mutex
+	var read, readBytes int64
+	for i, cid := range chunkOrder {
+		name := dataName(cid)
+		if _, ok := c.objects[name]; !ok {
+			c.report(name, "missing chunk")
+			continue
+		}
+		g.Go(func() error {
+			if !verify[i] {
+				c.header(gctx, name, TypeChunk)
+				return gctx.Err()
+			}
+			data, err := r.getData(gctx, TypeChunk, cid)
+			if err != nil {
+				if gctx.Err() != nil {
+					return gctx.Err()
+				}
+				c.report(name, err.Error())
+				return nil
+			}
+			if r.chunkH.Sum(data) != cid {
+				c.report(name, "content does not match its ID")
+			}
+			cmu.Lock()
+			read++
+			readBytes += int64(len(data))
+			cmu.Unlock()
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return 0, 0, err
+	}
+	return int(read), readBytes, nil
+}
+
+// readSegments reads every segment list's chunks in order, verifies each
+// chunk against its ID once, and hashes the assembled content (zero runs
+// included) to compare it with the segment's ID: a segment list naming
+// sound chunks in a wrong order or of wrong lengths restores wrong data,
+// and only this finds it. A chunk shared by several segments is fetched
+// once per segment.
+func (c *checker) readSegments(ctx context.Context, chunkOrder []crypto.ID) (chunks int, bytes int64, segs int, err error) {
+	for _, cid := range chunkOrder {
+		if _, ok := c.objects[dataName(cid)]; !ok {
+			c.report(dataName(cid), "missing chunk")
+			c.chunkOK[cid] = false
+		}
+	}
+	var zeros [64 << 10]byte
+	var mu sync.Mutex
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for _, sid := range c.segOrder {
+		g.Go(func() error {
+			h := c.r.segH.New()
+			sound := true
+			for _, e := range c.segEntries[sid] {
+				if e.Zero {
+					for n := int(e.Length); n > 0; n -= min(n, len(zeros)) {
+						h.Write(zeros[:min(n, len(zeros))])
+					}
+					continue
+				}
+				mu.Lock()
+				ok, checked := c.chunkOK[e.ID]
+				mu.Unlock()
+				if checked && !ok {
+					sound = false
+					continue
+				}
+				name := dataName(e.ID)
+				data, err := c.r.getData(gctx, TypeChunk, e.ID)
+				if err != nil {
+					if gctx.Err() != nil {
+						return gctx.Err()
+					}
+					ok = false
+					mu.Lock()
+					c.chunkOK[e.ID] = false
+					mu.Unlock()
+					c.report(name, err.Error())
+				} else if !checked {
+					ok = c.r.chunkH.Sum(data) == e.ID
+					mu.Lock()
+					if _, again := c.chunkOK[e.ID]; !again {
+						chunks++
+					}
+					c.chunkOK[e.ID] = ok
+					mu.Unlock()
+					if !ok {
+						c.report(name, "content does not match its ID")
+					}
+				}
+				mu.Lock()
+				bytes += int64(len(data))
+				mu.Unlock()
+				sound = sound && ok
+				if sound {
+					h.Write(data)
+				}
+			}
+			var got crypto.ID
+			h.Sum(got[:0])
+			mu.Lock()
+			segs++
+			mu.Unlock()
+			if sound && got != sid {
+				c.report(dataName(sid), "assembled content does not match the segment's ID")
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return 0, 0, 0, err
+	}
+	return chunks, bytes, segs, nil
 }

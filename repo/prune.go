@@ -352,7 +352,7 @@ func (r *Repository) PlanPrune(ctx context.Context, opts PruneOptions) (*PrunePl
 		// stops rather than delete that data (restic does the same).
 		hint := "run check"
 		if errors.Is(err, ErrCorrupt) {
-			hint = "run check; a damaged or foreign manifest blocks prune until it is moved out of manifests/"
+			hint = "run check; a damaged or foreign manifest blocks prune until vmvault repair moves it to quarantine/"
 		}
 		return nil, fmt.Errorf("prune stopped, nothing deleted: %w (%s)", err, hint)
 	}

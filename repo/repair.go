@@ -155,8 +155,9 @@ type RepairReport struct {
 	// quarantined or missing object: damaged until a backup stores the
 	// same content again (or forget removes them).
 	Damaged []string `json:"damaged_generations"`
-	// Unhandled is damage Repair does not move (manifests, index
-	// objects), from the Check it ran.
+	// Unhandled is damage Repair does not move (index objects, manifests
+	// that could not be fetched), from the Check it ran. Manifests that
+	// fail authentication are quarantined like data objects.
 	Unhandled []Damage `json:"unhandled,omitempty"`
 	DryRun    bool     `json:"dry_run,omitempty"`
 }
@@ -167,6 +168,7 @@ type RepairReport struct {
 func (r *Repository) Repair(ctx context.Context, opts RepairOptions) (*RepairReport, error) {
 	rep := &RepairReport{Quarantined: []Quarantined{}, Damaged: []string{}, DryRun: opts.DryRun}
 	damaged := map[crypto.ID]string{}
+	var manifests []Damage // under a manifest name, failing authentication
 	if len(opts.Objects) == 0 {
 		crep, err := r.Check(ctx, CheckOptions{ReadData: opts.ReadData})
 		if err != nil {
@@ -176,6 +178,10 @@ func (r *Repository) Repair(ctx context.Context, opts RepairOptions) (*RepairRep
 			rep.Damaged = generationsOf(crep.Damage)
 		}
 		for _, d := range crep.Damage {
+			if r.foreignManifest(ctx, d.Object) {
+				manifests = append(manifests, d)
+				continue
+			}
 			id, ok := dataObjectID(d.Object)
 			if !ok {
 				rep.Unhandled = append(rep.Unhandled, d)
@@ -200,13 +206,26 @@ func (r *Repository) Repair(ctx context.Context, opts RepairOptions) (*RepairRep
 			damaged[id] = problem
 		}
 	}
-	if len(damaged) == 0 {
+	if len(damaged) == 0 && len(manifests) == 0 {
 		return rep, r.damagedGenerations(ctx, rep)
 	}
 	if !opts.DryRun {
 		if err := r.CheckDeletable(ctx); err != nil {
 			return nil, err
 		}
+	}
+	stamp := strconv.FormatInt(time.Now().Unix(), 10)
+	for _, d := range manifests {
+		q := Quarantined{Object: d.Object, Problem: d.Problem, To: "quarantine/" + d.Object + "." + stamp}
+		if !opts.DryRun {
+			if err := r.quarantine(ctx, q.Object, q.To); err != nil {
+				return rep, err
+			}
+		}
+		rep.Quarantined = append(rep.Quarantined, q)
+	}
+	if len(damaged) == 0 {
+		return rep, r.damagedGenerations(ctx, rep)
 	}
 	remove, err := r.planDeindex(ctx, damaged, rep)
 	if err != nil {
@@ -217,7 +236,6 @@ func (r *Repository) Repair(ctx context.Context, opts RepairOptions) (*RepairRep
 		ids = append(ids, id)
 	}
 	sort.Slice(ids, func(i, j int) bool { return bytes.Compare(ids[i][:], ids[j][:]) < 0 })
-	stamp := strconv.FormatInt(time.Now().Unix(), 10)
 	for _, id := range ids {
 		q := Quarantined{Object: dataName(id), Problem: damaged[id]}
 		_, err := r.be.Stat(ctx, q.Object)
@@ -247,6 +265,21 @@ func (r *Repository) Repair(ctx context.Context, opts RepairOptions) (*RepairRep
 		}
 	}
 	return rep, r.damagedGenerations(ctx, rep)
+}
+
+// foreignManifest reports whether object is a manifest that fails
+// authentication or does not parse (ErrCorrupt, read again now): planted
+// by someone with add-only access, or damaged. No restore can use it, and
+// it stops prune, which cannot know what it references; repair moves it
+// to quarantine/. A manifest that cannot be fetched (a network error, or
+// too large to read) is not one: it stays for the admin.
+func (r *Repository) foreignManifest(ctx context.Context, object string) bool {
+	hex, ok := strings.CutPrefix(object, "manifests/")
+	if !ok {
+		return false
+	}
+	_, err := r.LoadManifest(ctx, hex)
+	return errors.Is(err, ErrCorrupt)
 }
 
 // dataObjectID parses "data/xx/<hex>" or a bare 64-digit hex ID.

@@ -149,3 +149,49 @@ func TestDamagedChunkNotReusedAfterRepair(t *testing.T) {
 		t.Fatalf("check after the next backup: %v %+v", err, crep)
 	}
 }
+
+// TestRepairQuarantinesForeignManifest: an object under a valid manifest
+// name that does not authenticate (planted by someone with add-only
+// access, or rotted) stops prune, which cannot know what it references.
+// Repair moves it to quarantine/ (kept, not deleted), after which prune
+// runs and the real generation still restores. Before, repair left it
+// "not repaired" and prune stayed blocked until an admin moved it by hand.
+func TestRepairQuarantinesForeignManifest(t *testing.T) {
+	tr := newTestRepo(t)
+	ctx := context.Background()
+	img := testImage(5, 6<<20)
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	fakeID := randomID()
+	fake := manifestName(fakeID)
+	garbage := []byte("not a manifest, planted by an add-only writer")
+	plant(t, tr.dir, fake, garbage)
+
+	if _, err := tr.PlanPrune(ctx, PruneOptions{Margin: DefaultPruneMargin}); err == nil || !strings.Contains(err.Error(), "prune stopped") {
+		t.Fatalf("prune with a foreign manifest: %v", err)
+	}
+	dry, err := tr.Repair(ctx, RepairOptions{DryRun: true})
+	if err != nil || len(dry.Quarantined) != 1 || dry.Quarantined[0].Object != fake {
+		t.Fatalf("repair --dry-run: %v %+v", err, dry)
+	}
+	if _, err := os.Stat(filepath.Join(tr.dir, fake)); err != nil {
+		t.Fatalf("dry run moved the manifest: %v", err)
+	}
+	rep, err := tr.Repair(ctx, RepairOptions{})
+	if err != nil || len(rep.Quarantined) != 1 || rep.Quarantined[0].Object != fake || len(rep.Unhandled) != 0 {
+		t.Fatalf("repair: %v %+v", err, rep)
+	}
+	kept, err := os.ReadFile(filepath.Join(tr.dir, rep.Quarantined[0].To))
+	if err != nil || !bytes.Equal(kept, garbage) || !strings.HasPrefix(rep.Quarantined[0].To, "quarantine/manifests/") {
+		t.Fatalf("quarantined copy %s: %v", rep.Quarantined[0].To, err)
+	}
+	plan, err := tr.PlanPrune(ctx, PruneOptions{Margin: DefaultPruneMargin})
+	if err != nil {
+		t.Fatalf("prune after repair: %v", err)
+	}
+	if _, err := plan.Execute(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(restoreBytes(t, tr.Repository, m), img) {
+		t.Fatal("generation changed by repair and prune")
+	}
+}

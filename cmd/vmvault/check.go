@@ -21,8 +21,10 @@ func (a *app) checkCommand() *cobra.Command {
 		Short: "Verify the repository's structure, and optionally its data",
 		Long: `Verify that every generation's manifest opens and that every object it
 references exists with a sane header. --read-data also decrypts every
-referenced chunk and verifies it against its ID; --read-data-subset does so
-for a random part (e.g. 10%; at least one chunk). Each damaged object is named with the
+referenced chunk and verifies it against its ID, and hashes each segment's
+assembled content to compare it with the segment's ID (so a segment list
+naming sound chunks in a wrong order is found too); --read-data-subset
+verifies chunks only, for a random part (e.g. 10%; at least one chunk). Each damaged object is named with the
 generations it affects; any damage exits 1.`,
 		Example: `  vmvault check
   vmvault check --read-data
@@ -119,8 +121,8 @@ func (a *app) check(ctx context.Context, r *repo.Repository, opts repo.CheckOpti
 	if !rep.OK() {
 		verdict, level = fmt.Sprintf("%d damaged objects", len(rep.Damage)), slog.LevelError
 	}
-	a.report(level, fmt.Sprintf("check: %d generations, %d segments, %d chunks (%d read, %s), %d objects, %d unreferenced: %s, %s",
-		rep.Manifests, rep.Segments, rep.Chunks, rep.ChunksRead, humanBytes(rep.BytesRead), rep.Objects, rep.Unreferenced,
+	a.report(level, fmt.Sprintf("check: %d generations, %d segments (%d verified), %d chunks (%d read, %s), %d objects, %d unreferenced: %s, %s",
+		rep.Manifests, rep.Segments, rep.SegmentsRead, rep.Chunks, rep.ChunksRead, humanBytes(rep.BytesRead), rep.Objects, rep.Unreferenced,
 		verdict, time.Since(start).Round(10*time.Millisecond)))
 	if !rep.OK() {
 		return fmt.Errorf("%w: %d damaged objects (first: %s)", repo.ErrDamaged, len(rep.Damage), rep.Damage[0].String())

@@ -21,7 +21,9 @@ never overwritten, so a damaged one must go before it can be replaced).
 With OBJECT names (as a failed backup or check prints them: data/xx/<id>),
 each is read and verified first; a sound object is left alone. Without,
 repair runs check (--read-data: with all data decrypted and verified) and
-repairs every damaged data object it finds.
+repairs every damaged data object it finds, and every manifest that fails
+authentication (planted by someone with add-only access, or damaged: no
+restore can use it, and it stops prune).
 
 Nothing is deleted that cannot be put back: each object is copied to
 quarantine/<name>.<unix time> before it is removed. Segment lists that name
