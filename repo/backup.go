@@ -116,7 +116,10 @@ type backupState struct {
 	// readLimit paces reading the sources (nil: unlimited).
 	readLimit *limit.Bucket
 	fail      func(error)
-	stats     struct {
+	// fresh counts recent segments of changing sources, +1 for a new one
+	// and −1 for a known one, within ±freshLimit (copyFirst).
+	fresh atomic.Int32
+	stats struct {
 		read, zero, bytesNew, stored, chunksNew, segs, segsNew, found, chunked atomic.Int64
 	}
 }
@@ -847,16 +850,103 @@ func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source 
 	defer catchFault(source, &err)()
 	var private func() []byte
 	if job.mapped {
+		// The slot's buffer, allocated on first use.
 		private = func() []byte {
 			if len(*job.slot) < job.n {
 				*job.slot = make([]byte, max(job.n, job.slotLen))
 			}
-			b := (*job.slot)[:job.n]
-			copy(b, job.buf[:job.n])
-			return b
+			return (*job.slot)[:job.n]
 		}
 	}
 	return st.storeSegment(ctx, sp, job.buf[:job.n], private, prev, job.off)
+}
+
+// Ways of taking a segment from memory that can change while it is read
+// (a mapped window of a file), in segmentID.
+const (
+	copyAuto  = iota // by the hit rate of recent segments (copyFirst)
+	copyFirst        // always copy and hash the copy
+	hashFirst        // always hash in place, copy only a new segment
+)
+
+// freshLimit bounds backupState.fresh: how many recent segments decide
+// between copying first and hashing in place.
+const freshLimit = 8
+
+// copyFirst reports whether a segment that can change while read is
+// better copied and hashed in one pass than hashed in place: when recent
+// segments were mostly new (a first backup, a much changed disk), nearly
+// every segment is copied anyway, and hashing in place first only adds a
+// pass over it; when they were mostly known, hashing in place saves the
+// copy. Either way the stored segment is consistent (segmentID).
+func (st *backupState) copyFirst() bool {
+	switch st.r.segmentCopy {
+	case copyFirst:
+		return true
+	case hashFirst:
+		return false
+	}
+	return st.fresh.Load() > 0
+}
+
+// noteSegment counts a segment of a changing source as new or known for
+// copyFirst.
+func (st *backupState) noteSegment(isNew bool) {
+	d := int32(-1)
+	if isNew {
+		d = 1
+	}
+	for {
+		f := st.fresh.Load()
+		n := min(max(f+d, -freshLimit), freshLimit)
+		if n == f || st.fresh.CompareAndSwap(f, n) {
+			return
+		}
+	}
+}
+
+// segmentID returns the segment to store (seg, or a private copy of it)
+// and its ID, or zero if it is all zeros.
+//
+// private is nil when seg is the caller's own memory. Otherwise seg can
+// change while it is read (a mapped window of a file someone writes), and
+// private returns a buffer for a private copy of it: a segment that is not
+// known already is stored from that copy, with its ID computed over the
+// copy, so that its ID, its chunks' IDs and the sealed chunks all describe
+// the same bytes. An ID over other bytes than its content would poison
+// deduplication for every later backup (TestBackupMappedFileWrittenMeanwhile).
+// A segment found known by a hash in place is reused whole, as with a
+// buffer: a torn read of a changing source, never an inconsistent object.
+func (st *backupState) segmentID(seg []byte, private func() []byte) (_ []byte, _ crypto.ID, zero bool) {
+	r := st.r
+	if chunk.IsZero(seg) {
+		return seg, crypto.ID{}, true
+	}
+	if private != nil && st.copyFirst() {
+		// One pass: copy, and hash the copy while it is in cache.
+		b := private()
+		id := r.segH.CopySum(b, seg)
+		if chunk.IsZero(b) { // zeroed meanwhile
+			return b, crypto.ID{}, true
+		}
+		st.noteSegment(!st.known(id))
+		return b, id, false
+	}
+	id := r.segH.Sum(seg)
+	if private == nil {
+		return seg, id, false
+	}
+	isNew := !st.known(id)
+	st.noteSegment(isNew)
+	if !isNew {
+		return seg, id, false
+	}
+	b := private()
+	copy(b, seg)
+	if chunk.IsZero(b) {
+		return b, crypto.ID{}, true
+	}
+	return b, r.segH.Sum(b), false
 }
 
 // storeSegment chunks one segment, at image offset off, and queues its
@@ -864,31 +954,13 @@ func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source 
 // (all zeros for an all-zero segment). seg may be reused by the caller
 // once it returns. A new segment is split guided by prev's chunks
 // (repo/reuse.go).
-//
-// private is nil when seg is the caller's own memory. Otherwise seg can
-// change while it is read (a mapped window of a file someone writes), and
-// private returns a private copy of it: a segment that is not known
-// already is stored from that copy, with its ID computed again over the
-// copy, so that its ID, its chunks' IDs and the sealed chunks all describe
-// the same bytes. An ID over other bytes than its content would poison
-// deduplication for every later backup (TestBackupMappedFileWrittenMeanwhile).
-// A segment found known by the first hash is reused whole, as with a
-// buffer: a torn read of a changing source, never an inconsistent object.
+// private is as for segmentID.
 func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, private func() []byte, prev *prevDisk, off int64) (crypto.ID, error) {
-	r := st.r
 	st.stats.segs.Add(1)
-	if chunk.IsZero(seg) {
+	seg, segID, zero := st.segmentID(seg, private)
+	if zero {
 		st.stats.zero.Add(int64(len(seg)))
 		return crypto.ID{}, nil
-	}
-	segID := r.segH.Sum(seg)
-	if private != nil && !st.known(segID) {
-		seg = private()
-		if chunk.IsZero(seg) {
-			st.stats.zero.Add(int64(len(seg)))
-			return crypto.ID{}, nil
-		}
-		segID = r.segH.Sum(seg)
 	}
 	segPending, mine := st.claim(segID)
 	if !mine {
