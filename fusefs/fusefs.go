@@ -382,15 +382,34 @@ func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	if dr == nil {
 		return nil, syscall.EBADF
 	}
-	bufs, k, err := dr.ReadSlices(ctx, off, len(dest), nil)
-	if err != nil && k < len(dest) && off+int64(k) < dr.Size() {
+	v, err := dr.ReadSlices(ctx, off, len(dest))
+	if err != nil && v.N < len(dest) && off+int64(v.N) < dr.Size() {
+		v.Release()
 		if ctx.Err() != nil {
 			return nil, syscall.EINTR
 		}
 		n.root.log.Error("read failed", "disk", dr.Name(), "offset", off, "length", len(dest), "err", err)
 		return nil, syscall.EIO
 	}
-	return fuse.ReadResultVector(bufs), 0
+	return viewResult{v}, 0
+}
+
+// viewResult sends a reader's view to the kernel in one writev (go-fuse
+// uses Slices when a result has it) and releases the view once sent.
+type viewResult struct{ v *repo.View }
+
+func (r viewResult) Size() int { return r.v.N }
+
+func (r viewResult) Done() { r.v.Release() }
+
+func (r viewResult) Slices() ([][]byte, fuse.Status) { return r.v.Bufs, fuse.OK }
+
+func (r viewResult) Bytes(buf []byte) ([]byte, fuse.Status) {
+	buf = buf[:0]
+	for _, b := range r.v.Bufs {
+		buf = append(buf, b...)
+	}
+	return buf, fuse.OK
 }
 
 // Lseek answers SEEK_DATA and SEEK_HOLE from the reader's extents, so
@@ -465,6 +484,9 @@ func addStats(a, b repo.ReaderStats) repo.ReaderStats {
 	a.ChunksFetched += b.ChunksFetched
 	a.ListsFetched += b.ListsFetched
 	a.CacheHits += b.CacheHits
+	a.Waits += b.Waits
+	a.WaitTime += b.WaitTime
+	a.BuffersReused += b.BuffersReused
 	return a
 }
 

@@ -57,9 +57,12 @@ type Extent struct {
 type SliceExport interface {
 	Export
 	// ReadSlices returns the length bytes at off, which lie inside the
-	// image, as slices the caller only reads. Any error fails the
-	// client's request with EIO.
-	ReadSlices(off, length int64) ([][]byte, error)
+	// image, as slices the caller only reads, and the function that
+	// gives them back: the caller calls it exactly once (also after an
+	// error) when it no longer uses the slices, and the export must not
+	// change their bytes before. Any error fails the client's request
+	// with EIO.
+	ReadSlices(off, length int64) ([][]byte, func(), error)
 }
 
 // WritableExport is an Export that also accepts writes (NBD_CMD_WRITE,
@@ -75,10 +78,11 @@ type WritableExport interface {
 }
 
 // readParts returns the length bytes of e at off: as e's own slices where
-// it is a SliceExport, else read into buf (at least length long).
-func readParts(e Export, buf []byte, off, length int64) ([][]byte, error) {
+// it is a SliceExport, else read into a buffer of s. done releases them,
+// once sent; call it also after an error.
+func (s *Server) readParts(e Export, off, length int64) (parts [][]byte, done func(), err error) {
 	if se, ok := e.(SliceExport); ok {
-		parts, err := se.ReadSlices(off, length)
+		parts, done, err := se.ReadSlices(off, length)
 		n := int64(0)
 		for _, p := range parts {
 			n += int64(len(p))
@@ -86,12 +90,13 @@ func readParts(e Export, buf []byte, off, length int64) ([][]byte, error) {
 		if err == nil && n != length {
 			err = io.ErrUnexpectedEOF
 		}
-		return parts, err
+		return parts, done, err
 	}
-	if err := readFull(e, buf[:length], off); err != nil {
-		return nil, err
+	buf, done := s.buffer(length)
+	if err := readFull(e, buf, off); err != nil {
+		return nil, done, err
 	}
-	return [][]byte{buf[:length]}, nil
+	return [][]byte{buf}, done, nil
 }
 
 // readFull reads exactly len(p) bytes from e at off: an io.EOF with a full

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Tunables of a connection.
@@ -28,6 +30,12 @@ const (
 	// ask for gigabytes at once.
 	maxDescriptors = 1 << 14
 	maxStatusLen   = 256 << 20
+	// socketBuffer is the send buffer asked for each connection. With
+	// the default (208 KiB) a 2 MiB reply blocks several times on the
+	// client's pace, a context switch each: qemu-img convert of image B
+	// over a Unix socket took 2.19 s instead of 1.78 s (median of 3), with
+	// less CPU on both sides.
+	socketBuffer = 4 << 20
 )
 
 // errAbort ends a handshake the client aborted.
@@ -172,6 +180,7 @@ type conn struct {
 
 func (s *Server) serveConn(c net.Conn) {
 	defer c.Close()
+	setSendBuffer(c, socketBuffer)
 	cs := &conn{srv: s, c: c, r: bufio.NewReaderSize(c, 64<<10)}
 	c.SetDeadline(time.Now().Add(handshakeTimeout))
 	e, name, err := cs.handshake()
@@ -502,10 +511,9 @@ func (cs *conn) write(w WritableExport, req request, payload []byte) uint32 {
 // error chunk, and no byte of the failed range is sent.
 func (cs *conn) read(e Export, req request) {
 	off, length := int64(req.offset), int64(req.length)
-	buf, release := cs.srv.buffer(length)
-	defer release()
 	if !cs.structured || req.flags&cmdFlagDF != 0 {
-		parts, err := readParts(e, buf, off, length)
+		parts, done, err := cs.srv.readParts(e, off, length)
+		defer done()
 		if err != nil {
 			cs.readError(req, off, err)
 			return
@@ -532,12 +540,14 @@ func (cs *conn) read(e Export, req request) {
 			cs.send(chunkHeader(req.cookie, 0, chunkOffsetHole, uint32(len(p))), p)
 			continue
 		}
-		parts, err := readParts(e, buf, x.Offset, x.Length)
+		parts, done, err := cs.srv.readParts(e, x.Offset, x.Length)
 		if err != nil {
+			done()
 			cs.readError(req, x.Offset, err)
 			return
 		}
 		cs.send(append([][]byte{chunkHeader(req.cookie, 0, chunkOffsetData, uint32(8+x.Length)), appendU64(nil, uint64(x.Offset))}, parts...)...)
+		done()
 	}
 	cs.send(chunkHeader(req.cookie, replyFlagDone, chunkNone, 0))
 }
@@ -622,4 +632,23 @@ func clipExtents(ext []Extent, off, length int64) ([]Extent, error) {
 		return nil, fmt.Errorf("extents end at %d, range at %d: %w", pos, end, errBadExtents)
 	}
 	return out, nil
+}
+
+// setSendBuffer asks for a send buffer of n bytes on c: beyond the
+// system's limit (net.core.wmem_max) where the process may (root), else up
+// to it. Best effort: a smaller buffer only costs speed.
+func setSendBuffer(c net.Conn, n int) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	raw.Control(func(fd uintptr) {
+		if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, n) != nil {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, n)
+		}
+	})
 }

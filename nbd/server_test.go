@@ -6,14 +6,18 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 const mib = 1 << 20
@@ -316,5 +320,51 @@ func TestOverlayFull(t *testing.T) {
 	got := make([]byte, len(first))
 	if _, err := ov.ReadAt(got, 0); err != nil || !bytes.Equal(got, first) {
 		t.Fatalf("earlier write lost: %v", err)
+	}
+}
+
+// Each connection asks for a send buffer of socketBuffer bytes (the
+// kernel reports twice what was set), beyond net.core.wmem_max where the
+// process may; elsewhere at least up to that limit.
+func TestSendBuffer(t *testing.T) {
+	dir := t.TempDir()
+	l, err := net.Listen("unix", filepath.Join(dir, "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		c, err := net.Dial("unix", l.Addr().String())
+		if err == nil {
+			defer c.Close()
+			io.Copy(io.Discard, c)
+		}
+	}()
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	setSendBuffer(c, socketBuffer)
+	raw, err := c.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got int
+	raw.Control(func(fd uintptr) { got, err = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := socketBuffer
+	if os.Geteuid() != 0 {
+		b, err := os.ReadFile("/proc/sys/net/core/wmem_max")
+		if err != nil {
+			t.Skip("not root and no wmem_max to compare with")
+		}
+		limit, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		want = min(want, limit)
+	}
+	if got < want {
+		t.Fatalf("send buffer %d bytes, want at least %d", got, want)
 	}
 }

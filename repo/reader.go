@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"vmvault/backend"
 	"vmvault/crypto"
@@ -29,6 +31,11 @@ import (
 //     ReaderOptions.CacheSize bytes, segment lists in a small LRU by count.
 //     Nothing is cached on failure, so a transient backend error is
 //     retried by the next read.
+//   - A chunk's buffer is reused for another chunk only once nothing refers
+//     to it: it counts one reference for the cache and one for every View
+//     that hands out slices of it, and goes back to the free list when the
+//     last is dropped (see chunkBuf). A reply being sent from a View never
+//     sees its bytes change, however the cache moves meanwhile.
 //   - The repository is never written.
 //
 // Segments are located only through Disk.segmentAt, segmentStart and
@@ -43,7 +50,7 @@ type DiskReader struct {
 	wg      sync.WaitGroup // read-ahead goroutines
 	sem     chan struct{}  // bounds concurrent fetches
 	raSlots chan struct{}  // bounds read-ahead goroutines
-	sealed  *chunkFetcher  // only its buffers: sealed chunks are read into them
+	free    *freeBuffers   // buffers for sealed and decoded chunks, for reuse
 
 	mu     sync.Mutex
 	chunks lru // decoded chunks, bounded by bytes
@@ -72,7 +79,7 @@ type ReaderOptions struct {
 // fetched ahead are still there when the reader arrives.
 const (
 	DefaultReaderCache     = 64 << 20
-	DefaultReaderReadAhead = 24 << 20
+	DefaultReaderReadAhead = 16 << 20
 	DefaultReaderFetchers  = 8
 	// segmentListCache is how many decoded segment lists a reader keeps
 	// (each a few KiB).
@@ -86,8 +93,13 @@ func (o ReaderOptions) withDefaults() ReaderOptions {
 	if o.ReadAhead == 0 {
 		o.ReadAhead = DefaultReaderReadAhead
 	}
-	// Read-ahead beyond half the cache would evict what it fetched.
-	o.ReadAhead = min(o.ReadAhead, o.CacheSize/2)
+	// Read-ahead beyond a quarter of the cache would evict what it
+	// fetched before it is read: the cache also holds what clients still
+	// read behind the newest request (qemu-img keeps 16 MiB in flight), and
+	// it counts buffer capacities, up to 1.5 times the chunks' lengths.
+	// With a 64 MiB cache and a 24 MiB window, qemu-img convert of image B
+	// fetched 62 chunks twice.
+	o.ReadAhead = min(o.ReadAhead, o.CacheSize/4)
 	if o.Fetchers <= 0 {
 		o.Fetchers = DefaultReaderFetchers
 	}
@@ -101,10 +113,17 @@ type ReaderStats struct {
 	ChunksFetched int64 // chunk objects fetched
 	ListsFetched  int64 // segment list objects fetched
 	CacheHits     int64 // chunk lookups answered from the cache
+	// Waits counts the chunks a read found missing (not fetched ahead)
+	// and had to wait for; WaitTime is the time reads spent waiting.
+	Waits    int64
+	WaitTime time.Duration
+	// BuffersReused counts chunks decoded into a buffer an earlier chunk
+	// had given back, rather than into a new one.
+	BuffersReused int64
 }
 
 type readerCounters struct {
-	bytesRead, fetchedBytes, chunksFetched, listsFetched, cacheHits atomic.Int64
+	bytesRead, fetchedBytes, chunksFetched, listsFetched, cacheHits, waits, waitNanos atomic.Int64
 }
 
 // Extent is a range of a disk image: data, or zeros that need no fetch.
@@ -121,11 +140,117 @@ type piece struct {
 	id       crypto.ID
 }
 
-// fetchCall is a fetch in progress that later callers wait for.
+// fetchCall is a fetch in progress that later callers wait for. The
+// reader's mutex guards waiters and finished.
 type fetchCall struct {
 	done  chan struct{}
 	value any
 	err   error
+	// waiters counts the callers that take a reference to the value
+	// (a *chunkBuf) when it arrives; finished is set when it has.
+	waiters  int32
+	finished bool
+}
+
+// A chunkBuf is one decoded chunk in a buffer that is reused once nothing
+// refers to it. refs counts the cache's reference (while the chunk is
+// cached) and one per View holding slices of it; whoever drops the last
+// returns data to the free list.
+type chunkBuf struct {
+	data []byte
+	refs atomic.Int32
+	free *freeBuffers
+}
+
+// release drops one reference.
+func (b *chunkBuf) release() {
+	switch n := b.refs.Add(-1); {
+	case n == 0:
+		b.free.put(b.data)
+	case n < 0:
+		panic("repo: chunk buffer released more often than referenced")
+	}
+}
+
+// freeBuffers keeps chunk buffers for reuse, up to max bytes in all; when
+// full, the oldest go to the garbage collector, so the list follows the
+// chunk sizes in use.
+type freeBuffers struct {
+	mu        sync.Mutex
+	bufs      [][]byte // oldest first
+	size, max int64
+	reused    atomic.Int64
+}
+
+// minFreeBuffers is the least the free list may keep: enough for a few
+// buffers of each size a sequential read cycles through, even with a small
+// cache.
+const minFreeBuffers = 16 << 20
+
+// bufferStep is the capacity granularity of chunk buffers. A free buffer
+// is reused for any length it holds with at most a third of it unused, and
+// the cache counts capacities, not lengths.
+const bufferStep = 128 << 10
+
+func newFreeBuffers(max int64) *freeBuffers {
+	return &freeBuffers{max: max}
+}
+
+// get returns a buffer of n bytes, reused when a free one fits. Its
+// content is arbitrary.
+func (f *freeBuffers) get(n int) []byte {
+	want := (n + bufferStep - 1) / bufferStep * bufferStep
+	f.mu.Lock()
+	best := -1
+	for i, b := range f.bufs {
+		if c := cap(b); c >= want && c <= want+want/2 && (best < 0 || c < cap(f.bufs[best])) {
+			best = i
+		}
+	}
+	if best < 0 {
+		f.mu.Unlock()
+		return make([]byte, n, want)
+	}
+	b := f.bufs[best]
+	f.bufs = slices.Delete(f.bufs, best, best+1)
+	f.size -= int64(cap(b))
+	f.mu.Unlock()
+	f.reused.Add(1)
+	return b[:n]
+}
+
+// put keeps b for reuse.
+func (f *freeBuffers) put(b []byte) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.bufs = append(f.bufs, b[:0])
+	f.size += int64(cap(b))
+	for f.size > f.max {
+		f.size -= int64(cap(f.bufs[0]))
+		f.bufs = slices.Delete(f.bufs, 0, 1)
+	}
+}
+
+// A View is the result of ReadSlices: bytes of the image as read-only
+// slices of the reader's buffers, valid until Release. Release must be
+// called exactly once, also after an error; until then no buffer a slice
+// lies in is reused.
+type View struct {
+	// Bufs holds the bytes in order; N is their total length.
+	Bufs [][]byte
+	N    int
+	held []*chunkBuf
+}
+
+// Release gives the view's buffers back to the reader. The slices must
+// not be used afterwards.
+func (v *View) Release() {
+	for i, b := range v.held {
+		b.release()
+		v.held[i] = nil
+	}
+	v.held = v.held[:0]
+	v.Bufs = nil
 }
 
 // OpenDisk opens disk diskName of generation m (the only disk when the
@@ -144,7 +269,7 @@ func (r *Repository) OpenDisk(ctx context.Context, m *Manifest, diskName string,
 	rctx, cancel := context.WithCancel(context.Background())
 	dr := &DiskReader{r: r, d: dc, name: m.VM + "/" + m.ShortID() + "/" + dc.Name, opts: opts,
 		ctx: rctx, cancel: cancel, sem: make(chan struct{}, opts.Fetchers), raSlots: make(chan struct{}, opts.Fetchers),
-		sealed: &chunkFetcher{},
+		free:   newFreeBuffers(max(opts.CacheSize/4, minFreeBuffers)),
 		chunks: newLRU(opts.CacheSize), lists: newLRU(segmentListCache)}
 	return dr, nil
 }
@@ -159,7 +284,8 @@ func (dr *DiskReader) Name() string { return dr.name }
 func (dr *DiskReader) Stats() ReaderStats {
 	c := &dr.stats
 	return ReaderStats{BytesRead: c.bytesRead.Load(), FetchedBytes: c.fetchedBytes.Load(),
-		ChunksFetched: c.chunksFetched.Load(), ListsFetched: c.listsFetched.Load(), CacheHits: c.cacheHits.Load()}
+		ChunksFetched: c.chunksFetched.Load(), ListsFetched: c.listsFetched.Load(), CacheHits: c.cacheHits.Load(),
+		Waits: c.waits.Load(), WaitTime: time.Duration(c.waitNanos.Load()), BuffersReused: dr.free.reused.Load()}
 }
 
 // Close stops read-ahead and drops the cache. Reads after Close fail.
@@ -182,29 +308,31 @@ func (dr *DiskReader) ReadAt(p []byte, off int64) (int, error) {
 // io.EOF when the read reaches beyond the end of the image. It is safe
 // for concurrent use.
 func (dr *DiskReader) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
-	bufs, n, err := dr.ReadSlices(ctx, off, len(p), nil)
+	v, err := dr.ReadSlices(ctx, off, len(p))
 	k := 0
-	for _, b := range bufs {
+	for _, b := range v.Bufs {
 		k += copy(p[k:], b)
 	}
-	return n, err
+	v.Release()
+	return k, err
 }
 
 // ReadSlices returns the length bytes at off without copying them: as
-// slices of the reader's decoded chunks and of a shared block of zeros,
-// appended to bufs, and their total length n. The slices are read-only
-// (other reads share them) and stay valid however long the caller keeps
-// them. Errors are as for ReadAtContext: the slices then hold the n bytes
-// before the failure, and io.EOF means the image ended first.
-func (dr *DiskReader) ReadSlices(ctx context.Context, off int64, length int, bufs [][]byte) ([][]byte, int, error) {
+// slices of the reader's decoded chunks and of a shared block of zeros.
+// The slices are read-only (other reads share them) and stay valid until
+// the view is released, which the caller must do, also after an error.
+// Errors are as for ReadAtContext: the view then holds the bytes before
+// the failure, and io.EOF means the image ended first.
+func (dr *DiskReader) ReadSlices(ctx context.Context, off int64, length int) (*View, error) {
+	v := &View{}
 	if off < 0 {
-		return bufs, 0, fmt.Errorf("%s: negative offset %d", dr.name, off)
+		return v, fmt.Errorf("%s: negative offset %d", dr.name, off)
 	}
 	if off >= dr.d.Size {
-		return bufs, 0, io.EOF
+		return v, io.EOF
 	}
 	if err := ctx.Err(); err != nil {
-		return bufs, 0, err
+		return v, err
 	}
 	want := min(int64(length), dr.d.Size-off)
 	// Read-ahead is told before the read waits, so the chunks beyond it are
@@ -213,24 +341,40 @@ func (dr *DiskReader) ReadSlices(ctx context.Context, off int64, length int, buf
 	var n int64
 	for n < want {
 		pos := off + n
-		var k int64
-		var err error
-		bufs, k, err = dr.readSegment(ctx, bufs, want-n, pos)
+		k, err := dr.readSegment(ctx, v, want-n, pos)
 		n += k
 		if err != nil {
+			v.N = int(n)
 			dr.stats.bytesRead.Add(n)
-			return bufs, int(n), fmt.Errorf("%s at offset %d: %w", dr.name, pos, err)
+			return v, fmt.Errorf("%s at offset %d: %w", dr.name, pos, err)
 		}
 	}
+	v.N = int(n)
 	dr.stats.bytesRead.Add(n)
 	if n < int64(length) {
-		return bufs, int(n), io.EOF
+		return v, io.EOF
 	}
-	return bufs, int(n), nil
+	return v, nil
 }
 
-// zeroBlock answers zero runs in ReadSlices. Nothing ever writes to it.
-var zeroBlock = make([]byte, 256<<10)
+// zeroBlock answers zero runs in ReadSlices. Nothing writes to it after
+// newZeroBlock.
+var zeroBlock = newZeroBlock(256 << 10)
+
+// newZeroBlock returns n zero bytes backed by memory of their own. Fresh
+// memory that was never written is mapped to the kernel's shared zero
+// page, and a write of it to a FUSE device (or a socket, or anything that
+// pins the source pages) then takes the kernel's slow path under the
+// process's page-table lock for every page: with several replies at once
+// that lock, not the copy, limited a read of zeros through the mount.
+func newZeroBlock(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = 1
+	}
+	clear(b)
+	return b
+}
 
 // appendZeros appends n zero bytes to bufs as slices of zeroBlock.
 func appendZeros(bufs [][]byte, n int64) [][]byte {
@@ -242,17 +386,18 @@ func appendZeros(bufs [][]byte, n int64) [][]byte {
 	return bufs
 }
 
-// readSegment appends up to want bytes at pos, from the one segment
+// readSegment appends up to want bytes at pos to v, from the one segment
 // holding pos, as far as that segment reaches; it returns how many.
-func (dr *DiskReader) readSegment(ctx context.Context, bufs [][]byte, want, pos int64) ([][]byte, int64, error) {
+func (dr *DiskReader) readSegment(ctx context.Context, v *View, want, pos int64) (int64, error) {
 	i, start := dr.d.segmentAt(pos)
 	want = min(want, start+dr.d.segmentLen(i)-pos)
 	pieces, err := dr.segmentPieces(ctx, i)
 	if err != nil {
-		return bufs, 0, err
+		return 0, err
 	}
 	if pieces == nil { // all-zero segment
-		return appendZeros(bufs, want), want, nil
+		v.Bufs = appendZeros(v.Bufs, want)
+		return want, nil
 	}
 	rel := pos - start
 	var n int64
@@ -262,17 +407,18 @@ func (dr *DiskReader) readSegment(ctx context.Context, bufs [][]byte, want, pos 
 		from := rel + n - pc.off
 		k := min(want-n, pc.len-from)
 		if pc.zero {
-			bufs = appendZeros(bufs, k)
+			v.Bufs = appendZeros(v.Bufs, k)
 		} else {
-			data, err := dr.chunk(ctx, pc.id, pc.len)
+			b, err := dr.demandChunk(ctx, pc.id, pc.len)
 			if err != nil {
-				return bufs, n, err
+				return n, err
 			}
-			bufs = append(bufs, data[from:from+k:from+k])
+			v.held = append(v.held, b)
+			v.Bufs = append(v.Bufs, b.data[from:from+k:from+k])
 		}
 		n += k
 	}
-	return bufs, n, nil
+	return n, nil
 }
 
 // Extents describes [off, off+length) as data and zero ranges, adjacent
@@ -319,7 +465,7 @@ func (dr *DiskReader) segmentPieces(ctx context.Context, i int) ([]piece, error)
 	if zero {
 		return nil, nil
 	}
-	v, err := dr.cached(ctx, &dr.lists, id, func() ([]byte, any, error) {
+	v, err := dr.cached(ctx, &dr.lists, id, false, func() (int64, any, error) {
 		return dr.fetchSegmentList(id, dr.d.segmentLen(i))
 	})
 	if err != nil {
@@ -328,15 +474,15 @@ func (dr *DiskReader) segmentPieces(ctx context.Context, i int) ([]piece, error)
 	return v.([]piece), nil
 }
 
-func (dr *DiskReader) fetchSegmentList(id crypto.ID, size int64) ([]byte, any, error) {
+func (dr *DiskReader) fetchSegmentList(id crypto.ID, size int64) (int64, any, error) {
 	raw, err := dr.fetch(TypeSegment, id)
 	if err != nil {
-		return nil, nil, err
+		return 0, nil, err
 	}
 	dr.stats.listsFetched.Add(1)
 	entries, err := decodeSegmentList(raw)
 	if err != nil {
-		return nil, nil, dr.damaged(id, fmt.Errorf("segment %s: %w", dataName(id), err))
+		return 0, nil, dr.damaged(id, fmt.Errorf("segment %s: %w", dataName(id), err))
 	}
 	pieces := make([]piece, len(entries))
 	var off int64
@@ -345,50 +491,79 @@ func (dr *DiskReader) fetchSegmentList(id crypto.ID, size int64) ([]byte, any, e
 		off += int64(e.Length)
 	}
 	if off != size {
-		return nil, nil, dr.damaged(id, fmt.Errorf("segment %s: lists %d bytes, expected %d: %w", dataName(id), off, size, ErrCorrupt))
+		return 0, nil, dr.damaged(id, fmt.Errorf("segment %s: lists %d bytes, expected %d: %w", dataName(id), off, size, ErrCorrupt))
 	}
-	return nil, pieces, nil
+	return 1, pieces, nil
 }
 
-// chunk returns chunk id's authenticated plaintext, length bytes.
-func (dr *DiskReader) chunk(ctx context.Context, id crypto.ID, length int64) ([]byte, error) {
-	v, err := dr.cached(ctx, &dr.chunks, id, func() ([]byte, any, error) {
+// demandChunk returns chunk id's authenticated plaintext, length bytes,
+// with a reference the caller must release. The time a read waits for a
+// chunk that was not in the cache counts in the reader's stats.
+func (dr *DiskReader) demandChunk(ctx context.Context, id crypto.ID, length int64) (*chunkBuf, error) {
+	dr.mu.Lock()
+	v, ok := dr.chunks.get(id)
+	if ok {
+		b := v.(*chunkBuf)
+		b.refs.Add(1)
+		dr.mu.Unlock()
+		dr.stats.cacheHits.Add(1)
+		return b, nil
+	}
+	dr.mu.Unlock()
+	t := time.Now()
+	v, err := dr.cached(ctx, &dr.chunks, id, true, func() (int64, any, error) {
 		return dr.fetchChunk(id, length)
 	})
+	dr.stats.waits.Add(1)
+	dr.stats.waitNanos.Add(int64(time.Since(t)))
 	if err != nil {
 		return nil, err
 	}
-	return v.([]byte), nil
+	return v.(*chunkBuf), nil
 }
 
-func (dr *DiskReader) fetchChunk(id crypto.ID, length int64) ([]byte, any, error) {
+// prefetch fetches chunk id into the cache unless it is there or on its
+// way, and returns once it is (or failed: the read of the range will say
+// why).
+func (dr *DiskReader) prefetch(id crypto.ID, length int64) {
+	dr.cached(dr.ctx, &dr.chunks, id, false, func() (int64, any, error) {
+		return dr.fetchChunk(id, length)
+	})
+}
+
+func (dr *DiskReader) fetchChunk(id crypto.ID, length int64) (int64, any, error) {
 	if err := dr.acquire(); err != nil {
-		return nil, nil, err
+		return 0, nil, err
 	}
 	defer dr.release()
 	// As restore does: the sealed chunk is read into a recycled buffer,
 	// decrypted in place and decoded straight into the chunk's own
-	// buffer, the one the cache keeps, so a chunk costs one allocation.
+	// buffer, itself recycled once no one refers to it. Sealed, a chunk
+	// is at most its length plus the header and the AEAD's overhead.
 	name := dataName(id)
-	bp := dr.sealed.buffer(int(length) + headerSize + crypto.Overhead + 1)
-	defer dr.sealed.bufs.Put(bp)
-	n, err := backend.GetInto(dr.ctx, dr.r.be, name, *bp)
+	sealed := dr.free.get(int(length) + headerSize + crypto.Overhead + 1)
+	defer dr.free.put(sealed)
+	n, err := backend.GetInto(dr.ctx, dr.r.be, name, sealed)
 	if errors.Is(err, backend.ErrTooLarge) {
 		err = fmt.Errorf("%w: %w", err, ErrCorrupt)
 	}
 	if err != nil {
-		return nil, nil, dr.damaged(id, fmt.Errorf("%s %s: %w", TypeChunk, name, err))
+		return 0, nil, dr.damaged(id, fmt.Errorf("%s %s: %w", TypeChunk, name, err))
 	}
 	dr.stats.fetchedBytes.Add(int64(n))
 	dr.stats.chunksFetched.Add(1)
-	data := make([]byte, length)
-	if err := dr.r.codec.openInto(TypeChunk, name, (*bp)[:n], data); err != nil {
-		return nil, nil, dr.damaged(id, err)
+	data := dr.free.get(int(length))
+	if err := dr.r.codec.openInto(TypeChunk, name, sealed[:n], data); err != nil {
+		dr.free.put(data)
+		return 0, nil, dr.damaged(id, err)
 	}
 	if dr.r.chunkH.Sum(data) != id {
-		return nil, nil, dr.damaged(id, fmt.Errorf("chunk %s: content does not match its ID: %w", name, ErrCorrupt))
+		dr.free.put(data)
+		return 0, nil, dr.damaged(id, fmt.Errorf("chunk %s: content does not match its ID: %w", name, ErrCorrupt))
 	}
-	return data, data, nil
+	b := &chunkBuf{data: data, free: dr.free}
+	b.refs.Store(1) // the cache's
+	return int64(cap(data)), b, nil
 }
 
 // acquire takes one of the reader's fetch slots; release gives it back.
@@ -432,49 +607,75 @@ func (dr *DiskReader) damaged(id crypto.ID, err error) error {
 }
 
 // cached returns the value for id from c, fetching it once however many
-// callers ask at the same time. fetch returns the value and, for chunks,
-// the bytes that count against the cache's size (nil counts 1). The fetch
-// runs under the reader's lifetime, not a caller's ctx.
-func (dr *DiskReader) cached(ctx context.Context, c *lru, id crypto.ID, fetch func() ([]byte, any, error)) (any, error) {
+// callers ask at the same time. fetch returns the value and what it
+// counts against the cache's size. The fetch runs under the reader's
+// lifetime, not a caller's ctx. With take, the value is a *chunkBuf and
+// the caller gets a reference to it, to release.
+func (dr *DiskReader) cached(ctx context.Context, c *lru, id crypto.ID, take bool, fetch func() (int64, any, error)) (any, error) {
 	dr.mu.Lock()
 	if v, ok := c.get(id); ok {
-		if c == &dr.chunks {
-			dr.stats.cacheHits.Add(1)
+		if take {
+			v.(*chunkBuf).refs.Add(1)
 		}
 		dr.mu.Unlock()
 		return v, nil
 	}
 	call, ok := c.inflight[id]
-	if ok {
-		dr.mu.Unlock()
-		select {
-		case <-call.done:
-			return call.value, call.err
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+	if !ok {
+		call = &fetchCall{done: make(chan struct{})}
+		c.inflight[id] = call
+		// The fetch runs on its own, so a caller that gives up returns at
+		// once while the fetch completes for the cache and other waiters.
+		go func() {
+			cost, v, err := fetch()
+			dr.mu.Lock()
+			delete(c.inflight, id)
+			call.value, call.err, call.finished = v, err, true
+			if err == nil {
+				b, counted := v.(*chunkBuf)
+				if counted {
+					// One reference per waiter, handed over with the value.
+					b.refs.Add(call.waiters)
+				}
+				stored, evicted := c.put(id, v, cost)
+				dr.releaseAll(evicted)
+				if counted && !stored {
+					b.release() // the cache's, which it did not take
+				}
+			}
+			dr.mu.Unlock()
+			close(call.done)
+		}()
 	}
-	call = &fetchCall{done: make(chan struct{})}
-	c.inflight[id] = call
+	if take {
+		call.waiters++
+	}
 	dr.mu.Unlock()
-	// The fetch runs on its own, so a caller that gives up returns at
-	// once while the fetch completes for the cache and other waiters.
-	go func() {
-		b, v, err := fetch()
-		call.value, call.err = v, err
-		dr.mu.Lock()
-		delete(c.inflight, id)
-		if err == nil {
-			c.put(id, v, int64(max(len(b), 1)))
-		}
-		dr.mu.Unlock()
-		close(call.done)
-	}()
 	select {
 	case <-call.done:
 		return call.value, call.err
 	case <-ctx.Done():
-		return nil, ctx.Err()
+	}
+	if take {
+		// Given up: the reference counted for this caller is dropped now
+		// if the value came meanwhile, or never handed out.
+		dr.mu.Lock()
+		if !call.finished {
+			call.waiters--
+		} else if call.err == nil {
+			call.value.(*chunkBuf).release()
+		}
+		dr.mu.Unlock()
+	}
+	return nil, ctx.Err()
+}
+
+// releaseAll drops the cache's reference to every chunk in evicted.
+func (dr *DiskReader) releaseAll(evicted []any) {
+	for _, v := range evicted {
+		if b, ok := v.(*chunkBuf); ok {
+			b.release()
+		}
 	}
 }
 
@@ -492,8 +693,13 @@ func (dr *DiskReader) noteRead(off, end int64, length int) {
 	// The window starts small and doubles with each sequential read, as
 	// the kernel's does, so scattered small reads (a file system walking
 	// its metadata) fetch little beyond what they touch.
+	// A client reading with several requests at once (qemu-img runs 8)
+	// lands anywhere in the window; and a reader that skips holes
+	// (SEEK_DATA, NBD block status) jumps over zeros. Both are still
+	// sequential, and the window stays.
 	slack := max(256<<10, 4*int64(length))
-	if off < dr.seqEnd-slack || off > dr.seqEnd+slack {
+	ahead := max(dr.seqEnd+slack, dr.raWant)
+	if off < dr.seqEnd-max(slack, dr.raWindow) || off > ahead && !dr.knownZeroLocked(ahead, off) {
 		dr.seqEnd, dr.raDone, dr.raWant, dr.raWindow = end, end, end, 0
 		return
 	}
@@ -507,6 +713,34 @@ func (dr *DiskReader) noteRead(off, end int64, length int) {
 	dr.raRunning = true
 	dr.wg.Add(1)
 	go dr.readAhead()
+}
+
+// knownZeroLocked reports whether [from, to) holds only zeros, judged
+// from the segment table and the segment lists already cached (it never
+// fetches): where it cannot tell, it says no. Called with dr.mu held.
+func (dr *DiskReader) knownZeroLocked(from, to int64) bool {
+	// A bound on the work under the lock: a jump over more segments than
+	// this counts as a jump elsewhere.
+	const maxSegments = 1 << 14
+	pos := from
+	for n := 0; pos < to && n < maxSegments; n++ {
+		i, start := dr.d.segmentAt(pos)
+		end := min(start+dr.d.segmentLen(i), to)
+		id, zero := dr.d.SegmentID(i)
+		if !zero {
+			v, ok := dr.lists.get(id)
+			if !ok {
+				return false
+			}
+			for _, pc := range v.([]piece) {
+				if !pc.zero && start+pc.off < end && start+pc.off+pc.len > pos {
+					return false
+				}
+			}
+		}
+		pos = end
+	}
+	return pos >= to
 }
 
 // readAhead starts fetches for the chunks in [raDone, raWant), one
@@ -563,7 +797,7 @@ func (dr *DiskReader) readAhead() {
 				go func() {
 					defer wg.Done()
 					defer func() { <-dr.raSlots }()
-					dr.chunk(dr.ctx, pc.id, pc.len) // errors surface when the range is read
+					dr.prefetch(pc.id, pc.len) // errors surface when the range is read
 				}()
 			}
 		}
@@ -609,10 +843,12 @@ func (c *lru) get(id crypto.ID) (any, bool) {
 	return e.Value.(*lruEntry).value, true
 }
 
-func (c *lru) put(id crypto.ID, v any, cost int64) {
+// put adds v under id unless id is there already (stored is false then)
+// and returns the values it evicted to stay within its bound.
+func (c *lru) put(id crypto.ID, v any, cost int64) (stored bool, evicted []any) {
 	if e, ok := c.items[id]; ok {
 		c.ll.MoveToFront(e)
-		return
+		return false, nil
 	}
 	c.items[id] = c.ll.PushFront(&lruEntry{id: id, value: v, cost: cost})
 	c.size += cost
@@ -622,5 +858,7 @@ func (c *lru) put(id crypto.ID, v any, cost int64) {
 		c.ll.Remove(e)
 		delete(c.items, le.id)
 		c.size -= le.cost
+		evicted = append(evicted, le.value)
 	}
+	return true, evicted
 }

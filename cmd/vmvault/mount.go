@@ -54,7 +54,8 @@ retries every second. Root mounts directly; other users need fusermount3.`,
 					return err
 				}
 				st := m.Stats()
-				a.log.Info("unmounted", "mountpoint", dir, "read", st.BytesRead, "fetched", st.FetchedBytes)
+				a.log.Info("unmounted", "mountpoint", dir, "read", st.BytesRead, "fetched", st.FetchedBytes,
+					"waits", st.Waits, "wait_time", st.WaitTime, "buffers_reused", st.BuffersReused, "chunks", st.ChunksFetched)
 				return nil
 			})
 		},

@@ -127,13 +127,16 @@ func (a *app) serve(ctx context.Context, r *repo.Repository, vm, gen string, f *
 	if err := srv.Serve(ctx, l); err != nil {
 		return err
 	}
-	var read, fetched int64
+	var st repo.ReaderStats
 	for _, dr := range sd.readers {
-		st := dr.Stats()
-		read += st.BytesRead
-		fetched += st.FetchedBytes
+		s := dr.Stats()
+		st.BytesRead += s.BytesRead
+		st.FetchedBytes += s.FetchedBytes
+		st.Waits += s.Waits
+		st.WaitTime += s.WaitTime
 	}
-	a.log.Info("stopped serving", "vm", m.VM, "generation", m.ShortID(), "read", read, "fetched", fetched)
+	a.log.Info("stopped serving", "vm", m.VM, "generation", m.ShortID(), "read", st.BytesRead, "fetched", st.FetchedBytes,
+		"waits", st.Waits, "wait_time", st.WaitTime)
 	return nil
 }
 
@@ -229,10 +232,11 @@ func (d diskExport) ReadAt(p []byte, off int64) (int, error) {
 	return d.dr.ReadAtContext(d.ctx, p, off)
 }
 
-// ReadSlices sends the reader's cached chunks without copying them.
-func (d diskExport) ReadSlices(off, length int64) ([][]byte, error) {
-	parts, _, err := d.dr.ReadSlices(d.ctx, off, int(length), nil)
-	return parts, err
+// ReadSlices sends the reader's cached chunks without copying them; done
+// hands them back to the reader.
+func (d diskExport) ReadSlices(off, length int64) ([][]byte, func(), error) {
+	v, err := d.dr.ReadSlices(d.ctx, off, int(length))
+	return v.Bufs, v.Release, err
 }
 
 func (d diskExport) Extents(off, length int64) ([]nbd.Extent, error) {
