@@ -154,6 +154,12 @@ func (s *Splitter) next(data []byte) int {
 // Split calls fn for each piece of seg in order. The pieces cover seg
 // exactly.
 func (s *Splitter) Split(seg []byte, fn func(Piece) error) error {
+	return s.SplitGuided(seg, nil, fn)
+}
+
+// SplitGuided is Split, taking chunks an earlier split proposes where g
+// (nil: none) shows they are cut the same way (see Guide).
+func (s *Splitter) SplitGuided(seg []byte, g Guide, fn func(Piece) error) error {
 	off := 0
 	for off < len(seg) {
 		// Extend a zero run as far as whole zero blocks go.
@@ -182,21 +188,10 @@ func (s *Splitter) Split(seg []byte, fn func(Piece) error) error {
 			d = end
 		}
 		d = min(d, len(seg))
-		if err := s.splitData(seg, off, d, fn); err != nil {
+		if err := s.splitData(seg, off, d, g, fn); err != nil {
 			return err
 		}
 		off = d
-	}
-	return nil
-}
-
-func (s *Splitter) splitData(seg []byte, start, end int, fn func(Piece) error) error {
-	for off := start; off < end; {
-		n := s.next(seg[off:end])
-		if err := fn(Piece{Offset: off, Length: n, Data: seg[off : off+n]}); err != nil {
-			return err
-		}
-		off += n
 	}
 	return nil
 }

@@ -12,8 +12,8 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/zeebo/blake3"
 	"golang.org/x/crypto/chacha20poly1305"
+	"lukechampine.com/blake3"
 )
 
 // KeySize is the size of every symmetric key, in bytes.
@@ -111,28 +111,50 @@ func grow(b []byte, n int) []byte {
 // ID of one kind can never be mistaken for another. It is safe for
 // concurrent use.
 type Hasher struct {
-	base *blake3.Hasher
+	key [8]uint32
 }
 
 // NewHasher returns a Hasher for one domain (e.g. "chunk", "segment").
 func NewHasher(idKey [KeySize]byte, domain string) *Hasher {
 	var k [KeySize]byte
-	blake3.DeriveKey("vmvault 2026 content id "+domain, idKey[:], k[:])
-	h, err := blake3.NewKeyed(k[:])
-	if err != nil {
-		panic(err) // only for a wrong key length, impossible here
-	}
-	return &Hasher{base: h}
+	blake3.DeriveKey(k[:], "vmvault 2026 content id "+domain, idKey[:])
+	return &Hasher{key: keyWords(k)}
 }
 
 // Sum returns the keyed hash of data.
 func (h *Hasher) Sum(data []byte) ID {
-	d := h.base.Clone()
-	d.Write(data)
-	var id ID
-	d.Sum(id[:0])
-	return id
+	t := tree{key: &h.key}
+	for len(data) > batch {
+		t.pushBatch((*[batch]byte)(data))
+		data = data[batch:]
+	}
+	return t.sum(data)
 }
 
 // New returns a streaming keyed hash for this domain.
-func (h *Hasher) New() *blake3.Hasher { return h.base.Clone() }
+func (h *Hasher) New() *Digest { return &Digest{t: tree{key: &h.key}} }
+
+// copyPiece is how much CopySum copies before hashing it: small enough
+// that the copy is still in the core's cache when the hash reads it, and
+// a whole number of batches.
+const copyPiece = 8 * batch
+
+// CopySum copies src into dst (which must be at least as long) and
+// returns the keyed hash of the copy, reading src once: each piece is
+// hashed from the copy while it is in cache. The ID describes dst even if
+// src changes meanwhile (a mapped file someone writes).
+func (h *Hasher) CopySum(dst, src []byte) ID {
+	dst = dst[:len(src)]
+	t := tree{key: &h.key}
+	off := 0 // dst[:off] is hashed
+	for c := 0; c < len(src); {
+		end := min(c+copyPiece, len(src))
+		copy(dst[c:end], src[c:end])
+		c = end
+		for off+batch <= c && off+batch < len(src) {
+			t.pushBatch((*[batch]byte)(dst[off:]))
+			off += batch
+		}
+	}
+	return t.sum(dst[off:])
+}

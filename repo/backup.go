@@ -116,8 +116,11 @@ type backupState struct {
 	// readLimit paces reading the sources (nil: unlimited).
 	readLimit *limit.Bucket
 	fail      func(error)
-	stats     struct {
-		read, zero, bytesNew, stored, chunksNew, segs, segsNew, found atomic.Int64
+	// fresh counts recent segments of changing sources, +1 for a new one
+	// and −1 for a known one, within ±freshLimit (copyFirst).
+	fresh atomic.Int32
+	stats struct {
+		read, zero, bytesNew, stored, chunksNew, segs, segsNew, found, chunked atomic.Int64
 	}
 }
 
@@ -369,13 +372,14 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	if m.Host == "" {
 		m.Host, _ = os.Hostname()
 	}
+	prev := r.startPreviousGen(ctx, req.VM)
 	for i, src := range req.Disks {
 		var d Disk
 		var err error
 		if bases[i] != nil {
 			d, err = st.backupDiskChanged(ctx, src, req, bases[i])
 		} else {
-			d, err = st.backupDisk(ctx, src, req)
+			d, err = st.backupDisk(ctx, src, req, prev.disk(src.Name))
 			d.FullRead = m.Time
 		}
 		if err == nil {
@@ -411,7 +415,8 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	m.Finished = time.Now().UTC()
 	m.Stats = BackupStats{BytesRead: st.stats.read.Load(), BytesZero: st.stats.zero.Load(),
 		BytesNew: st.stats.bytesNew.Load(), ChunksNew: st.stats.chunksNew.Load(),
-		SegmentsSeen: st.stats.segs.Load(), SegmentsNew: st.stats.segsNew.Load(), ObjectsFound: st.stats.found.Load()}
+		SegmentsSeen: st.stats.segs.Load(), SegmentsNew: st.stats.segsNew.Load(), ObjectsFound: st.stats.found.Load(),
+		BytesChunked: st.stats.chunked.Load()}
 	if err := r.commitManifest(ctx, m, st.stats.stored.Load()); err != nil {
 		return nil, err
 	}
@@ -452,6 +457,7 @@ func (r *Repository) commitManifest(ctx context.Context, m *Manifest, storedSoFa
 // is stored (see storeSegment).
 type segmentJob struct {
 	i       int
+	off     int64 // the segment's image offset
 	buf     []byte
 	n       int
 	release func()
@@ -474,6 +480,8 @@ type segmentWorkers struct {
 	ids    [][32]byte
 	err    error
 	source string // names the disk in errors
+	// prev guides the splitting of new segments (nil: plain splits).
+	prev *prevDisk
 }
 
 // startSegmentWorkers starts nw workers; bufLen is the size of the buffers
@@ -510,7 +518,7 @@ func (w *segmentWorkers) run() {
 		return
 	}
 	for job := range w.jobs {
-		id, err := w.st.storeJob(w.ctx, sp, w.source, job)
+		id, err := w.st.storeJob(w.ctx, sp, w.source, job, w.prev)
 		if job.release != nil {
 			job.release()
 		} else {
@@ -565,10 +573,11 @@ func (w *segmentWorkers) takeSlot() ([]byte, error) {
 	}
 }
 
-// submitMapped hands segment i, the first c bytes of a window mapped in
-// slot, to the workers, which unmap it and free the slot when done.
-func (w *segmentWorkers) submitMapped(i int, mem []byte, c int, slot []byte) error {
-	job := segmentJob{i: i, buf: mem, n: c, mapped: true, slot: &slot, slotLen: w.bufLen}
+// submitMapped hands segment i at image offset off, the first c bytes of
+// a window mapped in slot, to the workers, which unmap it and free the
+// slot when done.
+func (w *segmentWorkers) submitMapped(i int, off int64, mem []byte, c int, slot []byte) error {
+	job := segmentJob{i: i, off: off, buf: mem, n: c, mapped: true, slot: &slot, slotLen: w.bufLen}
 	job.release = func() { unmapWindow(mem); w.free <- slot }
 	return w.send(job)
 }
@@ -578,8 +587,8 @@ func (w *segmentWorkers) submitMapped(i int, mem []byte, c int, slot []byte) err
 // windows reads into a buffer only where a window holds holes, and
 // buffers and mapped windows would otherwise both count against the
 // memory bound.
-func (w *segmentWorkers) submitDropped(i int, buf []byte, c int) error {
-	return w.send(segmentJob{i: i, buf: buf, n: c, release: func() { w.free <- nil }})
+func (w *segmentWorkers) submitDropped(i int, off int64, buf []byte, c int) error {
+	return w.send(segmentJob{i: i, off: off, buf: buf, n: c, release: func() { w.free <- nil }})
 }
 
 // send hands job to the workers; if the backup ends first, it releases
@@ -599,16 +608,16 @@ func (w *segmentWorkers) send(job segmentJob) error {
 // putBuf returns a buffer from getBuf unused.
 func (w *segmentWorkers) putBuf(buf []byte) { w.free <- buf }
 
-// submit hands buf[:n], segment i, to the workers, which own buf from now
-// on.
-func (w *segmentWorkers) submit(i int, buf []byte, n int) error {
-	return w.send(segmentJob{i: i, buf: buf, n: n})
+// submit hands buf[:n], segment i at image offset off, to the workers,
+// which own buf from now on.
+func (w *segmentWorkers) submit(i int, off int64, buf []byte, n int) error {
+	return w.send(segmentJob{i: i, off: off, buf: buf, n: n})
 }
 
 // submitCut hands the first c of the have bytes in buf to the workers as
-// segment i, and returns a new buffer that holds the have-c bytes after
-// the cut (nil if there are none).
-func (w *segmentWorkers) submitCut(i int, buf []byte, have, c int) ([]byte, error) {
+// segment i at image offset off, and returns a new buffer that holds the
+// have-c bytes after the cut (nil if there are none).
+func (w *segmentWorkers) submitCut(i int, off int64, buf []byte, have, c int) ([]byte, error) {
 	var next []byte
 	if c < have {
 		var err error
@@ -617,7 +626,7 @@ func (w *segmentWorkers) submitCut(i int, buf []byte, have, c int) ([]byte, erro
 		}
 		copy(next, buf[c:have])
 	}
-	if err := w.submit(i, buf, c); err != nil {
+	if err := w.submit(i, off, buf, c); err != nil {
 		return nil, err
 	}
 	return next, nil
@@ -654,7 +663,7 @@ func (w *segmentWorkers) wait(n int) ([]byte, error) {
 	return segs, nil
 }
 
-func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req BackupRequest) (Disk, error) {
+func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req BackupRequest, prev *prevDisk) (Disk, error) {
 	// A source blocked in Read (a pipe whose writer stalls) would never
 	// see a cancellation; a read deadline wakes it, where the reader
 	// supports one (pollable files: pipes, sockets).
@@ -665,6 +674,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	cut := st.r.segmenter
 	nw := workers()
 	w := st.startSegmentWorkers(ctx, nw, cut.Max(), src.Source)
+	w.prev = prev
 
 	var sum hash.Hash
 	if req.SHA256 {
@@ -730,7 +740,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 					if sum != nil {
 						sum.Write(mem[:c])
 					}
-					if err := w.submitMapped(len(lens), mem, c, slot); err != nil {
+					if err := w.submitMapped(len(lens), total, mem, c, slot); err != nil {
 						return err
 					}
 					ir.read += int64(c) // the tail is mapped again
@@ -763,14 +773,14 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			if ir.mappable() {
 				// The tail is mapped again, not carried: not read twice.
 				ir.read -= ir.dataBytes(total+int64(c), total+int64(have))
-				if err := w.submitDropped(len(lens), buf, c); err != nil {
+				if err := w.submitDropped(len(lens), total, buf, c); err != nil {
 					return err
 				}
 				buf, have = nil, 0
 				advance(c)
 				continue
 			}
-			if buf, err = w.submitCut(len(lens), buf, have, c); err != nil {
+			if buf, err = w.submitCut(len(lens), total, buf, have, c); err != nil {
 				return err
 			}
 			have -= c
@@ -842,50 +852,121 @@ func newSegmenter(mk *crypto.MasterKey, segSize int64) *chunk.Segmenter {
 
 // storeJob stores one segment job; a memory fault while reading a mapped
 // window becomes an error naming the source.
-func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source string, job segmentJob) (id crypto.ID, err error) {
+func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source string, job segmentJob, prev *prevDisk) (id crypto.ID, err error) {
 	defer catchFault(source, &err)()
 	var private func() []byte
 	if job.mapped {
+		// The slot's buffer, allocated on first use.
 		private = func() []byte {
 			if len(*job.slot) < job.n {
 				*job.slot = make([]byte, max(job.n, job.slotLen))
 			}
-			b := (*job.slot)[:job.n]
-			copy(b, job.buf[:job.n])
-			return b
+			return (*job.slot)[:job.n]
 		}
 	}
-	return st.storeSegment(ctx, sp, job.buf[:job.n], private)
+	return st.storeSegment(ctx, sp, job.buf[:job.n], private, prev, job.off)
 }
 
-// storeSegment chunks one segment and queues its new chunks and its
-// segment list for upload. It returns the segment ID (all zeros for an
-// all-zero segment). seg may be reused by the caller once it returns.
+// Ways of taking a segment from memory that can change while it is read
+// (a mapped window of a file), in segmentID.
+const (
+	copyAuto  = iota // by the hit rate of recent segments (copyFirst)
+	copyFirst        // always copy and hash the copy
+	hashFirst        // always hash in place, copy only a new segment
+)
+
+// freshLimit bounds backupState.fresh: how many recent segments decide
+// between copying first and hashing in place.
+const freshLimit = 8
+
+// copyFirst reports whether a segment that can change while read is
+// better copied and hashed in one pass than hashed in place: when recent
+// segments were mostly new (a first backup, a much changed disk), nearly
+// every segment is copied anyway, and hashing in place first only adds a
+// pass over it; when they were mostly known, hashing in place saves the
+// copy. Either way the stored segment is consistent (segmentID).
+func (st *backupState) copyFirst() bool {
+	switch st.r.segmentCopy {
+	case copyFirst:
+		return true
+	case hashFirst:
+		return false
+	}
+	return st.fresh.Load() > 0
+}
+
+// noteSegment counts a segment of a changing source as new or known for
+// copyFirst.
+func (st *backupState) noteSegment(isNew bool) {
+	d := int32(-1)
+	if isNew {
+		d = 1
+	}
+	for {
+		f := st.fresh.Load()
+		n := min(max(f+d, -freshLimit), freshLimit)
+		if n == f || st.fresh.CompareAndSwap(f, n) {
+			return
+		}
+	}
+}
+
+// segmentID returns the segment to store (seg, or a private copy of it)
+// and its ID, or zero if it is all zeros.
 //
 // private is nil when seg is the caller's own memory. Otherwise seg can
 // change while it is read (a mapped window of a file someone writes), and
-// private returns a private copy of it: a segment that is not known
-// already is stored from that copy, with its ID computed again over the
+// private returns a buffer for a private copy of it: a segment that is not
+// known already is stored from that copy, with its ID computed over the
 // copy, so that its ID, its chunks' IDs and the sealed chunks all describe
 // the same bytes. An ID over other bytes than its content would poison
 // deduplication for every later backup (TestBackupMappedFileWrittenMeanwhile).
-// A segment found known by the first hash is reused whole, as with a
+// A segment found known by a hash in place is reused whole, as with a
 // buffer: a torn read of a changing source, never an inconsistent object.
-func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, private func() []byte) (crypto.ID, error) {
+func (st *backupState) segmentID(seg []byte, private func() []byte) (_ []byte, _ crypto.ID, zero bool) {
 	r := st.r
-	st.stats.segs.Add(1)
 	if chunk.IsZero(seg) {
+		return seg, crypto.ID{}, true
+	}
+	if private != nil && st.copyFirst() {
+		// One pass: copy, and hash the copy while it is in cache.
+		b := private()
+		id := r.segH.CopySum(b, seg)
+		if chunk.IsZero(b) { // zeroed meanwhile
+			return b, crypto.ID{}, true
+		}
+		st.noteSegment(!st.known(id))
+		return b, id, false
+	}
+	id := r.segH.Sum(seg)
+	if private == nil {
+		return seg, id, false
+	}
+	isNew := !st.known(id)
+	st.noteSegment(isNew)
+	if !isNew {
+		return seg, id, false
+	}
+	b := private()
+	copy(b, seg)
+	if chunk.IsZero(b) {
+		return b, crypto.ID{}, true
+	}
+	return b, r.segH.Sum(b), false
+}
+
+// storeSegment chunks one segment, at image offset off, and queues its
+// new chunks and its segment list for upload. It returns the segment ID
+// (all zeros for an all-zero segment). seg may be reused by the caller
+// once it returns. A new segment is split guided by prev's chunks
+// (repo/reuse.go).
+// private is as for segmentID.
+func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, private func() []byte, prev *prevDisk, off int64) (crypto.ID, error) {
+	st.stats.segs.Add(1)
+	seg, segID, zero := st.segmentID(seg, private)
+	if zero {
 		st.stats.zero.Add(int64(len(seg)))
 		return crypto.ID{}, nil
-	}
-	segID := r.segH.Sum(seg)
-	if private != nil && !st.known(segID) {
-		seg = private()
-		if chunk.IsZero(seg) {
-			st.stats.zero.Add(int64(len(seg)))
-			return crypto.ID{}, nil
-		}
-		segID = r.segH.Sum(seg)
 	}
 	segPending, mine := st.claim(segID)
 	if !mine {
@@ -895,13 +976,12 @@ func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg
 	st.stats.segsNew.Add(1)
 	var entries []SegmentEntry
 	var waits []*pendingObject
-	err := sp.Split(seg, func(p chunk.Piece) error {
+	err := st.splitGuided(sp, seg, prev.guide(ctx, off, seg), func(p chunk.Piece, id crypto.ID) error {
 		if p.Zero {
 			st.stats.zero.Add(int64(p.Length))
 			entries = append(entries, SegmentEntry{Zero: true, Length: uint32(p.Length)})
 			return nil
 		}
-		id := r.chunkH.Sum(p.Data)
 		entries = append(entries, SegmentEntry{Length: uint32(p.Length), ID: id})
 		pend, mine := st.claim(id)
 		if !mine {

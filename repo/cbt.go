@@ -157,6 +157,7 @@ func (st *backupState) backupDiskChanged(ctx context.Context, src DiskSource, re
 	bd := base.disk
 	nw := workers()
 	w := st.startSegmentWorkers(ctx, nw, st.r.segmenter.Max(), src.Source)
+	w.prev = st.r.prevDiskOf(bd)
 	ir := newImageReader(src, nw)
 	ir.limit = st.readLimit
 	rc := &recutter{w: w, ir: ir, cut: st.r.segmenter, base: bd, minSeg: st.r.cfg.SegmentSize / 2, ranges: src.Changes.Ranges}
@@ -266,7 +267,7 @@ func (rc *recutter) next(ctx context.Context, pos int64, i int) (int64, error) {
 		guess = pos + int64(want)
 	}
 	var err error
-	if rc.buf, err = rc.w.submitCut(i, rc.buf, rc.have, c); err != nil {
+	if rc.buf, err = rc.w.submitCut(i, pos, rc.buf, rc.have, c); err != nil {
 		return 0, err
 	}
 	rc.have -= c

@@ -485,6 +485,9 @@ type BackupStats struct {
 	SegmentsSeen int64 `json:"segments"`      // segments processed
 	SegmentsNew  int64 `json:"segments_new"`  // segments chunked (not reused whole)
 	ObjectsFound int64 `json:"objects_found"` // uploads that found the object already stored
+	// BytesChunked is the data of new segments the chunker cut; the rest
+	// of their data was cut as the previous generation's chunks.
+	BytesChunked int64 `json:"bytes_chunked"`
 }
 
 // imageDigest is the keyed digest of a whole disk image: a keyed BLAKE3

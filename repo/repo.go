@@ -50,6 +50,9 @@ type Repository struct {
 	// tableSegments is how many segment IDs a backup puts in one
 	// segment table: TableSegments, smaller only in tests.
 	tableSegments int
+	// segmentCopy is how a backup takes segments of a changing source
+	// (copyAuto; the others only in tests).
+	segmentCopy int
 
 	clock       storeClock    // the store's clock, learnt from lock objects
 	lockRefresh time.Duration // LockRefresh, shorter only in tests

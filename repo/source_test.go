@@ -234,7 +234,26 @@ func TestCatchFault(t *testing.T) {
 // read as a stream, and bytes_read counts each byte once although the
 // mapped windows overlap.
 func TestBackupMappedFileMatchesStream(t *testing.T) {
-	tr := newTestRepo(t)
+	forCopyModes(t, testBackupMappedFileMatchesStream)
+}
+
+// forCopyModes runs test once for each way a backup takes the segments
+// of a changing source: hashed in place first, copied first, and chosen
+// by the hit rate.
+func forCopyModes(t *testing.T, test func(t *testing.T, tr *testRepo)) {
+	for _, c := range []struct {
+		name string
+		mode int
+	}{{"auto", copyAuto}, {"copy-first", copyFirst}, {"hash-first", hashFirst}} {
+		t.Run(c.name, func(t *testing.T) {
+			tr := newTestRepo(t)
+			tr.segmentCopy = c.mode
+			test(t, tr)
+		})
+	}
+}
+
+func testBackupMappedFileMatchesStream(t *testing.T, tr *testRepo) {
 	img := testImage(13, 40<<20)
 	clear(img[9<<20 : 10<<20]) // a zero run inside a data window
 	path := filepath.Join(t.TempDir(), "img.raw")
@@ -259,6 +278,17 @@ func TestBackupMappedFileMatchesStream(t *testing.T) {
 	}
 	if ms.Disks[0].Digest != m.Disks[0].Digest || ms.Stats.SegmentsNew != 0 {
 		t.Fatalf("the mapped file and the stream differ: %d new segments", ms.Stats.SegmentsNew)
+	}
+	// Again from the file: every segment is found known.
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		t.Fatal(err)
+	}
+	again, err := tr.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Source: path, Reader: f, Size: int64(len(img))}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.Disks[0].Digest != m.Disks[0].Digest || again.Stats.SegmentsNew != 0 {
+		t.Fatalf("the mapped file backed up again differs: %d new segments", again.Stats.SegmentsNew)
 	}
 	r := tr.reopen(t)
 	if got := restoreBytes(t, r, mustFind(t, r, "vm", m.ID[:8])); !bytes.Equal(got, img) {
@@ -294,7 +324,10 @@ func TestBackupShrunkFileFails(t *testing.T) {
 // over other bytes than its chunks would poison deduplication: a later
 // backup of the hashed bytes would reuse it and restore different data.
 func TestBackupMappedFileWrittenMeanwhile(t *testing.T) {
-	tr := newTestRepo(t)
+	forCopyModes(t, testBackupMappedFileWrittenMeanwhile)
+}
+
+func testBackupMappedFileWrittenMeanwhile(t *testing.T, tr *testRepo) {
 	img := testImage(15, 40<<20)
 	path := filepath.Join(t.TempDir(), "img.raw")
 	if err := os.WriteFile(path, img, 0o600); err != nil {

@@ -31,6 +31,7 @@ type backupSummary struct {
 	SegmentsNew  int64    `json:"segments_new"`
 	Segments     int64    `json:"segments"`
 	ObjectsFound int64    `json:"objects_found"`
+	BytesChunked int64    `json:"bytes_chunked"`
 	Duration     float64  `json:"duration_seconds"`
 	// DiskStats says per disk how it was read.
 	DiskStats []diskSummary `json:"disk_stats"`
@@ -49,7 +50,7 @@ func summarize(m *repo.Manifest) backupSummary {
 	s := backupSummary{ID: m.ID, VM: m.VM, Time: m.Time.Format(time.RFC3339), BytesRead: m.Stats.BytesRead,
 		BytesZero: m.Stats.BytesZero, BytesNew: m.Stats.BytesNew, BytesStored: m.Stats.BytesStored,
 		ChunksNew: m.Stats.ChunksNew, SegmentsNew: m.Stats.SegmentsNew, Segments: m.Stats.SegmentsSeen, ObjectsFound: m.Stats.ObjectsFound,
-		Duration: m.Finished.Sub(m.Started).Seconds()}
+		BytesChunked: m.Stats.BytesChunked, Duration: m.Finished.Sub(m.Started).Seconds()}
 	for _, d := range m.Disks {
 		s.Disks = append(s.Disks, d.Name)
 		s.DiskStats = append(s.DiskStats, diskSummary{Name: d.Name, CBT: d.CBT, CBTBase: d.CBTBase, BytesRead: d.BytesRead})

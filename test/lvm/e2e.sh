@@ -23,40 +23,10 @@ K=""
 sha_snap=""
 sha_new=""
 
-now() { cut -d' ' -f1 /proc/uptime; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-say() { echo "e2e: $*"; }
-timing() { echo "TIME $1 $(since "$2")s"; }
-# show FILE: a command's stderr on the console, indented.
-show() { sed 's/^/    | /' "$1"; }
-lastline() { tail -n 1 "$1" | cut -c1-300; }
+TAG=e2e
+# now, since, say, timing, show, lastline, begin, fail, finish and
+# setup_fail come from scenario.sh, which the host test puts in front.
 
-SC=""
-SC_T=0
-SC_FAIL=""
-ALL_OK=1
-begin() {
-	SC=$1
-	SC_T=$(now)
-	SC_FAIL=""
-	say "== scenario $SC"
-}
-fail() {
-	say "FAIL ($SC): $*"
-	SC_FAIL="${SC_FAIL:+$SC_FAIL; }$*"
-}
-finish() {
-	if [ -z "$SC_FAIL" ]; then
-		echo "SCENARIO $SC PASS $(since "$SC_T")s $*"
-	else
-		echo "SCENARIO $SC FAIL $(since "$SC_T")s $SC_FAIL"
-		ALL_OK=0
-	fi
-}
-setup_fail() {
-	echo "SETUP FAIL $*"
-	exit 1
-}
 
 # wait_for SECONDS COMMAND…: poll every 50 ms until COMMAND succeeds.
 wait_for() {

@@ -20,6 +20,12 @@ import (
 //go:embed e2e.sh
 var guestScript string
 
+// scenarioLib is put in front of each in-guest script: the helpers that
+// print SCENARIO, TIME and SETUP FAIL lines (checkScenarios reads them).
+//
+//go:embed scenario.sh
+var scenarioLib string
+
 // guestConfig is the vmvault configuration the guest backs up from: a
 // repository on the guest's tmpfs and three VMs on the volume group the
 // script makes.
@@ -84,7 +90,7 @@ func TestBackupEndToEnd(t *testing.T) {
 	t.Logf("built vmvault and blockseq in %v", time.Since(start).Round(time.Millisecond))
 
 	res, err := lvmguest.Run(ctx, lvmguest.Spec{
-		Script: guestScript,
+		Script: scenarioLib + guestScript,
 		Binaries: map[string]string{
 			"/usr/local/bin/vmvault":  vmvaultBin,
 			"/usr/local/bin/blockseq": blockseqBin,
@@ -99,35 +105,7 @@ func TestBackupEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("guest: boot to script %v, whole run %v (PVH kernel: %v)", res.Boot.Round(time.Millisecond), res.Elapsed.Round(time.Millisecond), res.PVH)
-	for _, m := range timeRE.FindAllStringSubmatch(res.Output, -1) {
-		t.Logf("time %-28s %6ss", m[1], m[2])
-	}
-	if m := setupRE.FindString(res.Output); m != "" {
-		t.Fatalf("guest set-up failed: %s\nguest output:\n%s", m, res.Output)
-	}
-
-	got := map[string][]string{}
-	for _, m := range scenarioRE.FindAllStringSubmatch(res.Output, -1) {
-		got[m[1]] = m[2:]
-		t.Logf("scenario %-11s %s in %ss: %s", m[1], m[2], m[3], m[4])
-	}
-	for _, name := range scenarios {
-		r, ok := got[name]
-		switch {
-		case !ok:
-			t.Errorf("scenario %s: no result (the script stopped early?)", name)
-		case r[0] != "PASS":
-			t.Errorf("scenario %s: FAIL: %s", name, r[2])
-		}
-	}
-	for name := range got {
-		if !slices.Contains(scenarios, name) {
-			t.Errorf("scenario %s reported but not listed in scenarios", name)
-		}
-	}
-	if res.ExitCode != 0 && !t.Failed() {
-		t.Errorf("guest script exited %d", res.ExitCode)
-	}
+	checkScenarios(t, res, scenarios)
 }
 
 // requireTools fails with an install hint when the guest cannot be built.
@@ -157,4 +135,39 @@ func buildStatic(ctx context.Context, t *testing.T, dir, pkg, name string) strin
 		t.Fatalf("build %s: %v\n%s", pkg, err, strings.TrimSpace(string(b)))
 	}
 	return out
+}
+
+// checkScenarios fails t for a SETUP FAIL line, for each scenario of
+// want that is missing or not PASS, and for any scenario reported but not
+// in want; it logs the TIME lines.
+func checkScenarios(t *testing.T, res *lvmguest.Result, want []string) {
+	t.Helper()
+	for _, m := range timeRE.FindAllStringSubmatch(res.Output, -1) {
+		t.Logf("time %-28s %6ss", m[1], m[2])
+	}
+	if m := setupRE.FindString(res.Output); m != "" {
+		t.Fatalf("guest set-up failed: %s\nguest output:\n%s", m, res.Output)
+	}
+	got := map[string][]string{}
+	for _, m := range scenarioRE.FindAllStringSubmatch(res.Output, -1) {
+		got[m[1]] = m[2:]
+		t.Logf("scenario %-11s %s in %ss: %s", m[1], m[2], m[3], m[4])
+	}
+	for _, name := range want {
+		r, ok := got[name]
+		switch {
+		case !ok:
+			t.Errorf("scenario %s: no result (the script stopped early?)", name)
+		case r[0] != "PASS":
+			t.Errorf("scenario %s: FAIL: %s", name, r[2])
+		}
+	}
+	for name := range got {
+		if !slices.Contains(want, name) {
+			t.Errorf("scenario %s reported but not listed", name)
+		}
+	}
+	if res.ExitCode != 0 && !t.Failed() {
+		t.Errorf("guest script exited %d", res.ExitCode)
+	}
 }

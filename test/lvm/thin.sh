@@ -21,39 +21,10 @@ SIZE=$((512 * MIB))
 DATA=$((32 * MIB))
 BASE=$LV-vmvault-base
 
-now() { cut -d' ' -f1 /proc/uptime; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-say() { echo "thin: $*"; }
-timing() { echo "TIME $1 $(since "$2")s"; }
-show() { sed 's/^/    | /' "$1"; }
-lastline() { tail -n 1 "$1" | cut -c1-300; }
+TAG=thin
+# now, since, say, timing, show, lastline, begin, fail, finish and
+# setup_fail come from scenario.sh, which the host test puts in front.
 
-SC=""
-SC_T=0
-SC_FAIL=""
-ALL_OK=1
-begin() {
-	SC=$1
-	SC_T=$(now)
-	SC_FAIL=""
-	say "== scenario $SC"
-}
-fail() {
-	say "FAIL ($SC): $*"
-	SC_FAIL="${SC_FAIL:+$SC_FAIL; }$*"
-}
-finish() {
-	if [ -z "$SC_FAIL" ]; then
-		echo "SCENARIO $SC PASS $(since "$SC_T")s $*"
-	else
-		echo "SCENARIO $SC FAIL $(since "$SC_T")s $SC_FAIL"
-		ALL_OK=0
-	fi
-}
-setup_fail() {
-	echo "SETUP FAIL $*"
-	exit 1
-}
 
 # vmvault_lvs: every LV vmvault made (tag vmvault), "name:thin_id".
 vmvault_lvs() { lvs --noheadings -o lv_name,thin_id @vmvault 2>/dev/null | awk '{ print $1 ":" $2 }' | sort | tr '\n' ' '; }

@@ -4,7 +4,6 @@ import (
 	"context"
 	_ "embed"
 	"os"
-	"slices"
 	"testing"
 	"time"
 
@@ -69,7 +68,7 @@ func TestThinEndToEnd(t *testing.T) {
 	blockseqBin := buildStatic(ctx, t, work, "vmvault/test/lvm/blockseq", "blockseq")
 
 	res, err := lvmguest.Run(ctx, lvmguest.Spec{
-		Script: thinScript,
+		Script: scenarioLib + thinScript,
 		Binaries: map[string]string{
 			"/usr/local/bin/vmvault":  vmvaultBin,
 			"/usr/local/bin/blockseq": blockseqBin,
@@ -86,32 +85,5 @@ func TestThinEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("guest: boot to script %v, whole run %v", res.Boot.Round(time.Millisecond), res.Elapsed.Round(time.Millisecond))
-	for _, m := range timeRE.FindAllStringSubmatch(res.Output, -1) {
-		t.Logf("time %-28s %6ss", m[1], m[2])
-	}
-	if m := setupRE.FindString(res.Output); m != "" {
-		t.Fatalf("guest set-up failed: %s\nguest output:\n%s", m, res.Output)
-	}
-	got := map[string][]string{}
-	for _, m := range scenarioRE.FindAllStringSubmatch(res.Output, -1) {
-		got[m[1]] = m[2:]
-		t.Logf("scenario %-11s %s in %ss: %s", m[1], m[2], m[3], m[4])
-	}
-	for _, name := range thinScenarios {
-		r, ok := got[name]
-		switch {
-		case !ok:
-			t.Errorf("scenario %s: no result (the script stopped early?)", name)
-		case r[0] != "PASS":
-			t.Errorf("scenario %s: FAIL: %s", name, r[2])
-		}
-	}
-	for name := range got {
-		if !slices.Contains(thinScenarios, name) {
-			t.Errorf("scenario %s reported but not listed in thinScenarios", name)
-		}
-	}
-	if res.ExitCode != 0 && !t.Failed() {
-		t.Errorf("guest script exited %d", res.ExitCode)
-	}
+	checkScenarios(t, res, thinScenarios)
 }

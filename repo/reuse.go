@@ -1,0 +1,247 @@
+package repo
+
+// Re-chunking only around a change: a segment that is new to the
+// repository is split with the previous generation's chunks of the same
+// disk as a guide (chunk.SplitGuided). Where the new bytes over a
+// previous chunk's range hash to that chunk's ID, the chunk is taken as
+// it is (no chunker; the hash is the chunk's ID, needed anyway); the
+// chunker runs only from the first chunk that differs until one of its
+// cuts lands on a previous cut.
+//
+// Rules the code keeps:
+//   - The segment list comes out exactly as a plain split makes it
+//     (chunk/guided.go says why; TestBackupGuidedEqualsPlainSplit checks
+//     it against a plain full read): the guide only saves work.
+//   - The previous generation is the VM's latest (FindManifest), its disk
+//     of the same name; with change tracking, the tracker's base. Its
+//     chunks are matched by image offset, so a segment whose boundaries
+//     moved is guided too.
+//   - The previous generation and its segment lists are loaded only when
+//     a segment is new, once per disk and per segment. Anything that
+//     cannot be loaded (no generation, a damaged or missing object, a
+//     list that does not fit its segment) leaves that part unguided: a
+//     plain split, never a failed backup.
+
+import (
+	"context"
+	"sync"
+
+	"vmvault/chunk"
+	"vmvault/crypto"
+)
+
+// previousGen loads, once and in the background, the generation whose
+// disks guide the splitting of new segments.
+type previousGen struct {
+	r     *Repository
+	ready chan struct{}
+	m     *Manifest // nil: none, or it could not be loaded
+	mu    sync.Mutex
+	disks map[string]*prevDisk
+}
+
+// startPreviousGen starts loading vm's latest generation.
+func (r *Repository) startPreviousGen(ctx context.Context, vm string) *previousGen {
+	p := &previousGen{r: r, ready: make(chan struct{}), disks: map[string]*prevDisk{}}
+	go func() {
+		defer close(p.ready)
+		m, err := r.FindManifest(ctx, vm, "latest")
+		if err != nil {
+			r.log.Debug("no previous generation to guide chunking", "vm", vm, "err", err)
+			return
+		}
+		p.m = m
+	}()
+	return p
+}
+
+// disk returns the guide of the disk named name (resolved on first use).
+func (p *previousGen) disk(name string) *prevDisk {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	d := p.disks[name]
+	if d == nil {
+		d = &prevDisk{r: p.r, gen: p, name: name}
+		p.disks[name] = d
+	}
+	return d
+}
+
+// prevDisk is one disk of the previous generation, its segments resolved
+// on first use. A nil *prevDisk guides nothing.
+type prevDisk struct {
+	r    *Repository
+	gen  *previousGen // nil when d is given
+	name string
+	once sync.Once
+	d    *Disk // nil: no such disk, or unusable
+}
+
+// prevDiskOf returns the guide of d, a disk whose segments are resolved.
+func (r *Repository) prevDiskOf(d *Disk) *prevDisk {
+	return &prevDisk{r: r, name: d.Name, d: d}
+}
+
+// resolved waits for the previous generation and returns its disk, or nil.
+func (p *prevDisk) resolved(ctx context.Context) *Disk {
+	if p == nil {
+		return nil
+	}
+	if p.gen == nil {
+		return p.d
+	}
+	p.once.Do(func() {
+		select {
+		case <-p.gen.ready:
+		case <-ctx.Done():
+			return
+		}
+		m := p.gen.m
+		if m == nil {
+			return
+		}
+		for i := range m.Disks {
+			if m.Disks[i].Name != p.name {
+				continue
+			}
+			// A copy: the manifest may be shared with other disks'
+			// guides, and resolving fills the disk in.
+			d := m.Disks[i]
+			if err := p.r.resolveSegments(ctx, &d); err != nil {
+				p.r.log.Debug("previous generation's disk unusable to guide chunking", "disk", p.name, "generation", m.ShortID(), "err", err)
+				return
+			}
+			p.d = &d
+		}
+	})
+	return p.d
+}
+
+// guide returns a guide for splitting seg, the new segment at image
+// offset off, from the previous generation's chunks in that range, or
+// nil if there are none.
+func (p *prevDisk) guide(ctx context.Context, off int64, seg []byte) *chunkGuide {
+	d := p.resolved(ctx)
+	if d == nil || off >= d.Size {
+		return nil
+	}
+	end := off + int64(len(seg))
+	g := &chunkGuide{h: p.r.chunkH, seg: seg, last: -1}
+	i, start := d.segmentAt(off)
+	for ; i < d.segmentCount() && start < end; i++ {
+		l := d.segmentLen(i)
+		if id, zero := d.SegmentID(i); !zero {
+			g.add(p.r.prevChunks(ctx, id, l), start, off, end)
+		}
+		start += l
+	}
+	if len(g.chunks) == 0 {
+		return nil
+	}
+	return g
+}
+
+// prevChunks loads the segment list of a previous segment of length l,
+// or returns nil if it cannot be used.
+func (r *Repository) prevChunks(ctx context.Context, id crypto.ID, l int64) []SegmentEntry {
+	raw, err := r.getData(ctx, TypeSegment, id)
+	if err != nil {
+		r.log.Debug("previous segment list unusable to guide chunking", "object", dataName(id), "err", err)
+		return nil
+	}
+	entries, err := decodeSegmentList(raw)
+	var sum int64
+	for _, e := range entries {
+		sum += int64(e.Length)
+	}
+	if err != nil || sum != l {
+		r.log.Debug("previous segment list does not fit its segment", "object", dataName(id), "err", err)
+		return nil
+	}
+	return entries
+}
+
+// chunkGuide proposes a previous generation's chunks for one new segment
+// (chunk.Guide), and remembers the chunk ID it hashed last, so the chunk
+// the split then cuts there is not hashed twice.
+type chunkGuide struct {
+	h      *crypto.Hasher
+	seg    []byte
+	chunks []prevChunk // by offset
+	next   int         // chunks before it lie before the split's position
+
+	last    int // offset and length of the range hashed last (-1: none)
+	lastLen int
+	lastID  crypto.ID
+	same    bool // whether it equalled the previous chunk
+}
+
+// prevChunk is a previous chunk at an offset of the new segment.
+type prevChunk struct {
+	off, n     int
+	endsExtent bool
+	id         crypto.ID
+}
+
+// add adds the chunks of entries, a previous segment starting at image
+// offset start, that start in [off, end), the new segment at off.
+func (g *chunkGuide) add(entries []SegmentEntry, start, off, end int64) {
+	pos := start
+	for k, e := range entries {
+		if !e.Zero && pos >= off && pos < end {
+			g.chunks = append(g.chunks, prevChunk{off: int(pos - off), n: int(e.Length),
+				endsExtent: k+1 == len(entries) || entries[k+1].Zero, id: e.ID})
+		}
+		pos += int64(e.Length)
+	}
+}
+
+// Chunk implements chunk.Guide.
+func (g *chunkGuide) Chunk(off int) (n int, endsExtent, ok bool) {
+	for g.next < len(g.chunks) && g.chunks[g.next].off < off {
+		g.next++
+	}
+	if g.next == len(g.chunks) || g.chunks[g.next].off != off {
+		return 0, false, false
+	}
+	c := g.chunks[g.next]
+	return c.n, c.endsExtent, true
+}
+
+// Same implements chunk.Guide: the bytes are the chunk's if they hash to
+// its ID.
+func (g *chunkGuide) Same(off, n int) bool {
+	g.last, g.lastLen = off, n
+	g.lastID = g.h.Sum(g.seg[off : off+n])
+	g.same = g.lastID == g.chunks[g.next].id
+	return g.same
+}
+
+// chunkID returns the ID of chunk p of the segment g guides (g may be
+// nil), and whether p was taken from the previous generation unchunked.
+func (g *chunkGuide) chunkID(h *crypto.Hasher, p chunk.Piece) (id crypto.ID, taken bool) {
+	if g != nil && p.Offset == g.last && p.Length == g.lastLen {
+		return g.lastID, g.same
+	}
+	return h.Sum(p.Data), false
+}
+
+// splitGuided splits seg with g (nil: plainly), calling fn with each
+// piece, its chunk ID (for data) and whether it was taken from the
+// previous generation unchunked.
+func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, g *chunkGuide, fn func(p chunk.Piece, id crypto.ID) error) error {
+	var guide chunk.Guide
+	if g != nil {
+		guide = g
+	}
+	return sp.SplitGuided(seg, guide, func(p chunk.Piece) error {
+		if p.Zero {
+			return fn(p, crypto.ID{})
+		}
+		id, taken := g.chunkID(st.r.chunkH, p)
+		if !taken {
+			st.stats.chunked.Add(int64(p.Length))
+		}
+		return fn(p, id)
+	})
+}
