@@ -582,15 +582,6 @@ func (w *segmentWorkers) submitMapped(i int, off int64, mem []byte, c int, slot 
 	return w.send(job)
 }
 
-// submitDropped hands buf[:c], segment i, to the workers, which drop the
-// buffer when done (its slot stays free of a buffer): a reader of mapped
-// windows reads into a buffer only where a window holds holes, and
-// buffers and mapped windows would otherwise both count against the
-// memory bound.
-func (w *segmentWorkers) submitDropped(i int, off int64, buf []byte, c int) error {
-	return w.send(segmentJob{i: i, off: off, buf: buf, n: c, release: func() { w.free <- nil }})
-}
-
 // send hands job to the workers; if the backup ends first, it releases
 // what the job holds.
 func (w *segmentWorkers) send(job segmentJob) error {
@@ -773,7 +764,10 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 			if ir.mappable() {
 				// The tail is mapped again, not carried: not read twice.
 				ir.read -= ir.dataBytes(total+int64(c), total+int64(have))
-				if err := w.submitDropped(len(lens), total, buf, c); err != nil {
+				// The buffer goes back to its slot, for the next window
+				// with holes or a private copy (storeJob): a slot holds
+				// at most one buffer either way.
+				if err := w.submit(len(lens), total, buf, c); err != nil {
 					return err
 				}
 				buf, have = nil, 0

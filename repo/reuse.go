@@ -11,7 +11,13 @@ package repo
 // Rules the code keeps:
 //   - The segment list comes out exactly as a plain split makes it
 //     (chunk/guided.go says why; TestBackupGuidedEqualsPlainSplit checks
-//     it against a plain full read): the guide only saves work.
+//     it against a plain full read): the guide only saves work. That
+//     needs the previous lists cut by this rule, as every list this
+//     vmvault writes is. A list cut by another rule (another writer, or
+//     a vmvault of another chunk size) may lend a chunk this rule would
+//     have cut elsewhere: the list is then still valid and restores the
+//     same bytes (docs/format.md lets a writer chunk as it likes), it
+//     only differs from a plain split there.
 //   - The previous generation is the VM's latest (FindManifest), its disk
 //     of the same name; with change tracking, the tracker's base. Its
 //     chunks are matched by image offset, so a segment whose boundaries
