@@ -74,7 +74,7 @@ type codec struct {
 	// bufs recycles the buffers of sealing: a backup seals each chunk
 	// into a new buffer of its size, and allocating (and so zeroing) one
 	// per chunk cost more CPU than encrypting it (docs/performance.md).
-	bufs sync.Pool // of *[]byte
+	bufs freeList
 }
 
 // maxDecoded bounds decompression: no object (chunks ≤ 8 MiB, segment
@@ -141,8 +141,8 @@ func (c *codec) buffer(n int) []byte {
 	if n < unit/4 {
 		return make([]byte, 0, n) // small objects: not worth a MiB
 	}
-	if p, _ := c.bufs.Get().(*[]byte); p != nil && cap(*p) >= n {
-		return (*p)[:0]
+	if b := c.bufs.get(n); b != nil {
+		return b
 	}
 	return make([]byte, 0, (n+unit-1)/unit*unit)
 }
@@ -151,7 +151,53 @@ func (c *codec) buffer(n int) []byte {
 // afterwards, nor let anything else still read it (a store's upload).
 func (c *codec) recycle(b []byte) {
 	if cap(b) >= 1<<20 {
-		c.bufs.Put(&b)
+		c.bufs.put(b)
+	}
+}
+
+// freeBytes bounds the idle buffers a codec keeps for reuse.
+const freeBytes = 32 << 20
+
+// freeList keeps idle sealing buffers, up to freeBytes of them. Unlike a
+// sync.Pool it is not emptied by each garbage collection: a backup runs
+// one every few hundred milliseconds, and every MiB-sized buffer made
+// again is cleared again (runtime.memclrNoHeapPointers in the profiles).
+type freeList struct {
+	mu    sync.Mutex
+	free  [][]byte
+	bytes int
+}
+
+// get returns the smallest idle buffer of capacity at least n, emptied,
+// or nil.
+func (f *freeList) get(n int) []byte {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	best := -1
+	for i, b := range f.free {
+		if cap(b) >= n && (best < 0 || cap(b) < cap(f.free[best])) {
+			best = i
+		}
+	}
+	if best < 0 {
+		return nil
+	}
+	b := f.free[best]
+	last := len(f.free) - 1
+	f.free[best] = f.free[last]
+	f.free[last] = nil
+	f.free = f.free[:last]
+	f.bytes -= cap(b)
+	return b[:0]
+}
+
+// put keeps b for reuse if there is room under freeBytes.
+func (f *freeList) put(b []byte) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.bytes+cap(b) <= freeBytes {
+		f.free = append(f.free, b)
+		f.bytes += cap(b)
 	}
 }
 
@@ -170,7 +216,9 @@ func (c *codec) compressible(payload []byte) bool {
 	if len(payload) < 8*probeSize {
 		return true
 	}
-	var buf [probeSize + probeSize/128 + 64]byte
+	// A recycled buffer: one of the probe's size escapes to the heap.
+	buf := c.buffer(1 << 20)
+	defer c.recycle(buf)
 	for _, at := range []int{len(payload) / 4, len(payload) / 2, len(payload) * 3 / 4} {
 		probe := payload[at-probeSize/2 : at+probeSize/2]
 		if z := c.enc.EncodeAll(probe, buf[:0]); len(z) < len(probe)-len(probe)/32 {

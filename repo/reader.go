@@ -106,6 +106,13 @@ func (o ReaderOptions) withDefaults() ReaderOptions {
 	return o
 }
 
+// Memory is about the most a reader with these options keeps in chunk
+// buffers: its cache and its free list.
+func (o ReaderOptions) Memory() int64 {
+	o = o.withDefaults()
+	return o.CacheSize + max(o.CacheSize/4, minFreeBuffers)
+}
+
 // ReaderStats counts what a DiskReader fetched and served.
 type ReaderStats struct {
 	BytesRead     int64 // bytes returned to callers

@@ -89,7 +89,7 @@ func (f *chunkFetcher) weight(n int) int64 {
 	return min(int64(sealedClass(n)*sealedStep), f.size)
 }
 
-// buffer returns a pooled buffer of n bytes; put it back with f.bufs.Put.
+// buffer returns a pooled buffer of n bytes; put it back with f.bufs.put.
 func (f *chunkFetcher) buffer(n int) *[]byte { return f.bufs.get(n) }
 
 // sealedStep is the size step of sealedPool's classes.
@@ -123,8 +123,8 @@ func (p *sealedPool) get(n int) *[]byte {
 	return &b
 }
 
-// Put returns a buffer from get to its class.
-func (p *sealedPool) Put(bp *[]byte) {
+// put returns a buffer from get to its class.
+func (p *sealedPool) put(bp *[]byte) {
 	if c := cap(*bp) / sealedStep; cap(*bp)%sealedStep == 0 && c < len(p.classes) {
 		p.classes[c].Put(bp)
 	}
@@ -207,7 +207,7 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 			defer f.budget.Release(w)
 			name := dataName(e.ID)
 			bp := f.buffer(size)
-			defer f.bufs.Put(bp)
+			defer f.bufs.put(bp)
 			n, err := backend.GetInto(gctx, r.be, name, *bp)
 			if errors.Is(err, backend.ErrTooLarge) {
 				err = fmt.Errorf("%w: %w", err, ErrCorrupt)

@@ -76,12 +76,12 @@ func TestSealedPoolClasses(t *testing.T) {
 	if int64(cap(*small)) != f.weight(sealedSize(300<<10)) {
 		t.Fatalf("buffer capacity %d, weight %d", cap(*small), f.weight(sealedSize(300<<10)))
 	}
-	p.Put(small)
+	p.put(small)
 	big := p.get(sealedSize(chunk.MaxSize))
 	if cap(*big) < sealedSize(chunk.MaxSize) || len(*big) != sealedSize(chunk.MaxSize) {
 		t.Fatalf("big buffer len %d cap %d", len(*big), cap(*big))
 	}
-	p.Put(big)
+	p.put(big)
 	// A small request never gets the big buffer (a sync.Pool may drop
 	// buffers, so only what it hands out is checked).
 	for range 10 {
@@ -89,7 +89,7 @@ func TestSealedPoolClasses(t *testing.T) {
 		if cap(*b) >= sealedSize(chunk.MaxSize) {
 			t.Fatalf("a 300 KiB chunk got a %d-byte buffer", cap(*b))
 		}
-		p.Put(b)
+		p.put(b)
 	}
 }
 

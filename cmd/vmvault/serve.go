@@ -109,6 +109,7 @@ func (a *app) serve(ctx context.Context, r *repo.Repository, vm, gen string, f *
 	if err != nil {
 		return err
 	}
+	limit := raiseMemoryLimit(int64(len(m.Disks)) * ropts.Memory())
 	sd, err := openExports(ctx, a.log, r, m, f.disk, f.overlayDir, f.keep, ropts)
 	defer sd.close()
 	if err != nil {
@@ -123,7 +124,7 @@ func (a *app) serve(ctx context.Context, r *repo.Repository, vm, gen string, f *
 		return err
 	}
 	a.log.Info("serving", "vm", m.VM, "generation", m.ShortID(), "listen", l.Addr().String(),
-		"default", sd.def, "exports", strings.Join(sd.names, ","), "writable", f.writable)
+		"default", sd.def, "exports", strings.Join(sd.names, ","), "writable", f.writable, "memory_limit", limit)
 	if err := srv.Serve(ctx, l); err != nil {
 		return err
 	}

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -484,5 +485,35 @@ func TestServeKeepOverlay(t *testing.T) {
 	s.stop()
 	if treeHash(t, e.repo) != before {
 		t.Fatal("the repository changed")
+	}
+}
+
+// The heap's soft limit grows by the readers' caches: with the default
+// limit (sized for a backup) a cache of a few hundred MiB kept the garbage
+// collector running all the time. GOMEMLIMIT, when set, is left alone.
+func TestServeRaisesMemoryLimit(t *testing.T) {
+	e, _, _ := backedUp(t)
+	for _, env := range []string{"", "1GiB"} {
+		sock := filepath.Join(e.dir, "mem.sock")
+		t.Setenv("GOMEMLIMIT", env)
+		s := startServe(t, sock, "--repo", e.repo, "--password-file", e.pw, "--cache-dir", e.cache, "serve", "vm01", "latest", "--cache-mib", "300", "--listen", "unix:"+sock)
+		s.stop() // the log is complete after it
+		var limit int64
+		for _, f := range strings.Fields(s.stderr.String()) {
+			if v, ok := strings.CutPrefix(f, "memory_limit="); ok {
+				limit, _ = strconv.ParseInt(v, 10, 64)
+			}
+		}
+		want := int64(memoryLimit + 300<<20)
+		if env != "" {
+			want = 1 << 30
+			if limit != want {
+				t.Fatalf("GOMEMLIMIT=%s: memory limit %d, want it kept", env, limit)
+			}
+			continue
+		}
+		if limit < want {
+			t.Fatalf("memory limit %d with a 300 MiB cache, want at least %d:\n%s", limit, want, s.stderr)
+		}
 	}
 }
