@@ -10,11 +10,13 @@ package testio
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"errors"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
 	"syscall"
 	"testing"
 )
@@ -84,4 +86,29 @@ func ReadExpectEIO(t testing.TB, path string, want []byte, block int) (failed in
 		}
 	}
 	return failed
+}
+
+// RestoreFewGCs runs restore, which writes a disk of size bytes into the
+// hash it is given, and fails t unless the output's SHA-256 is want and
+// the garbage collector ran at most once per 8 MiB restored: a restore
+// whose buffers crowd the soft memory limit collects nearly all the time.
+func RestoreFewGCs(t testing.TB, size int64, want []byte, restore func(out io.Writer) error) {
+	t.Helper()
+	got := sha256.New()
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	if err := restore(got); err != nil {
+		t.Fatal(err)
+	}
+	runtime.ReadMemStats(&after)
+	if !bytes.Equal(got.Sum(nil), want) {
+		t.Fatal("restored image differs")
+	}
+	limit := uint32(size / (8 << 20))
+	if n := after.NumGC - before.NumGC; n > limit {
+		t.Fatalf("%d garbage collections restoring %d MiB (at most %d expected): the restore's buffers crowd the soft memory limit", n, size>>20, limit)
+	} else {
+		t.Logf("%d garbage collections", n)
+	}
 }
