@@ -98,7 +98,7 @@ func DefaultCacheDir() string {
 
 func (o *Options) kdf() crypto.KDFParams {
 	if o.KDF.Time == 0 {
-		return crypto.CalibrateKDF(500 * time.Millisecond)
+		return crypto.DefaultKDFParams
 	}
 	return o.KDF
 }

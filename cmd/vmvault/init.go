@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -50,18 +51,23 @@ with argon2id (about 0.5 s); keep it safe: without it nothing can be restored.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&kdf, "kdf-params", "", "argon2id parameters t=PASSES,m=KIB,p=THREADS (default: calibrated to ~0.5 s)")
+	cmd.Flags().StringVar(&kdf, "kdf-params", "", "argon2id parameters t=PASSES,m=KIB,p=THREADS, or calibrate (about 0.5 s here) (default t=3,m=65536,p=4, RFC 9106)")
 	cmd.Flags().Int64Var(&segSize, "segment-size", 0, "segment size in bytes (default 8 MiB)")
 	cmd.Flags().MarkHidden("kdf-params")
 	cmd.Flags().MarkHidden("segment-size")
 	return cmd
 }
 
-// parseKDF parses "t=1,m=8192,p=1"; empty means calibrate.
+// parseKDF parses "t=1,m=8192,p=1" or "calibrate" (as many passes as
+// take about 0.5 s here, at least the default's); empty means the
+// default (crypto.DefaultKDFParams).
 func parseKDF(s string) (crypto.KDFParams, error) {
 	var p crypto.KDFParams
-	if s == "" {
-		return p, nil
+	switch s {
+	case "":
+		return crypto.DefaultKDFParams, nil
+	case "calibrate":
+		return crypto.CalibrateKDF(500 * time.Millisecond), nil
 	}
 	for _, kv := range strings.Split(s, ",") {
 		k, v, ok := strings.Cut(kv, "=")

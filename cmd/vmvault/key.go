@@ -37,7 +37,7 @@ func (a *app) keyCommand() *cobra.Command {
   vmvault key remove 1a2b3c4d`,
 	}
 	cmd.PersistentFlags().StringVar(&f.newPasswordFile, "new-password-file", "", "file holding the new password (else prompt)")
-	cmd.PersistentFlags().StringVar(&f.kdf, "kdf-params", "", "argon2id parameters t=,m=,p= (default: calibrated)")
+	cmd.PersistentFlags().StringVar(&f.kdf, "kdf-params", "", "argon2id parameters t=,m=,p=, or calibrate (default t=3,m=65536,p=4, RFC 9106)")
 	cmd.PersistentFlags().MarkHidden("kdf-params")
 	add := &cobra.Command{
 		Use: "add", Short: "Add a key file for another password (not one already in use)", Args: cobra.NoArgs,
@@ -125,9 +125,6 @@ func (a *app) withNewKey(f *keyFlags, done string, store func(*repo.Repository, 
 		pw, err := f.newPassword()
 		if err != nil {
 			return err
-		}
-		if params.Time == 0 {
-			params = calibrated()
 		}
 		id, err := store(r, cmd.Context(), pw, params)
 		if err != nil {

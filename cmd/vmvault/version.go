@@ -3,11 +3,8 @@ package main
 import (
 	"fmt"
 	"runtime/debug"
-	"time"
 
 	"github.com/spf13/cobra"
-
-	"vmvault/crypto"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -35,5 +32,3 @@ func (a *app) versionCommand() *cobra.Command {
 		},
 	}
 }
-
-func calibrated() crypto.KDFParams { return crypto.CalibrateKDF(500 * time.Millisecond) }
