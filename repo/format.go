@@ -18,6 +18,18 @@ import (
 // segment tables); version 1 had fixed-size segments.
 const FormatVersion = 2
 
+// Manifest versions: a generation's version says how its segment IDs are
+// made (docs/format.md, "Content IDs"), so that check verifies each
+// generation by its own rule and an old generation stays readable.
+const (
+	// manifestVersionContentIDs: a segment ID is the keyed hash
+	// ("segment") of the segment's bytes.
+	manifestVersionContentIDs = 2
+	// ManifestVersion is the version this code writes: a segment ID is
+	// the keyed hash ("segment-list") of its segment list's payload.
+	ManifestVersion = 3
+)
+
 // Config is the repository's parameters, stored encrypted as "config".
 type Config struct {
 	Version           int       `json:"version"`
@@ -410,7 +422,12 @@ func (d *Disk) segmentLens() []int64 {
 }
 
 func (m *Manifest) validate() error {
-	if m.Version != FormatVersion {
+	switch {
+	case m.Version > ManifestVersion:
+		// Not ErrCorrupt: repair must not quarantine a sound
+		// generation that only a newer vmvault reads.
+		return fmt.Errorf("manifest version %d was written by a newer vmvault (this one reads up to %d): upgrade", m.Version, ManifestVersion)
+	case m.Version < manifestVersionContentIDs:
 		return fmt.Errorf("manifest version %d not supported: %w", m.Version, ErrCorrupt)
 	}
 	if m.VM == "" {

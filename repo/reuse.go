@@ -30,6 +30,7 @@ package repo
 
 import (
 	"context"
+	"sort"
 	"sync"
 
 	"vmvault/chunk"
@@ -81,6 +82,9 @@ type prevDisk struct {
 	name string
 	once sync.Once
 	d    *Disk // nil: no such disk, or unusable
+
+	lenOnce sync.Once
+	byLen   map[int64][]int // d's data segments by length (lengthGuide)
 }
 
 // prevDiskOf returns the guide of d, a disk whose segments are resolved.
@@ -123,14 +127,35 @@ func (p *prevDisk) resolved(ctx context.Context) *Disk {
 	return p.d
 }
 
-// guide returns a guide for splitting seg, the new segment at image
-// offset off, from the previous generation's chunks in that range, or
-// nil if there are none.
+// guide returns a guide for splitting seg, the segment at image offset
+// off, from the previous generation's chunks, or nil if there are none.
+// Where the previous generation has a segment of seg's length at off, the
+// two are in step and that segment guides. Elsewhere segment boundaries
+// moved, and content may have moved with them: a segment keeps its
+// content-defined length where it moves whole, so the previous segments
+// of seg's length nearest to off are tried (lengthGuide) before the
+// previous chunks that overlap off.
 func (p *prevDisk) guide(ctx context.Context, off int64, seg []byte) *chunkGuide {
 	d := p.resolved(ctx)
-	if d == nil || off >= d.Size {
+	if d == nil {
 		return nil
 	}
+	if off < d.Size {
+		if i, start := d.segmentAt(off); start == off && d.segmentLen(i) == int64(len(seg)) {
+			return p.offsetGuide(ctx, d, off, seg)
+		}
+	}
+	if g := p.lengthGuide(ctx, d, off, seg); g != nil {
+		return g
+	}
+	if off >= d.Size {
+		return nil
+	}
+	return p.offsetGuide(ctx, d, off, seg)
+}
+
+// offsetGuide returns a guide of d's chunks in seg's range of the image.
+func (p *prevDisk) offsetGuide(ctx context.Context, d *Disk, off int64, seg []byte) *chunkGuide {
 	end := off + int64(len(seg))
 	g := &chunkGuide{h: p.r.chunkH, seg: seg, last: -1}
 	i, start := d.segmentAt(off)
@@ -145,6 +170,62 @@ func (p *prevDisk) guide(ctx context.Context, off int64, seg []byte) *chunkGuide
 		return nil
 	}
 	return g
+}
+
+// maxLengthCandidates bounds the previous segments lengthGuide tries for
+// one segment: each costs a list to load and a first chunk to hash.
+const maxLengthCandidates = 3
+
+// lengthProbes is how many of a candidate's first chunks lengthGuide
+// hashes: a change in the first does not hide a moved segment.
+const lengthProbes = 2
+
+// lengthGuide returns a guide of the chunks of a previous segment as long
+// as seg one of whose first lengthProbes chunks seg holds at the same
+// place (hashed in place), trying at most maxLengthCandidates of them,
+// nearest to off first; or nil.
+func (p *prevDisk) lengthGuide(ctx context.Context, d *Disk, off int64, seg []byte) *chunkGuide {
+	p.lenOnce.Do(func() {
+		p.byLen = map[int64][]int{}
+		for i := range d.segmentCount() {
+			if _, zero := d.SegmentID(i); !zero {
+				l := d.segmentLen(i)
+				p.byLen[l] = append(p.byLen[l], i)
+			}
+		}
+	})
+	cands := p.byLen[int64(len(seg))] // by offset
+	// The nearest: around the first one at or after off.
+	k := sort.Search(len(cands), func(k int) bool { return d.segmentStart(cands[k]) >= off })
+	lo, hi := k-1, k
+	for range maxLengthCandidates {
+		var i int
+		switch {
+		case lo < 0 && hi >= len(cands):
+			return nil
+		case hi >= len(cands) || lo >= 0 && off-d.segmentStart(cands[lo]) < d.segmentStart(cands[hi])-off:
+			i, lo = cands[lo], lo-1
+		default:
+			i, hi = cands[hi], hi+1
+		}
+		id, _ := d.SegmentID(i)
+		entries := p.r.prevChunks(ctx, id, int64(len(seg)))
+		pos, tried := 0, 0
+		for _, e := range entries {
+			if !e.Zero {
+				if id := p.r.chunkH.Sum(seg[pos : pos+int(e.Length)]); id == e.ID {
+					g := &chunkGuide{h: p.r.chunkH, seg: seg, last: -1, pre: pos, preLen: int(e.Length), preID: id}
+					g.add(entries, 0, 0, int64(len(seg)))
+					return g
+				}
+				if tried++; tried == lengthProbes {
+					break
+				}
+			}
+			pos += int(e.Length)
+		}
+	}
+	return nil
 }
 
 // prevChunks loads the segment list of a previous segment of length l,
@@ -180,6 +261,11 @@ type chunkGuide struct {
 	lastLen int
 	lastID  crypto.ID
 	same    bool // whether it equalled the previous chunk
+
+	// pre, preLen and preID: a range hashed before the split (lengthGuide),
+	// or preLen 0.
+	pre, preLen int
+	preID       crypto.ID
 }
 
 // prevChunk is a previous chunk at an offset of the new segment.
@@ -218,35 +304,59 @@ func (g *chunkGuide) Chunk(off int) (n int, endsExtent, ok bool) {
 // its ID.
 func (g *chunkGuide) Same(off, n int) bool {
 	g.last, g.lastLen = off, n
-	g.lastID = g.h.Sum(g.seg[off : off+n])
+	if off == g.pre && n == g.preLen {
+		g.lastID = g.preID
+	} else {
+		g.lastID = g.h.Sum(g.seg[off : off+n])
+	}
 	g.same = g.lastID == g.chunks[g.next].id
 	return g.same
 }
 
-// chunkID returns the ID of chunk p of the segment g guides (g may be
-// nil), and whether p was taken from the previous generation unchunked.
-func (g *chunkGuide) chunkID(h *crypto.Hasher, p chunk.Piece) (id crypto.ID, taken bool) {
+// hashed returns the ID Same computed for piece p, if it hashed exactly
+// p's bytes (ok), and whether they were the previous chunk's (same). g may
+// be nil.
+func (g *chunkGuide) hashed(p chunk.Piece) (id crypto.ID, ok, same bool) {
 	if g != nil && p.Offset == g.last && p.Length == g.lastLen {
-		return g.lastID, g.same
+		return g.lastID, true, g.same
 	}
-	return h.Sum(p.Data), false
+	return crypto.ID{}, false, false
 }
 
 // splitGuided splits seg with g (nil: plainly), calling fn with each
-// piece, its chunk ID (for data) and whether it was taken from the
-// previous generation unchunked.
-func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, g *chunkGuide, fn func(p chunk.Piece, id crypto.ID) error) error {
+// piece and, for data, its chunk ID. A chunk whose bytes hashed in place
+// to a previous chunk's ID, stored already, is taken as that chunk; any
+// other chunk's ID is computed over its bytes, in a private copy when
+// private is set (seg can change while read: see storeSegment), and the
+// piece's Data is then the copy.
+func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, g *chunkGuide, private func() []byte, fn func(p chunk.Piece, id crypto.ID) error) error {
 	var guide chunk.Guide
 	if g != nil {
 		guide = g
 	}
+	var priv []byte
 	return sp.SplitGuided(seg, guide, func(p chunk.Piece) error {
 		if p.Zero {
 			return fn(p, crypto.ID{})
 		}
-		id, taken := g.chunkID(st.r.chunkH, p)
+		id, hashed, taken := g.hashed(p)
 		if !taken {
 			st.stats.chunked.Add(int64(p.Length))
+		} else if !st.known(id) {
+			// Not stored (any more): stored from its bytes, below.
+			taken = false
+		}
+		switch {
+		case taken:
+		case private != nil:
+			if priv == nil {
+				priv = private()
+			}
+			b := priv[p.Offset : p.Offset+p.Length]
+			id = st.r.chunkH.CopySum(b, p.Data)
+			p.Data = b
+		case !hashed:
+			id = st.r.chunkH.Sum(p.Data)
 		}
 		return fn(p, id)
 	})
