@@ -3,6 +3,7 @@ package repo
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -190,5 +191,35 @@ func TestBackupSegmentIDsAreListHashes(t *testing.T) {
 			id, _ := m.Disks[0].SegmentID(i)
 			prevIDs[id] = true
 		}
+	}
+}
+
+// Manifest versions 2 and 3 are read. A newer one is not damage (repair
+// quarantines manifests that are ErrCorrupt): the error says to upgrade.
+func TestManifestVersions(t *testing.T) {
+	for v, want := range map[int]string{1: "corrupt", 2: "", 3: "", 4: "upgrade"} {
+		err := (&Manifest{Version: v, VM: "vm"}).validate()
+		switch {
+		case want == "" && err != nil:
+			t.Errorf("version %d: %v", v, err)
+		case want == "corrupt" && !errors.Is(err, ErrCorrupt):
+			t.Errorf("version %d: %v, want ErrCorrupt", v, err)
+		case want == "upgrade" && (err == nil || errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "upgrade")):
+			t.Errorf("version %d: %v, want an error saying to upgrade, not ErrCorrupt", v, err)
+		}
+	}
+}
+
+// A version-2 base cannot lend its segments to a version-3 generation
+// (their IDs follow another rule): change tracking refuses it before
+// anything is read, and the caller reads the disk whole.
+func TestChangesRefuseOldBase(t *testing.T) {
+	tr := openOldRepo(t)
+	old := mustFind(t, tr.Repository, "old", "latest")
+	img := oldImage()
+	_, err := tr.Backup(context.Background(), BackupRequest{VM: "old", Disks: []DiskSource{{Name: "disk", Source: "test",
+		Reader: bytes.NewReader(img), Size: int64(len(img)), Changes: &Changes{Base: old.ID, Kind: "thin"}}}})
+	if !errors.Is(err, ErrNoBase) || !strings.Contains(err.Error(), "version-2 segment IDs") {
+		t.Fatalf("change tracking on a version-2 base: %v", err)
 	}
 }
