@@ -1,12 +1,14 @@
 package repo
 
-// Re-chunking only around a change: a segment that is new to the
-// repository is split with the previous generation's chunks of the same
-// disk as a guide (chunk.SplitGuided). Where the new bytes over a
-// previous chunk's range hash to that chunk's ID, the chunk is taken as
-// it is (no chunker; the hash is the chunk's ID, needed anyway); the
-// chunker runs only from the first chunk that differs until one of its
-// cuts lands on a previous cut.
+// Re-chunking only around a change: every segment is split with the
+// previous generation's chunks of the same disk as a guide
+// (chunk.SplitGuided). Where the bytes over a previous chunk's range hash
+// in place to that chunk's ID, the chunk is taken as it is (no chunker, no
+// copy; the hash is the chunk's ID, needed anyway); the chunker runs only
+// from the first chunk that differs until one of its cuts lands on a
+// previous cut. A segment's ID is the hash of its list (docs/format.md),
+// so a segment whose chunks are all taken is the previous segment: one
+// hash pass over its bytes, nothing stored.
 //
 // Rules the code keeps:
 //   - The segment list comes out exactly as a plain split makes it
@@ -18,15 +20,24 @@ package repo
 //     have cut elsewhere: the list is then still valid and restores the
 //     same bytes (docs/format.md lets a writer chunk as it likes), it
 //     only differs from a plain split there.
+//   - A chunk is taken only if the index knows it (stored, or being
+//     stored by this backup): one the repository lost is stored again
+//     from a private copy of its bytes, as a changed chunk is.
 //   - The previous generation is the VM's latest (FindManifest), its disk
-//     of the same name; with change tracking, the tracker's base. Its
-//     chunks are matched by image offset, so a segment whose boundaries
-//     moved is guided too.
-//   - The previous generation and its segment lists are loaded only when
-//     a segment is new, once per disk and per segment. Anything that
-//     cannot be loaded (no generation, a damaged or missing object, a
+//     of the same name; with change tracking, the tracker's base. Where it
+//     has a segment of the same length at the same offset, that segment
+//     guides. Elsewhere boundaries moved, and content may have moved with
+//     them (a qcow2 rewritten by qemu-img convert): a segment that moved
+//     whole keeps its content-defined length, so up to
+//     maxLengthCandidates previous segments of that length, nearest
+//     first, are tried by hashing their first chunks in place; failing
+//     that, the previous chunks at the same offsets guide.
+//   - The previous generation is loaded once per disk, in the background,
+//     and each previous segment list when a segment first needs it. Anything
+//     that cannot be loaded (no generation, a damaged or missing object, a
 //     list that does not fit its segment) leaves that part unguided: a
-//     plain split, never a failed backup.
+//     plain split, never a failed backup. The rules of a version-2
+//     previous generation do not matter: only its chunk lists guide.
 
 import (
 	"context"
