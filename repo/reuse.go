@@ -194,7 +194,8 @@ const lengthProbes = 2
 // lengthGuide returns a guide of the chunks of a previous segment as long
 // as seg one of whose first lengthProbes chunks seg holds at the same
 // place (hashed in place), trying at most maxLengthCandidates of them,
-// nearest to off first; or nil.
+// nearest to off first, and hashing at most about a quarter of seg; or
+// nil.
 func (p *prevDisk) lengthGuide(ctx context.Context, d *Disk, off int64, seg []byte) *chunkGuide {
 	p.lenOnce.Do(func() {
 		p.byLen = map[int64][]int{}
@@ -209,6 +210,9 @@ func (p *prevDisk) lengthGuide(ctx context.Context, d *Disk, off int64, seg []by
 	// The nearest: around the first one at or after off.
 	k := sort.Search(len(cands), func(k int) bool { return d.segmentStart(cands[k]) >= off })
 	lo, hi := k-1, k
+	// A segment that moved is found at the first probe; new content
+	// costs every probe, so they are bounded by a quarter of its bytes.
+	budget := len(seg) / 4
 	for range maxLengthCandidates {
 		var i int
 		switch {
@@ -224,6 +228,10 @@ func (p *prevDisk) lengthGuide(ctx context.Context, d *Disk, off int64, seg []by
 		pos, tried := 0, 0
 		for _, e := range entries {
 			if !e.Zero {
+				if budget <= 0 {
+					return nil
+				}
+				budget -= int(e.Length)
 				if id := p.r.chunkH.Sum(seg[pos : pos+int(e.Length)]); id == e.ID {
 					g := &chunkGuide{h: p.r.chunkH, seg: seg, last: -1, pre: pos, preLen: int(e.Length), preID: id}
 					g.add(entries, 0, 0, int64(len(seg)))
