@@ -462,7 +462,7 @@ func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, targe
 	// into the page cache (which cost more than all decryption did) and no
 	// flood of dirty pages for the final fsync to write. Where the file
 	// system refuses O_DIRECT, everything goes through f.
-	if df, err := os.OpenFile(target, os.O_WRONLY|unix.O_DIRECT, 0); err == nil {
+	if df, err := os.OpenFile(target, os.O_RDWR|unix.O_DIRECT, 0); err == nil {
 		tw.direct = df
 		defer df.Close()
 	}
@@ -517,6 +517,9 @@ type targetWriter struct {
 	// once it refused a write.
 	direct   *os.File
 	noDirect atomic.Bool
+	// noAlloc is set once the file system refused to allocate a range
+	// ahead of its direct write (see writeAt).
+	noAlloc atomic.Bool
 
 	mu sync.Mutex
 	st RestoreStats
@@ -547,14 +550,14 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 	var cur []byte
 	if known > 0 {
 		bp, _ := tw.cur.Get().(*[]byte)
-		if bp == nil || int64(cap(*bp)) < known {
-			b := make([]byte, known)
+		if bp == nil || int64(cap(*bp)) < known+3*directAlign {
+			b := make([]byte, known+3*directAlign)
 			bp = &b
 		}
 		defer tw.cur.Put(bp)
-		cur = (*bp)[:known]
-		if _, err := tw.f.ReadAt(cur, seg.off); err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("read target at %d: %w", seg.off, err)
+		var err error
+		if cur, err = tw.readBack(*bp, seg.off, known); err != nil {
+			return err
 		}
 	}
 	action := func(off, k int64) blockAction {
@@ -613,6 +616,45 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 	return flush(seg.size)
 }
 
+// readBack reads the target's k bytes at off into buf (which has room for
+// k bytes and three pages more) and returns them. The pages covering the
+// range are read with O_DIRECT where the target allows it: a block
+// device's whole content is read back, and through the page cache that
+// would be a copy of every byte the restore then does not even write
+// (and a device's worth of cached pages). The unaligned remainder, or
+// everything where O_DIRECT is refused, is read through f.
+func (tw *targetWriter) readBack(buf []byte, off, k int64) ([]byte, error) {
+	if tw.direct != nil && !tw.noDirect.Load() {
+		start := off / directAlign * directAlign
+		end := (off + k + directAlign - 1) / directAlign * directAlign
+		page, _ := alignedFor(buf, start, int(end-start))
+		n, err := tw.direct.ReadAt(page, start)
+		if err == nil || errors.Is(err, io.EOF) {
+			// A short read ends at the target's end: the tail of a
+			// device whose size is not a multiple of a page.
+			cur := page[off-start : off-start+k]
+			if got := int64(n) - (off - start); got < k {
+				if err := tw.readBuffered(cur[max(got, 0):], off+max(got, 0)); err != nil {
+					return nil, err
+				}
+			}
+			return cur, nil
+		}
+		if !errors.Is(err, unix.EINVAL) {
+			return nil, fmt.Errorf("read target at %d: %w", start, err)
+		}
+	}
+	cur := buf[:k]
+	return cur, tw.readBuffered(cur, off)
+}
+
+func (tw *targetWriter) readBuffered(p []byte, off int64) error {
+	if _, err := tw.f.ReadAt(p, off); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("read target at %d: %w", off, err)
+	}
+	return nil
+}
+
 // directAlign is the alignment O_DIRECT needs of offsets, lengths and
 // buffer addresses: a page, which covers 512- and 4096-byte sectors.
 const directAlign = 4096
@@ -631,6 +673,7 @@ func (tw *targetWriter) writeAt(p []byte, pos int64) error {
 			if err := tw.buffered(p[:head], pos); err != nil {
 				return err
 			}
+			tw.allocate(pos+int64(head), int64(mid))
 			_, err := tw.direct.WriteAt(p[head:head+mid], pos+int64(head))
 			if err != nil && !errors.Is(err, unix.EINVAL) {
 				return fmt.Errorf("write target at %d: %w", pos+int64(head), err)
@@ -645,6 +688,26 @@ func (tw *targetWriter) writeAt(p []byte, pos int64) error {
 	return tw.buffered(p, pos)
 }
 
+// allocate gives the range [pos, pos+k) of a regular file its blocks
+// before a direct write there. ext4 (and XFS) serialise direct writes
+// into holes under the file's exclusive lock, one at a time, while
+// writes into allocated blocks, even not yet written ones, run in
+// parallel: on this host's disk four 4 MiB writers into a new file took
+// 1.85-2.26 s for 2 GB into holes, 1.34-1.48 s into allocated ranges.
+// Only ranges about to be written are allocated, so holes stay holes. A
+// failure is not an error here: where the file system cannot allocate
+// ahead (EOPNOTSUPP) the write goes into the hole as before, and where
+// it has no space the write itself reports it.
+func (tw *targetWriter) allocate(pos, k int64) {
+	if !tw.regular || tw.noAlloc.Load() {
+		return
+	}
+	err := unix.Fallocate(int(tw.direct.Fd()), unix.FALLOC_FL_KEEP_SIZE, pos, k)
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
+		tw.noAlloc.Store(true)
+	}
+}
+
 func (tw *targetWriter) buffered(p []byte, pos int64) error {
 	if len(p) == 0 {
 		return nil
@@ -655,14 +718,35 @@ func (tw *targetWriter) buffered(p []byte, pos int64) error {
 	return nil
 }
 
-// zero makes [pos, pos+k) of the target zero: a hole in a regular file,
-// written zeros on a device (or where punching is not supported).
+// zero makes [pos, pos+k) of the target zero: a hole in a regular file;
+// on a block device the kernel zeroes it (unmapping it where the device
+// can, as a thin LV does), without a byte of zeros passing through here;
+// written zeros where neither is supported.
 func (tw *targetWriter) zero(pos, k int64) error {
+	fd := int(tw.f.Fd())
 	if tw.regular {
-		if err := unix.Fallocate(int(tw.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos, k); err == nil {
+		if unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos, k) == nil {
 			return nil
 		}
+		return tw.writeZeros(pos, k)
 	}
+	// A device zeroes whole pages only: the kernel drops its cached
+	// pages of the range, and a partial one would lose the bytes a
+	// neighbouring run wrote there. The ends are written.
+	head := (directAlign - pos%directAlign) % directAlign
+	mid := max(k-head, 0) / directAlign * directAlign
+	if mid > 0 && (unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos+head, mid) == nil ||
+		unix.Fallocate(fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, pos+head, mid) == nil) {
+		if err := tw.writeZeros(pos, head); err != nil {
+			return err
+		}
+		return tw.writeZeros(pos+head+mid, k-head-mid)
+	}
+	return tw.writeZeros(pos, k)
+}
+
+// writeZeros writes k zero bytes at pos.
+func (tw *targetWriter) writeZeros(pos, k int64) error {
 	for k > 0 {
 		n := min(k, int64(len(tw.zeros)))
 		if _, err := tw.f.WriteAt(tw.zeros[:n], pos); err != nil {
