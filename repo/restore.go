@@ -446,12 +446,35 @@ func (r *Repository) RestoreTo(ctx context.Context, m *Manifest, diskName, targe
 	}
 	defer f.Close()
 	st, err := r.restoreInto(ctx, d, f, target)
+	if err == nil {
+		err = f.Close()
+	}
 	if err != nil {
 		return st, fmt.Errorf("%w: %s: %w", ErrTargetIncomplete, target, err)
 	}
 	return st, nil
 }
 
+// RestoreToFile is RestoreTo into f, a file or block device already open
+// for reading and writing, which stays open; name is what errors call it.
+// The CLI restores to stdout this way when stdout is a new, empty file
+// (`restore … > disk.raw`): holes, direct writes and the sync as with
+// --target, instead of a stream of every zero through the page cache.
+func (r *Repository) RestoreToFile(ctx context.Context, m *Manifest, diskName string, f *os.File, name string) (RestoreStats, error) {
+	d, err := m.Disk(diskName)
+	if err != nil {
+		return RestoreStats{}, err
+	}
+	st, err := r.restoreInto(ctx, d, f, name)
+	if err != nil {
+		return st, fmt.Errorf("%w: %s: %w", ErrTargetIncomplete, name, err)
+	}
+	return st, nil
+}
+
+// restoreInto writes d into f in place and syncs it; f stays open. A
+// successful return means the image is on stable storage as far as the
+// kernel can tell: fsync has returned for f.
 func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, target string) (RestoreStats, error) {
 	fi, err := f.Stat()
 	if err != nil {
@@ -460,9 +483,11 @@ func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, targe
 	tw := &targetWriter{f: f, regular: fi.Mode().IsRegular(), zeros: make([]byte, 1<<20)}
 	// A second descriptor with O_DIRECT takes the aligned writes: no copy
 	// into the page cache (which cost more than all decryption did) and no
-	// flood of dirty pages for the final fsync to write. Where the file
-	// system refuses O_DIRECT, everything goes through f.
-	if df, err := os.OpenFile(target, os.O_RDWR|unix.O_DIRECT, 0); err == nil {
+	// flood of dirty pages for the final fsync to write. It is opened
+	// through /proc, so it is the very file f is, whatever name f was
+	// opened by (stdout has none). Where the file system refuses O_DIRECT,
+	// everything goes through f.
+	if df, err := os.OpenFile(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), os.O_RDWR|unix.O_DIRECT, 0); err == nil {
 		tw.direct = df
 		defer df.Close()
 	}
@@ -496,7 +521,7 @@ func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, targe
 	if err := f.Sync(); err != nil {
 		return tw.st, fmt.Errorf("sync target: %w", err)
 	}
-	return tw.st, f.Close()
+	return tw.st, nil
 }
 
 // targetWriter writes restored segments into a file or block device in
