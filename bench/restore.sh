@@ -123,7 +123,7 @@ if [ "$(id -u)" -eq 0 ] && command -v losetup >/dev/null && command -v blkdiscar
 	loopdev=$(losetup -f --show "$loopfile")
 	# blkdiscard empties the device (and its page cache): every run
 	# restores onto zeros, as onto a new thin LV.
-	timed blockdev "blkdiscard -f '$loopdev' && '$bin' --cache-dir '$workdir/cache' $R restore bench latest --target '$loopdev' 2>/dev/null"
+	timed blockdev "blkdiscard -f '$loopdev' 2>/dev/null && '$bin' --cache-dir '$workdir/cache' $R restore bench latest --target '$loopdev' 2>/dev/null"
 	check blockdev "$loopdev"
 	losetup -d "$loopdev"
 	rm -f "$loopfile"
