@@ -25,9 +25,10 @@ import (
 // A restore assembles a window of segments at once and, within them,
 // fetches chunks in order while the buffers of the fetches in flight
 // (requested, not yet decoded) stay under a byte budget. Over a remote
-// backend the budget is the fetch-ahead: at 18 MiB and chunks averaging
-// 768 KiB it keeps about 20 requests in flight, spread over every
-// connection; locally it keeps every core decoding.
+// backend the budget is the fetch-ahead: a fetch weighs its chunk's
+// stored size (from the index, see chunkFetcher), so at 18 MiB and chunks
+// stored in 256 KiB on average it keeps dozens of requests in flight,
+// spread over every connection; locally it keeps every core decoding.
 //
 // Window and budget come out of one share of memory, half the soft memory
 // limit (cmd/vmvault sets 144 MiB) or restoreMemory without one. The other
