@@ -25,9 +25,10 @@ import (
 // A restore assembles a window of segments at once and, within them,
 // fetches chunks in order while the buffers of the fetches in flight
 // (requested, not yet decoded) stay under a byte budget. Over a remote
-// backend the budget is the fetch-ahead: at 18 MiB and chunks averaging
-// 768 KiB it keeps about 20 requests in flight, spread over every
-// connection; locally it keeps every core decoding.
+// backend the budget is the fetch-ahead: a fetch weighs its chunk's
+// stored size (from the index, see chunkFetcher), so at 18 MiB and chunks
+// stored in 256 KiB on average it keeps dozens of requests in flight,
+// spread over every connection; locally it keeps every core decoding.
 //
 // Window and budget come out of one share of memory, half the soft memory
 // limit (cmd/vmvault sets 144 MiB) or restoreMemory without one. The other
@@ -67,10 +68,18 @@ func planRestore(limit, maxSeg int64) (window int, budget int64) {
 // chunkFetcher is what a restore's chunk fetches share: the budget of
 // bytes in flight and the buffers sealed chunks are read into, reused
 // from fetch to fetch rather than allocated (and cleared) for each.
+//
+// stored, when set, gives a chunk's stored size as the index records it:
+// a fetch's buffer and weight are then what the chunk takes sealed, not
+// what its length allows (about half as much for compressible data, so
+// twice the fetches in flight for the same memory). The index is a hint,
+// never trusted: the buffer never exceeds what the length allows, and a
+// chunk larger than its index entry says is read again into that.
 type chunkFetcher struct {
 	budget *semaphore.Weighted
 	size   int64 // the budget's bytes
 	bufs   sealedPool
+	stored func(crypto.ID) (int64, bool)
 }
 
 func newChunkFetcher(budget int64) *chunkFetcher {
@@ -199,6 +208,12 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 			continue
 		}
 		size := sealedSize(int(e.Length))
+		hinted := false
+		if f.stored != nil {
+			if n, ok := f.stored(e.ID); ok && n < int64(size)-1 {
+				size, hinted = int(n)+1, true
+			}
+		}
 		w := f.weight(size)
 		if f.budget.Acquire(gctx, w) != nil {
 			break // g.Wait or ctx says why
@@ -207,8 +222,16 @@ func (r *Repository) fetchSegment(ctx context.Context, d *Disk, i int, buf []byt
 			defer f.budget.Release(w)
 			name := dataName(e.ID)
 			bp := f.buffer(size)
-			defer f.bufs.put(bp)
+			defer func() { f.bufs.put(bp) }()
 			n, err := backend.GetInto(gctx, r.be, name, *bp)
+			if errors.Is(err, backend.ErrTooLarge) && hinted {
+				// The index understates the chunk: read it again
+				// into what its length allows (outside the budget,
+				// which only a damaged or forged index costs).
+				f.bufs.put(bp)
+				bp = f.buffer(sealedSize(int(e.Length)))
+				n, err = backend.GetInto(gctx, r.be, name, *bp)
+			}
 			if errors.Is(err, backend.ErrTooLarge) {
 				err = fmt.Errorf("%w: %w", err, ErrCorrupt)
 			}
@@ -253,6 +276,15 @@ func (r *Repository) restoreSegments(ctx context.Context, d *Disk, inOrder bool,
 	}
 	nw, budget := planRestore(debug.SetMemoryLimit(-1), maxSeg)
 	fetcher := newChunkFetcher(budget)
+	if ix, err := r.LoadIndex(ctx); err == nil {
+		fetcher.stored = func(id crypto.ID) (int64, bool) {
+			e, ok := ix.Lookup(id)
+			return int64(e.Size), ok && e.Type == TypeChunk
+		}
+	} else if ctx.Err() == nil {
+		// Sizes are only a hint: restore without them.
+		r.log.Debug("restore without the index's stored sizes", "err", err)
+	}
 	parent := ctx
 	g, ctx := errgroup.WithContext(ctx)
 	// Free segment buffers, allocated on first use to fit every segment

@@ -206,7 +206,10 @@ func signers(keyFile string) (func() ([]ssh.Signer, error), func(), error) {
 type conn struct {
 	ssh  *ssh.Client
 	sftp *sftplib.Client
-	dead chan struct{} // closed when the SSH connection has ended
+	// reads is the session objects are read through; nil when the
+	// server refused a second session.
+	reads *readSession
+	dead  chan struct{} // closed when the SSH connection has ended
 	// Extensions the server offered.
 	hardlink bool
 	fsync    bool
@@ -289,13 +292,26 @@ func (b *Backend) dialTimeout(parent context.Context) (*conn, error) {
 			sc1, err = sftplib.NewClient(client, sftplib.UseConcurrentWrites(true), sftplib.MaxConcurrentRequestsPerFile(requestsPerFile), sftplib.MaxPacketUnchecked(maxPacketOpenSSH))
 		}
 	}
-	stop()
 	if err != nil {
+		stop()
 		client.Close()
 		return nil, fmt.Errorf("start SFTP session on %s (is the sftp subsystem enabled?): %w", b.target.addr, err)
 	}
+	// Reads get a session of their own (see readSession); a failure of
+	// it closes the connection, which Reconnect then replaces. A server
+	// that refuses a second session is read through the library.
+	rs, rerr := startReadSession(ctx, client, maxPacketSafe, func() { client.Close() })
+	stop()
+	if rerr != nil {
+		if ctx.Err() != nil {
+			sc1.Close()
+			client.Close()
+			return nil, fmt.Errorf("ssh %s: %w", b.target.addr, ctx.Err())
+		}
+		b.log.Info("no second SFTP session for reads; reading through the main session", "error", rerr)
+	}
 	tcp.SetDeadline(time.Time{})
-	c := &conn{ssh: client, sftp: sc1, dead: make(chan struct{})}
+	c := &conn{ssh: client, sftp: sc1, reads: rs, dead: make(chan struct{})}
 	_, c.hardlink = sc1.HasExtension("hardlink@openssh.com")
 	_, c.fsync = sc1.HasExtension("fsync@openssh.com")
 	go func() { client.Wait(); close(c.dead) }()

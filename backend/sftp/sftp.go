@@ -430,48 +430,20 @@ func (b *Backend) GetAll(ctx context.Context, name string, limit int64) ([]byte,
 	return b.read(ctx, name, 0, -1, limit)
 }
 
-// firstReadStep is what GetInto asks for first; each further step asks for
-// four times more.
-const firstReadStep = 1 << 20
-
 // GetInto reads the whole object into buf (backend.IntoGetter) without
 // asking for its size: the read requests for all of buf go out at once,
 // and the server's end of file says how long the object is. That saves
 // the fstat round trip of GetAll; a buffer the object fills proves it too
 // large.
 func (b *Backend) GetInto(ctx context.Context, name string, buf []byte) (int, error) {
-	if err := ctx.Err(); err != nil {
-		return 0, err
-	}
-	p, err := b.remote(name)
+	f, err := b.openObject(ctx, name)
 	if err != nil {
 		return 0, err
 	}
-	c, _, err := b.client()
-	if err != nil {
-		return 0, fmt.Errorf("get %s: %w", name, err)
-	}
-	f, err := c.Open(p)
+	defer f.close()
+	n, err := f.readAt(0, buf)
 	if err != nil {
 		return 0, b.mapErr("get", name, err)
-	}
-	defer f.Close()
-	// Read in steps: a ReadAt sends read requests for all of its buffer at
-	// once, and the restore's buffers fit the largest object (MiBs) while a
-	// typical chunk is far smaller; asking for all of it cost hundreds of
-	// requests answered with EOF per object and made an SFTP restore 2.3
-	// times slower. Most objects end within the first step.
-	n := 0
-	for step := firstReadStep; n < len(buf); step *= 4 {
-		end := min(len(buf), n+step)
-		k, err := f.ReadAt(buf[n:end], int64(n))
-		n += k
-		if err != nil && !errors.Is(err, io.EOF) {
-			return 0, b.mapErr("get", name, err)
-		}
-		if n < end {
-			break // the server's end of file
-		}
 	}
 	if n >= len(buf) {
 		return 0, fmt.Errorf("get %s: more than %d bytes: %w", name, len(buf)-1, backend.ErrTooLarge)
@@ -482,6 +454,53 @@ func (b *Backend) GetInto(ctx context.Context, name string, buf []byte) (int, er
 // read reads length bytes at off (length < 0: to the end); with limit >=
 // 0 it first refuses an object larger than limit.
 func (b *Backend) read(ctx context.Context, name string, off, length, limit int64) ([]byte, error) {
+	f, err := b.openObject(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.close()
+	if length < 0 || limit >= 0 {
+		size, err := f.size()
+		if err != nil {
+			return nil, b.mapErr("get", name, err)
+		}
+		if limit >= 0 {
+			if err := backend.CheckSize(name, size, limit); err != nil {
+				return nil, err
+			}
+		}
+		if length < 0 {
+			length = size - off
+		}
+		if length < 0 {
+			return nil, fmt.Errorf("get %s: offset %d beyond size %d", name, off, size)
+		}
+	}
+	buf := make([]byte, length)
+	if length == 0 {
+		return buf, nil
+	}
+	n, err := f.readAt(off, buf)
+	if err != nil {
+		return nil, b.mapErr("get", name, err)
+	}
+	if int64(n) < length {
+		return nil, fmt.Errorf("get %s: short object (%d of %d bytes at offset %d): %w", name, n, length, off, io.ErrUnexpectedEOF)
+	}
+	return buf, nil
+}
+
+// objectFile is an object open for reading.
+type objectFile interface {
+	size() (int64, error)
+	// readAt reads from off until buf is full or the object ends.
+	readAt(off int64, buf []byte) (int, error)
+	close()
+}
+
+// openObject opens object name for reading: through the connection's
+// read session, or the SFTP library where there is none.
+func (b *Backend) openObject(ctx context.Context, name string) (objectFile, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -489,44 +508,70 @@ func (b *Backend) read(ctx context.Context, name string, off, length, limit int6
 	if err != nil {
 		return nil, err
 	}
-	c, _, err := b.client()
+	c, cn, err := b.client()
 	if err != nil {
 		return nil, fmt.Errorf("get %s: %w", name, err)
+	}
+	if cn.reads != nil {
+		h, err := cn.reads.open(ctx, p)
+		if err != nil {
+			return nil, b.mapErr("get", name, err)
+		}
+		return &sessionFile{ctx: ctx, s: cn.reads, h: h}, nil
 	}
 	f, err := c.Open(p)
 	if err != nil {
 		return nil, b.mapErr("get", name, err)
 	}
-	defer f.Close()
-	if length < 0 || limit >= 0 {
-		st, err := f.Stat()
-		if err != nil {
-			return nil, b.mapErr("get", name, err)
+	return libFile{f}, nil
+}
+
+type sessionFile struct {
+	ctx context.Context
+	s   *readSession
+	h   string
+}
+
+func (f *sessionFile) size() (int64, error) { return f.s.size(f.ctx, f.h) }
+func (f *sessionFile) close()               { f.s.closeHandle(f.h) }
+func (f *sessionFile) readAt(off int64, buf []byte) (int, error) {
+	return f.s.readAt(f.ctx, f.h, off, buf)
+}
+
+type libFile struct{ f *sftplib.File }
+
+// firstReadStep is what libFile.readAt asks for first; each further step
+// asks for four times more.
+const firstReadStep = 1 << 20
+
+func (f libFile) close() { f.f.Close() }
+func (f libFile) size() (int64, error) {
+	st, err := f.f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return st.Size(), nil
+}
+
+// readAt reads in steps: the library's ReadAt sends read requests for all
+// of its buffer at once, and a restore's buffers fit the largest object
+// (MiBs) while a typical chunk is far smaller; asking for all of it cost
+// hundreds of requests answered with EOF per object and made an SFTP
+// restore 2.3 times slower. Most objects end within the first step.
+func (f libFile) readAt(off int64, buf []byte) (int, error) {
+	n := 0
+	for step := firstReadStep; n < len(buf); step *= 4 {
+		end := min(len(buf), n+step)
+		k, err := f.f.ReadAt(buf[n:end], off+int64(n))
+		n += k
+		if err != nil && !errors.Is(err, io.EOF) {
+			return 0, err
 		}
-		if limit >= 0 {
-			if err := backend.CheckSize(name, st.Size(), limit); err != nil {
-				return nil, err
-			}
-		}
-		if length < 0 {
-			length = st.Size() - off
-		}
-		if length < 0 {
-			return nil, fmt.Errorf("get %s: offset %d beyond size %d", name, off, st.Size())
+		if n < end {
+			break // the server's end of file
 		}
 	}
-	buf := make([]byte, length)
-	if length == 0 {
-		return buf, nil
-	}
-	n, err := f.ReadAt(buf, off)
-	if err != nil && !(errors.Is(err, io.EOF) && int64(n) == length) {
-		if errors.Is(err, io.EOF) {
-			return nil, fmt.Errorf("get %s: short object (%d of %d bytes at offset %d): %w", name, n, length, off, io.ErrUnexpectedEOF)
-		}
-		return nil, b.mapErr("get", name, err)
-	}
-	return buf, nil
+	return n, nil
 }
 
 // Stat returns an object's size.
