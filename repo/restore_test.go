@@ -196,6 +196,9 @@ func TestRestoreToSmallBlockDevice(t *testing.T) {
 	got, _ := os.ReadFile(dev)
 	if !bytes.Equal(got, bytes.Repeat([]byte{0x5a}, 5<<20)) {
 		t.Fatal("a refused restore changed the device")
+	}
+}
+
 // fetchRecorder is a backend that records, for every GetInto of a data
 // object, the buffer it was given and the object's size.
 type fetchRecorder struct {
