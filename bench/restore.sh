@@ -4,7 +4,12 @@
 # Backs IMAGE up once into a fresh vmvault repository (and a restic one), then
 # times, each --runs times (the fastest run counts):
 #   vmvault restore to stdout (/dev/null)          "stdout"
+#   vmvault restore to stdout into a new file      "stdout-file" (what
+#     `restore vm latest > disk.raw` does; same file system as target-new)
 #   vmvault restore --target into a new file       "target-new"
+#   vmvault restore --target onto a block device   "blockdev": a loop device
+#     over a file on /dev/shm, discarded (all zeros) before each run; as
+#     root with losetup only
 #   vmvault restore --target over the same image   "target-same" (compare only)
 #   vmvault dump of the whole disk (/dev/null)     "dump"
 #   sequential read through vmvault mount (cat)    "fuse"
@@ -12,7 +17,8 @@
 #   with --sftp, the vmvault restores again over a private sshd on 127.0.0.1
 # and checks each vmvault output once by SHA-256. Prints the load average, wall,
 # user and system seconds, the SFTP server's CPU seconds (sshd and its
-# sftp sessions) and peak RSS per case, and the ratios against stdout and restic.
+# sftp sessions) and peak RSS per case, and the ratios against stdout,
+# stdout-file (for the cases that write a file or device) and restic.
 # Timings never fail the script; a differing restore does.
 #
 # Usage: bench/restore.sh IMAGE [--runs N] [--restic BIN] [--vmvault BIN] [--sftp] [--workdir DIR]
@@ -48,6 +54,8 @@ mnt="$workdir/mnt"
 cleanup() {
 	mountpoint -q "$mnt" 2>/dev/null && umount "$mnt" || true
 	[ -n "${sshd_pid:-}" ] && kill "$sshd_pid" 2>/dev/null || true
+	[ -n "${loopdev:-}" ] && losetup -d "$loopdev" 2>/dev/null || true
+	[ -n "${loopfile:-}" ] && rm -f "$loopfile"
 	rm -rf "$workdir"
 }
 trap cleanup EXIT
@@ -102,11 +110,25 @@ check() { # check NAME FILE
 
 R="--repo $workdir/repo"
 timed stdout "'$bin' --cache-dir '$workdir/cache' $R restore bench latest > /dev/null 2>/dev/null"
+timed stdout-file "rm -f '$workdir/t.raw'; '$bin' --cache-dir '$workdir/cache' $R restore bench latest > '$workdir/t.raw' 2>/dev/null"
+check stdout-file "$workdir/t.raw"
 timed target-new "rm -f '$workdir/t.raw'; '$bin' --cache-dir '$workdir/cache' $R restore bench latest --target '$workdir/t.raw' 2>/dev/null"
 check target-new "$workdir/t.raw"
 timed target-same "'$bin' --cache-dir '$workdir/cache' $R restore bench latest --target '$workdir/t.raw' 2>/dev/null"
 check target-same "$workdir/t.raw"
 rm -f "$workdir/t.raw"
+if [ "$(id -u)" -eq 0 ] && command -v losetup >/dev/null && command -v blkdiscard >/dev/null; then
+	loopfile=$(mktemp /dev/shm/vmvault-restore-bench.XXXXXX)
+	truncate -s "$size" "$loopfile"
+	loopdev=$(losetup -f --show "$loopfile")
+	# blkdiscard empties the device (and its page cache): every run
+	# restores onto zeros, as onto a new thin LV.
+	timed blockdev "blkdiscard -f '$loopdev' 2>/dev/null && '$bin' --cache-dir '$workdir/cache' $R restore bench latest --target '$loopdev' 2>/dev/null"
+	check blockdev "$loopdev"
+	losetup -d "$loopdev"
+	rm -f "$loopfile"
+	loopdev= loopfile=
+fi
 timed dump "'$bin' --cache-dir '$workdir/cache' $R dump bench latest > /dev/null 2>/dev/null"
 
 # Each FUSE run mounts afresh (the kernel keeps a disk file's pages cached
@@ -168,13 +190,17 @@ cpu() { awk "BEGIN{ printf \"%.2f\", ${user[$1]} + ${sys[$1]} + ${server[$1]} }"
 printf "image %s, %d MiB; best of %d runs; %s\n" "$image" $((size >> 20)) "$runs" "$("$restic_bin" version 2>/dev/null | cut -d' ' -f1-2)"
 echo "ratios: wall (cpu = user+sys, plus the sshd's for sftp); on a busy machine the cpu ratios are the steadier"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf "%-16s %8s %8s %8s %8s %8s %14s %14s %14s\n" case wall_s user_s sys_s sshd_s rss_MiB "/stdout" "/restic" "/local-same"
-for name in stdout target-new target-same dump fuse restic-dump restic-sparse sftp-stdout sftp-target-new; do
+printf "%-16s %8s %8s %8s %8s %8s %14s %14s %14s %14s\n" case wall_s user_s sys_s sshd_s rss_MiB "/stdout" "/stdout-file" "/restic" "/local-same"
+for name in stdout stdout-file target-new target-same blockdev dump fuse restic-dump restic-sparse sftp-stdout sftp-target-new; do
 	[ -n "${wall[$name]:-}" ] || continue
 	ref=
 	case $name in
 	stdout | dump | fuse) [ -n "${wall[restic-dump]:-}" ] && ref=restic-dump ;;
 	target-new) [ -n "${wall[restic-sparse]:-}" ] && ref=restic-sparse ;;
+	esac
+	file=
+	case $name in
+	target-new | target-same | blockdev) [ -n "${wall[stdout-file]:-}" ] && file=stdout-file ;;
 	esac
 	same=
 	case $name in
@@ -182,6 +208,6 @@ for name in stdout target-new target-same dump fuse restic-dump restic-sparse sf
 	sftp-target-new) same=target-new ;;
 	esac
 	both() { echo "$(ratio "${wall[$1]}" "${wall[$2]}") ($(ratio "$(cpu "$1")" "$(cpu "$2")"))"; }
-	printf "%-16s %8s %8s %8s %8s %8s %14s %14s %14s\n" "$name" "${wall[$name]}" "${user[$name]}" "${sys[$name]}" "${server[$name]}" "${rss[$name]}" \
-		"$(both "$name" stdout)" "${ref:+$(both "$name" "$ref")}" "${same:+$(both "$name" "$same")}"
+	printf "%-16s %8s %8s %8s %8s %8s %14s %14s %14s %14s\n" "$name" "${wall[$name]}" "${user[$name]}" "${sys[$name]}" "${server[$name]}" "${rss[$name]}" \
+		"$(both "$name" stdout)" "${file:+$(both "$name" "$file")}" "${ref:+$(both "$name" "$ref")}" "${same:+$(both "$name" "$same")}"
 done

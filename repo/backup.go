@@ -116,10 +116,7 @@ type backupState struct {
 	// readLimit paces reading the sources (nil: unlimited).
 	readLimit *limit.Bucket
 	fail      func(error)
-	// fresh counts recent segments of changing sources, +1 for a new one
-	// and −1 for a known one, within ±freshLimit (copyFirst).
-	fresh atomic.Int32
-	stats struct {
+	stats     struct {
 		read, zero, bytesNew, stored, chunksNew, segs, segsNew, found, chunked atomic.Int64
 	}
 }
@@ -364,7 +361,7 @@ func (r *Repository) Backup(ctx context.Context, req BackupRequest) (*Manifest, 
 	if ds, ok := r.be.(deferredSyncer); ok {
 		st.batch = newSyncBatcher(ctx, st, ds)
 	}
-	m := &Manifest{Version: FormatVersion, VM: req.VM, Time: req.Time, Host: req.Host, Tags: req.Tags, Started: started.UTC()}
+	m := &Manifest{Version: ManifestVersion, VM: req.VM, Time: req.Time, Host: req.Host, Tags: req.Tags, Started: started.UTC()}
 	if m.Time.IsZero() {
 		m.Time = started
 	}
@@ -861,118 +858,31 @@ func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source 
 	return st.storeSegment(ctx, sp, job.buf[:job.n], private, prev, job.off)
 }
 
-// Ways of taking a segment from memory that can change while it is read
-// (a mapped window of a file), in segmentID.
-const (
-	copyAuto  = iota // by the hit rate of recent segments (copyFirst)
-	copyFirst        // always copy and hash the copy
-	hashFirst        // always hash in place, copy only a new segment
-)
-
-// freshLimit bounds backupState.fresh: how many recent segments decide
-// between copying first and hashing in place.
-const freshLimit = 8
-
-// copyFirst reports whether a segment that can change while read is
-// better copied and hashed in one pass than hashed in place: when recent
-// segments were mostly new (a first backup, a much changed disk), nearly
-// every segment is copied anyway, and hashing in place first only adds a
-// pass over it; when they were mostly known, hashing in place saves the
-// copy. Either way the stored segment is consistent (segmentID).
-func (st *backupState) copyFirst() bool {
-	switch st.r.segmentCopy {
-	case copyFirst:
-		return true
-	case hashFirst:
-		return false
-	}
-	return st.fresh.Load() > 0
-}
-
-// noteSegment counts a segment of a changing source as new or known for
-// copyFirst.
-func (st *backupState) noteSegment(isNew bool) {
-	d := int32(-1)
-	if isNew {
-		d = 1
-	}
-	for {
-		f := st.fresh.Load()
-		n := min(max(f+d, -freshLimit), freshLimit)
-		if n == f || st.fresh.CompareAndSwap(f, n) {
-			return
-		}
-	}
-}
-
-// segmentID returns the segment to store (seg, or a private copy of it)
-// and its ID, or zero if it is all zeros.
+// storeSegment chunks one segment, at image offset off, and queues its
+// new chunks and its segment list for upload. It returns the segment ID:
+// the keyed hash of its segment list (all zeros for an all-zero segment).
+// seg may be reused by the caller once it returns. The segment is split
+// guided by prev's chunks (repo/reuse.go): a chunk whose bytes hash in
+// place to a previous chunk's ID is taken unchunked, and a segment all of
+// whose chunks are taken so is the previous segment, its ID the same.
 //
 // private is nil when seg is the caller's own memory. Otherwise seg can
 // change while it is read (a mapped window of a file someone writes), and
-// private returns a buffer for a private copy of it: a segment that is not
-// known already is stored from that copy, with its ID computed over the
-// copy, so that its ID, its chunks' IDs and the sealed chunks all describe
-// the same bytes. An ID over other bytes than its content would poison
-// deduplication for every later backup (TestBackupMappedFileWrittenMeanwhile).
-// A segment found known by a hash in place is reused whole, as with a
-// buffer: a torn read of a changing source, never an inconsistent object.
-func (st *backupState) segmentID(seg []byte, private func() []byte) (_ []byte, _ crypto.ID, zero bool) {
-	r := st.r
-	if chunk.IsZero(seg) {
-		return seg, crypto.ID{}, true
-	}
-	if private != nil && st.copyFirst() {
-		// One pass: copy, and hash the copy while it is in cache.
-		b := private()
-		id := r.segH.CopySum(b, seg)
-		if chunk.IsZero(b) { // zeroed meanwhile
-			return b, crypto.ID{}, true
-		}
-		st.noteSegment(!st.known(id))
-		return b, id, false
-	}
-	id := r.segH.Sum(seg)
-	if private == nil {
-		return seg, id, false
-	}
-	isNew := !st.known(id)
-	st.noteSegment(isNew)
-	if !isNew {
-		return seg, id, false
-	}
-	b := private()
-	copy(b, seg)
-	if chunk.IsZero(b) {
-		return b, crypto.ID{}, true
-	}
-	return b, r.segH.Sum(b), false
-}
-
-// storeSegment chunks one segment, at image offset off, and queues its
-// new chunks and its segment list for upload. It returns the segment ID
-// (all zeros for an all-zero segment). seg may be reused by the caller
-// once it returns. A new segment is split guided by prev's chunks
-// (repo/reuse.go).
-// private is as for segmentID.
+// private returns a buffer as long as seg: every chunk that is stored is
+// copied into it first, hashed over the copy and sealed from the copy, so
+// that a stored chunk always holds the bytes its ID names. A chunk taken
+// by a hash in place is not stored (it already is): the list then names
+// it, a torn read of a changing source, never an inconsistent object
+// (TestBackupMappedFileWrittenMeanwhile). The segment ID describes the
+// list, which is exactly what is stored, whatever the source did.
 func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, private func() []byte, prev *prevDisk, off int64) (crypto.ID, error) {
 	st.stats.segs.Add(1)
-	seg, segID, zero := st.segmentID(seg, private)
-	if zero {
-		st.stats.zero.Add(int64(len(seg)))
-		return crypto.ID{}, nil
-	}
-	segPending, mine := st.claim(segID)
-	if !mine {
-		// Stored before, or being stored by another worker: reuse whole.
-		return segID, nil
-	}
-	st.stats.segsNew.Add(1)
 	var entries []SegmentEntry
 	var waits []*pendingObject
-	err := st.splitGuided(sp, seg, prev.guide(ctx, off, seg), func(p chunk.Piece, id crypto.ID) error {
+	var zero int64
+	err := st.splitGuided(sp, seg, prev.guide(ctx, off, seg), private, func(p chunk.Piece, id crypto.ID) error {
 		if p.Zero {
-			st.stats.zero.Add(int64(p.Length))
+			zero += int64(p.Length)
 			entries = append(entries, SegmentEntry{Zero: true, Length: uint32(p.Length)})
 			return nil
 		}
@@ -990,13 +900,24 @@ func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg
 		return st.upload(ctx, TypeChunk, id, p.Data, pend)
 	})
 	if err != nil {
-		close(segPending.done)
-		return segID, err
+		return crypto.ID{}, err
 	}
+	if len(entries) == 1 && entries[0].Zero {
+		st.stats.zero.Add(zero)
+		return crypto.ID{}, nil
+	}
+	list := encodeSegmentList(entries)
+	segID := st.r.segListH.Sum(list)
+	segPending, mine := st.claim(segID)
+	if !mine {
+		// Stored before, or being stored by another worker.
+		return segID, nil
+	}
+	st.stats.segsNew.Add(1)
+	st.stats.zero.Add(zero)
 	// The segment list may only become durable (and indexed) after every
 	// chunk it names: a later backup that reuses the segment trusts that
 	// its chunks exist.
-	list := encodeSegmentList(entries)
 	st.wg.Add(1)
 	go func() {
 		defer st.wg.Done()

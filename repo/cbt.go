@@ -101,6 +101,11 @@ func (r *Repository) loadBase(ctx context.Context, vm string, src DiskSource) (*
 	if gen.VM != vm {
 		return nil, refuse("base generation %s is of VM %s, not %s", short, gen.VM, vm)
 	}
+	if gen.Version != ManifestVersion {
+		// Its segment IDs follow another rule: taken unread, they
+		// would mix two rules in one generation.
+		return nil, refuse("base generation %s has version-%d segment IDs, this vmvault writes version %d", short, gen.Version, ManifestVersion)
+	}
 	var bd *Disk
 	for i := range gen.Disks {
 		if gen.Disks[i].Name == src.Name {
@@ -331,6 +336,10 @@ func (st *backupState) verifyUnchanged(ctx context.Context, w *segmentWorkers, i
 		return err
 	}
 	defer w.putBuf(buf)
+	sp, err := chunk.NewSplitter(st.r.cfg.ChunkerPolynomial)
+	if err != nil {
+		return err
+	}
 	bd := base.disk
 	for _, t := range rand.Perm(len(taken))[:k] {
 		i := taken[t]
@@ -339,9 +348,18 @@ func (st *backupState) verifyUnchanged(ctx context.Context, w *segmentWorkers, i
 		if _, err := ir.fill(ctx, seg, off); err != nil {
 			return err
 		}
+		// The segment's ID as a backup derives it: split guided by the
+		// base's chunks (one hash pass where it is unchanged).
+		var entries []SegmentEntry
+		if err := st.splitGuided(sp, seg, w.prev.guide(ctx, off, seg), nil, func(p chunk.Piece, id crypto.ID) error {
+			entries = append(entries, SegmentEntry{Zero: p.Zero, Length: uint32(p.Length), ID: id})
+			return nil
+		}); err != nil {
+			return err
+		}
 		var id crypto.ID
-		if !chunk.IsZero(seg) {
-			id = st.r.segH.Sum(seg)
+		if len(entries) != 1 || !entries[0].Zero {
+			id = st.r.segListH.Sum(encodeSegmentList(entries))
 		}
 		if want, _ := bd.SegmentID(i); id != want {
 			return fmt.Errorf("segment at offset %d (%d bytes) differs from base generation %s, but the change tracker (%s) reported it unchanged: %w",

@@ -66,7 +66,18 @@ type checker struct {
 	segOrder   []crypto.ID
 	segEntries map[crypto.ID][]SegmentEntry
 	chunkOK    map[crypto.ID]bool
+
+	// The rule of each segment's ID: bit v set if a generation of
+	// manifest version v references it (version is the generation being
+	// walked); and the ID each loaded list has by the rule of version 3.
+	version  int
+	segRules map[crypto.ID]uint8
+	listIDs  map[crypto.ID]crypto.ID
 }
+
+// rule reports whether a generation of manifest version v references
+// segment id.
+func (c *checker) rule(id crypto.ID, v int) bool { return c.segRules[id]&(1<<v) != 0 }
 
 func (c *checker) report(object, problem string, gens ...string) {
 	c.mu.Lock()
@@ -96,7 +107,8 @@ func (c *checker) chunkGens(id crypto.ID) []string {
 func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport, error) {
 	c := &checker{r: r, damage: map[string]*Damage{}, objects: map[string]int64{}, tablesSeen: map[crypto.ID]bool{},
 		segGens: map[crypto.ID][]string{}, chunkSegs: map[crypto.ID][]crypto.ID{},
-		segEntries: map[crypto.ID][]SegmentEntry{}, chunkOK: map[crypto.ID]bool{}}
+		segEntries: map[crypto.ID][]SegmentEntry{}, chunkOK: map[crypto.ID]bool{},
+		segRules: map[crypto.ID]uint8{}, listIDs: map[crypto.ID]crypto.ID{}}
 	rep := &CheckReport{}
 	if err := r.be.List(ctx, "data/", func(o backend.ObjectInfo) error {
 		c.objects[o.Name] = o.Size
@@ -124,7 +136,11 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 	// references what.
 	var chunkOrder []crypto.ID
 	w := Walk{
-		Generation: func(*Manifest) error { rep.Manifests++; return nil },
+		Generation: func(m *Manifest) error {
+			rep.Manifests++
+			c.version = m.Version
+			return nil
+		},
 		Table: func(id crypto.ID, from Origin) error {
 			c.tablesSeen[id] = true
 			if _, present := c.objects[dataName(id)]; !present {
@@ -136,6 +152,7 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 			if zero {
 				return false, nil
 			}
+			c.segRules[id] |= 1 << c.version
 			g, seen := c.segGens[id]
 			if len(g) == 0 || g[len(g)-1] != from.Generation {
 				c.segGens[id] = append(g, from.Generation)
@@ -150,6 +167,9 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 			return true, nil
 		},
 		SegmentList: func(id crypto.ID, entries []SegmentEntry, _ Origin) error {
+			// Decoding accepts only the canonical encoding, so the
+			// payload is the entries encoded again.
+			c.listIDs[id] = r.segListH.Sum(encodeSegmentList(entries))
 			if opts.ReadData {
 				if _, seen := c.segEntries[id]; !seen {
 					c.segOrder = append(c.segOrder, id)
@@ -176,6 +196,14 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 	}
 	if err := w.Run(ctx, r); err != nil {
 		return nil, err
+	}
+	// Since version 3 a segment's ID is the keyed hash of its list: a
+	// list stored under another ID restores other data than its
+	// generations recorded (their image digests cover the IDs).
+	for id, lid := range c.listIDs {
+		if c.rule(id, ManifestVersion) && lid != id {
+			c.report(dataName(id), "segment list does not match its ID")
+		}
 	}
 	rep.Tables = len(c.tablesSeen)
 	rep.Segments = len(c.segGens)
@@ -304,12 +332,14 @@ func (c *checker) readChunks(ctx context.Context, chunkOrder []crypto.ID, subset
 	return int(read), readBytes, nil
 }
 
-// readSegments reads every segment list's chunks in order, verifies each
-// chunk against its ID once, and hashes the assembled content (zero runs
-// included) to compare it with the segment's ID: a segment list naming
-// sound chunks in a wrong order or of wrong lengths restores wrong data,
-// and only this finds it. A chunk shared by several segments is fetched
-// once per segment.
+// readSegments reads every segment list's chunks in order and verifies
+// each chunk against its ID once. A segment a version-2 generation
+// references has its assembled content (zero runs included) hashed and
+// compared with its ID: a segment list naming sound chunks in a wrong
+// order or of wrong lengths restores wrong data, and only this finds it.
+// (Since version 3 the ID is the hash of the list itself, checked by
+// Check for every list it loads.) A chunk shared by several segments is
+// fetched once per segment.
 func (c *checker) readSegments(ctx context.Context, chunkOrder []crypto.ID) (chunks int, bytes int64, segs int, err error) {
 	for _, cid := range chunkOrder {
 		if _, ok := c.objects[dataName(cid)]; !ok {
@@ -323,11 +353,14 @@ func (c *checker) readSegments(ctx context.Context, chunkOrder []crypto.ID) (chu
 	g.SetLimit(8)
 	for _, sid := range c.segOrder {
 		g.Go(func() error {
-			h := c.r.segH.New()
+			var h *crypto.Digest // nil: the ID does not name the content
+			if c.rule(sid, manifestVersionContentIDs) {
+				h = c.r.segH.New()
+			}
 			sound := true
 			for _, e := range c.segEntries[sid] {
 				if e.Zero {
-					for n := int(e.Length); n > 0; n -= min(n, len(zeros)) {
+					for n := int(e.Length); h != nil && n > 0; n -= min(n, len(zeros)) {
 						h.Write(zeros[:min(n, len(zeros))])
 					}
 					continue
@@ -335,8 +368,9 @@ func (c *checker) readSegments(ctx context.Context, chunkOrder []crypto.ID) (chu
 				mu.Lock()
 				ok, checked := c.chunkOK[e.ID]
 				mu.Unlock()
-				if checked && !ok {
-					sound = false
+				if checked && (!ok || h == nil) {
+					// Damaged, or verified and not needed again.
+					sound = sound && ok
 					continue
 				}
 				name := dataName(e.ID)
@@ -366,16 +400,18 @@ func (c *checker) readSegments(ctx context.Context, chunkOrder []crypto.ID) (chu
 				bytes += int64(len(data))
 				mu.Unlock()
 				sound = sound && ok
-				if sound {
+				if sound && h != nil {
 					h.Write(data)
 				}
 			}
 			var got crypto.ID
-			h.Sum(got[:0])
+			if h != nil {
+				h.Sum(got[:0])
+			}
 			mu.Lock()
 			segs++
 			mu.Unlock()
-			if sound && got != sid {
+			if sound && h != nil && got != sid {
 				c.report(dataName(sid), "assembled content does not match the segment's ID")
 			}
 			return nil

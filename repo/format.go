@@ -18,6 +18,18 @@ import (
 // segment tables); version 1 had fixed-size segments.
 const FormatVersion = 2
 
+// Manifest versions: a generation's version says how its segment IDs are
+// made (docs/format.md, "Content IDs"), so that check verifies each
+// generation by its own rule and an old generation stays readable.
+const (
+	// manifestVersionContentIDs: a segment ID is the keyed hash
+	// ("segment") of the segment's bytes.
+	manifestVersionContentIDs = 2
+	// ManifestVersion is the version this code writes: a segment ID is
+	// the keyed hash ("segment-list") of its segment list's payload.
+	ManifestVersion = 3
+)
+
 // Config is the repository's parameters, stored encrypted as "config".
 type Config struct {
 	Version           int       `json:"version"`
@@ -410,7 +422,12 @@ func (d *Disk) segmentLens() []int64 {
 }
 
 func (m *Manifest) validate() error {
-	if m.Version != FormatVersion {
+	switch {
+	case m.Version > ManifestVersion:
+		// Not ErrCorrupt: repair must not quarantine a sound
+		// generation that only a newer vmvault reads.
+		return fmt.Errorf("manifest version %d was written by a newer vmvault (this one reads up to %d): upgrade", m.Version, ManifestVersion)
+	case m.Version < manifestVersionContentIDs:
 		return fmt.Errorf("manifest version %d not supported: %w", m.Version, ErrCorrupt)
 	}
 	if m.VM == "" {
@@ -485,17 +502,19 @@ type BackupStats struct {
 	SegmentsSeen int64 `json:"segments"`      // segments processed
 	SegmentsNew  int64 `json:"segments_new"`  // segments chunked (not reused whole)
 	ObjectsFound int64 `json:"objects_found"` // uploads that found the object already stored
-	// BytesChunked is the data of new segments the chunker cut; the rest
-	// of their data was cut as the previous generation's chunks.
+	// BytesChunked is the data the chunker cut; the rest was taken as
+	// the previous generation's chunks (bytes that hashed in place to
+	// them).
 	BytesChunked int64 `json:"bytes_chunked"`
 }
 
 // imageDigest is the keyed digest of a whole disk image: a keyed BLAKE3
 // over the image size, the average segment size, the segment count and, per
-// segment, its segment ID (a keyed hash of the segment's content; all
-// zeros for an all-zero segment) and length, each as little-endian uint64s.
-// Each segment's ID is verified as the segment is restored, in parallel,
-// so the digest itself costs nothing per byte.
+// segment, its segment ID (a keyed hash of its segment list, or in
+// version-2 generations of its content; all zeros for an all-zero
+// segment) and length, each as little-endian uint64s. Each chunk is
+// verified against its ID as it is restored, in parallel, so the digest
+// itself costs nothing per byte.
 func imageDigest(h *crypto.Hasher, size, segSize int64, segments []byte, lens []int64) crypto.ID {
 	d := h.New()
 	var buf [8]byte

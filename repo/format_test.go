@@ -32,6 +32,9 @@ type vector struct {
 	Sealed    string `json:"sealed"`
 	Plaintext string `json:"plaintext"`
 	ChunkID   string `json:"chunk_id,omitempty"` // keyed BLAKE3 "chunk" ID of plaintext
+	// SegmentID is the keyed BLAKE3 "segment-list" ID of a segment
+	// list's plaintext: its name (manifest version 3).
+	SegmentID string `json:"segment_id,omitempty"`
 }
 
 func vectorKeys() *crypto.MasterKey {
@@ -51,6 +54,7 @@ func TestVectors(t *testing.T) {
 		t.Fatal(err)
 	}
 	chunkH := crypto.NewHasher(mk.ID, "chunk")
+	segListH := crypto.NewHasher(mk.ID, "segment-list")
 	if *updateVectors {
 		chunkData := bytes.Repeat([]byte("vmvault test vector chunk. "), 100)
 		cid := chunkH.Sum(chunkData)
@@ -60,13 +64,17 @@ func TestVectors(t *testing.T) {
 		add := func(comment string, t ObjectType, name string, plain []byte) {
 			v := vector{Comment: comment, EncKey: hex.EncodeToString(mk.Encrypt[:]), IDKey: hex.EncodeToString(mk.ID[:]),
 				Name: name, Type: int(t), Sealed: hex.EncodeToString(c.seal(t, name, plain)), Plaintext: hex.EncodeToString(plain)}
-			if t == TypeChunk {
+			switch t {
+			case TypeChunk:
 				v.ChunkID = hex.EncodeToString(cid[:])
+			case TypeSegment:
+				sid := segListH.Sum(plain)
+				v.SegmentID = hex.EncodeToString(sid[:])
 			}
 			vs = append(vs, v)
 		}
 		add("compressible chunk (zstd)", TypeChunk, dataName(cid), chunkData)
-		add("segment list: one chunk, one 64 KiB zero run", TypeSegment, dataName(crypto.ID{1}), seg)
+		add("segment list: one chunk, one 64 KiB zero run; named by its segment ID", TypeSegment, dataName(segListH.Sum(seg)), seg)
 		add("index with one entry", TypeIndex, indexName(crypto.ID{2}), idx)
 		add("short object, stored uncompressed", TypeLock, lockName(crypto.ID{3}), []byte("{}"))
 		add("segment table: a chunked segment, then an all-zero one", TypeTable, dataName(crypto.ID{4}), encodeTable(append(bytes.Repeat([]byte{1}, 32), make([]byte, 32)...), []int64{6 << 20, 12 << 20}))
@@ -97,6 +105,11 @@ func TestVectors(t *testing.T) {
 		if v.ChunkID != "" {
 			if id := chunkH.Sum(want); hex.EncodeToString(id[:]) != v.ChunkID {
 				t.Errorf("%s: chunk ID differs", v.Comment)
+			}
+		}
+		if v.SegmentID != "" {
+			if id := segListH.Sum(want); hex.EncodeToString(id[:]) != v.SegmentID || v.Name != dataName(id) {
+				t.Errorf("%s: segment ID differs, or does not name the object", v.Comment)
 			}
 		}
 		// Renamed: must fail.
@@ -150,7 +163,7 @@ func tableSeeds() [][]byte {
 // that made Disk.SegmentID panic (a 1-byte disk with one table).
 func manifestSeeds() [][]byte {
 	mk := func(size int64, segs, tables int) []byte {
-		m := Manifest{Version: FormatVersion, VM: "vm01", Time: time.Date(2026, 11, 30, 1, 0, 0, 0, time.UTC), Host: "h",
+		m := Manifest{Version: ManifestVersion, VM: "vm01", Time: time.Date(2026, 11, 30, 1, 0, 0, 0, time.UTC), Host: "h",
 			Tags: []string{"nightly"}, Disks: []Disk{{Name: "hda", Source: "vg/vm01", Size: size, SegmentSize: DefaultSegmentSize,
 				SegmentCount: segs, Tables: make([]HexID, tables), Digest: HexID{1}}}, Quiesce: json.RawMessage(`{"guest":"frozen"}`)}
 		b, err := json.Marshal(&m)

@@ -67,7 +67,7 @@ func TestManifestRepeatedTableRefused(t *testing.T) {
 		tables[i] = tid
 	}
 	seg := int64(DefaultSegmentSize)
-	m := map[string]any{"version": FormatVersion, "vm": "vm01", "time": "2026-11-30T00:00:00Z",
+	m := map[string]any{"version": ManifestVersion, "vm": "vm01", "time": "2026-11-30T00:00:00Z",
 		"disks": []map[string]any{{"name": "d", "size": 4096 * TableSegments * seg, "segment_size": seg, "segment_count": 4096 * TableSegments,
 			"segment_tables": tables, "digest": strings.Repeat("00", 32)}}}
 	raw, _ := json.Marshal(m)

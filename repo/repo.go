@@ -38,7 +38,8 @@ type Repository struct {
 	password []byte
 	codec    *codec
 	chunkH   *crypto.Hasher
-	segH     *crypto.Hasher
+	segH     *crypto.Hasher // segment IDs of version-2 generations (content)
+	segListH *crypto.Hasher // segment IDs since version 3 (segment list)
 	imageH   *crypto.Hasher
 	tableH   *crypto.Hasher
 	log      *slog.Logger
@@ -50,9 +51,6 @@ type Repository struct {
 	// tableSegments is how many segment IDs a backup puts in one
 	// segment table: TableSegments, smaller only in tests.
 	tableSegments int
-	// segmentCopy is how a backup takes segments of a changing source
-	// (copyAuto; the others only in tests).
-	segmentCopy int
 
 	clock       storeClock    // the store's clock, learnt from lock objects
 	lockRefresh time.Duration // LockRefresh, shorter only in tests
@@ -206,7 +204,8 @@ func newRepository(be backend.Backend, mk *crypto.MasterKey, cfg Config, opts Op
 	}
 	return &Repository{be: be, cfg: cfg, master: mk, codec: c,
 		chunkH: crypto.NewHasher(mk.ID, "chunk"), segH: crypto.NewHasher(mk.ID, "segment"),
-		imageH: crypto.NewHasher(mk.ID, "image"), tableH: crypto.NewHasher(mk.ID, "table"), log: log,
+		segListH: crypto.NewHasher(mk.ID, "segment-list"),
+		imageH:   crypto.NewHasher(mk.ID, "image"), tableH: crypto.NewHasher(mk.ID, "table"), log: log,
 		cacheDir: filepath.Join(cacheDir, cfg.ID), tableSegments: TableSegments, lockRefresh: LockRefresh,
 		segmenter: newSegmenter(mk, cfg.SegmentSize)}, nil
 }

@@ -478,12 +478,35 @@ func (r *Repository) RestoreTo(ctx context.Context, m *Manifest, diskName, targe
 	}
 	defer f.Close()
 	st, err := r.restoreInto(ctx, d, f, target)
+	if err == nil {
+		err = f.Close()
+	}
 	if err != nil {
 		return st, fmt.Errorf("%w: %s: %w", ErrTargetIncomplete, target, err)
 	}
 	return st, nil
 }
 
+// RestoreToFile is RestoreTo into f, a file or block device already open
+// for reading and writing, which stays open; name is what errors call it.
+// The CLI restores to stdout this way when stdout is a new, empty file
+// (`restore … > disk.raw`): holes, direct writes and the sync as with
+// --target, instead of a stream of every zero through the page cache.
+func (r *Repository) RestoreToFile(ctx context.Context, m *Manifest, diskName string, f *os.File, name string) (RestoreStats, error) {
+	d, err := m.Disk(diskName)
+	if err != nil {
+		return RestoreStats{}, err
+	}
+	st, err := r.restoreInto(ctx, d, f, name)
+	if err != nil {
+		return st, fmt.Errorf("%w: %s: %w", ErrTargetIncomplete, name, err)
+	}
+	return st, nil
+}
+
+// restoreInto writes d into f in place and syncs it; f stays open. A
+// successful return means the image is on stable storage as far as the
+// kernel can tell: fsync has returned for f.
 func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, target string) (RestoreStats, error) {
 	fi, err := f.Stat()
 	if err != nil {
@@ -492,9 +515,11 @@ func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, targe
 	tw := &targetWriter{f: f, regular: fi.Mode().IsRegular(), zeros: make([]byte, 1<<20)}
 	// A second descriptor with O_DIRECT takes the aligned writes: no copy
 	// into the page cache (which cost more than all decryption did) and no
-	// flood of dirty pages for the final fsync to write. Where the file
-	// system refuses O_DIRECT, everything goes through f.
-	if df, err := os.OpenFile(target, os.O_WRONLY|unix.O_DIRECT, 0); err == nil {
+	// flood of dirty pages for the final fsync to write. It is opened
+	// through /proc, so it is the very file f is, whatever name f was
+	// opened by (stdout has none). Where the file system refuses O_DIRECT,
+	// everything goes through f.
+	if df, err := os.OpenFile(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), os.O_RDWR|unix.O_DIRECT, 0); err == nil {
 		tw.direct = df
 		defer df.Close()
 	}
@@ -517,8 +542,19 @@ func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, targe
 		}
 		tw.oldSize = size
 	}
+	if tw.regular && tw.direct != nil {
+		if err := r.resolveSegments(ctx, d); err != nil {
+			return RestoreStats{}, err
+		}
+		tw.preallocate(d)
+	}
 	if err := r.restoreSegments(ctx, d, false, tw.write); err != nil {
 		return tw.st, err
+	}
+	for _, h := range tw.holes {
+		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, h[0], h[1]); err != nil {
+			return tw.st, fmt.Errorf("punch hole at %d in target: %w", h[0], err)
+		}
 	}
 	if tw.regular && tw.oldSize > d.Size {
 		if err := f.Truncate(d.Size); err != nil {
@@ -528,7 +564,7 @@ func (r *Repository) restoreInto(ctx context.Context, d *Disk, f *os.File, targe
 	if err := f.Sync(); err != nil {
 		return tw.st, fmt.Errorf("sync target: %w", err)
 	}
-	return tw.st, f.Close()
+	return tw.st, nil
 }
 
 // targetWriter writes restored segments into a file or block device in
@@ -549,6 +585,11 @@ type targetWriter struct {
 	// once it refused a write.
 	direct   *os.File
 	noDirect atomic.Bool
+	// preallocated is set when the file's new part was allocated ahead
+	// (see preallocate); then the zero runs written into it are listed
+	// in holes, to be punched once the image is complete.
+	preallocated bool
+	holes        [][2]int64 // offset, length
 
 	mu sync.Mutex
 	st RestoreStats
@@ -579,14 +620,14 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 	var cur []byte
 	if known > 0 {
 		bp, _ := tw.cur.Get().(*[]byte)
-		if bp == nil || int64(cap(*bp)) < known {
-			b := make([]byte, known)
+		if bp == nil || int64(cap(*bp)) < known+3*directAlign {
+			b := make([]byte, known+3*directAlign)
 			bp = &b
 		}
 		defer tw.cur.Put(bp)
-		cur = (*bp)[:known]
-		if _, err := tw.f.ReadAt(cur, seg.off); err != nil && !errors.Is(err, io.EOF) {
-			return fmt.Errorf("read target at %d: %w", seg.off, err)
+		var err error
+		if cur, err = tw.readBack(*bp, seg.off, known); err != nil {
+			return err
 		}
 	}
 	action := func(off, k int64) blockAction {
@@ -620,6 +661,11 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 		switch runAct {
 		case blockKeep:
 			st.Skipped += k
+			if from := max(runStart, known); tw.preallocated && from < end {
+				tw.mu.Lock()
+				tw.holes = append(tw.holes, [2]int64{seg.off + from, end - from})
+				tw.mu.Unlock()
+			}
 			return nil
 		case blockWrite:
 			if err := tw.writeAt(seg.data[runStart:end], pos); err != nil {
@@ -643,6 +689,45 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 		}
 	}
 	return flush(seg.size)
+}
+
+// readBack reads the target's k bytes at off into buf (which has room for
+// k bytes and three pages more) and returns them. The pages covering the
+// range are read with O_DIRECT where the target allows it: a block
+// device's whole content is read back, and through the page cache that
+// would be a copy of every byte the restore then does not even write
+// (and a device's worth of cached pages). The unaligned remainder, or
+// everything where O_DIRECT is refused, is read through f.
+func (tw *targetWriter) readBack(buf []byte, off, k int64) ([]byte, error) {
+	if tw.direct != nil && !tw.noDirect.Load() {
+		start := off / directAlign * directAlign
+		end := (off + k + directAlign - 1) / directAlign * directAlign
+		page, _ := alignedFor(buf, start, int(end-start))
+		n, err := tw.direct.ReadAt(page, start)
+		if err == nil || errors.Is(err, io.EOF) {
+			// A short read ends at the target's end: the tail of a
+			// device whose size is not a multiple of a page.
+			cur := page[off-start : off-start+k]
+			if got := int64(n) - (off - start); got < k {
+				if err := tw.readBuffered(cur[max(got, 0):], off+max(got, 0)); err != nil {
+					return nil, err
+				}
+			}
+			return cur, nil
+		}
+		if !errors.Is(err, unix.EINVAL) {
+			return nil, fmt.Errorf("read target at %d: %w", start, err)
+		}
+	}
+	cur := buf[:k]
+	return cur, tw.readBuffered(cur, off)
+}
+
+func (tw *targetWriter) readBuffered(p []byte, off int64) error {
+	if _, err := tw.f.ReadAt(p, off); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("read target at %d: %w", off, err)
+	}
+	return nil
 }
 
 // directAlign is the alignment O_DIRECT needs of offsets, lengths and
@@ -677,6 +762,47 @@ func (tw *targetWriter) writeAt(p []byte, pos int64) error {
 	return tw.buffered(p, pos)
 }
 
+// preallocate gives the blocks of every segment of d that is not all
+// zero, beyond the target's old size, before the restore writes: ext4
+// (and XFS) serialise direct writes into holes under the file's
+// exclusive lock, one at a time, while writes into allocated blocks (even
+// not yet written ones) run in parallel. Allocating during the restore
+// instead, per write, would stall every write in flight each time (the
+// file system waits for them before it allocates). On this host's disk,
+// four 4 MiB writers put 2 GB into holes in 1.85-2.26 s, into allocated
+// ranges in 1.34-1.48 s. The zero runs inside those segments are punched
+// out again once the image is complete, so holes stay holes. Where the
+// file system cannot allocate ahead, or has no room for it, the restore
+// writes into holes as before (a full disk is then reported by the write
+// that does not fit).
+func (tw *targetWriter) preallocate(d *Disk) {
+	fd := int(tw.direct.Fd())
+	var start, end int64 // the run of data segments being gathered
+	flush := func() bool {
+		if end <= start {
+			return true
+		}
+		// Set before the call: a call that fails may have allocated
+		// part of the range all the same.
+		tw.preallocated = true
+		return unix.Fallocate(fd, unix.FALLOC_FL_KEEP_SIZE, start, end-start) == nil
+	}
+	for i := range d.segmentCount() {
+		from, to := max(d.segmentStart(i), tw.oldSize), d.segmentStart(i)+d.segmentLen(i)
+		if _, zero := d.SegmentID(i); zero || from >= to {
+			continue
+		}
+		if from != end {
+			if !flush() {
+				return
+			}
+			start = from
+		}
+		end = to
+	}
+	flush()
+}
+
 func (tw *targetWriter) buffered(p []byte, pos int64) error {
 	if len(p) == 0 {
 		return nil
@@ -687,14 +813,35 @@ func (tw *targetWriter) buffered(p []byte, pos int64) error {
 	return nil
 }
 
-// zero makes [pos, pos+k) of the target zero: a hole in a regular file,
-// written zeros on a device (or where punching is not supported).
+// zero makes [pos, pos+k) of the target zero: a hole in a regular file;
+// on a block device the kernel zeroes it (unmapping it where the device
+// can, as a thin LV does), without a byte of zeros passing through here;
+// written zeros where neither is supported.
 func (tw *targetWriter) zero(pos, k int64) error {
+	fd := int(tw.f.Fd())
 	if tw.regular {
-		if err := unix.Fallocate(int(tw.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos, k); err == nil {
+		if unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos, k) == nil {
 			return nil
 		}
+		return tw.writeZeros(pos, k)
 	}
+	// A device zeroes whole pages only: the kernel drops its cached
+	// pages of the range, and a partial one would lose the bytes a
+	// neighbouring run wrote there. The ends are written.
+	head := (directAlign - pos%directAlign) % directAlign
+	mid := max(k-head, 0) / directAlign * directAlign
+	if mid > 0 && (unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos+head, mid) == nil ||
+		unix.Fallocate(fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, pos+head, mid) == nil) {
+		if err := tw.writeZeros(pos, head); err != nil {
+			return err
+		}
+		return tw.writeZeros(pos+head+mid, k-head-mid)
+	}
+	return tw.writeZeros(pos, k)
+}
+
+// writeZeros writes k zero bytes at pos.
+func (tw *targetWriter) writeZeros(pos, k int64) error {
 	for k > 0 {
 		n := min(k, int64(len(tw.zeros)))
 		if _, err := tw.f.WriteAt(tw.zeros[:n], pos); err != nil {

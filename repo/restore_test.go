@@ -3,15 +3,20 @@ package repo
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"vmvault/backend"
 	"vmvault/backend/local"
+	"vmvault/chunk"
 )
 
 // An existing larger target with other content becomes exactly the image
@@ -42,6 +47,155 @@ func TestRestoreToOverLargerTarget(t *testing.T) {
 	st, err = tr.RestoreTo(context.Background(), m, "", target)
 	if err != nil || st.Written != 0 || st.Skipped != int64(len(img)) {
 		t.Fatalf("second restore over an equal target: %+v, %v", st, err)
+	}
+}
+
+// A restore into a new file leaves every zero range of the image a hole:
+// the blocks allocated ahead of the direct writes cover only the data.
+func TestRestoreToNewFileHolesStayHoles(t *testing.T) {
+	tr := newTestRepo(t)
+	img := testImage(21, 24<<20+777)
+	clear(img[5<<20+100 : 17<<20]) // 12 MiB of zeros across segments
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	target := filepath.Join(t.TempDir(), "disk.raw")
+	if _, err := tr.RestoreTo(context.Background(), m, "", target); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(target)
+	if !bytes.Equal(got, img) {
+		t.Fatalf("target (%d bytes) differs from the image (%d bytes)", len(got), len(img))
+	}
+	var data int64
+	for off := 0; off < len(img); off += compareBlock {
+		if !chunk.IsZero(img[off:min(off+compareBlock, len(img))]) {
+			data += compareBlock
+		}
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(target, &st); err != nil {
+		t.Fatal(err)
+	}
+	// A file system may round each written run out to its blocks and
+	// add metadata blocks: allow 1 MiB.
+	if alloc := st.Blocks * 512; alloc > data+1<<20 {
+		t.Fatalf("target allocates %d bytes, the image holds %d bytes of data: zero ranges were allocated", alloc, data)
+	}
+	hole, err := unix.Seek(int(mustOpen(t, target).Fd()), 5<<20+100, unix.SEEK_HOLE)
+	if err != nil || hole >= 17<<20 {
+		t.Fatalf("no hole in the image's zero range: SEEK_HOLE from %d gave %d, %v", 5<<20+100, hole, err)
+	}
+}
+
+func mustOpen(t *testing.T, name string) *os.File {
+	t.Helper()
+	f, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// loopDevice attaches a loop device (a real block device) over a file of
+// size bytes filled with fill, and detaches it when the test ends. Needs
+// root and the loop driver; the test is skipped without them.
+func loopDevice(t *testing.T, size int64, fill byte) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("a loop device needs root")
+	}
+	if _, err := os.Stat("/dev/loop-control"); err != nil {
+		t.Skipf("no loop devices here: %v", err)
+	}
+	backing := filepath.Join(t.TempDir(), "device")
+	if err := os.WriteFile(backing, bytes.Repeat([]byte{fill}, int(size)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "-f", "--show", backing).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+		}
+	})
+	return dev
+}
+
+// A block device is restored in place: the image over its start, zero
+// ranges zeroed by the kernel, the bytes beyond the image untouched; the
+// device's size (not a multiple of a page here) is never changed; a
+// second restore writes nothing, a third rewrites only what was damaged.
+func TestRestoreToBlockDevice(t *testing.T) {
+	tr := newTestRepo(t)
+	img := testImage(22, 13<<20+1234)
+	clear(img[3<<20+513 : 6<<20]) // zeros over the device's old bytes
+	clear(img[len(img)-200<<10:]) // and up to an end that is not page-aligned
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	size := int64(len(img)) + 2048 - int64(len(img))%512 // a whole number of sectors, not of pages
+	dev := loopDevice(t, size, 0x5a)
+	st, err := tr.RestoreTo(context.Background(), m, "", dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(got)) != size {
+		t.Fatalf("device holds %d bytes after the restore, had %d", len(got), size)
+	}
+	if !bytes.Equal(got[:len(img)], img) {
+		t.Fatal("device differs from the image")
+	}
+	if !bytes.Equal(got[len(img):], bytes.Repeat([]byte{0x5a}, int(size)-len(img))) {
+		t.Fatal("restore changed the device beyond the image")
+	}
+	if st.Written != int64(len(img)) {
+		t.Fatalf("stats %+v: every byte differed and had to be written", st)
+	}
+	st, err = tr.RestoreTo(context.Background(), m, "", dev)
+	if err != nil || st.Written != 0 {
+		t.Fatalf("second restore onto an equal device: %+v, %v", st, err)
+	}
+	// Damage a data block and a zero block: only those are rewritten.
+	f, err := os.OpenFile(dev, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{9<<20 + 7, 4<<20 + 3} {
+		if _, err := f.WriteAt([]byte("garbage"), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, err = tr.RestoreTo(context.Background(), m, "", dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ = os.ReadFile(dev)
+	if !bytes.Equal(got[:len(img)], img) || st.Written > 2*compareBlock {
+		t.Fatalf("repair of two damaged blocks: equal=%v, wrote %d bytes", bytes.Equal(got[:len(img)], img), st.Written)
+	}
+}
+
+// A device smaller than the image is refused before anything is written.
+func TestRestoreToSmallBlockDevice(t *testing.T) {
+	tr := newTestRepo(t)
+	img := testImage(23, 6<<20)
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	dev := loopDevice(t, 5<<20, 0x5a)
+	_, err := tr.RestoreTo(context.Background(), m, "", dev)
+	if !errors.Is(err, ErrTargetIncomplete) || !strings.Contains(err.Error(), "the image needs") {
+		t.Fatalf("restore onto a small device: %v", err)
+	}
+	got, _ := os.ReadFile(dev)
+	if !bytes.Equal(got, bytes.Repeat([]byte{0x5a}, 5<<20)) {
+		t.Fatal("a refused restore changed the device")
 	}
 }
 

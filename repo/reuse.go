@@ -1,12 +1,14 @@
 package repo
 
-// Re-chunking only around a change: a segment that is new to the
-// repository is split with the previous generation's chunks of the same
-// disk as a guide (chunk.SplitGuided). Where the new bytes over a
-// previous chunk's range hash to that chunk's ID, the chunk is taken as
-// it is (no chunker; the hash is the chunk's ID, needed anyway); the
-// chunker runs only from the first chunk that differs until one of its
-// cuts lands on a previous cut.
+// Re-chunking only around a change: every segment is split with the
+// previous generation's chunks of the same disk as a guide
+// (chunk.SplitGuided). Where the bytes over a previous chunk's range hash
+// in place to that chunk's ID, the chunk is taken as it is (no chunker, no
+// copy; the hash is the chunk's ID, needed anyway); the chunker runs only
+// from the first chunk that differs until one of its cuts lands on a
+// previous cut. A segment's ID is the hash of its list (docs/format.md),
+// so a segment whose chunks are all taken is the previous segment: one
+// hash pass over its bytes, nothing stored.
 //
 // Rules the code keeps:
 //   - The segment list comes out exactly as a plain split makes it
@@ -18,18 +20,28 @@ package repo
 //     have cut elsewhere: the list is then still valid and restores the
 //     same bytes (docs/format.md lets a writer chunk as it likes), it
 //     only differs from a plain split there.
+//   - A chunk is taken only if the index knows it (stored, or being
+//     stored by this backup): one the repository lost is stored again
+//     from a private copy of its bytes, as a changed chunk is.
 //   - The previous generation is the VM's latest (FindManifest), its disk
-//     of the same name; with change tracking, the tracker's base. Its
-//     chunks are matched by image offset, so a segment whose boundaries
-//     moved is guided too.
-//   - The previous generation and its segment lists are loaded only when
-//     a segment is new, once per disk and per segment. Anything that
-//     cannot be loaded (no generation, a damaged or missing object, a
+//     of the same name; with change tracking, the tracker's base. Where it
+//     has a segment of the same length at the same offset, that segment
+//     guides. Elsewhere boundaries moved, and content may have moved with
+//     them (a qcow2 rewritten by qemu-img convert): a segment that moved
+//     whole keeps its content-defined length, so up to
+//     maxLengthCandidates previous segments of that length, nearest
+//     first, are tried by hashing their first chunks in place; failing
+//     that, the previous chunks at the same offsets guide.
+//   - The previous generation is loaded once per disk, in the background,
+//     and each previous segment list when a segment first needs it. Anything
+//     that cannot be loaded (no generation, a damaged or missing object, a
 //     list that does not fit its segment) leaves that part unguided: a
-//     plain split, never a failed backup.
+//     plain split, never a failed backup. The rules of a version-2
+//     previous generation do not matter: only its chunk lists guide.
 
 import (
 	"context"
+	"sort"
 	"sync"
 
 	"vmvault/chunk"
@@ -81,6 +93,9 @@ type prevDisk struct {
 	name string
 	once sync.Once
 	d    *Disk // nil: no such disk, or unusable
+
+	lenOnce sync.Once
+	byLen   map[int64][]int // d's data segments by length (lengthGuide)
 }
 
 // prevDiskOf returns the guide of d, a disk whose segments are resolved.
@@ -123,14 +138,35 @@ func (p *prevDisk) resolved(ctx context.Context) *Disk {
 	return p.d
 }
 
-// guide returns a guide for splitting seg, the new segment at image
-// offset off, from the previous generation's chunks in that range, or
-// nil if there are none.
+// guide returns a guide for splitting seg, the segment at image offset
+// off, from the previous generation's chunks, or nil if there are none.
+// Where the previous generation has a segment of seg's length at off, the
+// two are in step and that segment guides. Elsewhere segment boundaries
+// moved, and content may have moved with them: a segment keeps its
+// content-defined length where it moves whole, so the previous segments
+// of seg's length nearest to off are tried (lengthGuide) before the
+// previous chunks that overlap off.
 func (p *prevDisk) guide(ctx context.Context, off int64, seg []byte) *chunkGuide {
 	d := p.resolved(ctx)
-	if d == nil || off >= d.Size {
+	if d == nil {
 		return nil
 	}
+	if off < d.Size {
+		if i, start := d.segmentAt(off); start == off && d.segmentLen(i) == int64(len(seg)) {
+			return p.offsetGuide(ctx, d, off, seg)
+		}
+	}
+	if g := p.lengthGuide(ctx, d, off, seg); g != nil {
+		return g
+	}
+	if off >= d.Size {
+		return nil
+	}
+	return p.offsetGuide(ctx, d, off, seg)
+}
+
+// offsetGuide returns a guide of d's chunks in seg's range of the image.
+func (p *prevDisk) offsetGuide(ctx context.Context, d *Disk, off int64, seg []byte) *chunkGuide {
 	end := off + int64(len(seg))
 	g := &chunkGuide{h: p.r.chunkH, seg: seg, last: -1}
 	i, start := d.segmentAt(off)
@@ -145,6 +181,70 @@ func (p *prevDisk) guide(ctx context.Context, off int64, seg []byte) *chunkGuide
 		return nil
 	}
 	return g
+}
+
+// maxLengthCandidates bounds the previous segments lengthGuide tries for
+// one segment: each costs a list to load and a first chunk to hash.
+const maxLengthCandidates = 3
+
+// lengthProbes is how many of a candidate's first chunks lengthGuide
+// hashes: a change in the first does not hide a moved segment.
+const lengthProbes = 2
+
+// lengthGuide returns a guide of the chunks of a previous segment as long
+// as seg one of whose first lengthProbes chunks seg holds at the same
+// place (hashed in place), trying at most maxLengthCandidates of them,
+// nearest to off first, and hashing at most about a quarter of seg; or
+// nil.
+func (p *prevDisk) lengthGuide(ctx context.Context, d *Disk, off int64, seg []byte) *chunkGuide {
+	p.lenOnce.Do(func() {
+		p.byLen = map[int64][]int{}
+		for i := range d.segmentCount() {
+			if _, zero := d.SegmentID(i); !zero {
+				l := d.segmentLen(i)
+				p.byLen[l] = append(p.byLen[l], i)
+			}
+		}
+	})
+	cands := p.byLen[int64(len(seg))] // by offset
+	// The nearest: around the first one at or after off.
+	k := sort.Search(len(cands), func(k int) bool { return d.segmentStart(cands[k]) >= off })
+	lo, hi := k-1, k
+	// A segment that moved is found at the first probe; new content
+	// costs every probe, so they are bounded by a quarter of its bytes.
+	budget := len(seg) / 4
+	for range maxLengthCandidates {
+		var i int
+		switch {
+		case lo < 0 && hi >= len(cands):
+			return nil
+		case hi >= len(cands) || lo >= 0 && off-d.segmentStart(cands[lo]) < d.segmentStart(cands[hi])-off:
+			i, lo = cands[lo], lo-1
+		default:
+			i, hi = cands[hi], hi+1
+		}
+		id, _ := d.SegmentID(i)
+		entries := p.r.prevChunks(ctx, id, int64(len(seg)))
+		pos, tried := 0, 0
+		for _, e := range entries {
+			if !e.Zero {
+				if budget <= 0 {
+					return nil
+				}
+				budget -= int(e.Length)
+				if id := p.r.chunkH.Sum(seg[pos : pos+int(e.Length)]); id == e.ID {
+					g := &chunkGuide{h: p.r.chunkH, seg: seg, last: -1, pre: pos, preLen: int(e.Length), preID: id}
+					g.add(entries, 0, 0, int64(len(seg)))
+					return g
+				}
+				if tried++; tried == lengthProbes {
+					break
+				}
+			}
+			pos += int(e.Length)
+		}
+	}
+	return nil
 }
 
 // prevChunks loads the segment list of a previous segment of length l,
@@ -180,6 +280,11 @@ type chunkGuide struct {
 	lastLen int
 	lastID  crypto.ID
 	same    bool // whether it equalled the previous chunk
+
+	// pre, preLen and preID: a range hashed before the split (lengthGuide),
+	// or preLen 0.
+	pre, preLen int
+	preID       crypto.ID
 }
 
 // prevChunk is a previous chunk at an offset of the new segment.
@@ -218,35 +323,59 @@ func (g *chunkGuide) Chunk(off int) (n int, endsExtent, ok bool) {
 // its ID.
 func (g *chunkGuide) Same(off, n int) bool {
 	g.last, g.lastLen = off, n
-	g.lastID = g.h.Sum(g.seg[off : off+n])
+	if off == g.pre && n == g.preLen {
+		g.lastID = g.preID
+	} else {
+		g.lastID = g.h.Sum(g.seg[off : off+n])
+	}
 	g.same = g.lastID == g.chunks[g.next].id
 	return g.same
 }
 
-// chunkID returns the ID of chunk p of the segment g guides (g may be
-// nil), and whether p was taken from the previous generation unchunked.
-func (g *chunkGuide) chunkID(h *crypto.Hasher, p chunk.Piece) (id crypto.ID, taken bool) {
+// hashed returns the ID Same computed for piece p, if it hashed exactly
+// p's bytes (ok), and whether they were the previous chunk's (same). g may
+// be nil.
+func (g *chunkGuide) hashed(p chunk.Piece) (id crypto.ID, ok, same bool) {
 	if g != nil && p.Offset == g.last && p.Length == g.lastLen {
-		return g.lastID, g.same
+		return g.lastID, true, g.same
 	}
-	return h.Sum(p.Data), false
+	return crypto.ID{}, false, false
 }
 
 // splitGuided splits seg with g (nil: plainly), calling fn with each
-// piece, its chunk ID (for data) and whether it was taken from the
-// previous generation unchunked.
-func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, g *chunkGuide, fn func(p chunk.Piece, id crypto.ID) error) error {
+// piece and, for data, its chunk ID. A chunk whose bytes hashed in place
+// to a previous chunk's ID, stored already, is taken as that chunk; any
+// other chunk's ID is computed over its bytes, in a private copy when
+// private is set (seg can change while read: see storeSegment), and the
+// piece's Data is then the copy.
+func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, g *chunkGuide, private func() []byte, fn func(p chunk.Piece, id crypto.ID) error) error {
 	var guide chunk.Guide
 	if g != nil {
 		guide = g
 	}
+	var priv []byte
 	return sp.SplitGuided(seg, guide, func(p chunk.Piece) error {
 		if p.Zero {
 			return fn(p, crypto.ID{})
 		}
-		id, taken := g.chunkID(st.r.chunkH, p)
+		id, hashed, taken := g.hashed(p)
 		if !taken {
 			st.stats.chunked.Add(int64(p.Length))
+		} else if !st.known(id) {
+			// Not stored (any more): stored from its bytes, below.
+			taken = false
+		}
+		switch {
+		case taken:
+		case private != nil:
+			if priv == nil {
+				priv = private()
+			}
+			b := priv[p.Offset : p.Offset+p.Length]
+			id = st.r.chunkH.CopySum(b, p.Data)
+			p.Data = b
+		case !hashed:
+			id = st.r.chunkH.Sum(p.Data)
 		}
 		return fn(p, id)
 	})

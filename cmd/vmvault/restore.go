@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 	"golang.org/x/term"
 
 	"vmvault/repo"
@@ -25,6 +27,15 @@ a file (created if missing, zero ranges left as holes) or block device,
 writing only the ranges that differ. With --target-dir every disk of the
 generation (or the one --disk names) is restored into DIR/NAME.raw, DIR
 created if missing.
+
+When stdout is a new, empty file (restore … > disk.raw), the image is
+written into it as with --target: zero ranges left as holes.
+
+Durability: a restore into a file or block device (--target, --target-dir,
+or stdout redirected into a file or device) calls fsync on it before it
+reports success, so a restore that exits 0 has its data on stable storage
+as far as the kernel and the device report. Into a pipe nothing can be
+synced: there durability is the reader's job.
 
 Every segment is authenticated before it is written, and the whole image is
 checked against the digest recorded at backup time; any damage stops the
@@ -59,10 +70,19 @@ ID may be any unique prefix of a generation ID; latest is the VM's newest.`,
 				case target != "":
 					return a.restoreTarget(cmd, r, m, disk, target)
 				}
+				out, _ := a.stdout.(*os.File)
+				if newFile(out) {
+					return a.restoreNewStdout(cmd, r, m, disk, out)
+				}
 				w := bufio.NewWriterSize(a.stdout, 1<<20)
 				st, err := r.Restore(ctx, m, disk, w)
 				if err == nil {
 					err = w.Flush()
+				}
+				if err == nil && out != nil && storage(out) {
+					if err = out.Sync(); err != nil {
+						err = fmt.Errorf("sync stdout: %w", err)
+					}
 				}
 				if err != nil {
 					a.log.Error("restore failed: the image written to stdout is incomplete", "vm", m.VM, "generation", m.ShortID())
@@ -77,6 +97,51 @@ ID may be any unique prefix of a generation ID; latest is the VM's newest.`,
 	cmd.Flags().StringVar(&targetDir, "target-dir", "", "restore every disk of the generation into DIR/NAME.raw")
 	cmd.Flags().StringVar(&disk, "disk", "", "which disk of a multi-disk generation")
 	return cmd
+}
+
+// newFile reports whether f is a regular file that is empty, open for
+// writing at offset 0 and not for appending: stdout after `> disk.raw`.
+// Such a file can be written out of order and left with holes, and reads
+// the same as if the image had been streamed into it.
+func newFile(f *os.File) bool {
+	if f == nil {
+		return false
+	}
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() || fi.Size() != 0 {
+		return false
+	}
+	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	if err != nil || fl&unix.O_APPEND != 0 || fl&unix.O_ACCMODE == unix.O_RDONLY {
+		return false
+	}
+	off, err := f.Seek(0, io.SeekCurrent)
+	return err == nil && off == 0
+}
+
+// storage reports whether f is a regular file or a block device: what
+// fsync can make durable, unlike a pipe or a terminal.
+func storage(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && (fi.Mode().IsRegular() || fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0)
+}
+
+// restoreNewStdout restores one disk into stdout when it is a new file
+// (see newFile), in place as --target does, and leaves the file offset
+// at the image's end, where a stream would have left it.
+func (a *app) restoreNewStdout(cmd *cobra.Command, r *repo.Repository, m *repo.Manifest, disk string, out *os.File) error {
+	st, err := r.RestoreToFile(cmd.Context(), m, disk, out, "stdout")
+	if err == nil {
+		if _, err = out.Seek(st.Bytes, io.SeekStart); err != nil {
+			err = fmt.Errorf("stdout: %w", err)
+		}
+	}
+	if err != nil {
+		a.log.Error("restore failed: the image written to stdout is incomplete", "vm", m.VM, "generation", m.ShortID())
+		return fmt.Errorf("restore %s %s: %w", m.VM, m.ShortID(), err)
+	}
+	a.log.Info("restored", "vm", m.VM, "generation", m.ShortID(), "bytes", st.Bytes, "written", st.Written, "skipped", st.Skipped)
+	return nil
 }
 
 // restoreTarget restores one disk in place and logs the outcome; a

@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"vmvault/internal/testio"
 )
@@ -176,5 +180,56 @@ func TestRestoreDiskFull(t *testing.T) {
 	r := e.run(nil, "restore", "vm01", "latest", "--target", filepath.Join(dir, "vm01.raw"))
 	if r.code != exitError || !strings.Contains(r.stderr, "no space left on device") || !strings.Contains(r.stderr, "incomplete") || strings.Contains(r.stderr, "msg=restored") {
 		t.Fatalf("restore onto a full disk: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
+
+// stdout redirected into a new file (restore … > disk.raw) gets the
+// image written in place, as --target writes it: byte-identical, zero
+// ranges left as holes, the file offset at the image's end. Appending
+// (>>) to a file that holds data streams the image after it instead.
+func TestRestoreStdoutIntoFile(t *testing.T) {
+	e := newEnv(t)
+	src := filepath.Join(e.dir, "vm01.raw")
+	img := writeImage(t, src, 31, 24<<20+4321) // zeros from 1/2 to 3/4
+	e.ok("backup", "vm01", "--source", src)
+	restoreInto := func(out *os.File) {
+		t.Helper()
+		var stderr bytes.Buffer
+		args := []string{"--repo", e.repo, "--password-file", e.pw, "--cache-dir", e.cache, "restore", "vm01", "latest"}
+		if code := run(context.Background(), args, nil, out, &stderr); code != 0 {
+			t.Fatalf("restore > file: exit %d: %s", code, stderr.String())
+		}
+	}
+
+	name := filepath.Join(e.dir, "out.raw")
+	out, err := os.Create(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	restoreInto(out)
+	if got, _ := os.ReadFile(name); sum(got) != sum(img) {
+		t.Fatalf("restore > file: %d bytes, differs from the image", len(got))
+	}
+	if off, _ := out.Seek(0, io.SeekCurrent); off != int64(len(img)) {
+		t.Fatalf("restore > file left the offset at %d, want the image's end %d", off, len(img))
+	}
+	hole, err := unix.Seek(int(out.Fd()), int64(len(img)/2), unix.SEEK_HOLE)
+	if err != nil || hole >= int64(len(img)*3/4) {
+		t.Fatalf("restore > file wrote the image's zeros: SEEK_HOLE from %d gave %d, %v", len(img)/2, hole, err)
+	}
+
+	name = filepath.Join(e.dir, "appended.raw")
+	if err := os.WriteFile(name, []byte("header"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	app, err := os.OpenFile(name, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close()
+	restoreInto(app)
+	if got, _ := os.ReadFile(name); string(got[:6]) != "header" || sum(got[6:]) != sum(img) {
+		t.Fatalf("restore >> file: %d bytes, want the header and then the image", len(got))
 	}
 }
