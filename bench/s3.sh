@@ -7,9 +7,12 @@
 # 2-core machine it competes with vmvault for the CPU, as a store on the
 # backup host itself would.
 #
-# Usage: bench/s3.sh [--runs N] [--workdir DIR] IMAGE...
-#   IMAGE     raw disk images (e.g. base.raw from bench/mkimage.sh)
-#   --runs N  repeat each measurement N times (median reported; default 1)
+# Usage: bench/s3.sh [--runs N] [--workdir DIR] [--vmvault BIN] IMAGE...
+#   IMAGE          raw disk images (e.g. base.raw from bench/mkimage.sh)
+#   --runs N       repeat each measurement N times (median reported; default 1)
+#   --vmvault BIN  use this vmvault binary instead of building ./cmd/vmvault
+#   --workdir DIR  repositories and MinIO's data (default under $TMPDIR or
+#                  /var/tmp; on a tmpfs neither side pays for syncs)
 # Prints the load average before and after, and one line per image and
 # step: seconds on the local path, on S3, and the ratio, with the CPU
 # seconds behind each (vmvault's, and MinIO's own for S3: on a 2-core
@@ -17,11 +20,13 @@
 set -euo pipefail
 runs=1
 workdir=
+vmvault_bin=
 images=()
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--runs) runs=$2; shift 2 ;;
 	--workdir) workdir=$2; shift 2 ;;
+	--vmvault) vmvault_bin=$(realpath "$2"); shift 2 ;;
 	-h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
 	-*) echo "s3.sh: unknown option $1" >&2; exit 2 ;;
 	*) images+=("$1"); shift ;;
@@ -35,7 +40,7 @@ bin=${VMVAULT_TOOLS_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/vmvault-tools/bin}
 mkdir -p "$workdir"
 minio_pid=
 trap '[ -z "$minio_pid" ] || { kill "$minio_pid"; wait "$minio_pid"; } 2>/dev/null; rm -rf "$workdir"' EXIT
-go build -o "$workdir/vmvault" ./cmd/vmvault
+if [ -n "$vmvault_bin" ]; then cp "$vmvault_bin" "$workdir/vmvault"; else go build -o "$workdir/vmvault" ./cmd/vmvault; fi
 printf 'bench password\n' >"$workdir/pw"
 chmod 600 "$workdir/pw"
 

@@ -385,7 +385,10 @@ func (s *readSession) readReply() error {
 	if detached {
 		if err == nil && c.closeHandle && typ == fxpHandle {
 			if h, _, ok := takeString(c.small); ok {
-				s.closeHandle(string(h))
+				// Not from this goroutine: a write that waits for
+				// the server's window must never stop the reading
+				// that lets the server go on.
+				go s.closeHandle(string(h))
 			}
 		}
 		return err

@@ -60,10 +60,12 @@ func TestRestoreInterrupted(t *testing.T) {
 		name   string
 		sig    syscall.Signal
 		stdout bool
+		pipe   bool // stdout is a pipe (a new empty file takes --target's path)
 	}{
-		{"target SIGTERM", syscall.SIGTERM, false},
-		{"target SIGINT", syscall.SIGINT, false},
-		{"stdout SIGTERM", syscall.SIGTERM, true},
+		{"target SIGTERM", syscall.SIGTERM, false, false},
+		{"target SIGINT", syscall.SIGINT, false, false},
+		{"stdout SIGTERM", syscall.SIGTERM, true, false},
+		{"stdout pipe SIGTERM", syscall.SIGTERM, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -98,6 +100,10 @@ func TestRestoreInterrupted(t *testing.T) {
 				child := helper(e, args...)
 				var stderr bytes.Buffer
 				child.Stdout, child.Stderr = out, &stderr
+				if tc.pipe {
+					// Not an *os.File: exec makes a pipe and copies it to out.
+					child.Stdout = struct{ io.Writer }{out}
+				}
 				if err := child.Start(); err != nil {
 					t.Fatal(err)
 				}
