@@ -77,7 +77,7 @@ type Options struct {
 	// Logger receives progress and warnings; nil discards.
 	Logger *slog.Logger
 	// KDF overrides the argon2id parameters of a new key (Init); zero
-	// means calibrate to about half a second.
+	// means crypto.DefaultKDFParams (RFC 9106: t=3, 64 MiB, p=4).
 	KDF crypto.KDFParams
 	// SegmentSize of a new repository (Init); zero means the default.
 	SegmentSize int64

@@ -18,7 +18,7 @@ import (
 	"vmvault/crypto"
 )
 
-// fastKDF keeps tests quick; real repositories calibrate to ~0.5 s.
+// fastKDF keeps tests quick; real repositories use crypto.DefaultKDFParams.
 var fastKDF = crypto.MinKDFParams
 
 type testRepo struct {
