@@ -35,13 +35,7 @@ func TestBlake3Equal(t *testing.T) {
 	}
 	dst := make([]byte, len(data))
 	for _, n := range sizes {
-		want := ref(data[:n])
-		if got := h.Sum(data[:n]); got != want {
-			t.Fatalf("%d bytes: Sum %x, zeebo/blake3 %x", n, got, want)
-		}
-		if got := h.CopySum(dst, data[:n]); got != want {
-			t.Fatalf("%d bytes: CopySum %x, zeebo/blake3 %x", n, got, want)
-		}
+		want := sumsEqual(t, h, ref, dst, data[:n])
 		d := h.New()
 		for p := data[:n]; len(p) > 0; {
 			w := min(len(p), rng.IntN(3*batch)+1)
@@ -81,14 +75,22 @@ func TestBlake3EqualLarge(t *testing.T) {
 	}
 	dst := make([]byte, len(data))
 	for _, n := range sizes {
-		want := ref(data[:n])
-		if got := h.Sum(data[:n]); got != want {
-			t.Fatalf("%d bytes: Sum %x, zeebo/blake3 %x", n, got, want)
-		}
-		if got := h.CopySum(dst, data[:n]); got != want {
-			t.Fatalf("%d bytes: CopySum %x, zeebo/blake3 %x", n, got, want)
-		}
+		sumsEqual(t, h, ref, dst, data[:n])
 	}
+}
+
+// sumsEqual checks that h's Sum and CopySum (into dst) of b equal ref's
+// and returns that hash.
+func sumsEqual(t *testing.T, h *Hasher, ref func([]byte) ID, dst, b []byte) ID {
+	t.Helper()
+	want := ref(b)
+	if got := h.Sum(b); got != want {
+		t.Fatalf("%d bytes: Sum %x, zeebo/blake3 %x", len(b), got, want)
+	}
+	if got := h.CopySum(dst, b); got != want {
+		t.Fatalf("%d bytes: CopySum %x, zeebo/blake3 %x", len(b), got, want)
+	}
+	return want
 }
 
 // zeeboRef returns the keyed hash a Hasher for domain must give, computed

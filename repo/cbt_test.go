@@ -235,15 +235,7 @@ func chunkData(t *testing.T, r *Repository, d, old *Disk) int64 {
 		if zero || known[string(id[:])] {
 			continue
 		}
-		raw, err := r.getData(context.Background(), TypeSegment, id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		entries, err := decodeSegmentList(raw)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, e := range entries {
+		for _, e := range segmentEntries(t, r, id) {
 			if !e.Zero {
 				n += int64(e.Length)
 			}

@@ -119,13 +119,8 @@ func TestSparseTebibyteObjectRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	sid, _ := m.Disks[0].SegmentID(0)
-	raw, err := r.getData(context.Background(), TypeSegment, sid)
-	if err != nil {
-		t.Fatal(err)
-	}
-	entries, _ := decodeSegmentList(raw)
 	var victim crypto.ID
-	for _, e := range entries {
+	for _, e := range segmentEntries(t, r, sid) {
 		if !e.Zero {
 			victim = e.ID
 			break
@@ -136,6 +131,7 @@ func TestSparseTebibyteObjectRefused(t *testing.T) {
 	if err := os.Truncate(path, 1<<40); err != nil {
 		t.Fatal(err)
 	}
+	var err error
 	n := allocatedBy(func() { _, err = r.getData(context.Background(), TypeChunk, victim) })
 	if !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), dataName(victim)) {
 		t.Fatalf("1 TiB object: %v", err)

@@ -77,6 +77,20 @@ func testImage(seed uint64, size int) []byte {
 	return img
 }
 
+// segmentEntries fetches and decodes the segment list id.
+func segmentEntries(t *testing.T, r *Repository, id crypto.ID) []SegmentEntry {
+	t.Helper()
+	raw, err := r.getData(context.Background(), TypeSegment, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries, err := decodeSegmentList(raw)
+	if err != nil {
+		t.Fatalf("segment %s: %v", dataName(id), err)
+	}
+	return entries
+}
+
 func backupBytes(t *testing.T, r *Repository, vm string, img []byte) *Manifest {
 	t.Helper()
 	m, err := r.Backup(context.Background(), BackupRequest{VM: vm, Disks: []DiskSource{{Name: "disk", Source: "test", Reader: bytes.NewReader(img), Size: int64(len(img))}}, SHA256: true})

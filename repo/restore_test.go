@@ -305,15 +305,7 @@ func TestRestoreIndexSizesWrong(t *testing.T) {
 				if zero {
 					continue
 				}
-				raw, err := r.getData(context.Background(), TypeSegment, id)
-				if err != nil {
-					t.Fatal(err)
-				}
-				entries, err := decodeSegmentList(raw)
-				if err != nil {
-					t.Fatal(err)
-				}
-				for _, e := range entries {
+				for _, e := range segmentEntries(t, r, id) {
 					if ie, ok := ix.Lookup(e.ID); ok && !e.Zero {
 						ie.Size = tc.adjust(ie.Size)
 						ix.add(ie)

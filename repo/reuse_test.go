@@ -97,14 +97,7 @@ func forChunks(t *testing.T, r *Repository, d *Disk, fn func(s, a int, e Segment
 		if zero {
 			continue
 		}
-		raw, err := r.getData(context.Background(), TypeSegment, id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		entries, err := decodeSegmentList(raw)
-		if err != nil {
-			t.Fatal(err)
-		}
+		entries := segmentEntries(t, r, id)
 		s := int(d.segmentStart(i))
 		pos := s
 		for k, e := range entries {
