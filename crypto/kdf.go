@@ -63,8 +63,8 @@ func DeriveKey(password, salt []byte, p KDFParams) ([KeySize]byte, error) {
 // memory every 4 KiB page is first read (the kernel maps its shared zero
 // page) and then written, a copy-on-write fault that flushes the page
 // from every CPU's TLB. On a 2-core virtual machine those 16,384
-// inter-processor interrupts for 64 MiB took 0.23 s of a 0.25 s
-// derivation (t=1, p=2), ten times argon2's own work, and made the
+// faults for 64 MiB took 0.23 s of a 0.25 s derivation (t=1, p=2),
+// about ten times argon2's own work, and made the
 // calibration of round 1 settle on a single pass. Writing one byte of
 // each page of a heap object of the same size first (a plain fault, no
 // flush), freeing it and collecting lets argon2's allocation reuse those
