@@ -57,6 +57,10 @@ type Repository struct {
 	locksMu     sync.Mutex
 	held        []*Lock  // locks taken through this Repository
 	junk        sync.Map // names of unparsable objects already warned about
+
+	// beforeDirectWrite, when set (tests only), is called by each
+	// direct write of a restore target before it is issued.
+	beforeDirectWrite func()
 }
 
 // warnJunk warns once per Repository about an object that does not

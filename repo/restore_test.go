@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -321,5 +322,66 @@ func TestRestoreIndexSizesWrong(t *testing.T) {
 			}
 			t.Logf("%d entries wrong, %d fetches", wrong, rec.calls)
 		})
+	}
+}
+
+// A restore into a new file keeps many direct writes in flight at once,
+// not one per writer: the writes of a segment go out in pieces without
+// waiting for one another. Every direct write here waits at a gate that
+// opens only once eight have started; before, each of the four writers
+// had one write of a whole run in flight, the gate never opened, and
+// the restore stalled until the test's timer let the writes go.
+func TestRestoreToFileWritesInFlight(t *testing.T) {
+	tr := newTestRepo(t)
+	img := make([]byte, 40<<20)
+	rng := rand.New(rand.NewPCG(24, 1))
+	for i := range img {
+		img[i] = byte(rng.Uint32())
+	}
+	m := backupBytes(t, tr.Repository, "vm01", img)
+	const want = 8
+	var (
+		mu      sync.Mutex
+		started int
+		gate    = make(chan struct{})
+		timer   = time.NewTimer(20 * time.Second)
+		opened  = make(chan bool, 1)
+		open    sync.Once
+	)
+	defer timer.Stop()
+	go func() {
+		select {
+		case <-gate:
+			opened <- true
+		case <-timer.C:
+			opened <- false
+			open.Do(func() { close(gate) })
+		}
+	}()
+	tr.beforeDirectWrite = func() {
+		mu.Lock()
+		started++
+		if started == want {
+			open.Do(func() { close(gate) })
+		}
+		mu.Unlock()
+		<-gate
+	}
+	target := filepath.Join(t.TempDir(), "disk.raw")
+	if _, err := tr.RestoreTo(context.Background(), m, "", target); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	n := started
+	mu.Unlock()
+	if n == 0 {
+		t.Skip("the file system here refuses O_DIRECT: no direct writes to count")
+	}
+	if !<-opened {
+		t.Fatalf("never %d direct writes in flight at once (%d writes in all)", want, n)
+	}
+	got, _ := os.ReadFile(target)
+	if !bytes.Equal(got, img) {
+		t.Fatal("target differs from the image")
 	}
 }
