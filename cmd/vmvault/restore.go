@@ -74,6 +74,7 @@ ID may be any unique prefix of a generation ID; latest is the VM's newest.`,
 				if newFile(out) {
 					return a.restoreNewStdout(cmd, r, m, disk, out)
 				}
+				growPipe(out)
 				w := bufio.NewWriterSize(a.stdout, 1<<20)
 				st, err := r.Restore(ctx, m, disk, w)
 				if err == nil {
