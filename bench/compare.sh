@@ -331,6 +331,10 @@ run_tool() {
 	measure "$tool" incr "$next" "${backup[@]}" >/dev/null
 	echo $(($(repo_bytes "$repo") - before)) >"$workdir/time/$tool-incr.g$round"
 	say "$tool: restore to /dev/null"
+	# The backups just wrote the repository: write it out first, so the
+	# timed restore does not share the disk with that writeback (as in
+	# bench/restore.sh).
+	sync -f "$repo"
 	"${restore[@]}" </dev/null >/dev/null 2>"$workdir/logs/$tool-warmrestore.log" || die "$tool restore failed (warm-up)"
 	measure "$tool" restore "" "${restore[@]}" >/dev/null
 	echo 0 >"$workdir/time/$tool-restore.g$round"
