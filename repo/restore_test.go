@@ -328,9 +328,10 @@ func TestRestoreIndexSizesWrong(t *testing.T) {
 // A restore into a new file keeps many direct writes in flight at once,
 // not one per writer: the writes of a segment go out in pieces without
 // waiting for one another. Every direct write here waits at a gate that
-// opens only once eight have started; before, each of the four writers
-// had one write of a whole run in flight, the gate never opened, and
-// the restore stalled until the test's timer let the writes go.
+// opens only once eight have started (on two cores); before, each of the
+// four writers had one write of a whole run in flight, the gate never
+// opened, and the restore stalled until the test's timer let the writes
+// go.
 func TestRestoreToFileWritesInFlight(t *testing.T) {
 	tr := newTestRepo(t)
 	img := make([]byte, 40<<20)
@@ -339,7 +340,10 @@ func TestRestoreToFileWritesInFlight(t *testing.T) {
 		img[i] = byte(rng.Uint32())
 	}
 	m := backupBytes(t, tr.Repository, "vm01", img)
-	const want = 8
+	// Two writers per core, each with a segment of at least 2 MiB (two
+	// pieces) in flight: eight on two cores, where one write per writer
+	// made four.
+	want := min(8, 4*workers())
 	var (
 		mu      sync.Mutex
 		started int
