@@ -59,9 +59,11 @@ func (a *app) rootCommand() *cobra.Command {
 		Use:   "vmvault",
 		Short: "Back up running virtual machines' disks: deduplicated, compressed, encrypted",
 		Long: `vmvault backs up VM disk images (LVM snapshots, image files, block devices)
-into a repository on a local path or an SFTP server. Data is split into
-content-defined chunks, deduplicated, compressed with zstd and encrypted
-(XChaCha20-Poly1305) on this host: the storage server sees only ciphertext.
+into a repository on a local path, an SFTP server or S3-compatible object
+storage (--repo /path, sftp://user@host/path, s3:https://host/bucket).
+Data is split into content-defined chunks, deduplicated, compressed with
+zstd and encrypted (XChaCha20-Poly1305) on this host: the storage server
+sees only ciphertext.
 
 The repository is given by --repo or VMVAULT_REPOSITORY, its password by
 --password-file or VMVAULT_PASSWORD_FILE (or a prompt on a terminal).

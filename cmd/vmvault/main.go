@@ -1,5 +1,6 @@
 // Command vmvault backs up virtual machine disk images into an encrypted,
-// deduplicating repository on a local path or an SFTP server.
+// deduplicating repository on a local path, an SFTP server or S3-compatible
+// object storage.
 package main
 
 import (
