@@ -6,6 +6,8 @@
 # the mounted disk file has the image's SHA-256, then runs --runs rounds, each
 # interleaving (so both see the same load):
 #   restore   vmvault restore VM latest > /dev/null
+#   pipe      vmvault restore VM latest | cat > /dev/null: a second baseline
+#             in which restore's output, like a mount's, must reach a reader
 #   dd        dd bs=4M of the mounted disk file to /dev/null: every byte,
 #             holes included (fresh mount)
 #   cat       the same with cat (128 KiB reads)
@@ -14,7 +16,7 @@
 #             disk does (bench/nbd.sh's "convert" through NBD)
 # and prints per round the wall seconds, the CPU seconds (user + system; for
 # the mount cases the vmvault process's plus the reader's) and the load
-# average, then the medians and the ratios restore/case (wall).
+# average, then the medians and the ratios restore/case and pipe/case (wall).
 # Every mount is fresh (cold reader cache); the page cache holds the
 # repository for every case. Timings never fail the script; a wrong byte or a
 # failed command does. Needs root (direct FUSE mount) and GNU time.
@@ -126,7 +128,7 @@ for image in "${images[@]}"; do
 	[ "$got" = "$want" ] || { echo "fuse.sh: $name: mounted disk file differs from the image" >&2; exit 1; }
 
 	cases=(restore dd cat copy)
-	for c in "${cases[@]}"; do : >"$workdir/$c.w"; : >"$workdir/$c.c"; done
+	for c in "${cases[@]}" pipe; do : >"$workdir/$c.w"; : >"$workdir/$c.c"; done
 	for ((i = 1; i <= runs; i++)); do
 		l0=$(load)
 		t0=$(now)
@@ -135,6 +137,11 @@ for image in "${images[@]}"; do
 		echo "$t1 - $t0" | bc >>"$workdir/restore.w"
 		awk '{print $1 + $2}' "$workdir/restore.t" >>"$workdir/restore.c"
 		line=$(printf 'restore %.2f s (cpu %.2f)' "$(tail -1 "$workdir/restore.w")" "$(tail -1 "$workdir/restore.c")")
+		t0=$(now)
+		"${rt[@]}" "$bin" "${vvargs[@]}" restore vm01 latest | "${rt[@]}" cat >/dev/null
+		t1=$(now)
+		echo "$t1 - $t0" | bc >>"$workdir/pipe.w"
+		line+=$(printf '  pipe %.2f s' "$(tail -1 "$workdir/pipe.w")")
 		for c in "${cases[@]:1}"; do
 			mount_read "$c" >"$workdir/m.out"
 			read -r w cpu <"$workdir/m.out"
@@ -145,10 +152,11 @@ for image in "${images[@]}"; do
 		echo "$name round $i (load $l0-$(load)): $line"
 	done
 	r=$(median <"$workdir/restore.w")
-	line=$(printf 'restore %.2f s (cpu %.2f)' "$r" "$(median <"$workdir/restore.c")")
+	p=$(median <"$workdir/pipe.w")
+	line=$(printf 'restore %.2f s (cpu %.2f), pipe %.2f s' "$r" "$(median <"$workdir/restore.c")" "$p")
 	for c in "${cases[@]:1}"; do
 		w=$(median <"$workdir/$c.w")
-		line+=$(printf ', %s %.2f s (cpu %.2f) ratio %.2f' "$c" "$w" "$(median <"$workdir/$c.c")" "$(echo "$r / $w" | bc -l)")
+		line+=$(printf ', %s %.2f s (cpu %.2f) ratio %.2f (pipe %.2f)' "$c" "$w" "$(median <"$workdir/$c.c")" "$(echo "$r / $w" | bc -l)" "$(echo "$p / $w" | bc -l)")
 	done
 	echo "$name median of $runs: $line"
 done

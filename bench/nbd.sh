@@ -6,6 +6,8 @@
 # repository, then reports, each the median of --runs interleaved rounds
 # with a fresh server (cold reader cache; the page cache is warm for all):
 #   restore   vmvault restore VM latest > /dev/null
+#   pipe      vmvault restore VM latest | cat > /dev/null: a second baseline
+#             in which restore's output, like a server's, must reach a reader
 #   convert   qemu-img convert of the NBD export to qemu's null device (skips holes
 #             through block status, as a client copying a disk does)
 #   seqread   qemu-img bench: sequential 2 MiB reads of every byte of the
@@ -19,7 +21,10 @@
 # --rt runs every timed command at real-time round-robin priority (chrt -r 10),
 # as bench/fuse.sh --rt does.
 #
-# Usage: bench/nbd.sh [IMAGE...] [--size-mib N] [--runs N] [--generations N] [--rt] [--keep]
+# --vmvault BIN measures that binary instead of building the checkout (to
+# compare two builds in the same hour, as bench/fuse.sh --vmvault does).
+#
+# Usage: bench/nbd.sh [IMAGE...] [--size-mib N] [--runs N] [--generations N] [--rt] [--vmvault BIN] [--keep]
 set -euo pipefail
 
 size_mib=1024
@@ -28,12 +33,14 @@ gens=100
 keep=no
 images=()
 rt=()
+vmvault_bin=
 while (($#)); do
 	case $1 in
 	--size-mib) size_mib=$2; shift 2 ;;
 	--runs) runs=$2; shift 2 ;;
 	--generations) gens=$2; shift 2 ;;
 	--rt) rt=(chrt -r 10); shift ;;
+	--vmvault) vmvault_bin=$2; shift 2 ;;
 	--keep) keep=yes; shift ;;
 	-*) echo "nbd.sh: unknown option $1" >&2; exit 2 ;;
 	*) images+=("$1"); shift ;;
@@ -53,7 +60,7 @@ cleanup() {
 trap cleanup EXIT
 say() { echo "nbd.sh: $*" >&2; }
 
-(cd "$root" && go build -o "$work/vmvault" ./cmd/vmvault)
+if [ -n "$vmvault_bin" ]; then cp "$vmvault_bin" "$work/vmvault"; else (cd "$root" && go build -o "$work/vmvault" ./cmd/vmvault); fi
 printf 'bench password\n' >"$work/pw"
 chmod 600 "$work/pw"
 vvargs=(--repo "$work/repo" --password-file "$work/pw" --cache-dir "$work/cache" -q)
@@ -106,12 +113,15 @@ for img in "${images[@]}"; do
 	[ "$(sha256sum <"$work/copy.raw" | cut -d' ' -f1)" = "$want" ] || { echo "nbd.sh: NBD copy differs" >&2; exit 1; }
 	rm -f "$work/copy.raw"
 
-	: >"$work/restore.t"; : >"$work/convert.t"; : >"$work/seqread.t"
+	: >"$work/restore.t"; : >"$work/pipe.t"; : >"$work/convert.t"; : >"$work/seqread.t"
 	for ((i = 1; i <= runs; i++)); do
 		l0=$(load)
 		t0=$(now); "${rt[@]}" /usr/bin/time -f '%U %S' -o "$work/r.cpu" "$work/vmvault" "${vvargs[@]}" restore vm01 latest >/dev/null; t1=$(now)
 		echo "$t1 - $t0" | bc >>"$work/restore.t"
 		line=$(printf 'restore %.2f s (cpu %.2f)' "$(tail -1 "$work/restore.t")" "$(awk '{print $1 + $2}' "$work/r.cpu")")
+		t0=$(now); "${rt[@]}" "$work/vmvault" "${vvargs[@]}" restore vm01 latest | "${rt[@]}" cat >/dev/null; t1=$(now)
+		echo "$t1 - $t0" | bc >>"$work/pipe.t"
+		line+=$(printf '  pipe %.2f s' "$(tail -1 "$work/pipe.t")")
 		start_server vm01 latest
 		t0=$(now); "${rt[@]}" qemu-img convert -n -f raw --target-image-opts "$url" "driver=null-co,size=$size"; t1=$(now)
 		echo "$t1 - $t0" | bc >>"$work/convert.t"
@@ -124,12 +134,13 @@ for img in "${images[@]}"; do
 		stop_server
 		echo "$name round $i (load $l0-$(load)): $line"
 	done
-	r=$(median <"$work/restore.t"); c=$(median <"$work/convert.t"); s=$(median <"$work/seqread.t")
+	r=$(median <"$work/restore.t"); p=$(median <"$work/pipe.t"); c=$(median <"$work/convert.t"); s=$(median <"$work/seqread.t")
 	mbs() { echo "scale=0; $size / $1 / 1000000" | bc; }
 	printf '%s median of %d:\n' "$name" "$runs"
 	printf '  restore to stdout    %6.2f s  %5s MB/s\n' "$r" "$(mbs "$r")"
-	printf '  NBD qemu-img convert %6.2f s  %5s MB/s  ratio %.2f\n' "$c" "$(mbs "$c")" "$(echo "$r / $c" | bc -l)"
-	printf '  NBD sequential read  %6.2f s  %5s MB/s  ratio %.2f\n' "$s" "$(mbs "$s")" "$(echo "$r / $s" | bc -l)"
+	printf '  restore to a pipe    %6.2f s  %5s MB/s\n' "$p" "$(mbs "$p")"
+	printf '  NBD qemu-img convert %6.2f s  %5s MB/s  ratio %.2f (pipe %.2f)\n' "$c" "$(mbs "$c")" "$(echo "$r / $c" | bc -l)" "$(echo "$p / $c" | bc -l)"
+	printf '  NBD sequential read  %6.2f s  %5s MB/s  ratio %.2f (pipe %.2f)\n' "$s" "$(mbs "$s")" "$(echo "$r / $s" | bc -l)" "$(echo "$p / $s" | bc -l)"
 done
 ((gens > 0)) || exit 0
 

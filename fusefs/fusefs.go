@@ -202,6 +202,12 @@ func raiseReadAhead(dir string, log *slog.Logger) {
 // package rules) rather than through the page cache.
 func (m *Mounted) DirectIO() bool { return m.root.directIO.Load() }
 
+// LargestRead is the largest read request the kernel has sent so far, in
+// bytes: with direct I/O, reads of 1 MiB or more arrive as requests of
+// 1 MiB (the size the mount negotiates), not of the kernel's default
+// 128 KiB, which would cost eight round trips for each.
+func (m *Mounted) LargestRead() int64 { return m.root.largest.Load() }
+
 // Unmount detaches the file system. It fails with EBUSY while something
 // (a loop mount, an open file, a shell's working directory) uses it.
 func (m *Mounted) Unmount() error {
@@ -263,7 +269,8 @@ type rootNode struct {
 	opts      Options
 	log       *slog.Logger
 	manifests []*repo.Manifest
-	directIO  atomic.Bool // open disk files for direct I/O
+	directIO  atomic.Bool  // open disk files for direct I/O
+	largest   atomic.Int64 // the largest read request so far, in bytes
 }
 
 var _ = (fs.NodeOnAdder)((*rootNode)(nil))
@@ -382,6 +389,7 @@ func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	if dr == nil {
 		return nil, syscall.EBADF
 	}
+	storeMax(&n.root.largest, int64(len(dest)))
 	v, err := dr.ReadSlices(ctx, off, len(dest))
 	if err != nil && v.N < len(dest) && off+int64(v.N) < dr.Size() {
 		v.Release()
@@ -392,6 +400,16 @@ func (n *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 		return nil, syscall.EIO
 	}
 	return viewResult{v}, 0
+}
+
+// storeMax raises a to v if v is larger.
+func storeMax(a *atomic.Int64, v int64) {
+	for {
+		old := a.Load()
+		if v <= old || a.CompareAndSwap(old, v) {
+			return
+		}
+	}
 }
 
 // viewResult sends a reader's view to the kernel in one writev (go-fuse

@@ -252,6 +252,11 @@ func TestMountReadModes(t *testing.T) {
 			if testio.ReadExpectEIO(t, disk, want, block) != 0 {
 				t.Fatalf("PageCache %v: a read of an undamaged disk failed", pageCache)
 			}
+			// Direct I/O: the 4 MiB reads reach the server as requests
+			// of the negotiated 1 MiB, not of the kernel's default 128 KiB.
+			if block == 4<<20 && mnt.DirectIO() && mnt.LargestRead() != maxRead {
+				t.Fatalf("reads of %d bytes arrived as requests of at most %d bytes, want %d", block, mnt.LargestRead(), maxRead)
+			}
 		}
 		for _, flags := range []int{unix.MAP_SHARED, unix.MAP_PRIVATE} {
 			if err := mmapEqual(disk, want, flags); err != nil {

@@ -90,8 +90,9 @@ type BackupRequest struct {
 	VerifyUnchanged float64
 }
 
-// uploadWindow bounds the sealed bytes queued for upload. Together with
-// the segment buffers it bounds a backup's memory.
+// uploadWindow bounds the memory of the sealed objects queued for upload
+// (their buffers' capacity). Together with the segment buffers it bounds
+// a backup's memory.
 const uploadWindow = 32 << 20
 
 // maxWorkers bounds segment workers (and so segment buffers) regardless
@@ -170,7 +171,11 @@ func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, p
 	if t == TypeSegment {
 		list = payload
 	}
-	if err := st.sem.Acquire(ctx, int64(len(sealed))); err != nil {
+	// The window counts the buffer, not the object: a sealed object
+	// lies in a buffer rounded up to whole MiB (codec.buffer), and the
+	// buffer is what stays live until the store has it.
+	weight := min(int64(cap(sealed)), uploadWindow)
+	if err := st.sem.Acquire(ctx, weight); err != nil {
 		close(p.done)
 		return err
 	}
@@ -183,7 +188,7 @@ func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, p
 		} else {
 			err = st.r.be.Put(ctx, name, sealed)
 		}
-		st.sem.Release(int64(len(sealed)))
+		st.sem.Release(weight)
 		e := IndexEntry{ID: id, Type: t, Size: uint32(len(sealed))}
 		if err == nil || errors.Is(err, backend.ErrExist) {
 			// The store has read all of it. (After another error an

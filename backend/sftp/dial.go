@@ -1,6 +1,7 @@
 package sftp
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -271,7 +272,7 @@ func (b *Backend) dialTimeout(parent context.Context) (*conn, error) {
 	stop := context.AfterFunc(ctx, func() { tcp.Close() })
 	dl, _ := ctx.Deadline()
 	tcp.SetDeadline(dl)
-	sc, chans, reqs, err := ssh.NewClientConn(tcp, b.target.addr, cfg)
+	sc, chans, reqs, err := ssh.NewClientConn(newReadBufferedConn(tcp), b.target.addr, cfg)
 	if err != nil {
 		stop()
 		tcp.Close()
@@ -346,3 +347,24 @@ func keepalive(c *conn) {
 		}
 	}
 }
+
+// connReadBuffer is how much the SSH transport's connection reads from
+// the socket at a time.
+const connReadBuffer = 256 << 10
+
+// readBufferedConn gives the SSH transport a large read buffer. The
+// transport reads each packet through a 4 KiB bufio.Reader: the packet's
+// length prefix fills those 4 KiB from the socket and the rest of a 32 KiB
+// data packet takes a second system call, so a restore made two reads per
+// packet. Through this buffer one read takes in whatever the socket holds,
+// often several packets.
+type readBufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func newReadBufferedConn(c net.Conn) *readBufferedConn {
+	return &readBufferedConn{Conn: c, r: bufio.NewReaderSize(c, connReadBuffer)}
+}
+
+func (c *readBufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }

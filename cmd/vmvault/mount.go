@@ -60,7 +60,7 @@ retries every second. Root mounts directly; other users need fusermount3.`,
 				}
 				st := m.Stats()
 				a.log.Info("unmounted", "mountpoint", dir, "read", st.BytesRead, "fetched", st.FetchedBytes,
-					"waits", st.Waits, "wait_time", st.WaitTime, "buffers_reused", st.BuffersReused, "chunks", st.ChunksFetched)
+					"waits", st.Waits, "wait_time", st.WaitTime, "buffers_reused", st.BuffersReused, "chunks", st.ChunksFetched, "largest_read", m.LargestRead())
 				return nil
 			})
 		},

@@ -135,9 +135,11 @@ func (a *app) serve(ctx context.Context, r *repo.Repository, vm, gen string, f *
 		st.FetchedBytes += s.FetchedBytes
 		st.Waits += s.Waits
 		st.WaitTime += s.WaitTime
+		st.ChunksFetched += s.ChunksFetched
+		st.BuffersReused += s.BuffersReused
 	}
 	a.log.Info("stopped serving", "vm", m.VM, "generation", m.ShortID(), "read", st.BytesRead, "fetched", st.FetchedBytes,
-		"waits", st.Waits, "wait_time", st.WaitTime)
+		"waits", st.Waits, "wait_time", st.WaitTime, "chunks", st.ChunksFetched, "buffers_reused", st.BuffersReused)
 	return nil
 }
 
