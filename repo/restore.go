@@ -31,7 +31,7 @@ import (
 // spread over every connection; locally it keeps every core decoding.
 //
 // Window and budget come out of one share of memory, half the soft memory
-// limit (cmd/vmvault sets 144 MiB) or restoreMemory without one. The other
+// limit (cmd/vmvault sets 176 MiB) or restoreMemory without one. The other
 // half is room for garbage: a remote backend makes some for every byte it
 // fetches (SSH packets, the SFTP library's replies), and a live heap near
 // the limit has the collector run without pause. With 9 segment buffers

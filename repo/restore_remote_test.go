@@ -19,7 +19,7 @@ import (
 )
 
 // cliMemoryLimit is the soft memory limit cmd/vmvault sets.
-const cliMemoryLimit = 144 << 20
+const cliMemoryLimit = 176 << 20
 
 // A restore's segment buffers and fetch budget fit in half the soft memory
 // limit, whatever the limit, and use what a larger limit allows.
@@ -63,7 +63,7 @@ func TestPlanRestore(t *testing.T) {
 	w1, b1 := planRestore(cliMemoryLimit, maxSeg)
 	w2, b2 := planRestore(1<<30, maxSeg)
 	if w2 < w1 || b2 < b1 || w2 == w1 && b2 == b1 {
-		t.Fatalf("1 GiB limit: window %d budget %d; 144 MiB: window %d budget %d", w2, b2, w1, b1)
+		t.Fatalf("1 GiB limit: window %d budget %d; CLI limit: window %d budget %d", w2, b2, w1, b1)
 	}
 }
 

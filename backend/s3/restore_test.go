@@ -14,7 +14,7 @@ import (
 	"vmvault/repo"
 )
 
-// A restore from S3 under cmd/vmvault's soft memory limit (144 MiB)
+// A restore from S3 under cmd/vmvault's soft memory limit (176 MiB)
 // collects garbage now and then, not continuously: with the restore's
 // buffers at the limit, every response body's garbage started a
 // collection (866 collections and twice the CPU for image A from MinIO;
@@ -42,7 +42,7 @@ func TestRestoreCollectsRarely(t *testing.T) {
 	want := sha256.New()
 	io.Copy(want, image())
 
-	defer debug.SetMemoryLimit(debug.SetMemoryLimit(144 << 20))
+	defer debug.SetMemoryLimit(debug.SetMemoryLimit(176 << 20))
 	testio.RestoreFewGCs(t, size, want.Sum(nil), func(out io.Writer) error {
 		_, err := r.Restore(ctx, m, "", out)
 		return err
