@@ -863,6 +863,17 @@ func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source 
 	return st.storeSegment(ctx, sp, job.buf[:job.n], private, prev, job.off)
 }
 
+// segmentID returns the ID of a segment split into entries and its
+// segment list's payload: the keyed hash ("segment-list") of the payload,
+// or the zero ID and no list for a segment that is one zero run.
+func (r *Repository) segmentID(entries []SegmentEntry) (crypto.ID, []byte) {
+	if len(entries) == 1 && entries[0].Zero {
+		return crypto.ID{}, nil
+	}
+	list := encodeSegmentList(entries)
+	return r.segListH.Sum(list), list
+}
+
 // storeSegment chunks one segment, at image offset off, and queues its
 // new chunks and its segment list for upload. It returns the segment ID:
 // the keyed hash of its segment list (all zeros for an all-zero segment).
@@ -907,12 +918,11 @@ func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg
 	if err != nil {
 		return crypto.ID{}, err
 	}
-	if len(entries) == 1 && entries[0].Zero {
+	segID, list := st.r.segmentID(entries)
+	if list == nil {
 		st.stats.zero.Add(zero)
 		return crypto.ID{}, nil
 	}
-	list := encodeSegmentList(entries)
-	segID := st.r.segListH.Sum(list)
 	segPending, mine := st.claim(segID)
 	if !mine {
 		// Stored before, or being stored by another worker.

@@ -357,10 +357,7 @@ func (st *backupState) verifyUnchanged(ctx context.Context, w *segmentWorkers, i
 		}); err != nil {
 			return err
 		}
-		var id crypto.ID
-		if len(entries) != 1 || !entries[0].Zero {
-			id = st.r.segListH.Sum(encodeSegmentList(entries))
-		}
+		id, _ := st.r.segmentID(entries)
 		if want, _ := bd.SegmentID(i); id != want {
 			return fmt.Errorf("segment at offset %d (%d bytes) differs from base generation %s, but the change tracker (%s) reported it unchanged: %w",
 				off, l, base.gen.ShortID(), src.Changes.Kind, ErrTrackerMismatch)

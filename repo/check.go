@@ -169,7 +169,7 @@ func (r *Repository) Check(ctx context.Context, opts CheckOptions) (*CheckReport
 		SegmentList: func(id crypto.ID, entries []SegmentEntry, _ Origin) error {
 			// Decoding accepts only the canonical encoding, so the
 			// payload is the entries encoded again.
-			c.listIDs[id] = r.segListH.Sum(encodeSegmentList(entries))
+			c.listIDs[id], _ = r.segmentID(entries)
 			if opts.ReadData {
 				if _, seen := c.segEntries[id]; !seen {
 					c.segOrder = append(c.segOrder, id)

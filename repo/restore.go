@@ -662,7 +662,7 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 	// Walk the blocks, flushing each run of equal actions at once. The
 	// direct writes of a run go on while the walk goes on; the segment's
 	// buffer is free only once they all have ended.
-	var pending pendingWrites
+	var pending errgroup.Group
 	runStart, runAct := int64(0), blockKeep
 	flush := func(end int64) error {
 		if end <= runStart {
@@ -704,7 +704,7 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 		return flush(seg.size)
 	}
 	err := walk()
-	if werr := pending.wait(); err == nil {
+	if werr := pending.Wait(); err == nil {
 		err = werr
 	}
 	return err
@@ -761,8 +761,8 @@ const directAlign = 4096
 //
 // The direct middle goes out in pieces of writePiece bytes, each its own
 // write in flight (see directWrite), added to pending: p must stay
-// untouched until pending.wait has returned.
-func (tw *targetWriter) writeAt(p []byte, pos int64, pending *pendingWrites) error {
+// untouched until pending.Wait has returned.
+func (tw *targetWriter) writeAt(p []byte, pos int64, pending *errgroup.Group) error {
 	if tw.direct != nil && !tw.noDirect.Load() {
 		head := int((directAlign - pos%directAlign) % directAlign)
 		mid := (len(p) - head) / directAlign * directAlign
@@ -795,52 +795,28 @@ const (
 	writeDepth = 16
 )
 
-// pendingWrites is the direct writes of one segment in flight.
-type pendingWrites struct {
-	wg  sync.WaitGroup
-	mu  sync.Mutex
-	err error
-}
-
-// wait waits for every write of pw and returns the first error.
-func (pw *pendingWrites) wait() error {
-	pw.wg.Wait()
-	return pw.err
-}
-
-func (pw *pendingWrites) fail(err error) {
-	pw.mu.Lock()
-	if pw.err == nil {
-		pw.err = err
-	}
-	pw.mu.Unlock()
-}
-
 // directWrite starts writing p (whole pages, page-aligned in memory and
 // file alike) at pos with O_DIRECT once one of the writeDepth slots is
 // free, and adds it to pending. Where the file system refuses the direct
 // write after all, p goes through the page cache, and so does every
 // write after it.
-func (tw *targetWriter) directWrite(p []byte, pos int64, pending *pendingWrites) {
+func (tw *targetWriter) directWrite(p []byte, pos int64, pending *errgroup.Group) {
 	tw.slots <- struct{}{}
-	pending.wg.Add(1)
-	go func() {
-		defer pending.wg.Done()
+	pending.Go(func() error {
 		if tw.hook != nil {
 			tw.hook()
 		}
 		_, err := tw.direct.WriteAt(p, pos)
 		<-tw.slots
-		if errors.Is(err, unix.EINVAL) {
+		switch {
+		case errors.Is(err, unix.EINVAL):
 			tw.noDirect.Store(true)
-			err = tw.buffered(p, pos)
-		} else if err != nil {
-			err = fmt.Errorf("write target at %d: %w", pos, err)
+			return tw.buffered(p, pos)
+		case err != nil:
+			return fmt.Errorf("write target at %d: %w", pos, err)
 		}
-		if err != nil {
-			pending.fail(err)
-		}
-	}()
+		return nil
+	})
 }
 
 // preallocate gives the blocks of every segment of d that is not all

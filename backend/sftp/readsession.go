@@ -231,7 +231,7 @@ func appendString(b []byte, s string) []byte {
 	return append(b, s...)
 }
 
-// send registers a call per request and writes the packets that build
+// sendMany registers a call per request and writes the packets that build
 // appends (one per call, given its id) in one write. dsts gives each
 // request its destination buffer; with dsts nil there is one request.
 func (s *readSession) sendMany(dsts [][]byte, noWait bool, build func(b []byte, i int, id uint32) []byte) ([]*readCall, error) {
@@ -557,7 +557,7 @@ func (s *readSession) size(ctx context.Context, h string) (int64, error) {
 	return int64(size), nil
 }
 
-// readRoundMax bounds the bytes one round of readFrom asks for.
+// readRoundMax bounds the bytes one round of readAt asks for.
 const readRoundMax = 8 << 20
 
 // readAt reads the open file h from offset off into buf until the file

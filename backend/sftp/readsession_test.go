@@ -31,6 +31,17 @@ func readSessions(t *testing.T, b *Backend) []*readSession {
 	return out
 }
 
+// putRandom stores size random bytes in b under their data name.
+func putRandom(t *testing.T, b *Backend, size int) ([]byte, string) {
+	t.Helper()
+	data := backendtest.RandomBytes(t, size)
+	name := backendtest.DataName(data)
+	if err := b.Put(context.Background(), name, data); err != nil {
+		t.Fatal(err)
+	}
+	return data, name
+}
+
 // Objects of every size around the edges of a read request and of a
 // round of requests come back whole through GetInto, GetAll and ranged
 // Get.
@@ -42,11 +53,7 @@ func TestReadSessionSizes(t *testing.T) {
 		t.Fatalf("read size %d, want OpenSSH's limit %d from limits@openssh.com", piece, maxPacketOpenSSH)
 	}
 	for _, size := range []int{0, 1, piece - 1, piece, piece + 1, 3 * piece, readRoundMax - 1, readRoundMax, readRoundMax + piece + 5} {
-		data := backendtest.RandomBytes(t, size)
-		name := backendtest.DataName(data)
-		if err := b.Put(ctx, name, data); err != nil {
-			t.Fatal(err)
-		}
+		data, name := putRandom(t, b, size)
 		for _, room := range []int{size + 1, size + piece, 2*readRoundMax + 1} {
 			buf := make([]byte, room)
 			n, err := b.GetInto(ctx, name, buf)
@@ -80,11 +87,7 @@ func TestReadSessionSizes(t *testing.T) {
 func TestReadSessionCancelled(t *testing.T) {
 	b, _, _ := openTestRepo(t)
 	ctx := context.Background()
-	data := backendtest.RandomBytes(t, 6<<20)
-	name := backendtest.DataName(data)
-	if err := b.Put(ctx, name, data); err != nil {
-		t.Fatal(err)
-	}
+	data, name := putRandom(t, b, 6<<20)
 	buf := make([]byte, 7<<20)
 	cancelled := 0
 	for i := range 24 {
@@ -126,11 +129,7 @@ func TestReadSessionCancelled(t *testing.T) {
 func TestGetIntoAllocation(t *testing.T) {
 	b, _, _ := openTestRepo(t)
 	ctx := context.Background()
-	data := backendtest.RandomBytes(t, 4<<20)
-	name := backendtest.DataName(data)
-	if err := b.Put(ctx, name, data); err != nil {
-		t.Fatal(err)
-	}
+	data, name := putRandom(t, b, 4<<20)
 	buf := make([]byte, 5<<20)
 	const reads = 8
 	var before, after runtime.MemStats
@@ -164,11 +163,7 @@ func TestReadThroughLibrary(t *testing.T) {
 	}
 	b.mu.Unlock()
 	ctx := context.Background()
-	data := backendtest.RandomBytes(t, 3<<20+5)
-	name := backendtest.DataName(data)
-	if err := b.Put(ctx, name, data); err != nil {
-		t.Fatal(err)
-	}
+	data, name := putRandom(t, b, 3<<20+5)
 	buf := make([]byte, 4<<20)
 	n, err := b.GetInto(ctx, name, buf)
 	if err != nil || !bytes.Equal(buf[:n], data) {

@@ -95,10 +95,11 @@ func main() {
 // (48 MiB on 2 cores), and what is left must hold the live heap of a full
 // upload window (about 102 MB: sealed buffers, chunk copies, read
 // buffers, zstd history). At 144 MiB (96 MiB while reading) the collector
-// ran back to back whenever the store was slower than the backup: 1,822–
-// 1,864 collections for an SFTP full backup of a 4 GiB image, 278–322 even
-// to a local directory; at 176 MiB 35–37 and 15–21, for about 1.3 CPU-s
-// less locally and 5 less over SFTP (docs/performance.md, "Memory bound").
+// ran back to back whenever the store was slower than the backup: 1,783–
+// 1,864 collections for an SFTP full backup of a 4 GiB image, 171–322
+// even to a local directory; at 176 MiB 35–42 and 15–23, for 0.4–2.0
+// CPU-s less locally and 4.4–5.4 less over SFTP (images A and B;
+// docs/performance.md, "Memory bound").
 const memoryLimit = 176 << 20
 
 // runMain runs a command line as the process: SIGINT and SIGTERM cancel
