@@ -27,7 +27,9 @@
 # load average, then per case the median's wall, user and system seconds,
 # the SFTP server's CPU seconds (sshd and its sftp sessions), peak RSS,
 # the fastest wall, and the ratios of the medians against stdout,
-# stdout-file (for the cases that write a file or device) and restic.
+# stdout-file (for the cases that write a file or device) and restic;
+# with --sftp also the floor of a remote restore on this machine (the
+# local restore's CPU plus the sshd's, on every core, over the local wall).
 # Timings never fail the script; a differing restore does.
 #
 # Usage: bench/restore.sh IMAGE [--runs N] [--restic BIN] [--vmvault BIN] [--sftp] [--workdir DIR]
@@ -237,6 +239,15 @@ for name in stdout stdout-file target-new target-same blockdev dump fuse restic-
 	both() { echo "$(ratio "${wall[$1]}" "${wall[$2]}") ($(ratio "$(cpu "$1")" "$(cpu "$2")"))"; }
 	printf "%-18s %8s %8s %8s %8s %8s %8s %14s %14s %14s %14s\n" "$name" "${wall[$name]}" "${best[$name]}" "${user[$name]}" "${sys[$name]}" "${server[$name]}" "${rss[$name]}" \
 		"$(both "$name" stdout)" "${file:+$(both "$name" "$file")}" "${ref:+$(both "$name" "$ref")}" "${same:+$(both "$name" "$same")}"
+done
+# The floor of a remote restore on this machine: vmvault's local work and
+# the SFTP server's measured work, every core busy all the time, ÷ the
+# local wall. A target below it cannot be met here whatever the client does.
+for name in sftp-stdout sftp-target-new; do
+	[ -n "${wall[$name]:-}" ] || continue
+	case $name in sftp-stdout) same=stdout ;; *) same=target-new ;; esac
+	awk -v lw="${wall[$same]}" -v lc="$(cpu "$same")" -v sv="${server[$name]}" -v n="$(nproc)" -v w="${wall[$name]}" -v c="$name" \
+		'BEGIN { f = (lc + sv) / n; if (f < lw) f = lw; printf "%s / local: %.2f, floor %.2f (local cpu %.2f s + sshd %.2f s on %d cores)\n", c, w / lw, f / lw, lc, sv, n }'
 done
 if [ -n "${wall[restic-sparse-sync]:-}" ] && [ -n "${wall[target-new]:-}" ]; then
 	echo "target-new / restic-sparse-sync (both made durable): $(ratio "${wall[target-new]}" "${wall[restic-sparse-sync]}")"

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -143,6 +145,11 @@ func TestMountCLISignals(t *testing.T) {
 	dir := t.TempDir()
 
 	child, stderr := startMount(t, global, dir)
+	// A server of reads runs twice as many Go processors as cores, so a
+	// read request finds one free while read-ahead decodes (oversubscribe).
+	if want := fmt.Sprintf("procs=%d", 2*runtime.GOMAXPROCS(0)); os.Getenv("GOMAXPROCS") == "" && !strings.Contains(stderr.String(), want) {
+		t.Errorf("mount's log does not say %s: %s", want, stderr.String())
+	}
 	if sumFile(t, filepath.Join(dir, "vm01/latest/hda")) != sumFile(t, img) {
 		t.Fatal("mounted disk file differs from the image")
 	}

@@ -110,6 +110,7 @@ func (a *app) serve(ctx context.Context, r *repo.Repository, vm, gen string, f *
 		return err
 	}
 	limit := raiseMemoryLimit(int64(len(m.Disks)) * ropts.Memory())
+	procs := oversubscribe()
 	sd, err := openExports(ctx, a.log, r, m, f.disk, f.overlayDir, f.keep, ropts)
 	defer sd.close()
 	if err != nil {
@@ -124,7 +125,7 @@ func (a *app) serve(ctx context.Context, r *repo.Repository, vm, gen string, f *
 		return err
 	}
 	a.log.Info("serving", "vm", m.VM, "generation", m.ShortID(), "listen", l.Addr().String(),
-		"default", sd.def, "exports", strings.Join(sd.names, ","), "writable", f.writable, "memory_limit", limit)
+		"default", sd.def, "exports", strings.Join(sd.names, ","), "writable", f.writable, "memory_limit", limit, "procs", procs)
 	if err := srv.Serve(ctx, l); err != nil {
 		return err
 	}
