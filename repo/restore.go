@@ -425,6 +425,10 @@ type RestoreStats struct {
 	Bytes   int64 `json:"bytes"`   // image size
 	Written int64 `json:"written"` // bytes actually written to the target
 	Skipped int64 `json:"skipped"` // bytes already equal (or holes)
+	// Zeroed counts the bytes of all-zero segments a block device
+	// zeroed itself (write-zeroes), without their being read back and
+	// compared first.
+	Zeroed int64 `json:"zeroed"`
 }
 
 // Restore streams disk d of manifest m to w, in order. Every segment is
@@ -599,6 +603,10 @@ type targetWriter struct {
 	// in holes, to be punched once the image is complete.
 	preallocated bool
 	holes        [][2]int64 // offset, length
+	// devZero is whether the block device zeroes a range itself
+	// (fallocate PUNCH_HOLE, the kernel's write-zeroes without a
+	// fallback): 0 not known yet, 1 yes, 2 no.
+	devZero atomic.Int32
 
 	mu sync.Mutex
 	st RestoreStats
@@ -620,9 +628,20 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 		tw.st.Bytes += st.Bytes
 		tw.st.Written += st.Written
 		tw.st.Skipped += st.Skipped
+		tw.st.Zeroed += st.Zeroed
 		tw.mu.Unlock()
 	}()
 	st.Bytes = seg.size
+	if seg.data == nil && !tw.regular {
+		ok, err := tw.zeroDevice(seg.off, seg.size)
+		if err != nil {
+			return err
+		}
+		if ok {
+			st.Zeroed += seg.size
+			return nil
+		}
+	}
 	// cur is the target's present content of the segment; nil where
 	// beyond the old size (a hole).
 	known := max(0, min(seg.size, tw.oldSize-seg.off))
@@ -895,6 +914,33 @@ func (tw *targetWriter) zero(pos, k int64) error {
 		return tw.writeZeros(pos+head+mid, k-head-mid)
 	}
 	return tw.writeZeros(pos, k)
+}
+
+// zeroDevice asks the block device to zero the whole pages [pos,
+// pos+k) itself, and reports whether it did. An all-zero segment is then
+// neither read back nor compared: reading a device's holes costs as much
+// as reading its data (a loop device over a file on /dev/shm: image A
+// onto it in 3.7-4.0 s, most of it reading 2.3 GiB of zeros back), while
+// a device with write-zeroes (a loop device, NVMe, a partition or linear
+// LV over one) zeroes a range without moving a byte. PUNCH_HOLE on a
+// block device never falls back to writing zeros: a device without
+// write-zeroes refuses it, and then the segment is read back and only
+// what is not zero is zeroed, as before (which keeps a thin LV's blocks
+// that read as zeros unallocated).
+func (tw *targetWriter) zeroDevice(pos, k int64) (bool, error) {
+	if pos%directAlign != 0 || k%directAlign != 0 || tw.devZero.Load() == 2 {
+		return false, nil
+	}
+	err := unix.Fallocate(int(tw.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos, k)
+	switch {
+	case err == nil:
+		tw.devZero.Store(1)
+		return true, nil
+	case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOTTY):
+		tw.devZero.Store(2)
+		return false, nil
+	}
+	return false, fmt.Errorf("zero target at %d: %w", pos, err)
 }
 
 // writeZeros writes k zero bytes at pos.

@@ -24,7 +24,9 @@ func (a *app) restoreCommand() *cobra.Command {
 		Long: `Restore one disk of a generation, or all of them. Without --target the
 image streams to stdout in order. With --target it is written in place into
 a file (created if missing, zero ranges left as holes) or block device,
-writing only the ranges that differ. With --target-dir every disk of the
+writing only the ranges that differ; on a device that zeroes ranges itself
+(write-zeroes: a loop device, NVMe, an LV over one) the image's all-zero
+stretches are zeroed that way instead of being read back and compared. With --target-dir every disk of the
 generation (or the one --disk names) is restored into DIR/NAME.raw, DIR
 created if missing.
 
@@ -155,7 +157,7 @@ func (a *app) restoreTarget(cmd *cobra.Command, r *repo.Repository, m *repo.Mani
 		}
 		return fmt.Errorf("restore %s %s: %w", m.VM, m.ShortID(), err)
 	}
-	a.log.Info("restored", "vm", m.VM, "generation", m.ShortID(), "target", target, "bytes", st.Bytes, "written", st.Written, "skipped", st.Skipped)
+	a.log.Info("restored", "vm", m.VM, "generation", m.ShortID(), "target", target, "bytes", st.Bytes, "written", st.Written, "skipped", st.Skipped, "zeroed", st.Zeroed)
 	return nil
 }
 
