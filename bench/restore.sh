@@ -14,6 +14,8 @@
 #   vmvault restore --target onto a block device   "blockdev": a loop device
 #     over a file on /dev/shm, discarded (all zeros) before each run; as
 #     root with losetup only
+#   vmvault restore to stdout into that device      "blockdev-stdout" (its
+#     "/stdout-file" column compares blockdev with it: the same target)
 #   vmvault restore --target over the same image   "target-same" (compare only)
 #   vmvault dump of the whole disk (/dev/null)     "dump"
 #   sequential read through vmvault mount (cat)    "fuse"
@@ -108,6 +110,7 @@ if [ "$(id -u)" -eq 0 ] && command -v losetup >/dev/null && command -v blkdiscar
 	# blkdiscard empties the device (and its page cache): every run
 	# restores onto zeros, as onto a new thin LV.
 	add blockdev "blkdiscard -f '$loopdev' 2>/dev/null && $V $R restore bench latest --target '$loopdev' 2>/dev/null"
+	add blockdev-stdout "blkdiscard -f '$loopdev' 2>/dev/null && $V $R restore bench latest > '$loopdev' 2>/dev/null"
 fi
 add dump "$V $R dump bench latest > /dev/null 2>/dev/null"
 # Each FUSE run mounts afresh (the kernel keeps a disk file's pages cached
@@ -220,7 +223,7 @@ echo "ratios: wall of the medians (cpu = user+sys, plus the sshd's for sftp); on
 echo "restic-sparse writes through the page cache and syncs nothing; target-new, stdout-file and blockdev fsync before exit 0"
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf "%-18s %8s %8s %8s %8s %8s %8s %14s %14s %14s %14s\n" case wall_s best_s user_s sys_s sshd_s rss_MiB "/stdout" "/stdout-file" "/restic" "/local-same"
-for name in stdout stdout-file target-new target-same blockdev dump fuse restic-dump restic-sparse restic-sparse-sync sftp-stdout sftp-target-new; do
+for name in stdout stdout-file target-new target-same blockdev blockdev-stdout dump fuse restic-dump restic-sparse restic-sparse-sync sftp-stdout sftp-target-new; do
 	[ -n "${wall[$name]:-}" ] || continue
 	ref=
 	case $name in
@@ -229,7 +232,8 @@ for name in stdout stdout-file target-new target-same blockdev dump fuse restic-
 	esac
 	file=
 	case $name in
-	target-new | target-same | blockdev) [ -n "${wall[stdout-file]:-}" ] && file=stdout-file ;;
+	target-new | target-same) [ -n "${wall[stdout-file]:-}" ] && file=stdout-file ;;
+	blockdev) [ -n "${wall[blockdev-stdout]:-}" ] && file=blockdev-stdout ;;
 	esac
 	same=
 	case $name in
