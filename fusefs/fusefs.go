@@ -367,6 +367,13 @@ func (n *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	if n.dr == nil {
 		dr, err := n.root.src.OpenDisk(ctx, n.m, n.disk, n.root.opts.Reader)
 		if err != nil {
+			// The kernel interrupts a request when a signal reaches the
+			// thread that made it (the Go runtime preempts goroutines
+			// with SIGURG): EINTR then, which the caller retries, never
+			// EIO, which it takes for a broken disk.
+			if ctx.Err() != nil {
+				return nil, 0, syscall.EINTR
+			}
 			n.root.log.Error("open disk failed", "vm", n.m.VM, "generation", n.m.ShortID(), "disk", n.disk, "err", err)
 			return nil, 0, syscall.EIO
 		}
@@ -454,6 +461,9 @@ func (n *diskNode) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, when
 	for pos := int64(off); pos < dr.Size(); pos += window {
 		ext, err := dr.Extents(ctx, pos, window)
 		if err != nil {
+			if ctx.Err() != nil {
+				return 0, syscall.EINTR
+			}
 			n.root.log.Error("seek failed", "disk", dr.Name(), "offset", off, "err", err)
 			return 0, syscall.EIO
 		}

@@ -13,7 +13,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -454,5 +456,81 @@ func TestMountSeekHoles(t *testing.T) {
 	// but they must cover every non-zero byte and skip most of the holes.
 	if data < 3<<20 || data > 12<<20 {
 		t.Fatalf("SEEK_DATA/SEEK_HOLE report %d bytes of data for 3 MiB", data)
+	}
+}
+
+// slowFirstOpen is the repository, except that its first OpenDisk waits
+// until the request is interrupted (or 20 s pass) and fails: a fake of a
+// slow store (tables fetched over a busy link), beside the real mount
+// tests above.
+type slowFirstOpen struct {
+	*repo.Repository
+	first       atomic.Bool
+	interrupted atomic.Bool
+}
+
+func (s *slowFirstOpen) OpenDisk(ctx context.Context, m *repo.Manifest, disk string, opts repo.ReaderOptions) (*repo.DiskReader, error) {
+	if s.first.CompareAndSwap(false, true) {
+		select {
+		case <-ctx.Done():
+			s.interrupted.Store(true)
+			return nil, ctx.Err()
+		case <-time.After(20 * time.Second):
+			return nil, errors.New("never interrupted")
+		}
+	}
+	return s.Repository.OpenDisk(ctx, m, disk, opts)
+}
+
+// A signal reaching the thread that opens a disk file makes the kernel
+// interrupt the open; the Go runtime sends such signals (SIGURG) to its
+// own threads all the time. The mount answers EINTR, which the caller
+// retries, not EIO: before, an open that took a while under load failed
+// as if the disk were damaged (seen in CI: TestMountSFTP's open of
+// vm01/latest/hda, "input/output error").
+func TestMountOpenInterrupted(t *testing.T) {
+	needFUSE(t)
+	r, _ := newRepo(t)
+	img := filepath.Join(t.TempDir(), "img")
+	want := bytes.Repeat([]byte("interrupted open "), 1<<16)
+	if err := os.WriteFile(img, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	backupFile(t, r, "vm01", img, time.Now())
+	src := &slowFirstOpen{Repository: r}
+	dir, _, _ := mountTest(t, src)
+
+	type result struct {
+		data []byte
+		err  error
+	}
+	tid := make(chan int, 1)
+	done := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		tid <- unix.Gettid()
+		data, err := os.ReadFile(filepath.Join(dir, "vm01/latest/hda"))
+		done <- result{data, err}
+	}()
+	id := <-tid
+	var res result
+	for waiting := true; waiting; {
+		select {
+		case res = <-done:
+			waiting = false
+		case <-time.After(20 * time.Millisecond):
+			// SIGURG: the runtime's own preemption signal, handled and
+			// otherwise ignored by the Go program.
+			if !src.interrupted.Load() {
+				unix.Tgkill(os.Getpid(), id, unix.SIGURG)
+			}
+		}
+	}
+	if !src.interrupted.Load() {
+		t.Fatalf("the open was never interrupted (%v)", res.err)
+	}
+	if res.err != nil || !bytes.Equal(res.data, want) {
+		t.Fatalf("read after an interrupted open: %v (%d bytes)", res.err, len(res.data))
 	}
 }
