@@ -50,7 +50,8 @@ retries every second. Root mounts directly; other users need fusermount3.`,
 			}
 			// One disk's reader: disks are opened as they are read.
 			limit := raiseMemoryLimit(opts.Reader.Memory())
-			procs := oversubscribe()
+			procs, restore := oversubscribe()
+			defer restore()
 			return a.withRepo(ctx, repo.SharedLock, "mount "+dir, func(r *repo.Repository) error {
 				m, err := fusefs.Mount(ctx, dir, r, opts)
 				if err != nil {
@@ -99,14 +100,16 @@ func raiseMemoryLimit(n int64) int64 {
 // s, of B 1.85-2.13 s -> 1.56-1.75 s, at the same CPU seconds. Backups
 // keep one processor per core: there the extra processors only added
 // CPU time.
-// Calling it again changes nothing.
-func oversubscribe() int {
+// It returns the count and a function that puts the old one back (for a
+// command run in-process, as the tests run them); calling it again
+// changes nothing.
+func oversubscribe() (int, func()) {
 	if os.Getenv("GOMAXPROCS") != "" {
-		return runtime.GOMAXPROCS(0)
+		return runtime.GOMAXPROCS(0), func() {}
 	}
 	n := 2 * startProcs
-	runtime.GOMAXPROCS(n)
-	return n
+	old := runtime.GOMAXPROCS(n)
+	return n, func() { runtime.GOMAXPROCS(old) }
 }
 
 // startProcs is the processor count the process started with.

@@ -285,3 +285,22 @@ func TestDumpAndTargetDir(t *testing.T) {
 	}
 	e.fails(exitUsage, "not both", "restore", "vm01", "latest", "--target-dir", dir, "--target", "x")
 }
+
+// oversubscribe doubles the processors the process started with, once
+// however often it is called, and puts the old count back.
+func TestOversubscribe(t *testing.T) {
+	if os.Getenv("GOMAXPROCS") != "" {
+		t.Skip("GOMAXPROCS is set: oversubscribe leaves it alone")
+	}
+	before := runtime.GOMAXPROCS(0)
+	n, restore := oversubscribe()
+	n2, restore2 := oversubscribe()
+	if n != 2*startProcs || n2 != n || runtime.GOMAXPROCS(0) != n {
+		t.Fatalf("oversubscribe: %d then %d, GOMAXPROCS %d; started with %d", n, n2, runtime.GOMAXPROCS(0), startProcs)
+	}
+	restore2()
+	restore()
+	if got := runtime.GOMAXPROCS(0); got != before {
+		t.Fatalf("GOMAXPROCS %d after restore, was %d", got, before)
+	}
+}

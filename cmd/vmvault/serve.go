@@ -110,7 +110,8 @@ func (a *app) serve(ctx context.Context, r *repo.Repository, vm, gen string, f *
 		return err
 	}
 	limit := raiseMemoryLimit(int64(len(m.Disks)) * ropts.Memory())
-	procs := oversubscribe()
+	procs, restore := oversubscribe()
+	defer restore()
 	sd, err := openExports(ctx, a.log, r, m, f.disk, f.overlayDir, f.keep, ropts)
 	defer sd.close()
 	if err != nil {
