@@ -603,10 +603,9 @@ type targetWriter struct {
 	// in holes, to be punched once the image is complete.
 	preallocated bool
 	holes        [][2]int64 // offset, length
-	// devZero is whether the block device zeroes a range itself
-	// (fallocate PUNCH_HOLE, the kernel's write-zeroes without a
-	// fallback): 0 not known yet, 1 yes, 2 no.
-	devZero atomic.Int32
+	// noPunch is set once the block device refused to zero a range
+	// itself (see punchDevice).
+	noPunch atomic.Bool
 
 	mu sync.Mutex
 	st RestoreStats
@@ -633,7 +632,7 @@ func (tw *targetWriter) write(seg restoredSegment) error {
 	}()
 	st.Bytes = seg.size
 	if seg.data == nil && !tw.regular {
-		ok, err := tw.zeroDevice(seg.off, seg.size)
+		ok, err := tw.punchDevice(seg.off, seg.size)
 		if err != nil {
 			return err
 		}
@@ -906,8 +905,12 @@ func (tw *targetWriter) zero(pos, k int64) error {
 	// neighbouring run wrote there. The ends are written.
 	head := (directAlign - pos%directAlign) % directAlign
 	mid := max(k-head, 0) / directAlign * directAlign
-	if mid > 0 && (unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos+head, mid) == nil ||
-		unix.Fallocate(fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, pos+head, mid) == nil) {
+	if mid > 0 {
+		// Any failure to punch leaves ZERO_RANGE to try.
+		punched, _ := tw.punchDevice(pos+head, mid)
+		if !punched && unix.Fallocate(fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, pos+head, mid) != nil {
+			return tw.writeZeros(pos, k)
+		}
 		if err := tw.writeZeros(pos, head); err != nil {
 			return err
 		}
@@ -916,28 +919,27 @@ func (tw *targetWriter) zero(pos, k int64) error {
 	return tw.writeZeros(pos, k)
 }
 
-// zeroDevice asks the block device to zero the whole pages [pos,
-// pos+k) itself, and reports whether it did. An all-zero segment is then
-// neither read back nor compared: reading a device's holes costs as much
-// as reading its data (a loop device over a file on /dev/shm: image A
-// onto it in 3.7-4.0 s, most of it reading 2.3 GiB of zeros back), while
-// a device with write-zeroes (a loop device, NVMe, a partition or linear
-// LV over one) zeroes a range without moving a byte. PUNCH_HOLE on a
-// block device never falls back to writing zeros: a device without
-// write-zeroes refuses it, and then the segment is read back and only
-// what is not zero is zeroed, as before (which keeps a thin LV's blocks
-// that read as zeros unallocated).
-func (tw *targetWriter) zeroDevice(pos, k int64) (bool, error) {
-	if pos%directAlign != 0 || k%directAlign != 0 || tw.devZero.Load() == 2 {
+// punchDevice asks the block device to zero the whole pages [pos, pos+k)
+// itself (fallocate PUNCH_HOLE: the kernel's write-zeroes, which never
+// falls back to writing zeros), and reports whether it did; after one
+// refusal it no longer asks. write uses it for all-zero segments, which
+// are then neither read back nor compared: a device with write-zeroes (a
+// loop device, NVMe, a partition or linear LV over one) zeroes a range
+// without moving a byte, where reading it back moves every byte (image A
+// onto a loop device over /dev/shm read 4,096 MiB back, 2.3 GiB of them
+// zeros). On a device without it the segment is read back and only what
+// is not zero is zeroed (which keeps a thin LV's blocks that read as
+// zeros unallocated).
+func (tw *targetWriter) punchDevice(pos, k int64) (bool, error) {
+	if pos%directAlign != 0 || k%directAlign != 0 || tw.noPunch.Load() {
 		return false, nil
 	}
 	err := unix.Fallocate(int(tw.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, pos, k)
 	switch {
 	case err == nil:
-		tw.devZero.Store(1)
 		return true, nil
 	case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOTTY):
-		tw.devZero.Store(2)
+		tw.noPunch.Store(true)
 		return false, nil
 	}
 	return false, fmt.Errorf("zero target at %d: %w", pos, err)

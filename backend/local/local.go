@@ -45,6 +45,8 @@ type Backend struct {
 
 	mu       sync.Mutex
 	deferred []deferredPut // written by PutDeferred, published by Sync
+
+	noDirect atomic.Bool // set once the file system refused O_DIRECT
 }
 
 // deferredPut is an object written to a temporary file, not yet linked.
@@ -184,7 +186,7 @@ func (b *Backend) writeTemp(ctx context.Context, name string, data []byte, sync 
 		os.Remove(tmp)
 		return "", "", fmt.Errorf("put %s: %w", name, err)
 	}
-	if err := writeData(f, data); err != nil {
+	if err := b.writeData(f, data); err != nil {
 		return fail(err)
 	}
 	if sync {
@@ -441,12 +443,10 @@ func mapErr(op, name string, err error) error {
 // memory address: a page covers 512- and 4096-byte sectors.
 const directAlign = 4096
 
-// minDirect is the smallest object whose pages are written directly;
-// below it the page cache's copy costs less than two fcntl calls.
+// minDirect is the smallest object whose pages are written directly:
+// small objects (segment lists, index objects) save little copying for
+// the two fcntl calls (a choice, not measured).
 const minDirect = 64 << 10
-
-// noDirect is set once a file system refused O_DIRECT.
-var noDirect atomic.Bool
 
 // writeData writes data at the start of f, which is new and empty: the
 // whole pages at its start with O_DIRECT where data's memory is
@@ -454,38 +454,41 @@ var noDirect atomic.Bool
 // data to the device without a copy into the page cache and without the
 // kernel's writeback of it later; the rest through the page cache.
 // Sync's syncfs flushes the rest and the device's cache, as before.
-func writeData(f *os.File, data []byte) error {
+func (b *Backend) writeData(f *os.File, data []byte) error {
 	n := len(data) &^ (directAlign - 1)
-	if n >= minDirect && !noDirect.Load() && uintptr(unsafe.Pointer(&data[0]))%directAlign == 0 {
-		if done, err := writeDirect(f, data[:n]); err != nil {
+	if n >= minDirect && !b.noDirect.Load() && uintptr(unsafe.Pointer(&data[0]))%directAlign == 0 {
+		done, err := b.writeDirect(f, data[:n])
+		if err != nil {
 			return err
-		} else if done {
+		}
+		if done {
 			_, err := f.WriteAt(data[n:], int64(n))
 			return err
 		}
 	}
-	_, err := f.Write(data)
+	_, err := f.WriteAt(data, 0)
 	return err
 }
 
 // writeDirect writes p at offset 0 of f with O_DIRECT turned on for the
-// call; it reports false (nothing written) where the file system refuses.
-func writeDirect(f *os.File, p []byte) (bool, error) {
-	fd := int(f.Fd())
-	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+// call. It reports false where the file system refuses O_DIRECT; then the
+// caller's buffered write covers whatever part of p it may have written.
+func (b *Backend) writeDirect(f *os.File, p []byte) (bool, error) {
+	fd := f.Fd()
+	flags, err := unix.FcntlInt(fd, unix.F_GETFL, 0)
 	if err != nil {
 		return false, nil
 	}
-	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags|unix.O_DIRECT); err != nil {
-		noDirect.Store(true)
+	if _, err := unix.FcntlInt(fd, unix.F_SETFL, flags|unix.O_DIRECT); err != nil {
+		b.noDirect.Store(true)
 		return false, nil
 	}
 	_, werr := f.WriteAt(p, 0)
-	if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags); err != nil && werr == nil {
+	if _, err := unix.FcntlInt(fd, unix.F_SETFL, flags); err != nil && werr == nil {
 		werr = err
 	}
 	if errors.Is(werr, unix.EINVAL) {
-		noDirect.Store(true)
+		b.noDirect.Store(true)
 		return false, nil
 	}
 	return werr == nil, werr

@@ -96,10 +96,11 @@ func raiseMemoryLimit(n int64) int64 {
 // to yield (a reader reading 1 MiB at a time, as dd and cat do, then
 // waited each time). With more processors than cores it runs at once and
 // the kernel shares the cores. Measured on 2 cores (docs/performance.md,
-// "Session 13"): dd of image A through the mount 2.81-3.00 s -> 2.32-2.53
-// s, of B 1.85-2.13 s -> 1.56-1.75 s, at the same CPU seconds. Backups
-// keep one processor per core: there the extra processors only added
-// CPU time.
+// "Session 13: a read request waits for a processor"): dd of image A
+// through the mount 2.76-3.00 s -> 2.37-2.53 s, of B 1.85-2.13 s ->
+// 1.66-1.75 s, at the same CPU seconds. Backups keep one processor per
+// core: there the extra processors only added CPU time.
+//
 // It returns the count and a function that puts the old one back (for a
 // command run in-process, as the tests run them); calling it again
 // changes nothing.

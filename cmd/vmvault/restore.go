@@ -26,9 +26,9 @@ image streams to stdout in order. With --target it is written in place into
 a file (created if missing, zero ranges left as holes) or block device,
 writing only the ranges that differ; on a device that zeroes ranges itself
 (write-zeroes: a loop device, NVMe, an LV over one) the image's all-zero
-stretches are zeroed that way instead of being read back and compared. With --target-dir every disk of the
-generation (or the one --disk names) is restored into DIR/NAME.raw, DIR
-created if missing.
+stretches are zeroed that way instead of being read back and compared.
+With --target-dir every disk of the generation (or the one --disk names)
+is restored into DIR/NAME.raw, DIR created if missing.
 
 When stdout is a new, empty file (restore … > disk.raw), the image is
 written into it as with --target: zero ranges left as holes.
