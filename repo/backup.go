@@ -99,7 +99,16 @@ const uploadWindow = 32 << 20
 // of core count.
 const maxWorkers = 8
 
-func workers() int { return min(runtime.GOMAXPROCS(0), maxWorkers) }
+// workers returns how many segment workers a backup runs (and restore
+// twice as many fetchers). The count follows the processors the process
+// started with (one per core unless GOMAXPROCS says otherwise), not the
+// current GOMAXPROCS: a backup runs with more processors than cores
+// (cmd/vmvault), so that a goroutine blocked in the kernel on an upload
+// never idles a core, while the CPU-bound workers stay one per core.
+func workers() int { return min(startProcs, maxWorkers) }
+
+// startProcs is the processor count the process started with.
+var startProcs = runtime.GOMAXPROCS(0)
 
 // pendingObject is an upload in flight; done closes when it finished.
 type pendingObject struct {

@@ -96,6 +96,10 @@ commits nothing, and the next run reuses what was already uploaded.`,
 			if err := a.checkLimits(); err != nil {
 				return err
 			}
+			// More processors than cores; the workers stay one per core
+			// (oversubscribe).
+			_, restore := oversubscribe()
+			defer restore()
 			if f.at != "" {
 				t, err := time.Parse(time.RFC3339, f.at)
 				if err != nil {

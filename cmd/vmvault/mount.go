@@ -88,18 +88,31 @@ func raiseMemoryLimit(n int64) int64 {
 	return limit + n
 }
 
-// oversubscribe gives a server of reads (mount, serve) twice as many Go
-// processors as it had, unless the user set GOMAXPROCS. A read request
-// arrives on a thread coming back from a blocking read of the FUSE device
-// or a socket; with one processor per core, both were usually held by
-// read-ahead goroutines decoding chunks, and the request waited for one
-// to yield (a reader reading 1 MiB at a time, as dd and cat do, then
-// waited each time). With more processors than cores it runs at once and
+// oversubscribe gives a command twice as many Go processors as it had,
+// unless the user set GOMAXPROCS: a backup, and a server of reads (mount,
+// serve).
+//
+// A backup's segment workers stay one per core (repo counts them from the
+// processors the process started with); the extra processors serve the
+// goroutines that block in system calls: an object's O_DIRECT write, the
+// batch's syncfs, the reader's madvise. With one processor per core, an
+// execution trace of a full backup of image A into a repository on the
+// root disk showed those calls blocked 3.3 s in all and the two workers
+// waiting 2.9 s of their 13.5 s for a segment. Full backups on that disk,
+// 3 interleaved rounds on 2 cores (docs/performance.md, "Session 14"):
+// image A 7.25-7.38 s -> 6.22-6.72 s, image B 3.68-4.00 s -> 3.30-3.84 s;
+// incrementals on /dev/shm and restores did not change.
+//
+// For a server of reads: a read request arrives on a thread coming back
+// from a blocking read of the FUSE device or a socket; with one processor
+// per core, both were usually held by read-ahead goroutines decoding
+// chunks, and the request waited for one to yield (a reader reading 1 MiB
+// at a time, as dd and cat do, then waited each time). With more processors than cores it runs at once and
 // the kernel shares the cores. Measured on 2 cores (docs/performance.md,
 // "Session 13: a read request waits for a processor"): dd of image A
 // through the mount 2.76-3.00 s -> 2.37-2.53 s, of B 1.85-2.13 s ->
-// 1.66-1.75 s, at the same CPU seconds. Backups keep one processor per
-// core: there the extra processors only added CPU time.
+// 1.66-1.75 s, at the same CPU seconds. (Backups whose workers followed
+// the processors spent more CPU time with 4 than with 2.)
 //
 // It returns the count and a function that puts the old one back (for a
 // command run in-process, as the tests run them); calling it again

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -302,5 +303,52 @@ func TestOversubscribe(t *testing.T) {
 	restore()
 	if got := runtime.GOMAXPROCS(0); got != before {
 		t.Fatalf("GOMAXPROCS %d after restore, was %d", got, before)
+	}
+}
+
+// procsReader is an image on stdin that records GOMAXPROCS when the backup
+// first reads it.
+type procsReader struct {
+	data  []byte
+	procs int
+}
+
+func (r *procsReader) Read(p []byte) (int, error) {
+	if r.procs == 0 {
+		r.procs = runtime.GOMAXPROCS(0)
+	}
+	if len(r.data) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, r.data)
+	r.data = r.data[n:]
+	return n, nil
+}
+
+// A backup runs with twice the processors the process started with, so
+// that goroutines blocked in system calls (O_DIRECT writes, syncfs) leave
+// the segment workers' cores busy; the count goes back afterwards.
+func TestBackupOversubscribes(t *testing.T) {
+	if os.Getenv("GOMAXPROCS") != "" {
+		t.Skip("GOMAXPROCS is set: oversubscribe leaves it alone")
+	}
+	e := newEnv(t)
+	img := writeImage(t, filepath.Join(e.dir, "img"), 7, 3<<20)
+	before := runtime.GOMAXPROCS(0)
+	src := &procsReader{data: img}
+	var out, errb bytes.Buffer
+	args := []string{"--repo", e.repo, "--password-file", e.pw, "--cache-dir", e.cache, "backup", "vm01", "--source", "-"}
+	if code := run(context.Background(), args, src, &out, &errb); code != 0 {
+		t.Fatalf("backup: exit %d: %s", code, errb.String())
+	}
+	if src.procs != 2*startProcs {
+		t.Fatalf("backup read its source with GOMAXPROCS %d, want %d (twice the %d it started with)", src.procs, 2*startProcs, startProcs)
+	}
+	if got := runtime.GOMAXPROCS(0); got != before {
+		t.Fatalf("GOMAXPROCS %d after the backup, was %d", got, before)
+	}
+	r := e.run(nil, "restore", "vm01", "latest")
+	if r.code != 0 || sum([]byte(r.stdout)) != sum(img) {
+		t.Fatalf("restore: exit %d, image differs", r.code)
 	}
 }
