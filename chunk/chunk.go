@@ -160,13 +160,51 @@ func (s *Splitter) Split(seg []byte, fn func(Piece) error) error {
 // SplitGuided is Split, taking chunks an earlier split proposes where g
 // (nil: none) shows they are cut the same way (see Guide).
 func (s *Splitter) SplitGuided(seg []byte, g Guide, fn func(Piece) error) error {
+	return s.SplitGuidedHoles(seg, nil, g, fn)
+}
+
+// Hole is a range [Off, End) of a segment or window known to hold zeros
+// without reading it: a hole of a sparse file (SEEK_HOLE). The ranges a
+// function is given are sorted and do not overlap.
+type Hole struct{ Off, End int }
+
+// zeroRange reports whether seg[a:b] is all zeros, reading only the parts
+// that lie outside holes.
+func zeroRange(seg []byte, a, b int, holes []Hole) bool {
+	for _, h := range holes {
+		if h.End <= a {
+			continue
+		}
+		if h.Off >= b {
+			break
+		}
+		if h.Off > a && !IsZero(seg[a:h.Off]) {
+			return false
+		}
+		if a = h.End; a >= b {
+			return true
+		}
+	}
+	return IsZero(seg[a:b])
+}
+
+// SplitGuidedHoles is SplitGuided for a segment whose holes are known:
+// it cuts exactly as SplitGuided does, but never reads the bytes inside
+// holes to find zero runs (a mapped window of a sparse file: reading a
+// hole would make the kernel allocate zeroed pages for it). Bytes of a
+// hole that end up inside a chunk are read as the chunk is.
+func (s *Splitter) SplitGuidedHoles(seg []byte, holes []Hole, g Guide, fn func(Piece) error) error {
 	off := 0
 	for off < len(seg) {
+		// Drop holes behind off: each zero test starts at or after it.
+		for len(holes) > 0 && holes[0].End <= off {
+			holes = holes[1:]
+		}
 		// Extend a zero run as far as whole zero blocks go.
 		z := off
 		for z < len(seg) {
 			end := min(z+ZeroBlock, len(seg))
-			if !IsZero(seg[z:end]) {
+			if !zeroRange(seg, z, end, holes) {
 				break
 			}
 			z = end
@@ -182,7 +220,7 @@ func (s *Splitter) SplitGuided(seg []byte, g Guide, fn func(Piece) error) error 
 		d := off + ZeroBlock
 		for d < len(seg) {
 			end := min(d+ZeroBlock, len(seg))
-			if IsZero(seg[d:end]) {
+			if zeroRange(seg, d, end, holes) {
 				break
 			}
 			d = end

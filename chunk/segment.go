@@ -64,11 +64,26 @@ func (s *Segmenter) Max() int { return s.max }
 // Cut returns the length of the segment at the start of w. w holds Max
 // bytes of the image, or fewer when it reaches the image's end (eof).
 func (s *Segmenter) Cut(w []byte, eof bool) int {
+	return s.CutHoles(w, eof, nil)
+}
+
+// CutHoles is Cut for a window whose holes are known: a candidate whose
+// 64 bytes lie in a hole is zeros, so never a boundary, and is not read.
+// (Reading each candidate is a first touch of its page, which on a mapped
+// window costs far more than the 64 bytes; a hole's page would also have
+// to be allocated and zeroed by the kernel.)
+func (s *Segmenter) CutHoles(w []byte, eof bool, holes []Hole) int {
 	if len(w) <= s.min {
 		return len(w) // only at the image's end
 	}
 	last := min(len(w), s.max)
 	for p := s.min; p <= last; p += SegmentAlign {
+		for len(holes) > 0 && holes[0].End < p {
+			holes = holes[1:]
+		}
+		if len(holes) > 0 && holes[0].Off <= p-gearWindow && p <= holes[0].End {
+			continue
+		}
 		if s.boundary(w[p-gearWindow : p]) {
 			return p
 		}

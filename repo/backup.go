@@ -472,6 +472,9 @@ type segmentJob struct {
 	buf     []byte
 	n       int
 	release func()
+	// holes are the segment's holes (relative to it), never to be read
+	// (a mapped window of a sparse file).
+	holes   []chunk.Hole
 	mapped  bool
 	slot    *[]byte
 	slotLen int // the size of a buffer to allocate for the slot
@@ -585,10 +588,10 @@ func (w *segmentWorkers) takeSlot() ([]byte, error) {
 }
 
 // submitMapped hands segment i at image offset off, the first c bytes of
-// a window mapped in slot, to the workers, which unmap it and free the
-// slot when done.
-func (w *segmentWorkers) submitMapped(i int, off int64, mem []byte, c int, slot []byte) error {
-	job := segmentJob{i: i, off: off, buf: mem, n: c, mapped: true, slot: &slot, slotLen: w.bufLen}
+// a window mapped in slot, with its holes, to the workers, which unmap it
+// and free the slot when done.
+func (w *segmentWorkers) submitMapped(i int, off int64, mem []byte, c int, holes []chunk.Hole, slot []byte) error {
+	job := segmentJob{i: i, off: off, buf: mem, n: c, holes: holes, mapped: true, slot: &slot, slotLen: w.bufLen}
 	job.release = func() { unmapWindow(mem); w.free <- slot }
 	return w.send(job)
 }
@@ -732,24 +735,30 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 				if err != nil {
 					return err
 				}
-				mem, ok, err := ir.mapWindow(ctx, total, want)
+				mem, holes, ok, err := ir.mapWindow(ctx, total, want)
 				if err != nil {
 					w.putBuf(slot)
 					return err
 				}
 				if ok {
-					c := cut.Cut(mem, total+int64(want) == src.Size)
+					// Holes are never read: not for the cut, not to
+					// find zero runs, not for the SHA-256.
+					c := cut.CutHoles(mem, total+int64(want) == src.Size, holes)
+					holes = clipHoles(holes, c)
 					if sum != nil {
-						sum.Write(mem[:c])
+						writeHoled(sum, mem[:c], holes)
 					}
-					if err := w.submitMapped(len(lens), total, mem, c, slot); err != nil {
+					if err := w.submitMapped(len(lens), total, mem, c, holes, slot); err != nil {
 						return err
 					}
-					ir.read += int64(c) // the tail is mapped again
+					if holes != nil {
+						holedSegmentsMapped.Add(1)
+					}
+					ir.read += int64(c) - holeBytes(holes, c) // the tail is mapped again
 					advance(c)
 					continue
 				}
-				// Holes inside: read into a buffer.
+				// Not mappable after all: read into a buffer.
 				if buf = slot; buf == nil {
 					buf = make([]byte, cut.Max())
 				}
@@ -837,6 +846,22 @@ func (st *backupState) finishDisk(ctx context.Context, src DiskSource, total int
 	return d, nil
 }
 
+// holedSegmentsMapped counts the segments, of any backup in this process,
+// cut from a mapped window with holes (a test checks such windows are
+// mapped, not copied into a buffer).
+var holedSegmentsMapped atomic.Int64
+
+// writeHoled writes b to w, zeros in place of its holes (not read).
+func writeHoled(w io.Writer, b []byte, holes []chunk.Hole) {
+	at := 0
+	for _, h := range holes {
+		w.Write(b[at:h.Off])
+		writeZeros(w, int64(h.End-h.Off))
+		at = h.End
+	}
+	w.Write(b[at:])
+}
+
 // writeZeros writes n zero bytes to w.
 func writeZeros(w io.Writer, n int64) {
 	var z [64 << 10]byte
@@ -869,7 +894,7 @@ func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source 
 			return (*job.slot)[:job.n]
 		}
 	}
-	return st.storeSegment(ctx, sp, job.buf[:job.n], private, prev, job.off)
+	return st.storeSegment(ctx, sp, job.buf[:job.n], job.holes, private, prev, job.off)
 }
 
 // segmentID returns the ID of a segment split into entries and its
@@ -900,12 +925,12 @@ func (r *Repository) segmentID(entries []SegmentEntry) (crypto.ID, []byte) {
 // it, a torn read of a changing source, never an inconsistent object
 // (TestBackupMappedFileWrittenMeanwhile). The segment ID describes the
 // list, which is exactly what is stored, whatever the source did.
-func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, private func() []byte, prev *prevDisk, off int64) (crypto.ID, error) {
+func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, holes []chunk.Hole, private func() []byte, prev *prevDisk, off int64) (crypto.ID, error) {
 	st.stats.segs.Add(1)
 	var entries []SegmentEntry
 	var waits []*pendingObject
 	var zero int64
-	err := st.splitGuided(sp, seg, prev.guide(ctx, off, seg), private, func(p chunk.Piece, id crypto.ID) error {
+	err := st.splitGuided(sp, seg, holes, prev.guide(ctx, off, seg), private, func(p chunk.Piece, id crypto.ID) error {
 		if p.Zero {
 			zero += int64(p.Length)
 			entries = append(entries, SegmentEntry{Zero: true, Length: uint32(p.Length)})

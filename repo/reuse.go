@@ -348,13 +348,13 @@ func (g *chunkGuide) hashed(p chunk.Piece) (id crypto.ID, ok, same bool) {
 // other chunk's ID is computed over its bytes, in a private copy when
 // private is set (seg can change while read: see storeSegment), and the
 // piece's Data is then the copy.
-func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, g *chunkGuide, private func() []byte, fn func(p chunk.Piece, id crypto.ID) error) error {
+func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, holes []chunk.Hole, g *chunkGuide, private func() []byte, fn func(p chunk.Piece, id crypto.ID) error) error {
 	var guide chunk.Guide
 	if g != nil {
 		guide = g
 	}
 	var priv []byte
-	return sp.SplitGuided(seg, guide, func(p chunk.Piece) error {
+	return sp.SplitGuidedHoles(seg, holes, guide, func(p chunk.Piece) error {
 		if p.Zero {
 			return fn(p, crypto.ID{})
 		}

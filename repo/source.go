@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"vmvault/backend/limit"
+	"vmvault/chunk"
 )
 
 // readPiece is the largest single pread of a parallel read: small enough
@@ -68,55 +69,100 @@ func newImageReader(src DiskSource, readers int) *imageReader {
 // window from where the segment ended.
 func (ir *imageReader) mappable() bool { return ir.fd >= 0 }
 
-// mapWindow maps n bytes of the image at off read-only and makes them
-// present. ok is false, with nothing mapped, when the window holds holes
-// (read them into a buffer instead, never touching the holes) or the
-// source turns out not to be mappable (then mappable is false from now
-// on). The caller owns mem and releases it with unmapWindow.
-func (ir *imageReader) mapWindow(ctx context.Context, off int64, n int) (mem []byte, ok bool, err error) {
-	if ir.fd < 0 || n == 0 || off%int64(os.Getpagesize()) != 0 {
-		return nil, false, nil
+// mapWindow maps n bytes of the image at off read-only and makes its data
+// present; holes returns the window's holes (relative to off), which are
+// zeros and must not be read: a read of a hole's page in the mapping
+// would make the kernel allocate and clear a page for it. ok is false,
+// with nothing mapped, when the window is all holes, or the source turns
+// out not to be mappable (then mappable is false from now on). The caller
+// owns mem and releases it with unmapWindow.
+func (ir *imageReader) mapWindow(ctx context.Context, off int64, n int) (mem []byte, holes []chunk.Hole, ok bool, err error) {
+	page := os.Getpagesize()
+	if ir.fd < 0 || n == 0 || off%int64(page) != 0 {
+		return nil, nil, false, nil
 	}
-	if spans := ir.dataSpans(off, off+int64(n)); len(spans) != 1 || spans[0] != (span{off, off + int64(n)}) {
-		return nil, false, nil
+	spans := ir.dataSpans(off, off+int64(n))
+	if len(spans) == 0 {
+		return nil, nil, false, nil
 	}
 	if ir.shorter(off + int64(n)) {
 		// Touching a mapping past the end of a file is a fault: a file
 		// shorter than announced is read into a buffer, which reports it.
-		return nil, false, nil
+		return nil, nil, false, nil
 	}
 	mem, err = unix.Mmap(ir.fd, off, n, unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
 		ir.fd = -1
-		return nil, false, nil
+		return nil, nil, false, nil
+	}
+	at := 0
+	for _, s := range spans {
+		if a := int(s.off - off); a > at {
+			holes = append(holes, chunk.Hole{Off: at, End: a})
+		}
+		at = int(s.end - off)
+	}
+	if at < n {
+		holes = append(holes, chunk.Hole{Off: at, End: n})
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(ir.readers)
-	for p := 0; p < n; p += readPiece {
-		part := mem[p:min(p+readPiece, n)]
-		g.Go(func() error {
-			if err := ir.limit.Wait(gctx, len(part)); err != nil {
-				return err
-			}
-			if err := unix.Madvise(part, unix.MADV_POPULATE_READ); err != nil {
-				if errors.Is(err, syscall.EINVAL) {
-					return errNoPopulate
+	for _, s := range spans {
+		// madvise wants a page-aligned start; a data span starts on a
+		// file system block, so this reaches back into a hole only where
+		// a file system's blocks are smaller than a page.
+		start := int(s.off-off) &^ (page - 1)
+		for p := start; p < int(s.end-off); p += readPiece {
+			part := mem[p:min(p+readPiece, int(s.end-off))]
+			g.Go(func() error {
+				if err := ir.limit.Wait(gctx, len(part)); err != nil {
+					return err
 				}
-				return fmt.Errorf("read %s at offset %d: %w", ir.src.Source, off+int64(p), err)
-			}
-			return nil
-		})
+				if err := unix.Madvise(part, unix.MADV_POPULATE_READ); err != nil {
+					if errors.Is(err, syscall.EINVAL) {
+						return errNoPopulate
+					}
+					return fmt.Errorf("read %s at offset %d: %w", ir.src.Source, off+int64(p), err)
+				}
+				return nil
+			})
+		}
 	}
 	if err := g.Wait(); err != nil {
 		unix.Munmap(mem)
 		if errors.Is(err, errNoPopulate) {
 			// A kernel before 5.14: read into buffers.
 			ir.fd = -1
-			return nil, false, nil
+			return nil, nil, false, nil
 		}
-		return nil, false, err
+		return nil, nil, false, err
 	}
-	return mem, true, nil
+	return mem, holes, true, nil
+}
+
+// holeBytes returns how many of the first n bytes of a window lie in holes.
+func holeBytes(holes []chunk.Hole, n int) int64 {
+	var k int64
+	for _, h := range holes {
+		if h.Off >= n {
+			break
+		}
+		k += int64(min(h.End, n) - h.Off)
+	}
+	return k
+}
+
+// clipHoles returns the holes that start within the first n bytes, the
+// last one cut at n.
+func clipHoles(holes []chunk.Hole, n int) []chunk.Hole {
+	var out []chunk.Hole
+	for _, h := range holes {
+		if h.Off >= n {
+			break
+		}
+		out = append(out, chunk.Hole{Off: h.Off, End: min(h.End, n)})
+	}
+	return out
 }
 
 // errNoPopulate means the kernel does not know MADV_POPULATE_READ.

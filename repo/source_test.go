@@ -9,11 +9,16 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"vmvault/backend/local"
+	"vmvault/chunk"
 )
 
 // streamOnly hides every interface but io.Reader, so the backup reads
@@ -46,6 +51,21 @@ func TestBackupSparseFileSkipsHoles(t *testing.T) {
 		}
 		dataBytes += int64(n)
 	}
+	// Islands of data in a hole, as block writes leave them (windows
+	// partly data, mapped with their holes), one with an 8 KiB hole
+	// inside that falls within a chunk.
+	for i, off := range []int64{100 << 20, 100<<20 + 300<<10, 101<<20 + 8192, 130<<20 + 4096} {
+		n := []int{4096, 64 << 10, 200 << 10, 128 << 10}[i]
+		if _, err := f.WriteAt(data[1<<20:1<<20+n], off); err != nil {
+			t.Fatal(err)
+		}
+		dataBytes += int64(n)
+	}
+	if _, err := f.WriteAt(data[:8192], 101<<20+200<<10+8192+8192); err != nil {
+		t.Fatal(err)
+	}
+	dataBytes += 8192
+	mappedBefore := holedSegmentsMapped.Load()
 	var st syscall.Stat_t
 	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
 		t.Fatal(err)
@@ -63,6 +83,10 @@ func TestBackupSparseFileSkipsHoles(t *testing.T) {
 	}
 	if m.Stats.BytesZero < size-dataBytes-8<<20 { // zero runs inside data segments are found per 64 KiB block
 		t.Fatalf("bytes_zero %d", m.Stats.BytesZero)
+	}
+	// Windows with data and holes are mapped, their holes never read.
+	if n := holedSegmentsMapped.Load() - mappedBefore; n < 3 {
+		t.Fatalf("%d segments with holes were cut from mapped windows, want at least 3", n)
 	}
 	img, err := os.ReadFile(path)
 	if err != nil {
@@ -138,8 +162,9 @@ func TestOpenOldFormatFails(t *testing.T) {
 }
 
 // A file is read through mapped windows: the windows hold the file's
-// bytes, a window with a hole inside is left to a buffer (so holes stay
-// unread), and a file shorter than announced is never mapped past its end.
+// bytes, a window with a hole inside is mapped with its holes reported and
+// left unread (no page of them enters the page cache), and a file shorter
+// than announced is never mapped past its end.
 func TestMapWindow(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "img.raw")
 	img := testImage(11, 8<<20)
@@ -155,9 +180,9 @@ func TestMapWindow(t *testing.T) {
 	if !ir.mappable() {
 		t.Fatal("a regular file is not mappable")
 	}
-	mem, ok, err := ir.mapWindow(context.Background(), 1<<20, 5<<20)
-	if err != nil || !ok {
-		t.Fatalf("map a window: ok %v, %v", ok, err)
+	mem, holes, ok, err := ir.mapWindow(context.Background(), 1<<20, 5<<20)
+	if err != nil || !ok || holes != nil {
+		t.Fatalf("map a window: ok %v, holes %v, %v", ok, holes, err)
 	}
 	if !bytes.Equal(mem, img[1<<20:6<<20]) {
 		t.Fatal("the mapped window differs from the file")
@@ -168,7 +193,7 @@ func TestMapWindow(t *testing.T) {
 	// would fault); the window is read into a buffer instead, which says
 	// what happened (before, the missing part read as a hole: zeros).
 	ir = newImageReader(DiskSource{Source: path, Reader: f, Size: 12 << 20}, 2)
-	if _, ok, err := ir.mapWindow(context.Background(), 4<<20, 8<<20); ok || err != nil {
+	if _, _, ok, err := ir.mapWindow(context.Background(), 4<<20, 8<<20); ok || err != nil {
 		t.Fatalf("window past the end of the file: ok %v, %v", ok, err)
 	}
 	if ir.isHole(8<<20, 4<<20) {
@@ -191,8 +216,34 @@ func TestMapWindow(t *testing.T) {
 	if len(ir.dataSpans(0, 64<<20)) == 1 && ir.dataSpans(0, 64<<20)[0].end == 64<<20 {
 		t.Skip("the file system of the test's temp dir does not keep files sparse")
 	}
-	if _, ok, err := ir.mapWindow(context.Background(), 0, 12<<20); ok || err != nil {
+	mem, holes, ok, err = ir.mapWindow(context.Background(), 0, 12<<20)
+	if err != nil || !ok {
 		t.Fatalf("window with a hole: ok %v, %v", ok, err)
+	}
+	defer unmapWindow(mem)
+	if want := []chunk.Hole{{Off: 1 << 20, End: 12 << 20}}; !slices.Equal(holes, want) {
+		t.Fatalf("window with a hole: holes %v, want %v", holes, want)
+	}
+	if !bytes.Equal(mem[:1<<20], img[:1<<20]) {
+		t.Fatal("the mapped window's data differs from the file")
+	}
+	// The data is resident; no page of the hole was read (mincore of a
+	// file mapping says whether the page cache holds the page).
+	vec := make([]byte, len(mem)/os.Getpagesize())
+	if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&mem[0])), uintptr(len(mem)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
+		t.Fatal(e)
+	}
+	page := os.Getpagesize()
+	for i, v := range vec {
+		if inHole := i*page >= 1<<20; v&1 == 1 && inHole {
+			t.Fatalf("page %d of the hole was read", i)
+		} else if v&1 == 0 && !inHole {
+			t.Fatalf("data page %d is not present", i)
+		}
+	}
+	if all, _, ok, _ := ir.mapWindow(context.Background(), 16<<20, 12<<20); ok {
+		unmapWindow(all)
+		t.Fatal("a window of holes only was mapped")
 	}
 }
 
@@ -209,7 +260,7 @@ func TestCatchFault(t *testing.T) {
 	}
 	defer f.Close()
 	ir := newImageReader(DiskSource{Source: path, Reader: f, Size: 1 << 20}, 2)
-	mem, ok, err := ir.mapWindow(context.Background(), 0, 1<<20)
+	mem, _, ok, err := ir.mapWindow(context.Background(), 0, 1<<20)
 	if err != nil || !ok {
 		t.Fatalf("map: ok %v, %v", ok, err)
 	}
