@@ -109,19 +109,101 @@ func NewSplitter(pol uint64) (*Splitter, error) {
 
 // next returns the length of the first chunk of data, the rest of a data
 // extent from a chunk's start.
+//
+// Whether p is a cut depends only on the 64 bytes before p (the
+// fingerprint of a window starting from zero is a function of the window
+// alone), so candidates can be tested in any order: next tests blocks of
+// four lanes at once, each lane a fingerprint chain of its own primed
+// with the 64 bytes before it. The chains are independent, so the
+// processor overlaps their table lookups, where one chain waits for each
+// of its own; the first lane with a cut holds the first cut. The last
+// partial block is scanned as one chain.
 func (s *Splitter) next(data []byte) int {
 	if len(data) <= MinSize {
 		return len(data)
 	}
 	end := min(len(data), MaxSize)
+	const mask = AverageSize - 1
+	p := MinSize
+	for ; p+4*laneSize <= end; p += 4 * laneSize {
+		a, b, c, d := p, p+laneSize, p+2*laneSize, p+3*laneSize
+		da, db, dc, dd := s.prime(data[a-windowSize:a]), s.prime(data[b-windowSize:b]), s.prime(data[c-windowSize:c]), s.prime(data[d-windowSize:d])
+		// Lane k's bytes entering and leaving its window.
+		ina, inb, inc, ind := data[a:b], data[b:c], data[c:d], data[d:d+laneSize]
+		outa, outb, outc, outd := data[a-windowSize:b-windowSize], data[b-windowSize:c-windowSize], data[c-windowSize:d-windowSize], data[d-windowSize:d+laneSize-windowSize]
+		fa, fb, fc, fd := -1, -1, -1, -1
+		for j := range laneSize {
+			if (da&mask == 0 || db&mask == 0 || dc&mask == 0 || dd&mask == 0) && s.first(&fa, &fb, &fc, &fd, j, da, db, dc, dd) {
+				break // lane a has its cut: nothing later can come first
+			}
+			da ^= s.out[outa[j]]
+			db ^= s.out[outb[j]]
+			dc ^= s.out[outc[j]]
+			dd ^= s.out[outd[j]]
+			da = (da<<8 | uint64(ina[j])) ^ s.mod[byte(da>>s.shift)]
+			db = (db<<8 | uint64(inb[j])) ^ s.mod[byte(db>>s.shift)]
+			dc = (dc<<8 | uint64(inc[j])) ^ s.mod[byte(dc>>s.shift)]
+			dd = (dd<<8 | uint64(ind[j])) ^ s.mod[byte(dd>>s.shift)]
+		}
+		switch {
+		case fa >= 0:
+			return a + fa
+		case fb >= 0:
+			return b + fb
+		case fc >= 0:
+			return c + fc
+		case fd >= 0:
+			return d + fd
+		}
+	}
+	return s.scan(data, p, end)
+}
+
+// laneSize is how many candidates each of next's four lanes tests per
+// block: a chunk's cut is found within a block, so up to three lanes'
+// work past it is spent for nothing (at most 3 × 8 KiB against the
+// 512 KiB a chunk's search runs on average).
+const laneSize = 8 << 10
+
+// first records, for each lane whose fingerprint marks a cut at step j,
+// the step if it has none yet; it reports whether lane a has one.
+func (s *Splitter) first(fa, fb, fc, fd *int, j int, da, db, dc, dd uint64) bool {
+	const mask = AverageSize - 1
+	if da&mask == 0 && *fa < 0 {
+		*fa = j
+	}
+	if db&mask == 0 && *fb < 0 {
+		*fb = j
+	}
+	if dc&mask == 0 && *fc < 0 {
+		*fc = j
+	}
+	if dd&mask == 0 && *fd < 0 {
+		*fd = j
+	}
+	return *fa >= 0
+}
+
+// prime returns the fingerprint of a 64-byte window.
+func (s *Splitter) prime(win []byte) uint64 {
 	var d uint64
-	for _, b := range data[MinSize-windowSize : MinSize] {
+	for _, b := range win {
 		d = (d<<8 | uint64(b)) ^ s.mod[byte(d>>s.shift)]
 	}
+	return d
+}
+
+// scan tests candidates from..end−1 in order as one chain and returns the
+// first cut, or end (MaxSize, or the extent's end).
+func (s *Splitter) scan(data []byte, from, end int) int {
+	if from >= end {
+		return end
+	}
+	d := s.prime(data[from-windowSize : from])
 	// in[j] enters the window as leave[j] leaves it; d covers the 64
-	// bytes before MinSize+j.
-	in := data[MinSize:end]
-	leave := data[MinSize-windowSize : end-windowSize]
+	// bytes before from+j.
+	in := data[from:end]
+	leave := data[from-windowSize : end-windowSize]
 	leave = leave[:len(in)]
 	const mask = AverageSize - 1
 	j := 0
@@ -131,19 +213,19 @@ func (s *Splitter) next(data []byte) int {
 	// test, is computed off the chain.
 	for ; j+1 < len(in); j += 2 {
 		if d&mask == 0 {
-			return MinSize + j
+			return from + j
 		}
 		i0, i1, l0, l1 := in[j], in[j+1], leave[j], leave[j+1]
 		e := d ^ s.out[l0]
 		if ((e<<8|uint64(i0))^s.mod[byte(e>>s.shift)])&mask == 0 {
-			return MinSize + j + 1
+			return from + j + 1
 		}
 		h := e >> (s.shift - 8)
 		d = (e&s.lowMask)<<16 ^ (uint64(i0)<<8 | uint64(i1)) ^ s.hi[byte(h>>8)] ^ s.lo[byte(h)] ^ s.out8[l1]
 	}
 	for ; j < len(in); j++ {
 		if d&mask == 0 {
-			return MinSize + j
+			return from + j
 		}
 		d ^= s.out[leave[j]]
 		d = (d<<8 | uint64(in[j])) ^ s.mod[byte(d>>s.shift)]

@@ -200,3 +200,61 @@ func TestSplitMatchesRestic(t *testing.T) {
 		}
 	}
 }
+
+// next tests candidates in blocks of four lanes: cuts that fall in any
+// lane, at a lane's first or last byte, in the partial block at the end
+// and nowhere (MaxSize) are where restic's chunker puts them. Extents of
+// many lengths, data mixing random bytes with runs that push cuts to
+// block edges, under fresh polynomials.
+func TestSplitLanesMatchRestic(t *testing.T) {
+	rng := rand.New(rand.NewPCG(12, 34))
+	buf := make([]byte, MaxSize)
+	for round := range 3 {
+		pol := testPol(t)
+		s, err := NewSplitter(pol)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 12 {
+			n := MinSize + rng.IntN(6<<20)
+			if i%4 == 0 {
+				// Ends exactly on a block edge or one byte either side.
+				n = MinSize + (1+rng.IntN(30))*4*laneSize + rng.IntN(3) - 1
+			}
+			ext := randomBytes(uint64(100*round+i), n)
+			if i%3 == 1 {
+				// Low-entropy stretches: long runs without cuts, so cuts
+				// land late in blocks or reach MaxSize.
+				for k := 0; k < 8; k++ {
+					at := rng.IntN(len(ext))
+					run := min(len(ext)-at, rng.IntN(1<<20))
+					for j := range run {
+						ext[at+j] = byte(j % 7)
+					}
+				}
+			}
+			c := chunker.NewWithBoundaries(bytes.NewReader(ext), chunker.Pol(pol), MinSize, MaxSize)
+			c.SetAverageBits(bits.TrailingZeros(AverageSize))
+			var want []int
+			for {
+				ch, err := c.Next(buf)
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				want = append(want, int(ch.Length))
+			}
+			var got []int
+			for off := 0; off < len(ext); {
+				k := s.next(ext[off:])
+				got = append(got, k)
+				off += k
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("polynomial %#x, extent %d (%d bytes): chunks %v, restic's chunker %v", pol, i, len(ext), got, want)
+			}
+		}
+	}
+}
