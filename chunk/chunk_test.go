@@ -172,25 +172,7 @@ func TestSplitMatchesRestic(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i, ext := range extents {
-			c := chunker.NewWithBoundaries(bytes.NewReader(ext), chunker.Pol(pol), MinSize, MaxSize)
-			c.SetAverageBits(bits.TrailingZeros(AverageSize))
-			var want []int
-			for {
-				ch, err := c.Next(buf)
-				if errors.Is(err, io.EOF) {
-					break
-				}
-				if err != nil {
-					t.Fatal(err)
-				}
-				want = append(want, int(ch.Length))
-			}
-			var got []int
-			for off := 0; off < len(ext); {
-				n := s.next(ext[off:])
-				got = append(got, n)
-				off += n
-			}
+			want, got := resticChunks(t, pol, ext, buf), ourChunks(s, ext)
 			if !slices.Equal(got, want) {
 				t.Fatalf("polynomial %#x, extent %d (%d bytes): chunks %v, restic's chunker %v", pol, i, len(ext), got, want)
 			}
@@ -233,28 +215,40 @@ func TestSplitLanesMatchRestic(t *testing.T) {
 					}
 				}
 			}
-			c := chunker.NewWithBoundaries(bytes.NewReader(ext), chunker.Pol(pol), MinSize, MaxSize)
-			c.SetAverageBits(bits.TrailingZeros(AverageSize))
-			var want []int
-			for {
-				ch, err := c.Next(buf)
-				if errors.Is(err, io.EOF) {
-					break
-				}
-				if err != nil {
-					t.Fatal(err)
-				}
-				want = append(want, int(ch.Length))
-			}
-			var got []int
-			for off := 0; off < len(ext); {
-				k := s.next(ext[off:])
-				got = append(got, k)
-				off += k
-			}
+			want, got := resticChunks(t, pol, ext, buf), ourChunks(s, ext)
 			if !slices.Equal(got, want) {
 				t.Fatalf("polynomial %#x, extent %d (%d bytes): chunks %v, restic's chunker %v", pol, i, len(ext), got, want)
 			}
 		}
 	}
+}
+
+// resticChunks returns the chunk lengths restic's chunker cuts ext into
+// with our sizes; buf holds MaxSize bytes.
+func resticChunks(t *testing.T, pol uint64, ext, buf []byte) []int {
+	t.Helper()
+	c := chunker.NewWithBoundaries(bytes.NewReader(ext), chunker.Pol(pol), MinSize, MaxSize)
+	c.SetAverageBits(bits.TrailingZeros(AverageSize))
+	var out []int
+	for {
+		ch, err := c.Next(buf)
+		if errors.Is(err, io.EOF) {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, int(ch.Length))
+	}
+}
+
+// ourChunks returns the chunk lengths next cuts ext into.
+func ourChunks(s *Splitter, ext []byte) []int {
+	var out []int
+	for off := 0; off < len(ext); {
+		n := s.next(ext[off:])
+		out = append(out, n)
+		off += n
+	}
+	return out
 }
