@@ -3,6 +3,8 @@ package repo
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
@@ -104,6 +106,15 @@ func TestBackupSparseFileSkipsHoles(t *testing.T) {
 	}
 	if ms.Stats.SegmentsNew != 0 {
 		t.Fatalf("stream of the same image stored %d new segments", ms.Stats.SegmentsNew)
+	}
+	// --sha256 of the sparse file (mapped windows with holes: zeros hashed
+	// in the holes' place) is the image's.
+	mh, err := tr.Backup(context.Background(), BackupRequest{VM: "vm", SHA256: true, Disks: []DiskSource{{Name: "d", Source: path, Reader: f, Size: size}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := sha256.Sum256(img); mh.Disks[0].SHA256 != hex.EncodeToString(want[:]) {
+		t.Fatalf("sha256 of the sparse file %s, want %x", mh.Disks[0].SHA256, want)
 	}
 	r := tr.reopen(t)
 	if got := restoreBytes(t, r, mustFind(t, r, "vm", m.ID[:8])); !bytes.Equal(got, img) {
