@@ -4,6 +4,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
+	"sync"
 
 	"github.com/spf13/cobra"
 
@@ -114,16 +115,38 @@ func raiseMemoryLimit(n int64) int64 {
 // 1.66-1.75 s, at the same CPU seconds. (Backups whose workers followed
 // the processors spent more CPU time with 4 than with 2.)
 //
-// It returns the count and a function that puts the old one back (for a
-// command run in-process, as the tests run them); calling it again
-// changes nothing.
+// It returns the count and a function that puts the old one back once
+// every caller's has been called (commands run in-process, as the tests
+// run them, may overlap: a mount serving while a backup runs); calling it
+// again changes nothing.
 func oversubscribe() (int, func()) {
 	if os.Getenv("GOMAXPROCS") != "" {
 		return runtime.GOMAXPROCS(0), func() {}
 	}
 	n := 2 * startProcs
-	old := runtime.GOMAXPROCS(n)
-	return n, func() { runtime.GOMAXPROCS(old) }
+	procs.Lock()
+	defer procs.Unlock()
+	if procs.users == 0 {
+		procs.old = runtime.GOMAXPROCS(n)
+	}
+	procs.users++
+	var once sync.Once
+	return n, func() {
+		once.Do(func() {
+			procs.Lock()
+			defer procs.Unlock()
+			if procs.users--; procs.users == 0 {
+				runtime.GOMAXPROCS(procs.old)
+			}
+		})
+	}
+}
+
+// procs counts the callers of oversubscribe that have not restored yet,
+// and the processor count to restore when the last one does.
+var procs struct {
+	sync.Mutex
+	users, old int
 }
 
 // startProcs is the processor count the process started with.

@@ -304,6 +304,21 @@ func TestOversubscribe(t *testing.T) {
 	if got := runtime.GOMAXPROCS(0); got != before {
 		t.Fatalf("GOMAXPROCS %d after restore, was %d", got, before)
 	}
+	// Overlapping commands (a mount serving while a backup runs) that
+	// end in the order they began: the first to end leaves the count
+	// raised for the other, the last puts it back; a second call of one
+	// restore changes nothing.
+	_, endMount := oversubscribe()
+	_, endBackup := oversubscribe()
+	endMount()
+	endMount()
+	if got := runtime.GOMAXPROCS(0); got != 2*startProcs {
+		t.Fatalf("GOMAXPROCS %d while a command still runs, want %d", got, 2*startProcs)
+	}
+	endBackup()
+	if got := runtime.GOMAXPROCS(0); got != before {
+		t.Fatalf("GOMAXPROCS %d after both commands, was %d", got, before)
+	}
 }
 
 // procsReader is an image on stdin that records GOMAXPROCS when the backup
