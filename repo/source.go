@@ -28,11 +28,13 @@ const readPiece = 2 << 20
 // zeros by definition. Any other source is read sequentially as a stream.
 //
 // A file or block device is mapped instead where possible (mapWindow): the
-// window's pages are made present by MADV_POPULATE_READ from several
+// window's data pages are made present by MADV_POPULATE_READ from several
 // goroutines, which reads what is not cached and reports I/O errors as
 // errors, and the workers hash, chunk and compress the page cache's own
 // pages. That saves copying every byte into a buffer, which was the larger
-// part of an incremental backup's CPU time (docs/performance.md).
+// part of an incremental backup's CPU time (docs/performance.md). A
+// window's holes go with it as chunk.Hole ranges, which the segment cut
+// and the zero-run search skip without reading them.
 type imageReader struct {
 	src     DiskSource
 	ra      io.ReaderAt // nil: a stream
