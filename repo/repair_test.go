@@ -16,15 +16,20 @@ import (
 )
 
 // futureChunks returns the IDs and payloads of the chunks a backup of
-// img will store, in order.
+// img will store, in order: segments cut by content as the backup cuts
+// them (fixed-size segments, as this helper once assumed, end the first
+// segment elsewhere, and for some repository keys its second chunk then
+// was not one the backup stores: the test failed 3 times in 40).
 func futureChunks(t *testing.T, r *Repository, img []byte) (ids []crypto.ID, data [][]byte) {
 	t.Helper()
 	sp, err := chunk.NewSplitter(r.cfg.ChunkerPolynomial)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for off := 0; off < len(img); off += int(r.cfg.SegmentSize) {
-		seg := img[off:min(len(img), off+int(r.cfg.SegmentSize))]
+	for off := 0; off < len(img); {
+		w := img[off:min(len(img), off+r.segmenter.Max())]
+		seg := w[:r.segmenter.Cut(w, off+len(w) == len(img))]
+		off += len(seg)
 		if chunk.IsZero(seg) {
 			continue
 		}
