@@ -123,7 +123,6 @@ func (s *Splitter) next(data []byte) int {
 		return len(data)
 	}
 	end := min(len(data), MaxSize)
-	const mask = AverageSize - 1
 	p := MinSize
 	for ; p+4*laneSize <= end; p += 4 * laneSize {
 		a, b, c, d := p, p+laneSize, p+2*laneSize, p+3*laneSize
@@ -133,7 +132,7 @@ func (s *Splitter) next(data []byte) int {
 		outa, outb, outc, outd := data[a-windowSize:b-windowSize], data[b-windowSize:c-windowSize], data[c-windowSize:d-windowSize], data[d-windowSize:d+laneSize-windowSize]
 		fa, fb, fc, fd := -1, -1, -1, -1
 		for j := range laneSize {
-			if (da&mask == 0 || db&mask == 0 || dc&mask == 0 || dd&mask == 0) && s.first(&fa, &fb, &fc, &fd, j, da, db, dc, dd) {
+			if (da&cutMask == 0 || db&cutMask == 0 || dc&cutMask == 0 || dd&cutMask == 0) && s.first(&fa, &fb, &fc, &fd, j, da, db, dc, dd) {
 				break // lane a has its cut: nothing later can come first
 			}
 			da ^= s.out[outa[j]]
@@ -159,6 +158,10 @@ func (s *Splitter) next(data []byte) int {
 	return s.scan(data, p, end)
 }
 
+// cutMask selects the fingerprint bits that are all zero at a cut: one
+// position in AverageSize past MinSize is one.
+const cutMask = AverageSize - 1
+
 // laneSize is how many candidates each of next's four lanes tests per
 // block: a chunk's cut is found within a block, so up to three lanes'
 // work past it is spent for nothing (at most 3 × 8 KiB against the
@@ -168,17 +171,16 @@ const laneSize = 8 << 10
 // first records, for each lane whose fingerprint marks a cut at step j,
 // the step if it has none yet; it reports whether lane a has one.
 func (s *Splitter) first(fa, fb, fc, fd *int, j int, da, db, dc, dd uint64) bool {
-	const mask = AverageSize - 1
-	if da&mask == 0 && *fa < 0 {
+	if da&cutMask == 0 && *fa < 0 {
 		*fa = j
 	}
-	if db&mask == 0 && *fb < 0 {
+	if db&cutMask == 0 && *fb < 0 {
 		*fb = j
 	}
-	if dc&mask == 0 && *fc < 0 {
+	if dc&cutMask == 0 && *fc < 0 {
 		*fc = j
 	}
-	if dd&mask == 0 && *fd < 0 {
+	if dd&cutMask == 0 && *fd < 0 {
 		*fd = j
 	}
 	return *fa >= 0
@@ -205,26 +207,25 @@ func (s *Splitter) scan(data []byte, from, end int) int {
 	in := data[from:end]
 	leave := data[from-windowSize : end-windowSize]
 	leave = leave[:len(in)]
-	const mask = AverageSize - 1
 	j := 0
 	// Two bytes a step: each fingerprint depends on the one before, and
 	// reducing sixteen bits at once (two table lookups side by side)
 	// halves that chain; the fingerprint in between, needed only for its
 	// test, is computed off the chain.
 	for ; j+1 < len(in); j += 2 {
-		if d&mask == 0 {
+		if d&cutMask == 0 {
 			return from + j
 		}
 		i0, i1, l0, l1 := in[j], in[j+1], leave[j], leave[j+1]
 		e := d ^ s.out[l0]
-		if ((e<<8|uint64(i0))^s.mod[byte(e>>s.shift)])&mask == 0 {
+		if ((e<<8|uint64(i0))^s.mod[byte(e>>s.shift)])&cutMask == 0 {
 			return from + j + 1
 		}
 		h := e >> (s.shift - 8)
 		d = (e&s.lowMask)<<16 ^ (uint64(i0)<<8 | uint64(i1)) ^ s.hi[byte(h>>8)] ^ s.lo[byte(h)] ^ s.out8[l1]
 	}
 	for ; j < len(in); j++ {
-		if d&mask == 0 {
+		if d&cutMask == 0 {
 			return from + j
 		}
 		d ^= s.out[leave[j]]

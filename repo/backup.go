@@ -754,7 +754,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 					if holes != nil {
 						holedSegmentsMapped.Add(1)
 					}
-					ir.read += int64(c) - holeBytes(holes, c) // the tail is mapped again
+					ir.read += int64(c) - holeBytes(holes) // the tail is mapped again
 					advance(c)
 					continue
 				}

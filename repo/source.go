@@ -142,14 +142,11 @@ func (ir *imageReader) mapWindow(ctx context.Context, off int64, n int) (mem []b
 	return mem, holes, true, nil
 }
 
-// holeBytes returns how many of the first n bytes of a window lie in holes.
-func holeBytes(holes []chunk.Hole, n int) int64 {
+// holeBytes returns how many bytes holes cover.
+func holeBytes(holes []chunk.Hole) int64 {
 	var k int64
 	for _, h := range holes {
-		if h.Off >= n {
-			break
-		}
-		k += int64(min(h.End, n) - h.Off)
+		k += int64(h.End - h.Off)
 	}
 	return k
 }

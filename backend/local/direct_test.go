@@ -10,6 +10,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"vmvault/internal/testio"
 )
 
 // alignedBuffer returns n bytes of random data starting on a page.
@@ -39,14 +41,13 @@ func residentPages(t *testing.T, name string) (resident, total int) {
 		t.Fatal(err)
 	}
 	defer unix.Munmap(m)
-	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
-	if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
-		t.Fatal(e)
+	in := testio.Resident(t, m)
+	for _, r := range in {
+		if r {
+			resident++
+		}
 	}
-	for _, v := range vec {
-		resident += int(v & 1)
-	}
-	return resident, len(vec)
+	return resident, len(in)
 }
 
 // An object whose memory starts on a page has its whole pages written

@@ -108,12 +108,13 @@ func raiseMemoryLimit(n int64) int64 {
 // from a blocking read of the FUSE device or a socket; with one processor
 // per core, both were usually held by read-ahead goroutines decoding
 // chunks, and the request waited for one to yield (a reader reading 1 MiB
-// at a time, as dd and cat do, then waited each time). With more processors than cores it runs at once and
-// the kernel shares the cores. Measured on 2 cores (docs/performance.md,
-// "Session 13: a read request waits for a processor"): dd of image A
-// through the mount 2.76-3.00 s -> 2.37-2.53 s, of B 1.85-2.13 s ->
-// 1.66-1.75 s, at the same CPU seconds. (Backups whose workers followed
-// the processors spent more CPU time with 4 than with 2.)
+// at a time, as dd and cat do, then waited each time). With more
+// processors than cores it runs at once and the kernel shares the cores.
+// Measured on 2 cores (docs/performance.md, "Session 13: a read request
+// waits for a processor"): dd of image A through the mount 2.76-3.00 s ->
+// 2.37-2.53 s, of B 1.85-2.13 s -> 1.66-1.75 s, at the same CPU seconds.
+// (Backups whose workers followed the processors spent more CPU time with
+// 4 than with 2.)
 //
 // It returns the count and a function that puts the old one back once
 // every caller's has been called (commands run in-process, as the tests

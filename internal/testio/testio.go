@@ -1,6 +1,7 @@
-// Package testio holds the checks the instant-access tests (fusefs,
-// mount, serve) share: damaging a repository's data on purpose, and
-// reading a disk file that must fail with EIO where it is damaged.
+// Package testio holds the checks several packages' tests share: damaging
+// a repository's data on purpose, reading a disk file that must fail with
+// EIO where it is damaged (the instant-access tests: fusefs, mount,
+// serve), and asking which pages of a mapping are in memory.
 //
 // Rules it keeps: a helper fails the test itself (t.Fatal) on anything
 // unexpected, so a caller cannot forget to check; and a read that
@@ -19,6 +20,7 @@ import (
 	"runtime"
 	"syscall"
 	"testing"
+	"unsafe"
 )
 
 // LargestObject returns the path of the largest object under
@@ -111,4 +113,21 @@ func RestoreFewGCs(t testing.TB, size int64, want []byte, restore func(out io.Wr
 	} else {
 		t.Logf("%d garbage collections", n)
 	}
+}
+
+// Resident reports, page by page, whether the pages of mem (a mapping) are
+// in memory: for a file mapping, whether the page cache holds them
+// (mincore).
+func Resident(t testing.TB, mem []byte) []bool {
+	t.Helper()
+	page := os.Getpagesize()
+	vec := make([]byte, (len(mem)+page-1)/page)
+	if _, _, e := syscall.Syscall(syscall.SYS_MINCORE, uintptr(unsafe.Pointer(&mem[0])), uintptr(len(mem)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
+		t.Fatalf("mincore: %v", e)
+	}
+	in := make([]bool, len(vec))
+	for i, v := range vec {
+		in[i] = v&1 == 1
+	}
+	return in
 }
