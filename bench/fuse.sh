@@ -14,9 +14,19 @@
 #   copy      qemu-img convert of the mounted disk file to qemu's null device:
 #             skips holes through SEEK_DATA/SEEK_HOLE, as a client copying a
 #             disk does (bench/nbd.sh's "convert" through NBD)
+#   holes     dd bs=4M, as above, of a disk of the same size that is all
+#             holes (another VM in the same repository): moving bytes through
+#             the FUSE device and nothing else
 # and prints per round the wall seconds, the CPU seconds (user + system; for
 # the mount cases the vmvault process's plus the reader's) and the load
 # average, then the medians and the ratios restore/case and pipe/case (wall).
+# Last, the floor of a dd through the mount on this machine, from restore's
+# CPU time R, the holes read (wall H, CPU h) and the image's share of zeros
+# z, with n cores: its CPU is at least R + h, so its wall at least
+# max((R + h) / n, H) if the zeros are read while data is decoded; where the
+# zeros lie together (the end of a disk), a reader that asks for one block
+# at a time meanwhile leaves all but one core idle: (R + h(1-z)) / n + H z.
+# Restore's wall divided by each is the best ratio a mount could reach.
 # Every mount is fresh (cold reader cache); the page cache holds the
 # repository for every case. Timings never fail the script; a wrong byte or a
 # failed command does. Needs root (direct FUSE mount) and GNU time.
@@ -119,7 +129,12 @@ for image in "${images[@]}"; do
 	vvargs=("${margs[@]}" -q)
 	"$bin" "${vvargs[@]}" init --kdf-params t=1,m=8192,p=1 >/dev/null 2>&1
 	say "$name: backing up"
-	"$bin" "${vvargs[@]}" backup vm01 --source "disk=$image" >/dev/null
+	"$bin" "${vvargs[@]}" backup vm01 --source "disk=$image" --json >"$workdir/backup.json"
+	zero=$(grep -o '"bytes_zero":[0-9]*' "$workdir/backup.json" | cut -d: -f2)
+	size=$(stat -c %s "$image")
+	truncate -s "$size" "$workdir/holes.raw"
+	"$bin" "${vvargs[@]}" backup vm02 --source "disk=$workdir/holes.raw" >/dev/null
+	rm -f "$workdir/holes.raw"
 	disk=$mnt/vm01/latest/disk
 	want=$(sha256sum <"$image" | cut -d' ' -f1)
 	start_mount
@@ -128,7 +143,7 @@ for image in "${images[@]}"; do
 	[ "$got" = "$want" ] || { echo "fuse.sh: $name: mounted disk file differs from the image" >&2; exit 1; }
 
 	cases=(restore dd cat copy)
-	for c in "${cases[@]}" pipe; do : >"$workdir/$c.w"; : >"$workdir/$c.c"; done
+	for c in "${cases[@]}" pipe holes; do : >"$workdir/$c.w"; : >"$workdir/$c.c"; done
 	for ((i = 1; i <= runs; i++)); do
 		l0=$(load)
 		t0=$(now)
@@ -149,6 +164,13 @@ for image in "${images[@]}"; do
 			echo "$cpu" >>"$workdir/$c.c"
 			line+=$(printf '  %s %.2f s (cpu %.2f)' "$c" "$w" "$cpu")
 		done
+		disk=$mnt/vm02/latest/disk
+		mount_read dd >"$workdir/m.out"
+		disk=$mnt/vm01/latest/disk
+		read -r w cpu <"$workdir/m.out"
+		echo "$w" >>"$workdir/holes.w"
+		echo "$cpu" >>"$workdir/holes.c"
+		line+=$(printf '  holes %.2f s (cpu %.2f)' "$w" "$cpu")
 		echo "$name round $i (load $l0-$(load)): $line"
 	done
 	r=$(median <"$workdir/restore.w")
@@ -159,4 +181,13 @@ for image in "${images[@]}"; do
 		line+=$(printf ', %s %.2f s (cpu %.2f) ratio %.2f (pipe %.2f)' "$c" "$w" "$(median <"$workdir/$c.c")" "$(echo "$r / $w" | bc -l)" "$(echo "$p / $w" | bc -l)")
 	done
 	echo "$name median of $runs: $line"
+	rc=$(median <"$workdir/restore.c")
+	hw=$(median <"$workdir/holes.w")
+	hc=$(median <"$workdir/holes.c")
+	awk -v n="$(nproc)" -v R="$rc" -v r="$r" -v H="$hw" -v h="$hc" -v z="$zero" -v s="$size" -v name="$name" 'BEGIN {
+		z /= s
+		over = (R + h) / n; if (H > over) over = H
+		serial = (R + h * (1 - z)) / n + H * z
+		printf "%s floor on %d cores (zeros %.0f %%, holes read %.2f s, cpu %.2f): %.2f s if the zeros overlap decoding, ratio at most %.2f; %.2f s if they lie together, ratio at most %.2f\n", name, n, 100 * z, H, h, over, r / over, serial, r / serial
+	}'
 done
