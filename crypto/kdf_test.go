@@ -39,7 +39,9 @@ func TestDeriveKeyFaultsLittle(t *testing.T) {
 	}
 	pages := int64(p.Memory) * 1024 / 4096
 	t.Logf("%d minor faults for %d pages of argon2 memory", faults, pages)
-	if faults > pages/4 {
+	if raceEnabled {
+		t.Log("race detector: its shadow memory faults too; the fault count is not checked")
+	} else if faults > pages/4 {
 		t.Fatalf("argon2 took %d minor faults on %d pages of warmed memory: the heap was not reused", faults, pages)
 	}
 	k, err := DeriveKey([]byte("pw"), salt, p)
