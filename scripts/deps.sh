@@ -6,6 +6,7 @@ pkgs=(openssh-server mariadb-server qemu-system-x86 linux-image-amd64 busybox-st
       restic debootstrap socat cpio e2fsprogs xfsprogs time)
 pkgs+=(qemu-utils) # qemu-img, qemu-io, qemu-nbd: the NBD clients of the nbd and serve tests
 pkgs+=(thin-provisioning-tools) # thin_delta, thin_check: change tracking on thin LVs in the test guest
+pkgs+=(gcc libc6-dev) # cgo, which the race detector needs (scripts/test.sh's race step)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -24,3 +24,8 @@ echo "== staticcheck"
 go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 echo "== go test"
 go test -count=1 -timeout 40m "$@" ./...
+# The servers and stores run many goroutines over shared caches: their
+# packages once more under the race detector (about a minute; the rest
+# of the suite under it takes far longer, mostly repo's 5 minutes).
+echo "== go test -race (servers and stores)"
+go test -race -count=1 -timeout 10m ./fusefs/ ./nbd/ ./backend/local/ ./backend/limit/ ./backend/retry/ ./crypto/
