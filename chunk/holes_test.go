@@ -71,13 +71,6 @@ func TestHolesCutTheSame(t *testing.T) {
 				skipped += h.End - h.Off
 			}
 			var plain, hinted []Piece
-			collect := func(out *[]Piece) func(Piece) error {
-				return func(p Piece) error {
-					p.Data = nil
-					*out = append(*out, p)
-					return nil
-				}
-			}
 			if err := s.SplitGuided(segment, nil, collect(&plain)); err != nil {
 				t.Fatal(err)
 			}
@@ -109,7 +102,7 @@ func TestHolesNotReadForZeroRuns(t *testing.T) {
 	clear(img[256<<10 : 3<<20])
 	want := seg.Cut(img[:seg.Max()], false)
 	var plain []Piece
-	if err := s.SplitGuided(img[:want], nil, func(p Piece) error { p.Data = nil; plain = append(plain, p); return nil }); err != nil {
+	if err := s.SplitGuided(img[:want], nil, collect(&plain)); err != nil {
 		t.Fatal(err)
 	}
 	// The same zero run, now a hole whose bytes are poison.
@@ -119,11 +112,21 @@ func TestHolesNotReadForZeroRuns(t *testing.T) {
 		t.Fatalf("CutHoles read the hole: %d, want %d", got, want)
 	}
 	var hinted []Piece
-	if err := s.SplitGuidedHoles(img[:want], holes, nil, func(p Piece) error { p.Data = nil; hinted = append(hinted, p); return nil }); err != nil {
+	if err := s.SplitGuidedHoles(img[:want], holes, nil, collect(&hinted)); err != nil {
 		t.Fatal(err)
 	}
 	if !samePieces(plain, hinted) {
 		t.Fatalf("SplitGuidedHoles read the hole:\n%v\n%v", plain, hinted)
+	}
+}
+
+// collect returns a split callback that appends each piece, without its
+// data, to out.
+func collect(out *[]Piece) func(Piece) error {
+	return func(p Piece) error {
+		p.Data = nil
+		*out = append(*out, p)
+		return nil
 	}
 }
 

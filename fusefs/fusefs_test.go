@@ -292,14 +292,15 @@ func TestMountReadModes(t *testing.T) {
 func mmapEqual(path string, want []byte, flags int) error {
 	sum := sha256.Sum256(want)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s:%d:%d:%x", mmapChildEnv, path, flags, len(want), sum))
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d:%d:%x:%s", mmapChildEnv, flags, len(want), sum, path))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("%v: %s", err, bytes.TrimSpace(out))
 	}
 	return nil
 }
 
-// mmapChildEnv carries the work of mmapEqual's child: PATH:FLAGS:LENGTH:SHA256.
+// mmapChildEnv carries the work of mmapEqual's child: FLAGS:LENGTH:SHA256:PATH
+// (the path last: it may hold colons).
 const mmapChildEnv = "VMVAULT_TEST_MMAP"
 
 // TestMain runs mmapEqual's child when asked, and the tests otherwise.
@@ -319,17 +320,14 @@ func TestMain(m *testing.M) {
 // returns.
 func mmapChild(job string) error {
 	var flags, n int
-	var want string
-	i := strings.LastIndexByte(job, ':')
-	j := strings.LastIndexByte(job[:max(i, 0)], ':')
-	k := strings.LastIndexByte(job[:max(j, 0)], ':')
-	if k < 0 {
+	parts := strings.SplitN(job, ":", 4)
+	if len(parts) != 4 {
 		return fmt.Errorf("bad job %q", job)
 	}
-	path := job[:k]
-	if _, err := fmt.Sscanf(job[k+1:], "%d:%d:%s", &flags, &n, &want); err != nil {
+	if _, err := fmt.Sscanf(parts[0]+" "+parts[1], "%d %d", &flags, &n); err != nil {
 		return fmt.Errorf("bad job %q: %v", job, err)
 	}
+	want, path := parts[2], parts[3]
 	f, err := os.Open(path)
 	if err != nil {
 		return err

@@ -132,15 +132,16 @@ func vmvaultCut(segAvg int) func([]byte, uint64, byte) (chunkSet, error) {
 	}
 }
 
-// newBytes sums the lengths of next's chunks that base does not have.
-func newBytes(base, next chunkSet) int64 {
-	var n int64
+// newBytes sums the lengths of next's chunks that base does not have,
+// and counts them.
+func newBytes(base, next chunkSet) (n int64, chunks int) {
 	for id, l := range next {
 		if _, ok := base[id]; !ok {
 			n += int64(l)
+			chunks++
 		}
 	}
-	return n
+	return n, chunks
 }
 
 var models = []model{
@@ -167,24 +168,13 @@ func run(w io.Writer, base, next []byte, seeds int) error {
 			if err != nil {
 				return err
 			}
-			nb := newBytes(b, n)
+			nb, nc := newBytes(b, n)
 			sum += nb
-			fmt.Fprintf(w, "%-32s seed %d  new %8.1f MiB in %d of %d chunks\n", m.name, s, float64(nb)/(1<<20), len(n)-common(b, n), len(n))
+			fmt.Fprintf(w, "%-32s seed %d  new %8.1f MiB in %d of %d chunks\n", m.name, s, float64(nb)/(1<<20), nc, len(n))
 		}
 		fmt.Fprintf(w, "%-32s mean    new %8.1f MiB\n", m.name, float64(sum)/float64(seeds)/(1<<20))
 	}
 	return nil
-}
-
-// common counts next's chunks that base has.
-func common(base, next chunkSet) int {
-	k := 0
-	for id := range next {
-		if _, ok := base[id]; ok {
-			k++
-		}
-	}
-	return k
 }
 
 func main() {
