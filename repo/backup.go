@@ -172,8 +172,16 @@ func (st *backupState) claim(id crypto.ID) (p *pendingObject, mine bool) {
 // the object is durable and recorded for the index (or the backup has
 // failed).
 func (st *backupState) upload(ctx context.Context, t ObjectType, id crypto.ID, payload []byte, p *pendingObject) error {
+	return st.uploadSealed(ctx, t, id, payload, nil, p)
+}
+
+// uploadSealed is upload of payload already sealed (sealed; nil: seal it
+// here).
+func (st *backupState) uploadSealed(ctx context.Context, t ObjectType, id crypto.ID, payload, sealed []byte, p *pendingObject) error {
 	name := dataName(id)
-	sealed := st.r.codec.seal(t, name, payload)
+	if sealed == nil {
+		sealed = st.r.codec.seal(t, name, payload)
+	}
 	// A segment list's payload is its own allocation; a chunk's is the
 	// caller's segment buffer, reused once storeSegment returns.
 	var list []byte
@@ -476,6 +484,7 @@ type segmentJob struct {
 	// (a mapped window of a sparse file).
 	holes   []chunk.Hole
 	mapped  bool
+	lease   *readLease // the mapped file's, if held when submitted (repo/lease.go)
 	slot    *[]byte
 	slotLen int // the size of a buffer to allocate for the slot
 }
@@ -590,8 +599,11 @@ func (w *segmentWorkers) takeSlot() ([]byte, error) {
 // submitMapped hands segment i at image offset off, the first c bytes of
 // a window mapped in slot, with its holes, to the workers, which unmap it
 // and free the slot when done.
-func (w *segmentWorkers) submitMapped(i int, off int64, mem []byte, c int, holes []chunk.Hole, slot []byte) error {
+func (w *segmentWorkers) submitMapped(i int, off int64, mem []byte, c int, holes []chunk.Hole, slot []byte, lease *readLease) error {
 	job := segmentJob{i: i, off: off, buf: mem, n: c, holes: holes, mapped: true, slot: &slot, slotLen: w.bufLen}
+	if lease.held() {
+		job.lease = lease
+	}
 	job.release = func() { unmapWindow(mem); w.free <- slot }
 	return w.send(job)
 }
@@ -687,6 +699,14 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	}
 	ir := newImageReader(src, nw)
 	ir.limit = st.readLimit
+	if ir.mappable() && ir.file != nil {
+		// Read in place while no one can write the file (repo/lease.go).
+		ir.lease = takeReadLease(ir.file)
+		defer ir.lease.release()
+		if ir.lease != nil {
+			st.r.log.Debug("reading under a read lease: chunks sealed in place", "source", src.Source)
+		}
+	}
 	if ir.mappable() {
 		// Mapped windows take the place of the heap's segment buffers
 		// but are memory the garbage collector does not see: a soft
@@ -748,7 +768,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 					if sum != nil {
 						writeHoled(sum, mem[:c], holes)
 					}
-					if err := w.submitMapped(len(lens), total, mem, c, holes, slot); err != nil {
+					if err := w.submitMapped(len(lens), total, mem, c, holes, slot, ir.lease); err != nil {
 						return err
 					}
 					if holes != nil {
@@ -894,7 +914,7 @@ func (st *backupState) storeJob(ctx context.Context, sp *chunk.Splitter, source 
 			return (*job.slot)[:job.n]
 		}
 	}
-	return st.storeSegment(ctx, sp, job.buf[:job.n], job.holes, private, prev, job.off)
+	return st.storeSegment(ctx, sp, job.buf[:job.n], job.holes, private, job.lease, prev, job.off)
 }
 
 // segmentID returns the ID of a segment split into entries and its
@@ -925,12 +945,12 @@ func (r *Repository) segmentID(entries []SegmentEntry) (crypto.ID, []byte) {
 // it, a torn read of a changing source, never an inconsistent object
 // (TestBackupMappedFileWrittenMeanwhile). The segment ID describes the
 // list, which is exactly what is stored, whatever the source did.
-func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, holes []chunk.Hole, private func() []byte, prev *prevDisk, off int64) (crypto.ID, error) {
+func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg []byte, holes []chunk.Hole, private func() []byte, lease *readLease, prev *prevDisk, off int64) (crypto.ID, error) {
 	st.stats.segs.Add(1)
 	var entries []SegmentEntry
 	var waits []*pendingObject
 	var zero int64
-	err := st.splitGuided(sp, seg, holes, prev.guide(ctx, off, seg), private, func(p chunk.Piece, id crypto.ID) error {
+	err := st.splitGuided(sp, seg, holes, prev.guide(ctx, off, seg), private, lease, func(p chunk.Piece, id crypto.ID, sealed []byte) error {
 		if p.Zero {
 			zero += int64(p.Length)
 			entries = append(entries, SegmentEntry{Zero: true, Length: uint32(p.Length)})
@@ -939,6 +959,9 @@ func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg
 		entries = append(entries, SegmentEntry{Length: uint32(p.Length), ID: id})
 		pend, mine := st.claim(id)
 		if !mine {
+			if sealed != nil {
+				st.r.codec.recycle(sealed)
+			}
 			if pend != nil {
 				waits = append(waits, pend)
 			}
@@ -947,7 +970,7 @@ func (st *backupState) storeSegment(ctx context.Context, sp *chunk.Splitter, seg
 		st.stats.bytesNew.Add(int64(p.Length))
 		st.stats.chunksNew.Add(1)
 		waits = append(waits, pend)
-		return st.upload(ctx, TypeChunk, id, p.Data, pend)
+		return st.uploadSealed(ctx, TypeChunk, id, p.Data, sealed, pend)
 	})
 	if err != nil {
 		return crypto.ID{}, err

@@ -351,7 +351,7 @@ func (st *backupState) verifyUnchanged(ctx context.Context, w *segmentWorkers, i
 		// The segment's ID as a backup derives it: split guided by the
 		// base's chunks (one hash pass where it is unchanged).
 		var entries []SegmentEntry
-		if err := st.splitGuided(sp, seg, nil, w.prev.guide(ctx, off, seg), nil, func(p chunk.Piece, id crypto.ID) error {
+		if err := st.splitGuided(sp, seg, nil, w.prev.guide(ctx, off, seg), nil, nil, func(p chunk.Piece, id crypto.ID, _ []byte) error {
 			entries = append(entries, SegmentEntry{Zero: p.Zero, Length: uint32(p.Length), ID: id})
 			return nil
 		}); err != nil {

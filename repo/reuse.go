@@ -348,7 +348,13 @@ func (g *chunkGuide) hashed(p chunk.Piece) (id crypto.ID, ok, same bool) {
 // other chunk's ID is computed over its bytes, in a private copy when
 // private is set (seg can change while read: see storeSegment), and the
 // piece's Data is then the copy.
-func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, holes []chunk.Hole, g *chunkGuide, private func() []byte, fn func(p chunk.Piece, id crypto.ID) error) error {
+//
+// With a lease (repo/lease.go), seg is a mapped window of the leased file
+// and private is set: a chunk not yet stored is hashed and sealed in
+// place, and fn gets the sealed object, if the lease still holds after
+// the seal; if not, the chunk goes the private way. fn's sealed is nil
+// otherwise.
+func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, holes []chunk.Hole, g *chunkGuide, private func() []byte, lease *readLease, fn func(p chunk.Piece, id crypto.ID, sealed []byte) error) error {
 	var guide chunk.Guide
 	if g != nil {
 		guide = g
@@ -356,7 +362,7 @@ func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, holes []chunk
 	var priv []byte
 	return sp.SplitGuidedHoles(seg, holes, guide, func(p chunk.Piece) error {
 		if p.Zero {
-			return fn(p, crypto.ID{})
+			return fn(p, crypto.ID{}, nil)
 		}
 		id, hashed, taken := g.hashed(p)
 		if !taken {
@@ -365,8 +371,26 @@ func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, holes []chunk
 			// Not stored (any more): stored from its bytes, below.
 			taken = false
 		}
+		if taken {
+			return fn(p, id, nil)
+		}
+		if lease != nil {
+			if !hashed {
+				id = st.r.chunkH.Sum(p.Data)
+			}
+			if st.known(id) {
+				return fn(p, id, nil) // stored: nothing to seal
+			}
+			sealed := st.r.codec.seal(TypeChunk, dataName(id), p.Data)
+			if lease.held() {
+				chunksSealedInPlace.Add(1)
+				return fn(p, id, sealed)
+			}
+			// Written meanwhile, perhaps: the private way.
+			st.r.codec.recycle(sealed)
+			inPlaceRedone.Add(1)
+		}
 		switch {
-		case taken:
 		case private != nil:
 			if priv == nil {
 				priv = private()
@@ -377,6 +401,6 @@ func (st *backupState) splitGuided(sp *chunk.Splitter, seg []byte, holes []chunk
 		case !hashed:
 			id = st.r.chunkH.Sum(p.Data)
 		}
-		return fn(p, id)
+		return fn(p, id, nil)
 	})
 }

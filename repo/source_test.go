@@ -374,6 +374,13 @@ func TestBackupMappedFileWrittenMeanwhile(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer w.Close()
+	inPlace := chunksSealedInPlace.Load()
+	defer func() {
+		// The writer holds the file open: no lease, private copies.
+		if n := chunksSealedInPlace.Load() - inPlace; n != 0 {
+			t.Errorf("%d chunks sealed in place from a file open for writing", n)
+		}
+	}()
 	for round := range 4 {
 		f, err := os.Open(path)
 		if err != nil {
