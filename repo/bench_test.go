@@ -144,28 +144,23 @@ func BenchmarkBackupMappedFile(b *testing.B) {
 		}
 	}
 	for _, lease := range []bool{true, false} {
-		b.Run(fmt.Sprintf("full/lease=%v", lease), func(b *testing.B) {
-			noLeases = !lease
-			defer func() { noLeases = false }()
-			b.SetBytes(int64(len(img)))
-			for b.Loop() {
-				b.StopTimer()
-				r := benchRepo(b, DefaultSegmentSize)
-				b.StartTimer()
-				backupFile(b, r, base)
-			}
-		})
-		b.Run(fmt.Sprintf("blocks/lease=%v", lease), func(b *testing.B) {
-			noLeases = !lease
-			defer func() { noLeases = false }()
-			b.SetBytes(int64(len(img)))
-			for b.Loop() {
-				b.StopTimer()
-				r := benchRepo(b, DefaultSegmentSize)
-				backupFile(b, r, base)
-				b.StartTimer()
-				backupFile(b, r, blk)
-			}
-		})
+		for _, day := range []string{"full", "blocks"} {
+			b.Run(fmt.Sprintf("%s/lease=%v", day, lease), func(b *testing.B) {
+				noLeases = !lease
+				defer func() { noLeases = false }()
+				b.SetBytes(int64(len(img)))
+				for b.Loop() {
+					b.StopTimer()
+					r := benchRepo(b, DefaultSegmentSize)
+					path := base
+					if day == "blocks" {
+						backupFile(b, r, base)
+						path = blk
+					}
+					b.StartTimer()
+					backupFile(b, r, path)
+				}
+			})
+		}
 	}
 }

@@ -3,7 +3,6 @@ package repo
 import (
 	"bytes"
 	"context"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
@@ -24,20 +23,31 @@ func writeImageFile(t *testing.T, img []byte) string {
 	return path
 }
 
-// leaseOrSkip skips a test where this machine grants no read lease on a
-// file of the test's temp dir (another file system, leases disabled).
-func leaseOrSkip(t *testing.T, path string) {
+// openLeased opens path and takes a read lease on it, closed and given
+// back when the test ends; it skips the test where this machine grants
+// no lease on a file of the test's temp dir (another file system, leases
+// disabled).
+func openLeased(t *testing.T, path string) (*os.File, *readLease) {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	t.Cleanup(func() { f.Close() })
 	l := takeReadLease(f)
 	if l == nil {
 		t.Skip("no read lease on a file in the test's temp dir")
 	}
+	t.Cleanup(l.release)
+	return f, l
+}
+
+// leaseOrSkip skips a test where no read lease can be had on path.
+func leaseOrSkip(t *testing.T, path string) {
+	t.Helper()
+	f, l := openLeased(t, path)
 	l.release()
+	f.Close()
 }
 
 // A file no one writes is read under a lease: its new chunks are sealed
@@ -125,24 +135,7 @@ func TestBackupLeaseBrokenMidBackup(t *testing.T) {
 					return
 				}
 				defer w.Close()
-				// Rewrites random 64 KiB blocks as fast as it can
-				// until the backup ends.
-				rng := rand.New(rand.NewPCG(5, 5))
-				blk := make([]byte, 64<<10)
-				for {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					for i := range blk {
-						blk[i] = byte(rng.Uint32())
-					}
-					if _, err := w.WriteAt(blk, int64(rng.IntN(len(img)/len(blk)))*int64(len(blk))); err != nil {
-						writerErr = err
-						return
-					}
-				}
+				writerErr = rewriteBlocks(w, len(img), 5, stop)
 			}()
 			// The reader waits here, so only the lease's watcher can
 			// let the writer in.
@@ -181,16 +174,7 @@ func TestLeaseGoneChunkSealedPrivately(t *testing.T) {
 	tr := newTestRepo(t)
 	img := testImage(23, 6<<20)
 	path := writeImageFile(t, img)
-	leaseOrSkip(t, path)
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	l := takeReadLease(f)
-	if l == nil {
-		t.Fatal("no lease")
-	}
+	_, l := openLeased(t, path)
 	if !l.held() {
 		t.Fatal("a lease just taken is not held")
 	}

@@ -388,21 +388,9 @@ func TestBackupMappedFileWrittenMeanwhile(t *testing.T) {
 		}
 		stop := make(chan struct{})
 		done := make(chan struct{})
-		go func() { // the "guest": rewrites random 64 KiB blocks as fast as it can
+		go func() { // the "guest"
 			defer close(done)
-			rng := rand.New(rand.NewPCG(uint64(round), 7))
-			blk := make([]byte, 64<<10)
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				for i := range blk {
-					blk[i] = byte(rng.Uint32())
-				}
-				w.WriteAt(blk, int64(rng.IntN(len(img)/len(blk)))*int64(len(blk)))
-			}
+			rewriteBlocks(w, len(img), uint64(round), stop)
 		}()
 		m, err := tr.Backup(context.Background(), BackupRequest{VM: "vm", Disks: []DiskSource{{Name: "d", Source: path, Reader: f, Size: int64(len(img))}}})
 		close(stop)
@@ -418,6 +406,27 @@ func TestBackupMappedFileWrittenMeanwhile(t *testing.T) {
 		rep, err := r.Check(context.Background(), CheckOptions{ReadData: true})
 		if err != nil || !rep.OK() {
 			t.Fatalf("round %d: check --read-data: %v %v", round, err, rep.Damage)
+		}
+	}
+}
+
+// rewriteBlocks is a guest writing its disk, the file w of size bytes:
+// it rewrites random 64 KiB blocks with random data as fast as it can
+// until stop is closed, and returns the first write error.
+func rewriteBlocks(w *os.File, size int, seed uint64, stop <-chan struct{}) error {
+	rng := rand.New(rand.NewPCG(seed, 7))
+	blk := make([]byte, 64<<10)
+	for {
+		select {
+		case <-stop:
+			return nil
+		default:
+		}
+		for i := range blk {
+			blk[i] = byte(rng.Uint32())
+		}
+		if _, err := w.WriteAt(blk, int64(rng.IntN(size/len(blk)))*int64(len(blk))); err != nil {
+			return err
 		}
 	}
 }
