@@ -699,11 +699,12 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 	}
 	ir := newImageReader(src, nw)
 	ir.limit = st.readLimit
+	var lease *readLease // nil: no lease
 	if ir.mappable() && ir.file != nil {
 		// Read in place while no one can write the file (repo/lease.go).
-		ir.lease = takeReadLease(ir.file)
-		defer ir.lease.release()
-		if ir.lease != nil {
+		lease = takeReadLease(ir.file)
+		defer lease.release()
+		if lease != nil {
 			st.r.log.Debug("reading under a read lease: chunks sealed in place", "source", src.Source)
 		}
 	}
@@ -768,7 +769,7 @@ func (st *backupState) backupDisk(ctx context.Context, src DiskSource, req Backu
 					if sum != nil {
 						writeHoled(sum, mem[:c], holes)
 					}
-					if err := w.submitMapped(len(lens), total, mem, c, holes, slot, ir.lease); err != nil {
+					if err := w.submitMapped(len(lens), total, mem, c, holes, slot, lease); err != nil {
 						return err
 					}
 					if holes != nil {

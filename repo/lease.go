@@ -7,7 +7,7 @@ package repo
 // into private memory first and hashed and sealed from the copy
 // (storeSegment). That copy, and the second hash of a changed chunk whose
 // bytes were already hashed in place to compare them with the previous
-// generation's, cost 5–8 % of a backup's time on a file image
+// generation's, cost 5–10 % of a backup's time on a file image
 // (docs/performance.md, "Session 16").
 //
 // A Linux read lease (fcntl F_SETLEASE, F_RDLCK) proves that no one can

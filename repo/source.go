@@ -45,7 +45,6 @@ type imageReader struct {
 	eof     bool          // a stream ended
 	read    int64         // bytes really read from the source
 	limit   *limit.Bucket // paces reads; nil: unlimited
-	lease   *readLease    // a read lease on file (repo/lease.go), or nil
 }
 
 func newImageReader(src DiskSource, readers int) *imageReader {
